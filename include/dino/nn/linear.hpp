@@ -1,0 +1,83 @@
+// dino/nn/linear.hpp: a fully connected layer, PyTorch's nn.Linear.
+//
+//   y[N, out] = x[N, in] W^T + b,   W: "<prefix>weight" [out, in],  b: "<prefix>bias" [out]
+// backward: dW += dy^T x,  db += sum_rows dy  (parameter gradients always accumulate)
+//           dx (=|+=|skip, by grad_mode) = dy W
+// Parameters and gradients are flat buffers laid out by the param_layout the layer
+// registered in; the layer keeps only offsets.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "dino/core/param_store.hpp"
+#include "dino/core/tensor.hpp"
+#include "dino/policy/cpu.hpp"
+
+namespace dino::nn {
+
+struct linear_config {
+  std::int64_t in = 0, out = 0;
+  bool bias = true;
+};
+
+class linear {
+ public:
+  linear() = default;
+  /// Registers "<prefix>weight" (and "<prefix>bias") with the given weight initialisation.
+  linear(linear_config c, param_layout& layout, const std::string& prefix, param_init winit = param_init::trunc_normal,
+         double wscale = 0.02, unsigned extra_flags = param_none)
+      : cfg_(c) {
+    require<config_error>(c.in > 0 && c.out > 0, "linear '", prefix, "': sizes must be positive, got in=", c.in,
+                          " out=", c.out);
+    w_ = layout.add(prefix + "weight", {c.out, c.in}, extra_flags, winit,
+                    winit == param_init::kaiming_uniform ? double(c.in) : wscale);
+    if (c.bias) b_ = layout.add(prefix + "bias", {c.out}, extra_flags | param_no_weight_decay, param_init::zeros);
+  }
+
+  const linear_config& config() const { return cfg_; }
+  std::int64_t param_count() const { return cfg_.out * cfg_.in + (cfg_.bias ? cfg_.out : 0); }
+
+  template <class Policy, class T, class S>
+  void forward(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<T, S> y) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_matrix("linear forward", x, cfg_.in);
+    check_shape("linear forward", y, {x.rows(), cfg_.out});
+    const std::int64_t n = x.rows();
+    gemm_desc d{false, true, n, cfg_.out, cfg_.in};
+    gemm(pol, d, T(1), x.data, P.data + w_, T(0), y.data);
+    if (cfg_.bias) {
+      const T* b = P.data + b_;
+      for_each_row(pol, n, [&](std::int64_t r) {
+        T* yr = y.data + r * cfg_.out;
+        for (std::int64_t j = 0; j < cfg_.out; ++j) yr[j] += b[j];
+      });
+    }
+  }
+
+  template <class Policy, class T, class S>
+  void backward(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<const T, S> dy,
+                tensor_view<T, S> dx, grad_mode mode, tensor_view<T, S> G) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_matrix("linear backward", x, cfg_.in);
+    check_shape("linear backward", dy, {x.rows(), cfg_.out});
+    const std::int64_t n = x.rows();
+    // dW[out, in] += dy^T[out, N] x[N, in]
+    gemm(pol, gemm_desc{true, false, cfg_.out, cfg_.in, n}, T(1), dy.data, x.data, T(1), G.data + w_);
+    if (cfg_.bias) column_sums(pol, dy.data, n, cfg_.out, G.data + b_, true);
+    if (mode != grad_mode::skip) {
+      check_shape("linear backward", dx, {n, cfg_.in});
+      gemm(pol, gemm_desc{false, false, n, cfg_.in, cfg_.out}, T(1), dy.data, P.data + w_,
+           mode == grad_mode::accumulate ? T(1) : T(0), dx.data);
+    }
+  }
+
+  std::size_t weight_offset() const { return w_; }
+  std::size_t bias_offset() const { return b_; }
+
+ private:
+  linear_config cfg_{};
+  std::size_t w_ = 0, b_ = 0;
+};
+
+}  // namespace dino::nn

@@ -1,0 +1,8 @@
+// dino/policy/cpu.hpp: the CPU policy (Eigen GEMMs, OpenMP row and element runners,
+// reductions). The operations are found by argument-dependent lookup from a cpu_policy.
+#pragma once
+
+#include "dino/policy/cpu/gemm.hpp"
+#include "dino/policy/cpu/parallel.hpp"
+#include "dino/policy/cpu/reduce.hpp"
+#include "dino/policy/policy.hpp"

@@ -1,0 +1,72 @@
+// dino/policy/cpu/reduce.hpp: reductions for the CPU policy.
+//
+// Sums accumulate in double whatever T is, so that results do not drift with the length of
+// the reduction (a center over 65,536 columns, a gradient norm over 2 M elements).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "dino/policy/cpu/gemm.hpp"
+#include "dino/policy/cpu/parallel.hpp"
+
+namespace dino::cpu {
+
+/// out[c] (=|+=) sum over r of x[r * cols + c], for a [rows, cols] row-major matrix.
+template <class T, class U>
+inline void column_sums(const cpu_policy& pol, const T* x, std::int64_t rows, std::int64_t cols, U* out,
+                        bool accumulate) {
+  // Parallel over column blocks: each thread reads rows of its block, so the sum order over
+  // rows is fixed and the result does not depend on the thread count.
+  const std::int64_t block = 256;
+  const std::int64_t nblocks = (cols + block - 1) / block;
+  for_each_row(pol, nblocks, [&](std::int64_t bi) {
+    const std::int64_t c0 = bi * block, c1 = std::min(cols, c0 + block);
+    double acc[256];
+    for (std::int64_t c = c0; c < c1; ++c) acc[c - c0] = 0.0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * cols;
+      for (std::int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<double>(xr[c]);
+    }
+    for (std::int64_t c = c0; c < c1; ++c)
+      out[c] = accumulate ? static_cast<U>(out[c] + acc[c - c0]) : static_cast<U>(acc[c - c0]);
+  });
+}
+
+/// Sum of squares of x[0, n), in double.
+template <class T>
+inline double sum_squares(const T* x, std::int64_t n) {
+  double s = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return s;
+}
+
+/// True when every element of x[0, n) is finite.
+template <class T>
+inline bool all_finite(const cpu_policy& pol, const T* x, std::int64_t n) {
+  int bad = 0;
+  for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) {
+    int local = 0;
+    for (std::int64_t i = b; i < e; ++i) local |= !std::isfinite(x[i]);
+    if (local) {
+#if defined(_OPENMP)
+#pragma omp atomic write
+#endif
+      bad = 1;
+    }
+  });
+  return bad == 0;
+}
+
+}  // namespace dino::cpu
+
+namespace dino {
+// The CPU policy's customisation points: ADL finds these from cpu_policy arguments.
+using cpu::all_finite;
+using cpu::column_sums;
+using cpu::for_each_chunk;
+using cpu::for_each_row;
+using cpu::gemm;
+using cpu::gemm_desc;
+}  // namespace dino

@@ -1,0 +1,50 @@
+// dino/policy/policy.hpp: execution policies and their traits.
+//
+// A policy is a small value passed first to every operation: it says where the tensors
+// live and how to run (cpu_policy{threads}; cuda_policy{stream, handles, workspace} joins
+// with the CUDA issue). policy_traits<P>::memory_space names the space its views must
+// carry; operations check it with static_assert, so handing device memory to the CPU policy
+// fails to compile with a readable message.
+#pragma once
+
+#include <type_traits>
+
+#include "dino/core/tensor.hpp"
+
+namespace dino {
+
+/// Runs operations on the host: Eigen GEMMs and OpenMP loops over rows.
+struct cpu_policy {
+  int threads = 1;  ///< OpenMP threads for row loops and GEMMs (>= 1)
+};
+
+template <class P>
+struct policy_traits;
+
+template <>
+struct policy_traits<cpu_policy> {
+  using memory_space = host_space;
+  static constexpr bool is_host = true;
+};
+
+/// A type usable as the first argument of dino operations.
+template <class P>
+concept execution_policy = requires { typename policy_traits<std::remove_cvref_t<P>>::memory_space; };
+
+template <class P>
+using memory_space_t = typename policy_traits<std::remove_cvref_t<P>>::memory_space;
+
+/// How an operation writes an input gradient (tiny-cuda-nn's GradientMode).
+enum class grad_mode {
+  write,       ///< d_input = ...
+  accumulate,  ///< d_input += ... (residual branches)
+  skip,        ///< no input gradient (the first layer)
+};
+
+}  // namespace dino
+
+/// Asserts at compile time that a view's memory space is the one the policy runs in.
+#define DINO_CHECK_SPACE(Policy, Space)                                                              \
+  static_assert(std::is_same_v<::dino::memory_space_t<Policy>, Space>,                               \
+                "dino: tensor memory space does not match the execution policy: a CPU operation was " \
+                "handed device memory (or a GPU operation host memory)")

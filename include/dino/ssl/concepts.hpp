@@ -1,0 +1,62 @@
+// dino/ssl/concepts.hpp: what each part of a method must provide.
+//
+// A method (ssl/method.hpp) is assembled from a backbone, a head, a teacher target, a loss
+// and a teacher update. Each is checked with static_assert against the concept below when
+// the method is instantiated, so a wrong assembly stops at one readable line naming the
+// part and the concept, not deep inside a template.
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+#include <string>
+
+#include "dino/core/param_store.hpp"
+#include "dino/core/tensor.hpp"
+#include "dino/policy/policy.hpp"
+
+namespace dino::ssl {
+
+/// A network part: built from (config, layout, name prefix), it reports its sizes and runs a
+/// training forward (saving for backward), an inference forward and a backward.
+template <class M, class T = float>
+concept network_module =
+    requires(const M& m, typename M::config_type c, param_layout& layout, const std::string& prefix,
+             const cpu_policy& pol, host_view<const T> P, host_view<const T> x, host_view<T> y, host_view<T> buf,
+             host_view<const T> cbuf, grad_mode mode, host_view<T> G) {
+      M(c, layout, prefix);
+      { m.in_dim() } -> std::convertible_to<std::int64_t>;
+      { m.out_dim() } -> std::convertible_to<std::int64_t>;
+      { m.saved_elems(std::int64_t{}) } -> std::convertible_to<std::size_t>;
+      { m.scratch_elems(std::int64_t{}) } -> std::convertible_to<std::size_t>;
+      m.forward(pol, P, x, y, buf);
+      m.infer(pol, P, x, y, buf);
+      m.backward(pol, P, x, cbuf, cbuf, y, mode, G, buf);
+    };
+
+/// Turns raw teacher logits into target distributions and keeps its own running state.
+template <class X, class T = float>
+concept teacher_target = requires(X& x, const X& cx, const cpu_policy& pol, host_view<const T> t, double tau,
+                                  host_view<T> q, host_view<T> ent) {
+  { cx.out_dim() } -> std::convertible_to<std::int64_t>;
+  { cx.targets(pol, t, tau, q, ent) } -> std::convertible_to<double>;
+  x.observe(pol, t);
+  x.commit();
+  x.discard();
+};
+
+/// A loss between student logits and teacher targets over a crop plan.
+template <class L, class T = float>
+concept distillation_loss = requires(const L& l, const cpu_policy& pol, host_view<const T> s, host_view<const T> q,
+                                     host_view<T> row_loss, host_view<T> ds) {
+  { l.config().n_crops } -> std::convertible_to<int>;
+  { l.config().n_global } -> std::convertible_to<int>;
+  { l.forward_backward(pol, s, q, row_loss, ds, 1.0, false) } -> std::convertible_to<double>;
+};
+
+/// Updates the teacher's parameters from the student's after each optimizer step.
+template <class U, class T = float>
+concept teacher_update = requires(const U& u, const cpu_policy& pol, flat_params<T>& t, const flat_params<T>& s) {
+  u(pol, t, s, 0.5);
+};
+
+}  // namespace dino::ssl

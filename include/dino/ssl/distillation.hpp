@@ -1,0 +1,161 @@
+// dino/ssl/distillation.hpp: cross-entropy distillation over multi-crop pairs (dino-spec §3.2).
+//
+// Rows are crop-major: student [n_crops * B, K] (rows v*B .. v*B+B-1 are crop v of every
+// image), teacher targets q [n_global * B, K] (softmax probabilities from a target such as
+// centering). With log p_v = log_softmax(s_v / tau_s):
+//
+//   loss = 1 / n_terms * sum_{i < n_global} sum_{v != i} 1/B sum_b  -sum_k q_{i,b,k} log p_{v,b,k}
+//   n_terms = n_global * (n_crops - 1)          (18 for 2 + 8 crops, 2 for 2 + 0)
+//
+// Local crops are never teachers; a global crop is never paired with itself. The gradient
+// to the student logits, with m_v the number of teachers paired with crop v:
+//
+//   ds_{v,b} = dloss / (n_terms B tau_s) * (m_v p_{v,b} - sum_{i != v} q_{i,b})
+//
+// forward_backward() does both in one pass per student row (the row stays in cache), never
+// materialising the student probabilities; forward() alone computes the loss.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "dino/core/tensor.hpp"
+#include "dino/math/softmax.hpp"
+#include "dino/policy/cpu.hpp"
+
+namespace dino::ssl {
+
+struct distillation_config {
+  int n_crops = 10;           ///< 2 global + M local
+  int n_global = 2;           ///< crops that have teacher targets (the first n_global)
+  double student_temp = 0.1;  ///< tau_s
+};
+
+class cross_entropy_distillation {
+ public:
+  cross_entropy_distillation() = default;
+  explicit cross_entropy_distillation(distillation_config c) : cfg_(c) {
+    require<config_error>(c.n_global >= 1 && c.n_crops >= 2 && c.n_global <= c.n_crops,
+                          "cross_entropy_distillation: need 1 <= n_global <= n_crops and n_crops >= 2, got n_global=",
+                          c.n_global, " n_crops=", c.n_crops);
+    require<config_error>(c.student_temp > 0, "cross_entropy_distillation: student temperature must be positive, got ",
+                          c.student_temp);
+  }
+  const distillation_config& config() const { return cfg_; }
+  int n_terms() const {
+    int n = 0;
+    for (int i = 0; i < cfg_.n_global; ++i) n += cfg_.n_crops - 1;
+    return n;
+  }
+
+  /// Checks shapes and returns the batch size B.
+  template <class T, class S>
+  std::int64_t batch_of(const char* where, tensor_view<const T, S> s, tensor_view<const T, S> q) const {
+    require<shape_error>(s.shape.rank == 2 && q.shape.rank == 2, where, ": student logits and teacher targets must be ",
+                         "matrices, found ", s.name, " ", s.shape.str(), " and ", q.name, " ", q.shape.str());
+    require<shape_error>(s.shape[1] == q.shape[1], where, ": ", s.name, " has K = ", s.shape[1], " but ", q.name,
+                         " has K = ", q.shape[1], " (student and teacher must have the same number of prototypes)");
+    require<shape_error>(s.rows() % cfg_.n_crops == 0, where, ": ", s.name, " has ", s.rows(),
+                         " rows, which is not a multiple of the crop count ", cfg_.n_crops);
+    const std::int64_t B = s.rows() / cfg_.n_crops;
+    require<shape_error>(B > 0, where, ": ", s.name, " is empty");
+    require<shape_error>(q.rows() == cfg_.n_global * B, where, ": ", q.name, ": expected ", cfg_.n_global * B,
+                         " rows (", cfg_.n_global, " global crops x batch ", B, "), found ", q.rows());
+    return B;
+  }
+
+  /// The loss; row_loss [n_crops * B] receives each student row's summed cross-entropy.
+  template <class Policy, class T, class S>
+  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                 tensor_view<T, S> row_loss) const {
+    return run(pol, s, q, row_loss, nullptr, 0.0, false);
+  }
+
+  /// The loss, and ds (=|+=) dloss * d loss / d s.
+  template <class Policy, class T, class S>
+  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
+    check_shape("cross_entropy_distillation backward", ds, s.shape);
+    return run(pol, s, q, row_loss, ds.data, dloss, accumulate);
+  }
+
+ private:
+  template <class Policy, class T, class S>
+  double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
+             T* ds, double dloss, bool accumulate) const {
+    DINO_CHECK_SPACE(Policy, S);
+    const std::int64_t B = batch_of("cross_entropy_distillation", s, q);
+    check_shape("cross_entropy_distillation", row_loss, {s.rows()});
+    const int K = static_cast<int>(s.shape[1]);
+    const int V = cfg_.n_crops, G = cfg_.n_global;
+    const T inv_tau = T(1.0 / cfg_.student_temp);
+    const T gscale = T(dloss / (double(n_terms()) * double(B) * cfg_.student_temp));
+    // Image-major order: the n_global teacher rows of image b stay in cache over its crops.
+    for_each_row(pol, B, [&](std::int64_t b) {
+      for (int v = 0; v < V; ++v) {
+        const std::int64_t r = v * B + b;
+        const T* sr = s.data + r * K;
+        const T lse = math::logsumexp_row(sr, static_cast<const T*>(nullptr), K, inv_tau);
+        double acc = 0, mass = 0;  // mass: total target probability paired with this row (~ m_v)
+        for (int i = 0; i < G; ++i) {
+          if (i == v) continue;
+          const T* qi = q.data + (i * B + b) * K;
+          // -sum q log p = lse * sum q - sum q s / tau
+          double qs = 0, qz = 0;
+          for (int k = 0; k < K; ++k) {
+            qs += double(qi[k]);
+            qz += double(qi[k]) * double(sr[k] * inv_tau);
+          }
+          acc += double(lse) * qs - qz;
+          mass += qs;
+        }
+        row_loss.data[r] = T(acc);
+        if (ds) {
+          T* dr = ds + r * K;
+          const T* q0 = nullptr;
+          const T* q1 = nullptr;
+          int others = 0;
+          for (int i = 0; i < G; ++i)
+            if (i != v) (others++ == 0 ? q0 : q1) = q.data + (i * B + b) * K;
+          const T mm = T(mass);
+          if (others <= 2) {
+            for (int k = 0; k < K; ++k) {
+              T qsum = (q0 ? q0[k] : T(0)) + (q1 ? q1[k] : T(0));
+              T g = gscale * (mm * std::exp(sr[k] * inv_tau - lse) - qsum);
+              dr[k] = accumulate ? dr[k] + g : g;
+            }
+          } else {
+            for (int k = 0; k < K; ++k) {
+              T qsum = 0;
+              for (int i = 0; i < G; ++i)
+                if (i != v) qsum += q.data[(i * B + b) * K + k];
+              T g = gscale * (mm * std::exp(sr[k] * inv_tau - lse) - qsum);
+              dr[k] = accumulate ? dr[k] + g : g;
+            }
+          }
+        }
+      }
+    });
+    double total = 0;
+    for (std::int64_t r = 0; r < s.rows(); ++r) total += double(row_loss.data[r]);
+    if (!std::isfinite(total)) report_non_finite(pol, s, q);
+    return total / (double(n_terms()) * double(B));
+  }
+
+  template <class Policy, class T, class S>
+  [[noreturn]] static void report_non_finite(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q) {
+    for (auto t : {s, q}) {
+      if (all_finite(pol, t.data, t.numel())) continue;
+      std::int64_t i = 0;
+      while (std::isfinite(t.data[i])) ++i;
+      throw numeric_error(detail::concat("cross_entropy_distillation: ", t.name, " ", t.shape.str(),
+                                         " holds a non-finite value (", double(t.data[i]), ") at row ", i / t.cols(),
+                                         ", column ", i % t.cols()));
+    }
+    throw numeric_error("cross_entropy_distillation: the loss is not finite although its inputs are");
+  }
+
+  distillation_config cfg_{};
+};
+
+}  // namespace dino::ssl
