@@ -23,6 +23,7 @@ struct linear_config {
 
 class linear {
  public:
+  using config_type = linear_config;
   linear() = default;
   /// Registers "<prefix>weight" (and "<prefix>bias") with the given weight initialisation.
   linear(linear_config c, param_layout& layout, const std::string& prefix, param_init winit = param_init::trunc_normal,
@@ -36,6 +37,11 @@ class linear {
   }
 
   const linear_config& config() const { return cfg_; }
+  std::int64_t in_dim() const { return cfg_.in; }
+  std::int64_t out_dim() const { return cfg_.out; }
+  /// Backward needs only the input, which the caller keeps: nothing saved, no scratch.
+  std::size_t saved_elems(std::int64_t) const { return 0; }
+  std::size_t scratch_elems(std::int64_t) const { return 0; }
   std::int64_t param_count() const { return cfg_.out * cfg_.in + (cfg_.bias ? cfg_.out : 0); }
 
   template <class Policy, class T, class S>
@@ -70,6 +76,24 @@ class linear {
       gemm(pol, gemm_desc{false, false, n, cfg_.in, cfg_.out}, T(1), dy.data, P.data + w_,
            mode == grad_mode::accumulate ? T(1) : T(0), dx.data);
     }
+  }
+
+  // The network_module forms (ssl/concepts.hpp).
+  template <class Policy, class T, class S>
+  void forward(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<T, S> y,
+               tensor_view<T, S>) const {
+    forward(pol, P, x, y);
+  }
+  template <class Policy, class T, class S>
+  void infer(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<T, S> y,
+             tensor_view<T, S>) const {
+    forward(pol, P, x, y);
+  }
+  template <class Policy, class T, class S>
+  void backward(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<const T, S>,
+                tensor_view<const T, S> dy, tensor_view<T, S> dx, grad_mode mode, tensor_view<T, S> G,
+                tensor_view<T, S>) const {
+    backward(pol, P, x, dy, dx, mode, G);
   }
 
   std::size_t weight_offset() const { return w_; }
