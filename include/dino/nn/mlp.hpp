@@ -28,6 +28,11 @@ struct mlp_config {
   bool gelu_last = false;
   bool bias = true;
   bool single_unindexed = false;  ///< one layer named "<prefix>weight" (PyTorch: a bare Linear)
+  /// Weight initialisation: truncated normal 0.02 as the reference's heads and ViT linears, or
+  /// kaiming_uniform (PyTorch's nn.Linear default), which keeps activations at unit scale in a
+  /// deep MLP without normalisation layers (the stand-in backbone).
+  param_init weight_init = param_init::trunc_normal;
+  double init_std = 0.02;
 };
 
 class mlp {
@@ -39,7 +44,8 @@ class mlp {
     const std::size_t L = cfg_.dims.size() - 1;
     for (std::size_t i = 0; i < L; ++i) {
       std::string p = (L == 1 && cfg_.single_unindexed) ? prefix : prefix + std::to_string(2 * i) + ".";
-      layers_.emplace_back(linear_config{cfg_.dims[i], cfg_.dims[i + 1], cfg_.bias}, layout, p);
+      layers_.emplace_back(linear_config{cfg_.dims[i], cfg_.dims[i + 1], cfg_.bias}, layout, p, cfg_.weight_init,
+                           cfg_.init_std);
     }
   }
 

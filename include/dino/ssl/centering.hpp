@@ -53,10 +53,11 @@ class centering {
       const T* tr = t.data + r * K;
       T* qr = q.data + r * K;
       const T lse = math::softmax_row(tr, center_.data(), qr, K, inv_tau);
-      // H = lse - sum_k q_k z_k, with z = (t - c) / tau: one pass, no log of tiny q.
-      double dot = 0;
-      for (int k = 0; k < K; ++k) dot += double(qr[k]) * double((tr[k] - center_[k]) * inv_tau);
-      row_entropy.data[r] = T(double(lse) - dot);
+      // H = sum_k q_k (lse - z_k), with z = (t - c) / tau: one pass, no log of tiny q. Not
+      // lse - sum_k q_k z_k: the rounded q sum to 1 +- ~1e-6, which that form multiplies by lse.
+      double h = 0;
+      for (int k = 0; k < K; ++k) h += double(qr[k]) * (double(lse) - double((tr[k] - center_[k]) * inv_tau));
+      row_entropy.data[r] = T(h);
     });
     double h = 0;
     for (std::int64_t r = 0; r < t.rows(); ++r) h += double(row_entropy.data[r]);
