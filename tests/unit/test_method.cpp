@@ -262,3 +262,39 @@ TEST_CASE("a steady-state step makes no C++ heap allocation") {
                                                           << " bytes");
   CHECK(during == 0);
 }
+
+// The example part of docs/api.md ("Writing a part"), verbatim.
+template <class T>
+struct sharpen_only {
+  std::int64_t K;
+  std::int64_t out_dim() const { return K; }
+  double targets(const dino::cpu_policy& pol, dino::host_view<const T> t, double tau,
+                 dino::host_view<T> q, dino::host_view<T> h) const {
+    dino::for_each_row(pol, t.rows(), [&](std::int64_t r) {
+      dino::math::softmax_row(t.row(r), static_cast<const T*>(nullptr), q.row(r), int(K), T(1 / tau));
+      h[r] = dino::math::entropy_row(q.row(r), int(K));
+    });
+    double s = 0;
+    for (std::int64_t r = 0; r < t.rows(); ++r) s += h[r];
+    return s / double(t.rows());
+  }
+  void observe(const dino::cpu_policy&, dino::host_view<const T>) {}
+  void commit() {}
+  void discard() {}
+};
+
+TEST_CASE("a user's own part (docs/api.md) assembles and trains") {
+  using my_method = dino::ssl::method<dino::nn::mlp, dino::ssl::dino_head, sharpen_only<float>,
+                                      dino::ssl::cross_entropy_distillation, dino::ssl::ema_update>;
+  static_assert(ssl::teacher_target<sharpen_only<float>>);
+  auto c = small_config(4, 1, 5);
+  my_method m(backbone_config(), ssl::dino_head_config{32, 64, 64, 16, 3, true}, sharpen_only<float>{64},
+              ssl::cross_entropy_distillation({6, 2, 0.1}), ssl::ema_update{}, c.train);
+  synthetic data(6);
+  for (int it = 0; it < 5; ++it) {
+    auto x = data.crops(4, 6, std::uint64_t(it));
+    auto st = m.step(cpu_policy{1}, host_view<const float>{x.data(), {24, kIn}, "crops"});
+    CHECK_FALSE(st.skipped);
+    CHECK(std::isfinite(st.loss));
+  }
+}
