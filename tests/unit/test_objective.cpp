@@ -296,3 +296,39 @@ TEST_CASE("schedules: cosine with linear warm-up, per-epoch teacher temperature"
   CHECK_THROWS_AS(s.at(12), config_error);
   CHECK_THROWS_AS(ssl::cosine_schedule(1, 0, 2, 3, 3), config_error);
 }
+
+TEST_CASE("fused float kernels against the double computation, odd K, write and accumulate") {
+  const int V = 4, G = 2, K = 1237;
+  const std::int64_t B = 5;
+  const cpu_policy pol{2};
+  std::vector<double> sd(std::size_t(V * B * K)), td(std::size_t(G * B * K));
+  fill_normal(sd, 21, 0.3);
+  fill_normal(td, 22, 0.3);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<T> s(sd.begin(), sd.end()), t(td.begin(), td.end()), q(t.size()), ent(std::size_t(G * B)),
+        row(std::size_t(V * B)), ds(s.size(), T(0.00390625));
+    ssl::centering<T> cen({K, 0.9});
+    for (int k = 0; k < K; ++k) cen.center()[k] = T(0.01 * (k % 7));
+    const double H = cen.targets(pol, host_view<const T>{t.data(), {G * B, K}, "t"}, 0.04,
+                                 host_view<T>{q.data(), {G * B, K}, "q"}, host_view<T>{ent.data(), {G * B}, "H"});
+    ssl::cross_entropy_distillation loss({V, G, 0.1});
+    const double L = loss.forward_backward(pol, host_view<const T>{s.data(), {V * B, K}, "s"},
+                                           host_view<const T>{q.data(), {G * B, K}, "q"},
+                                           host_view<T>{row.data(), {V * B}, "row"},
+                                           host_view<T>{ds.data(), {V * B, K}, "ds"}, 1.0, true);
+    std::vector<double> out(ds.begin(), ds.end());
+    out.push_back(L);
+    out.push_back(H);
+    return out;
+  };
+  auto f = run(0.0f);
+  auto d = run(0.0);
+  CHECK(f.back() == doctest::Approx(d.back()).epsilon(1e-5));                  // entropy
+  CHECK(f[f.size() - 2] == doctest::Approx(d[d.size() - 2]).epsilon(1e-5));    // loss
+  f.resize(f.size() - 2);
+  d.resize(d.size() - 2);
+  for (auto& v : f) v -= 0.00390625;  // accumulated onto 2^-8
+  for (auto& v : d) v -= 0.00390625;
+  CHECK(rel_error(f, d) < 1e-5);
+}

@@ -10,12 +10,15 @@
 // during freeze_last_layer).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dino/core/param_store.hpp"
 #include "dino/policy/cpu.hpp"
+#include "dino/policy/cpu/adamw_kernel.hpp"
 
 namespace dino::optim {
 
@@ -23,12 +26,13 @@ struct adamw_config {
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
 };
 
+
 template <class T>
 class adamw {
  public:
   adamw() = default;
   adamw(const param_layout& layout, adamw_config c = {})
-      : cfg_(c), m_(layout), v_(layout), steps_(layout.entries().size(), 0) {}
+      : cfg_(c), m_(layout), v_(layout), steps_(layout.entries().size(), 0), coeffs_(layout.entries().size()) {}
 
   /// One update of every trainable tensor not skipped.
   void step(const cpu_policy& pol, flat_params<T>& params, const flat_params<T>& grads, double lr, double wd,
@@ -36,30 +40,35 @@ class adamw {
     const auto& entries = params.layout().entries();
     for (std::size_t j = 0; j < entries.size(); ++j) {
       const param_entry& e = entries[j];
-      if (!e.trainable() || (e.flags & skip)) continue;
+      cpu::adamw_coeffs<T>& k = coeffs_[j];
+      k.active = e.trainable() && !(e.flags & skip);
+      if (!k.active) continue;
       const std::int64_t t = ++steps_[j];
       const double w = (e.flags & param_no_weight_decay) ? 0.0 : wd;
-      const T decay = T(1.0 - lr * w);
-      const T b1 = T(cfg_.beta1), b2 = T(cfg_.beta2), c1 = T(1.0 - cfg_.beta1), c2 = T(1.0 - cfg_.beta2);
       const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t)), bc2 = 1.0 - std::pow(cfg_.beta2, double(t));
-      const T step_size = T(lr / bc1), bc2_sqrt = T(std::sqrt(bc2)), eps = T(cfg_.eps);
-      T* p = params.data() + e.offset;
-      const T* g = grads.data() + e.offset;
-      T* m = m_.data() + e.offset;
-      T* v = v_.data() + e.offset;
-      for_each_chunk(pol, static_cast<std::int64_t>(e.numel()), [&](std::int64_t lo, std::int64_t hi) {
-#pragma omp simd
-        for (std::int64_t i = lo; i < hi; ++i) {
-          const T gi = g[i];
-          const T pi = p[i] * decay;
-          const T mi = m[i] * b1 + c1 * gi;
-          const T vi = v[i] * b2 + c2 * gi * gi;
-          m[i] = mi;
-          v[i] = vi;
-          p[i] = pi - step_size * (mi / (std::sqrt(vi) / bc2_sqrt + eps));
-        }
-      });
+      k.decay = T(1.0 - lr * w);
+      k.b1 = T(cfg_.beta1), k.b2 = T(cfg_.beta2), k.c1 = T(1.0 - cfg_.beta1), k.c2 = T(1.0 - cfg_.beta2);
+      k.step_size = T(lr / bc1), k.bc2_sqrt = T(std::sqrt(bc2)), k.eps = T(cfg_.eps);
     }
+    // One pass over the flat buffer (one parallel region per step, not one per tensor: a
+    // ViT-S has 150 tensors, most of them too small to split). Each thread's range walks the
+    // tensors it overlaps, which lie in increasing offset order; padding is not touched.
+    T* p = params.data();
+    const T* g = grads.data();
+    T* m = m_.data();
+    T* v = v_.data();
+    for_each_chunk(pol, static_cast<std::int64_t>(params.size()), [&](std::int64_t lo, std::int64_t hi) {
+      auto j = static_cast<std::size_t>(
+          std::partition_point(entries.begin(), entries.end(),
+                               [&](const param_entry& e) { return std::int64_t(e.offset + e.numel()) <= lo; }) -
+          entries.begin());
+      for (; j < entries.size() && std::int64_t(entries[j].offset) < hi; ++j) {
+        if (!coeffs_[j].active) continue;
+        const std::int64_t b = std::max<std::int64_t>(lo, std::int64_t(entries[j].offset));
+        const std::int64_t e = std::min<std::int64_t>(hi, std::int64_t(entries[j].offset + entries[j].numel()));
+        cpu::adamw_update(p, g, m, v, b, e, coeffs_[j]);
+      }
+    });
   }
 
   flat_params<T>& exp_avg() { return m_; }
@@ -75,6 +84,7 @@ class adamw {
   adamw_config cfg_{};
   flat_params<T> m_, v_;
   std::vector<std::int64_t> steps_;
+  std::vector<cpu::adamw_coeffs<T>> coeffs_;  // per tensor, rewritten each step (sized once)
 };
 
 }  // namespace dino::optim

@@ -15,7 +15,6 @@
 #include <cstdint>
 
 #include "dino/core/buffer.hpp"
-#include "dino/math/softmax.hpp"
 #include "dino/policy/cpu.hpp"
 
 namespace dino::ssl {
@@ -47,18 +46,8 @@ class centering {
     check_shape("centering targets", q, t.shape);
     check_shape("centering targets", row_entropy, {t.rows()});
     require<config_error>(tau > 0, "centering targets: teacher temperature must be positive, got ", tau);
-    const int K = static_cast<int>(cfg_.out_dim);
-    const T inv_tau = T(1.0 / tau);
-    for_each_row(pol, t.rows(), [&](std::int64_t r) {
-      const T* tr = t.data + r * K;
-      T* qr = q.data + r * K;
-      const T lse = math::softmax_row(tr, center_.data(), qr, K, inv_tau);
-      // H = sum_k q_k (lse - z_k), with z = (t - c) / tau: one pass, no log of tiny q. Not
-      // lse - sum_k q_k z_k: the rounded q sum to 1 +- ~1e-6, which that form multiplies by lse.
-      double h = 0;
-      for (int k = 0; k < K; ++k) h += double(qr[k]) * (double(lse) - double((tr[k] - center_[k]) * inv_tau));
-      row_entropy.data[r] = T(h);
-    });
+    softmax_targets(pol, t.data, static_cast<const T*>(center_.data()), q.data, row_entropy.data, t.rows(),
+                    cfg_.out_dim, T(1.0 / tau));
     double h = 0;
     for (std::int64_t r = 0; r < t.rows(); ++r) h += double(row_entropy.data[r]);
     return h / double(t.rows());

@@ -12,15 +12,15 @@
 //
 //   ds_{v,b} = dloss / (n_terms B tau_s) * (m_v p_{v,b} - sum_{i != v} q_{i,b})
 //
-// forward_backward() does both in one pass per student row (the row stays in cache), never
-// materialising the student probabilities; forward() alone computes the loss.
+// forward_backward() does both in one sweep per student row (the row stays in cache), never
+// materialising the student probabilities; forward() alone computes the loss. The rows run
+// in the policy's fused kernel (distillation_rows: policy/cpu/softmax_rows.hpp on the CPU).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
 #include "dino/core/tensor.hpp"
-#include "dino/math/softmax.hpp"
 #include "dino/policy/cpu.hpp"
 
 namespace dino::ssl {
@@ -35,8 +35,8 @@ class cross_entropy_distillation {
  public:
   cross_entropy_distillation() = default;
   explicit cross_entropy_distillation(distillation_config c) : cfg_(c) {
-    require<config_error>(c.n_global >= 1 && c.n_crops >= 2 && c.n_global <= c.n_crops,
-                          "cross_entropy_distillation: need 1 <= n_global <= n_crops and n_crops >= 2, got n_global=",
+    require<config_error>(c.n_global >= 1 && c.n_global <= 8 && c.n_crops >= 2 && c.n_global <= c.n_crops,
+                          "cross_entropy_distillation: need 1 <= n_global <= min(8, n_crops) and n_crops >= 2, got n_global=",
                           c.n_global, " n_crops=", c.n_crops);
     require<config_error>(c.student_temp > 0, "cross_entropy_distillation: student temperature must be positive, got ",
                           c.student_temp);
@@ -68,7 +68,7 @@ class cross_entropy_distillation {
   template <class Policy, class T, class S>
   double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
                  tensor_view<T, S> row_loss) const {
-    return run(pol, s, q, row_loss, nullptr, 0.0, false);
+    return run(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false);
   }
 
   /// The loss, and ds (=|+=) dloss * d loss / d s.
@@ -86,56 +86,19 @@ class cross_entropy_distillation {
     DINO_CHECK_SPACE(Policy, S);
     const std::int64_t B = batch_of("cross_entropy_distillation", s, q);
     check_shape("cross_entropy_distillation", row_loss, {s.rows()});
-    const int K = static_cast<int>(s.shape[1]);
-    const int V = cfg_.n_crops, G = cfg_.n_global;
-    const T inv_tau = T(1.0 / cfg_.student_temp);
-    const T gscale = T(dloss / (double(n_terms()) * double(B) * cfg_.student_temp));
-    // Image-major order: the n_global teacher rows of image b stay in cache over its crops.
-    for_each_row(pol, B, [&](std::int64_t b) {
-      for (int v = 0; v < V; ++v) {
-        const std::int64_t r = v * B + b;
-        const T* sr = s.data + r * K;
-        const T lse = math::logsumexp_row(sr, static_cast<const T*>(nullptr), K, inv_tau);
-        double acc = 0, mass = 0;  // mass: total target probability paired with this row (~ m_v)
-        for (int i = 0; i < G; ++i) {
-          if (i == v) continue;
-          const T* qi = q.data + (i * B + b) * K;
-          // -sum q log p = lse * sum q - sum q s / tau
-          double qs = 0, qz = 0;
-          for (int k = 0; k < K; ++k) {
-            qs += double(qi[k]);
-            qz += double(qi[k]) * double(sr[k] * inv_tau);
-          }
-          acc += double(lse) * qs - qz;
-          mass += qs;
-        }
-        row_loss.data[r] = T(acc);
-        if (ds) {
-          T* dr = ds + r * K;
-          const T* q0 = nullptr;
-          const T* q1 = nullptr;
-          int others = 0;
-          for (int i = 0; i < G; ++i)
-            if (i != v) (others++ == 0 ? q0 : q1) = q.data + (i * B + b) * K;
-          const T mm = T(mass);
-          if (others <= 2) {
-            for (int k = 0; k < K; ++k) {
-              T qsum = (q0 ? q0[k] : T(0)) + (q1 ? q1[k] : T(0));
-              T g = gscale * (mm * std::exp(sr[k] * inv_tau - lse) - qsum);
-              dr[k] = accumulate ? dr[k] + g : g;
-            }
-          } else {
-            for (int k = 0; k < K; ++k) {
-              T qsum = 0;
-              for (int i = 0; i < G; ++i)
-                if (i != v) qsum += q.data[(i * B + b) * K + k];
-              T g = gscale * (mm * std::exp(sr[k] * inv_tau - lse) - qsum);
-              dr[k] = accumulate ? dr[k] + g : g;
-            }
-          }
-        }
-      }
-    });
+    distillation_desc<T> d;
+    d.s = s.data;
+    d.q = q.data;
+    d.row_loss = row_loss.data;
+    d.ds = ds;
+    d.B = B;
+    d.K = s.shape[1];
+    d.n_crops = cfg_.n_crops;
+    d.n_global = cfg_.n_global;
+    d.inv_tau = T(1.0 / cfg_.student_temp);
+    d.grad_scale = T(dloss / (double(n_terms()) * double(B) * cfg_.student_temp));
+    d.accumulate = accumulate;
+    distillation_rows(pol, d);
     double total = 0;
     for (std::int64_t r = 0; r < s.rows(); ++r) total += double(row_loss.data[r]);
     if (!std::isfinite(total)) report_non_finite(pol, s, q);
