@@ -28,8 +28,8 @@
 #include <string>
 #include <type_traits>
 
-#include "dino/core/buffer.hpp"
 #include "dino/core/param_store.hpp"
+#include "dino/core/workspace.hpp"
 #include "dino/nn/init.hpp"
 #include "dino/optim/adamw.hpp"
 #include "dino/optim/clip.hpp"
@@ -145,7 +145,7 @@ class method {
   /// Teacher logits [b, K] for inputs [b, in_dim] (inference; the method's own buffers).
   host_view<const T> teacher_logits(const cpu_policy& pol, host_view<const T> x) {
     run_teacher(pol, x);
-    return {t_logits_.data(), {x.rows(), head_.out_dim()}, "teacher logits"};
+    return {r_.t_logits, {x.rows(), head_.out_dim()}, "teacher logits"};
   }
 
   const param_layout& layout() const { return layout_; }
@@ -160,35 +160,43 @@ class method {
   const dino_schedules& schedules() const { return sched_; }
   std::int64_t iteration() const { return iteration_; }
   void set_iteration(std::int64_t it) { iteration_ = it; }
-  /// Bytes of activation and scratch memory planned at construction.
-  std::size_t workspace_bytes() const {
-    return sizeof(T) * (saved_.size() + scratch_.size() + s_feat_.size() + s_logits_.size() + ds_.size() +
-                        d_feat_.size() + t_feat_.size() + t_logits_.size() + q_.size() + row_.size() + ent_.size());
-  }
+  /// Bytes of activation and scratch memory planned at construction (one allocation).
+  std::size_t workspace_bytes() const { return ws_.capacity(); }
 
  private:
   int crops() const { return loss_.config().n_crops; }
   int globals() const { return loss_.config().n_global; }
 
+  // Every buffer of a step, sized by the parts' queries for the largest micro-batch and taken
+  // from one workspace allocated here: the step itself allocates nothing.
   void plan(std::int64_t b) {
     const std::int64_t ns = crops() * b, nt = globals() * b, D = backbone_.out_dim(), K = head_.out_dim();
-    saved_.resize(backbone_.saved_elems(ns) + head_.saved_elems(ns), false);
-    std::size_t sc = std::max({backbone_.scratch_elems(ns), head_.scratch_elems(ns), backbone_.scratch_elems(nt),
-                               head_.scratch_elems(nt)});
-    scratch_.resize(sc, false);
-    s_feat_.resize(std::size_t(ns * D), false);
-    d_feat_.resize(std::size_t(ns * D), false);
-    s_logits_.resize(std::size_t(ns * K), false);
-    ds_.resize(std::size_t(ns * K), false);
-    t_feat_.resize(std::size_t(nt * D), false);
-    t_logits_.resize(std::size_t(nt * K), false);
-    q_.resize(std::size_t(nt * K), false);
-    row_.resize(std::size_t(ns), false);
-    ent_.resize(std::size_t(nt), false);
+    const auto n = [](std::int64_t v) { return static_cast<std::size_t>(v); };
+    r_.saved_n = backbone_.saved_elems(ns) + head_.saved_elems(ns);
+    r_.scratch_n = std::max({backbone_.scratch_elems(ns), head_.scratch_elems(ns), backbone_.scratch_elems(nt),
+                             head_.scratch_elems(nt)});
+    workspace_plan p;
+    for (std::size_t elems : {r_.saved_n, r_.scratch_n,
+                              n(ns * D), n(ns * D), n(ns * K), n(ns * K),  // features, their grad, logits, grad
+                              n(nt * D), n(nt * K), n(nt * K),             // teacher features, logits, targets
+                              n(ns), n(nt)})                               // per-row loss and entropy
+      p.add_bytes(elems * sizeof(T));
+    ws_ = workspace(p);
+    r_.saved = ws_.take<T>(r_.saved_n, "saved activations");
+    r_.scratch = ws_.take<T>(r_.scratch_n, "scratch");
+    r_.s_feat = ws_.take<T>(n(ns * D), "student features");
+    r_.d_feat = ws_.take<T>(n(ns * D), "d student features");
+    r_.s_logits = ws_.take<T>(n(ns * K), "student logits");
+    r_.ds = ws_.take<T>(n(ns * K), "d student logits");
+    r_.t_feat = ws_.take<T>(n(nt * D), "teacher features");
+    r_.t_logits = ws_.take<T>(n(nt * K), "teacher logits");
+    r_.q = ws_.take<T>(n(nt * K), "teacher targets");
+    r_.row = ws_.take<T>(n(ns), "row loss");
+    r_.ent = ws_.take<T>(n(nt), "teacher entropy");
     max_rows_ = ns;
   }
 
-  host_view<T> scratch() { return {scratch_.data(), {std::int64_t(scratch_.size())}, "scratch"}; }
+  host_view<T> scratch() { return {r_.scratch, {std::int64_t(r_.scratch_n)}, "scratch"}; }
 
   void run_teacher(const cpu_policy& pol, host_view<const T> x) {
     const std::int64_t n = x.rows();
@@ -196,9 +204,9 @@ class method {
                          globals() * tc_.max_batch, ")");
     const std::int64_t D = backbone_.out_dim(), K = head_.out_dim();
     host_view<const T> P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
-    host_view<T> f{t_feat_.data(), {n, D}, "teacher features"};
+    host_view<T> f{r_.t_feat, {n, D}, "teacher features"};
     backbone_.infer(pol, P, x, f, scratch());
-    head_.infer(pol, P, host_view<const T>(f), host_view<T>{t_logits_.data(), {n, K}, "teacher logits"}, scratch());
+    head_.infer(pol, P, host_view<const T>(f), host_view<T>{r_.t_logits, {n, K}, "teacher logits"}, scratch());
   }
 
   double micro_step(const cpu_policy& pol, host_view<const T> x, double tau, double scale, bool freeze, double& ent) {
@@ -211,25 +219,25 @@ class method {
     const std::int64_t b = ns / crops(), nt = globals() * b, D = backbone_.out_dim(), K = head_.out_dim();
     // Teacher on the global crops (the first n_global * b rows).
     run_teacher(pol, x.slice_rows(0, nt));
-    host_view<const T> t{t_logits_.data(), {nt, K}, "teacher logits"};
+    host_view<const T> t{r_.t_logits, {nt, K}, "teacher logits"};
     // Student on all crops.
     host_view<const T> P{student_.data(), {std::int64_t(student_.size())}, "student parameters"};
     host_view<T> G{grads_.data(), {std::int64_t(grads_.size())}, "student gradients"};
     const std::size_t bsaved = backbone_.saved_elems(ns);
-    host_view<T> sb{saved_.data(), {std::int64_t(bsaved)}, "backbone saved"};
-    host_view<T> sh{saved_.data() + bsaved, {std::int64_t(head_.saved_elems(ns))}, "head saved"};
-    host_view<T> feat{s_feat_.data(), {ns, D}, "student features"};
-    host_view<T> logits{s_logits_.data(), {ns, K}, "student logits"};
+    host_view<T> sb{r_.saved, {std::int64_t(bsaved)}, "backbone saved"};
+    host_view<T> sh{r_.saved + bsaved, {std::int64_t(head_.saved_elems(ns))}, "head saved"};
+    host_view<T> feat{r_.s_feat, {ns, D}, "student features"};
+    host_view<T> logits{r_.s_logits, {ns, K}, "student logits"};
     backbone_.forward(pol, P, x, feat, sb);
     head_.forward(pol, P, host_view<const T>(feat), logits, sh);
     // Targets and loss.
-    host_view<T> q{q_.data(), {nt, K}, "teacher targets"};
-    ent = target_.targets(pol, t, tau, q, host_view<T>{ent_.data(), {nt}, "teacher entropy"});
-    host_view<T> ds{ds_.data(), {ns, K}, "d student logits"};
+    host_view<T> q{r_.q, {nt, K}, "teacher targets"};
+    ent = target_.targets(pol, t, tau, q, host_view<T>{r_.ent, {nt}, "teacher entropy"});
+    host_view<T> ds{r_.ds, {ns, K}, "d student logits"};
     const double l = loss_.forward_backward(pol, host_view<const T>(logits), host_view<const T>(q),
-                                            host_view<T>{row_.data(), {ns}, "row loss"}, ds, scale, false);
+                                            host_view<T>{r_.row, {ns}, "row loss"}, ds, scale, false);
     // Backward (parameter gradients accumulate across micro-batches).
-    host_view<T> dfeat{d_feat_.data(), {ns, D}, "d student features"};
+    host_view<T> dfeat{r_.d_feat, {ns, D}, "d student features"};
     if constexpr (requires { head_.backward(pol, P, host_view<const T>(feat), host_view<const T>(sh), host_view<const T>(ds), dfeat, grad_mode::write, G, scratch(), freeze); })
       head_.backward(pol, P, host_view<const T>(feat), host_view<const T>(sh), host_view<const T>(ds), dfeat,
                      grad_mode::write, G, scratch(), freeze);
@@ -261,7 +269,13 @@ class method {
   dino_schedules sched_;
   flat_params<T> student_, teacher_, grads_;
   optim::adamw<T> opt_;
-  buffer<T> saved_, scratch_, s_feat_, d_feat_, s_logits_, ds_, t_feat_, t_logits_, q_, row_, ent_;
+  struct regions {
+    T *saved = nullptr, *scratch = nullptr, *s_feat = nullptr, *d_feat = nullptr, *s_logits = nullptr, *ds = nullptr;
+    T *t_feat = nullptr, *t_logits = nullptr, *q = nullptr, *row = nullptr, *ent = nullptr;
+    std::size_t saved_n = 0, scratch_n = 0;
+  };
+  workspace ws_;
+  regions r_;
   std::int64_t max_rows_ = 0;
   std::int64_t iteration_ = 0;
 };
