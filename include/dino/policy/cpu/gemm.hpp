@@ -64,6 +64,14 @@ inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta
 }
 }  // namespace detail
 
+/// One product on the calling thread only: for use inside a parallel region, where the
+/// policy's thread count is already spent (and Eigen's global thread setting is not touched).
+template <class T>
+inline void gemm_serial(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {
+  if (d.m == 0 || d.n == 0) return;
+  detail::gemm_one(d, alpha, A, B, beta, C);
+}
+
 /// Runs the (batched) product described by d.
 template <class T>
 inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {

@@ -1,0 +1,115 @@
+// dino/nn/pos_embed.hpp: bicubic resizing of the position grid, as the reference does it
+// (dino-spec §1.4).
+//
+// The stored grid g x g (g = sqrt(N0)) is resized to h0 x w0 with PyTorch's bicubic
+// interpolation (align_corners = false, A = -0.75, border taps clamped) driven by a *scale
+// factor* s = (h0 + 0.1) / g (and (w0 + 0.1) / g): the source coordinate of output index i is
+// (i + 0.5) / s - 0.5, computed in T as PyTorch's kernel does. The reference skips the
+// resize when h0 * w0 == N0 and h0 == w0.
+//
+// resize_plan holds, per output row and column, 4 clamped source indices and weights; the
+// forward is out[i, j, :] = sum_ab wy[i][a] wx[j][b] grid[y_ia, x_jb, :], and the backward
+// accumulates the transposed sum into the grid's gradient.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace dino::nn {
+
+template <class T>
+struct bicubic_axis {
+  std::vector<std::int64_t> index;  ///< [out * 4] clamped source indices
+  std::vector<T> weight;            ///< [out * 4]
+};
+
+/// PyTorch's upsample_bicubic2d taps for one axis: `in` -> `out` with the given scale factor.
+template <class T>
+bicubic_axis<T> bicubic_taps(std::int64_t in, std::int64_t out, double scale_factor) {
+  constexpr T A = T(-0.75);
+  auto cc1 = [&](T x) { return ((A + 2) * x - (A + 3)) * x * x + 1; };          // |x| <= 1
+  auto cc2 = [&](T x) { return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A; };    // 1 < |x| < 2
+  bicubic_axis<T> ax;
+  ax.index.resize(static_cast<std::size_t>(out * 4));
+  ax.weight.resize(static_cast<std::size_t>(out * 4));
+  const T inv_scale = T(1.0 / scale_factor);
+  for (std::int64_t i = 0; i < out; ++i) {
+    const T src = inv_scale * (T(i) + T(0.5)) - T(0.5);
+    const T fl = std::floor(src);
+    const std::int64_t i0 = static_cast<std::int64_t>(fl);
+    const T t = src - fl;
+    const T w[4] = {cc2(t + 1), cc1(t), cc1(1 - t), cc2(2 - t)};
+    for (int a = 0; a < 4; ++a) {
+      std::int64_t j = i0 - 1 + a;
+      j = j < 0 ? 0 : (j > in - 1 ? in - 1 : j);
+      ax.index[static_cast<std::size_t>(i * 4 + a)] = j;
+      ax.weight[static_cast<std::size_t>(i * 4 + a)] = w[a];
+    }
+  }
+  return ax;
+}
+
+/// The resize of a g x g grid of D-vectors to h0 x w0, with the reference's +0.1 offset.
+template <class T>
+struct pos_resize {
+  std::int64_t g = 0, h0 = 0, w0 = 0;
+  bool identity = true;
+  bicubic_axis<T> y, x;
+
+  pos_resize() = default;
+  pos_resize(std::int64_t grid, std::int64_t h, std::int64_t w) : g(grid), h0(h), w0(w) {
+    identity = (h * w == grid * grid) && h == w;
+    if (!identity) {
+      y = bicubic_taps<T>(grid, h, (double(h) + 0.1) / double(grid));
+      x = bicubic_taps<T>(grid, w, (double(w) + 0.1) / double(grid));
+    }
+  }
+
+  /// out [h0 * w0, D] (=) from grid [g * g, D]; rows are row-major (height, then width).
+  void forward(const T* grid, T* out, std::int64_t D) const {
+    if (identity) {
+      for (std::int64_t i = 0; i < g * g * D; ++i) out[i] = grid[i];
+      return;
+    }
+    // Separable: first along the width into a [g, w0, D] temporary would need scratch; the
+    // direct 16-tap sum is cheap at these sizes (the grid is at most a few hundred vectors).
+    for (std::int64_t i = 0; i < h0; ++i)
+      for (std::int64_t j = 0; j < w0; ++j) {
+        T* o = out + (i * w0 + j) * D;
+        for (std::int64_t d = 0; d < D; ++d) o[d] = T(0);
+        for (int a = 0; a < 4; ++a) {
+          const T wy = y.weight[std::size_t(i * 4 + a)];
+          const std::int64_t yi = y.index[std::size_t(i * 4 + a)];
+          for (int b = 0; b < 4; ++b) {
+            const T wgt = wy * x.weight[std::size_t(j * 4 + b)];
+            const T* src = grid + (yi * g + x.index[std::size_t(j * 4 + b)]) * D;
+            for (std::int64_t d = 0; d < D; ++d) o[d] += wgt * src[d];
+          }
+        }
+      }
+  }
+
+  /// dgrid [g * g, D] (+=) from dout [h0 * w0, D].
+  void backward(const T* dout, T* dgrid, std::int64_t D) const {
+    if (identity) {
+      for (std::int64_t i = 0; i < g * g * D; ++i) dgrid[i] += dout[i];
+      return;
+    }
+    for (std::int64_t i = 0; i < h0; ++i)
+      for (std::int64_t j = 0; j < w0; ++j) {
+        const T* o = dout + (i * w0 + j) * D;
+        for (int a = 0; a < 4; ++a) {
+          const T wy = y.weight[std::size_t(i * 4 + a)];
+          const std::int64_t yi = y.index[std::size_t(i * 4 + a)];
+          for (int b = 0; b < 4; ++b) {
+            const T wgt = wy * x.weight[std::size_t(j * 4 + b)];
+            T* dst = dgrid + (yi * g + x.index[std::size_t(j * 4 + b)]) * D;
+            for (std::int64_t d = 0; d < D; ++d) dst[d] += wgt * o[d];
+          }
+        }
+      }
+  }
+};
+
+}  // namespace dino::nn

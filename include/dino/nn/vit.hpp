@@ -1,0 +1,579 @@
+// dino/nn/vit.hpp: DINO's Vision Transformer over packed multi-crop batches (dino-spec §1).
+//
+//   patch embedding (a strided convolution as one GEMM over unfolded patches) -> CLS token
+//   -> + position embedding (bicubically resized per resolution, +0.1 offset) -> depth x
+//   pre-norm blocks [x += DropPath(attn(LN1 x)); x += DropPath(MLP(LN2 x))] -> final LN.
+//
+// A pack holds every crop of a step as one token matrix [T, D]: crop c is a segment of
+// 1 + (H/p)(W/p) rows (CLS first, then patches row-major). Crops come in sets of one
+// resolution (vit_pack::sets: count, height, width), each set's images one NCHW array, in
+// the order the outputs are wanted (crop-major, as MultiCropWrapper concatenates). Every
+// per-token operation (LayerNorm, the qkv/proj/fc GEMMs, GELU) runs once over the whole
+// pack; attention runs per segment.
+//
+// Parameters, with the official state_dict names (prefix + ...): patch_embed.proj.weight
+// [D, C, p, p], patch_embed.proj.bias, cls_token [1, 1, D], pos_embed [1, N0 + 1, D],
+// blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight, bias},
+// norm.{weight, bias}. Initialisation as the reference: truncated normal 0.02 for Linear
+// weights, cls_token and pos_embed; PyTorch's default init for the patch convolution; zero
+// biases; LayerNorm 1 and 0.
+//
+// Forms: forward() (training: keeps what backward needs in `saved`, draws DropPath masks
+// from Philox keyed by (seed, step, block, branch) and the crop index), infer() (no saved
+// state, no DropPath; optionally the last block's CLS attention row and the normalised
+// outputs of the last n blocks), backward() (parameter gradients accumulate; the input
+// images get no gradient).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "dino/core/param_store.hpp"
+#include "dino/core/rng.hpp"
+#include "dino/nn/attention.hpp"
+#include "dino/nn/gelu.hpp"
+#include "dino/nn/layer_norm.hpp"
+#include "dino/nn/linear.hpp"
+#include "dino/nn/pos_embed.hpp"
+
+namespace dino::nn {
+
+struct vit_config {
+  std::int64_t img_size = 224;  ///< fixes the stored position grid: (img_size / patch)^2 patches
+  std::int64_t patch = 16;
+  std::int64_t in_chans = 3;
+  std::int64_t embed_dim = 384;
+  std::int64_t depth = 12;
+  std::int64_t heads = 6;
+  double mlp_ratio = 4.0;
+  bool qkv_bias = true;
+  double ln_eps = 1e-6;
+  double drop_path_rate = 0.0;  ///< student 0.1 in the reference, teacher 0
+
+  constexpr std::int64_t grid() const { return img_size / patch; }
+  constexpr std::int64_t mlp_hidden() const { return static_cast<std::int64_t>(double(embed_dim) * mlp_ratio); }
+};
+
+/// The reference's factories (dino-spec §1.1).
+constexpr vit_config vit_tiny(std::int64_t patch = 16) { return {224, patch, 3, 192, 12, 3}; }
+constexpr vit_config vit_small(std::int64_t patch = 16) { return {224, patch, 3, 384, 12, 6}; }
+constexpr vit_config vit_base(std::int64_t patch = 16) { return {224, patch, 3, 768, 12, 12}; }
+/// For 28 x 28 grayscale images (MNIST, Fashion-MNIST): ViT with D 192, depth 6, 3 heads.
+constexpr vit_config vit_small28(std::int64_t patch = 4) { return {28, patch, 1, 192, 6, 3}; }
+
+/// One resolution of a pack: `count` images of height x width pixels.
+struct crop_set {
+  std::int64_t count = 0, height = 0, width = 0;
+};
+
+/// The token layout of a pack of crop sets, planned once (allocates; a step does not).
+template <class T>
+struct vit_pack {
+  std::vector<crop_set> sets;
+  std::vector<segment> segs;              ///< one per crop, in output order
+  std::vector<std::int64_t> set_of;       ///< set index of each crop
+  std::vector<std::int64_t> set_patches;  ///< patches per crop of each set
+  std::vector<std::int64_t> set_first;    ///< first crop of each set
+  std::vector<pos_resize<T>> resize;      ///< position grid resize per set
+  std::vector<std::size_t> probs_off;     ///< attention probability offsets per segment
+  std::vector<std::int64_t> cls_attn_off; ///< [segment] offset into a CLS-attention output
+  std::int64_t tokens = 0, crops = 0, patches = 0, max_set_patches = 0;
+  std::size_t probs = 0;
+};
+
+class vit {
+ public:
+  using config_type = vit_config;
+
+  vit() = default;
+  vit(vit_config c, param_layout& layout, const std::string& prefix = "") : cfg_(c) {
+    require<config_error>(c.patch > 0 && c.img_size % c.patch == 0, "vit: img_size ", c.img_size,
+                          " is not a multiple of the patch size ", c.patch);
+    require<config_error>(c.heads > 0 && c.embed_dim % c.heads == 0, "vit: embed_dim ", c.embed_dim,
+                          " is not a multiple of heads ", c.heads);
+    require<config_error>(c.depth >= 1 && c.in_chans >= 1, "vit: depth and in_chans must be positive");
+    require<config_error>(c.drop_path_rate >= 0 && c.drop_path_rate < 1, "vit: drop_path_rate must be in [0, 1), got ",
+                          c.drop_path_rate);
+    const std::int64_t D = c.embed_dim, fan_in = c.in_chans * c.patch * c.patch;
+    patch_w_ = layout.add(prefix + "patch_embed.proj.weight", {D, c.in_chans, c.patch, c.patch}, param_none,
+                          param_init::kaiming_uniform, double(fan_in));
+    patch_b_ = layout.add(prefix + "patch_embed.proj.bias", {D}, param_no_weight_decay, param_init::kaiming_uniform,
+                          double(fan_in));
+    cls_ = layout.add(prefix + "cls_token", {1, 1, D}, param_none, param_init::trunc_normal, 0.02);
+    pos_ = layout.add(prefix + "pos_embed", {1, c.grid() * c.grid() + 1, D}, param_none, param_init::trunc_normal, 0.02);
+    for (std::int64_t i = 0; i < c.depth; ++i) {
+      const std::string b = prefix + "blocks." + std::to_string(i) + ".";
+      block blk;
+      blk.norm1 = layer_norm({D, c.ln_eps}, layout, b + "norm1.");
+      blk.qkv = linear({D, 3 * D, c.qkv_bias}, layout, b + "attn.qkv.");
+      blk.proj = linear({D, D, true}, layout, b + "attn.proj.");
+      blk.norm2 = layer_norm({D, c.ln_eps}, layout, b + "norm2.");
+      blk.fc1 = linear({D, c.mlp_hidden(), true}, layout, b + "mlp.fc1.");
+      blk.fc2 = linear({c.mlp_hidden(), D, true}, layout, b + "mlp.fc2.");
+      blk.drop = c.depth > 1 ? c.drop_path_rate * double(i) / double(c.depth - 1) : 0.0;
+      blocks_.push_back(blk);
+    }
+    norm_ = layer_norm({D, c.ln_eps}, layout, prefix + "norm.");
+  }
+
+  const vit_config& config() const { return cfg_; }
+  std::int64_t out_dim() const { return cfg_.embed_dim; }
+
+  /// Plans the token layout of a pack; throws shape_error for sizes the patch does not divide.
+  template <class T = float>
+  vit_pack<T> make_pack(std::vector<crop_set> sets) const {
+    vit_pack<T> pk;
+    pk.sets = std::move(sets);
+    const std::int64_t p = cfg_.patch;
+    for (std::size_t si = 0; si < pk.sets.size(); ++si) {
+      const crop_set& s = pk.sets[si];
+      require<shape_error>(s.count > 0 && s.height > 0 && s.width > 0, "vit pack: crop set ", si, " is empty or has ",
+                           "no pixels (", s.count, " x ", s.height, " x ", s.width, ")");
+      require<shape_error>(s.height % p == 0 && s.width % p == 0, "vit pack: crop set ", si, ": ", s.height, " x ",
+                           s.width, " pixels is not a multiple of the patch size ", p);
+      const std::int64_t h0 = s.height / p, w0 = s.width / p, np = h0 * w0;
+      pk.set_patches.push_back(np);
+      pk.set_first.push_back(pk.crops);
+      pk.resize.emplace_back(cfg_.grid(), h0, w0);
+      pk.max_set_patches = std::max(pk.max_set_patches, s.count * np);
+      for (std::int64_t c = 0; c < s.count; ++c) {
+        pk.segs.push_back({pk.tokens, 1 + np});
+        pk.set_of.push_back(static_cast<std::int64_t>(si));
+        pk.cls_attn_off.push_back(0);
+        pk.tokens += 1 + np;
+        pk.patches += np;
+        ++pk.crops;
+      }
+    }
+    pk.probs_off = detail::probs_offsets(pk.segs, cfg_.heads);
+    pk.probs = attention_probs_elems(pk.segs, cfg_.heads);
+    std::int64_t o = 0;
+    for (std::size_t i = 0; i < pk.segs.size(); ++i) {
+      pk.cls_attn_off[i] = o;
+      o += cfg_.heads * pk.segs[i].length;
+    }
+    return pk;
+  }
+
+  /// Elements of a CLS-attention output for a pack: sum over crops of heads * (1 + patches).
+  template <class T>
+  std::size_t cls_attention_elems(const vit_pack<T>& pk) const {
+    std::size_t n = 0;
+    for (const auto& s : pk.segs) n += static_cast<std::size_t>(cfg_.heads * s.length);
+    return n;
+  }
+
+  // ---- memory queries ------------------------------------------------------------------
+  template <class T>
+  std::size_t saved_elems(const vit_pack<T>& pk) const {
+    return static_cast<std::size_t>(pk.patches * patch_dim()) + pos_elems(pk) + cfg_.depth * block_saved(pk) +
+           static_cast<std::size_t>(pk.tokens * (cfg_.embed_dim + 2)) + static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
+  }
+  template <class T>
+  std::size_t scratch_elems(const vit_pack<T>& pk) const {
+    const std::size_t TD = static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
+    const std::size_t TH = static_cast<std::size_t>(pk.tokens * cfg_.mlp_hidden());
+    // backward: two residual gradients, dz/dy, dc/da, do, dqkv, dg/dh, dP; inference reuses these
+    const std::size_t a = 2 * TD + TD + TD + TD + 3 * TD + TH + pk.probs;
+    const std::size_t embed = static_cast<std::size_t>(pk.max_set_patches * std::max(patch_dim(), cfg_.embed_dim));
+    return std::max(a, embed + pos_elems(pk)) + TD;
+  }
+  /// Inference needs only scratch: the residual stream, one block's activations, attention.
+  template <class T>
+  std::size_t infer_scratch_elems(const vit_pack<T>& pk) const {
+    const std::size_t TD = static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
+    const std::size_t TH = static_cast<std::size_t>(pk.tokens * cfg_.mlp_hidden());
+    const std::size_t embed = static_cast<std::size_t>(pk.max_set_patches * std::max(patch_dim(), cfg_.embed_dim));
+    return 2 * TD + TD + 3 * TD + TD + TH + pk.probs + static_cast<std::size_t>(2 * pk.tokens) + embed + pos_elems(pk);
+  }
+
+  /// Which outputs infer() should write besides the CLS features.
+  template <class T>
+  struct infer_outputs {
+    T* tokens = nullptr;        ///< [T, D] all final (normalised) tokens, pack order
+    T* cls_attention = nullptr; ///< last block's CLS attention rows, cls_attention_elems(pack)
+    std::int64_t n_last = 0;    ///< intermediate layers: the normalised outputs of the last n blocks
+    T* intermediate = nullptr;  ///< [n_last, T, D], oldest first
+  };
+
+  // ---- forward -------------------------------------------------------------------------
+  /// Training forward: y [crops, D] (=) normalised CLS features; `saved` keeps what backward needs.
+  template <class T>
+  void forward(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, std::span<const T* const> images,
+               host_view<T> y, host_view<T> saved, std::uint64_t seed = 0, std::uint64_t step = 0) const {
+    check_io(pk, images, y);
+    require<shape_error>(static_cast<std::size_t>(saved.numel()) >= saved_elems(pk), "vit forward: saved: needs ",
+                         saved_elems(pk), " elements, got ", saved.numel());
+    const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens;
+    saved_parts<T> s = split_saved<T>(saved.data, pk);
+    // The patch GEMM's output goes through block 0's saved area (not yet written) on its way into x0.
+    embed(pol, P, pk, images, s.unfold, true, s.pos, s.x0, s.x0 + static_cast<std::size_t>(Tn * D));
+    const T* x = s.x0;
+    for (std::int64_t l = 0; l < cfg_.depth; ++l) {
+      block_saved_parts<T> b = split_block<T>(s.blocks + static_cast<std::size_t>(l) * block_saved(pk), pk);
+      T* x_out = l + 1 < cfg_.depth ? s.blocks + static_cast<std::size_t>(l + 1) * block_saved(pk) : s.x_last;
+      block_forward(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l);
+      x = x_out;
+    }
+    // final norm over all tokens, CLS rows out
+    norm_.forward(pol, P, host_view<const T>{x, {Tn, D}, "tokens"}, host_view<T>{s.final_tok, {Tn, D}, "final tokens"},
+                  host_view<T>{s.final_stats, {Tn, 2}, "final norm stats"});
+    gather_cls(pk, s.final_tok, y.data);
+  }
+
+  /// The final normalised tokens kept by the last forward() ([T, D], pack order).
+  template <class T>
+  const T* saved_tokens(const vit_pack<T>& pk, host_view<const T> saved) const {
+    return split_saved<T>(const_cast<T*>(saved.data), pk).final_tok;
+  }
+
+  /// Inference: y [crops, D] (=) CLS features, and the optional outputs.
+  template <class T>
+  void infer(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, std::span<const T* const> images,
+             host_view<T> y, host_view<T> scratch, infer_outputs<T> out = {}) const {
+    check_io(pk, images, y);
+    require<shape_error>(static_cast<std::size_t>(scratch.numel()) >= infer_scratch_elems(pk),
+                         "vit infer: scratch: needs ", infer_scratch_elems(pk), " elements, got ", scratch.numel());
+    require<config_error>(out.n_last >= 0 && out.n_last <= cfg_.depth, "vit infer: n_last must lie in [0, depth = ",
+                          cfg_.depth, "], got ", out.n_last);
+    const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
+    const std::size_t TD = static_cast<std::size_t>(Tn * D);
+    T* xa = scratch.data;
+    T* xb = xa + TD;
+    T* a = xb + TD;
+    T* qkv = a + TD;
+    T* o = qkv + 3 * TD;
+    T* h = o + TD;
+    T* probs = h + static_cast<std::size_t>(Tn * H);
+    T* stats = probs + pk.probs;
+    T* emb = stats + 2 * Tn;
+    T* pos = emb + static_cast<std::size_t>(pk.max_set_patches * std::max(patch_dim(), D));
+    embed(pol, P, pk, images, emb, false, pos, xa, xb);
+    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return host_view<T>{p, {Tn, cols}, n}; };
+    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return host_view<const T>{p, {Tn, cols}, n}; };
+    for (std::int64_t l = 0; l < cfg_.depth; ++l) {
+      const block& blk = blocks_[std::size_t(l)];
+      const bool last = l + 1 == cfg_.depth;
+      blk.norm1.forward(pol, P, cv(xa, D, "x"), hv(a, D, "ln1"), host_view<T>{stats, {Tn, 2}, "stats"});
+      blk.qkv.forward(pol, P, cv(a, D, "ln1"), hv(qkv, 3 * D, "qkv"));
+      attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, qkv, o, probs,
+                        last ? out.cls_attention : static_cast<T*>(nullptr), pk.cls_attn_off.data());
+      // x_mid = x + proj(o), into xb
+      blk.proj.forward(pol, P, cv(o, D, "attn"), hv(xb, D, "x_mid"));
+      add_inplace(pol, xb, xa, TD);
+      blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), host_view<T>{stats, {Tn, 2}, "stats"});
+      blk.fc1.forward(pol, P, cv(a, D, "ln2"), hv(h, H, "fc1"));
+      gelu_forward(pol, host_view<const T>{h, {Tn, H}, "fc1"}, host_view<T>{h, {Tn, H}, "gelu"});
+      blk.fc2.forward(pol, P, cv(h, H, "gelu"), hv(xa, D, "x"));
+      add_inplace(pol, xa, xb, TD);  // x_out = x_mid + mlp, back in xa
+      if (out.intermediate && l >= cfg_.depth - out.n_last) {
+        T* dst = out.intermediate + static_cast<std::size_t>(l - (cfg_.depth - out.n_last)) * TD;
+        norm_.forward(pol, P, cv(xa, D, "x"), hv(dst, D, "intermediate"), host_view<T>{stats, {Tn, 2}, "stats"});
+      }
+    }
+    T* fin = out.tokens ? out.tokens : xb;
+    norm_.forward(pol, P, cv(xa, D, "x"), hv(fin, D, "final tokens"), host_view<T>{stats, {Tn, 2}, "stats"});
+    gather_cls(pk, fin, y.data);
+  }
+
+  // ---- backward ------------------------------------------------------------------------
+  /// From d_tokens [T, D] (the gradient of the final normalised tokens; use
+  /// scatter_cls_grad() for a gradient of the CLS features only): parameter gradients (+=).
+  template <class T>
+  void backward(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, host_view<const T> saved,
+                host_view<const T> d_tokens, host_view<T> G, host_view<T> scratch) const {
+    const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
+    check_shape("vit backward", d_tokens, {Tn, D});
+    require<shape_error>(static_cast<std::size_t>(scratch.numel()) >= scratch_elems(pk), "vit backward: scratch: needs ",
+                         scratch_elems(pk), " elements, got ", scratch.numel());
+    const std::size_t TD = static_cast<std::size_t>(Tn * D);
+    saved_parts<T> s = split_saved<T>(const_cast<T*>(saved.data), pk);
+    T* dx = scratch.data;       // gradient w.r.t. the residual stream
+    T* dz = dx + 2 * TD;        // branch gradients (drop path applied)
+    T* da = dz + TD;
+    T* d_o = da + TD;
+    T* dqkv = d_o + TD;
+    T* dh = dqkv + 3 * TD;
+    T* dP = dh + static_cast<std::size_t>(Tn * H);
+    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return host_view<T>{p, {Tn, cols}, n}; };
+    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return host_view<const T>{p, {Tn, cols}, n}; };
+    const T* x_last = s.x_last;
+    norm_.backward(pol, P, cv(x_last, D, "tokens"), host_view<const T>{s.final_stats, {Tn, 2}, "stats"}, d_tokens,
+                   hv(dx, D, "dx"), grad_mode::write, G, host_view<T>{});
+    for (std::int64_t l = cfg_.depth - 1; l >= 0; --l) {
+      const block& blk = blocks_[std::size_t(l)];
+      block_saved_parts<T> b = split_block<T>(s.blocks + static_cast<std::size_t>(l) * block_saved(pk), pk);
+      // MLP branch: x_out = x_mid + dp2 * fc2(gelu(fc1(LN2(x_mid))))
+      copy_scaled(pol, pk, dx, b.dp + pk.crops, dz, D);
+      blk.fc2.backward(pol, P, cv(b.g, H, "gelu"), cv(dz, D, "dz"), hv(dh, H, "dg"), grad_mode::write, G);
+      gelu_backward(pol, host_view<const T>{b.h, {Tn, H}, "fc1"}, host_view<const T>{dh, {Tn, H}, "dg"},
+                    host_view<T>{dh, {Tn, H}, "dh"}, false);
+      blk.fc1.backward(pol, P, cv(b.c, D, "ln2"), cv(dh, H, "dh"), hv(da, D, "dc"), grad_mode::write, G);
+      // dx_mid = dx + LN2'(dc), in dx
+      blk.norm2.backward(pol, P, cv(b.x_mid, D, "x_mid"), host_view<const T>{b.ln2, {Tn, 2}, "stats"}, cv(da, D, "dc"),
+                         hv(dx, D, "dx_mid"), grad_mode::accumulate, G, host_view<T>{});
+      // attention branch: x_mid = x + dp1 * proj(attn(qkv(LN1(x))))
+      copy_scaled(pol, pk, dx, b.dp, dz, D);
+      blk.proj.backward(pol, P, cv(b.o, D, "attn"), cv(dz, D, "dy"), hv(d_o, D, "do"), grad_mode::write, G);
+      attention_backward(pol, cfg_.heads, D, pk.segs, pk.probs_off, b.qkv, b.probs, d_o, dqkv, dP);
+      blk.qkv.backward(pol, P, cv(b.a, D, "ln1"), cv(dqkv, 3 * D, "dqkv"), hv(da, D, "da"), grad_mode::write, G);
+      blk.norm1.backward(pol, P, cv(b.x_in, D, "x"), host_view<const T>{b.ln1, {Tn, 2}, "stats"}, cv(da, D, "da"),
+                         hv(dx, D, "dx"), grad_mode::accumulate, G, host_view<T>{});
+    }
+    embed_backward(pol, pk, s.unfold, dx, G, scratch.data + 2 * TD);
+  }
+
+  /// d_tokens [T, D] (=) zero except the CLS rows, which take dy [crops, D].
+  template <class T>
+  void scatter_cls_grad(const vit_pack<T>& pk, const T* dy, T* d_tokens) const {
+    const std::int64_t D = cfg_.embed_dim;
+    for (std::int64_t i = 0; i < pk.tokens * D; ++i) d_tokens[i] = T(0);
+    for (std::size_t c = 0; c < pk.segs.size(); ++c)
+      for (std::int64_t d = 0; d < D; ++d) d_tokens[pk.segs[c].offset * D + d] = dy[std::int64_t(c) * D + d];
+  }
+
+ private:
+  struct block {
+    layer_norm norm1, norm2;
+    linear qkv, proj, fc1, fc2;
+    double drop = 0.0;
+  };
+
+  std::int64_t patch_dim() const { return cfg_.in_chans * cfg_.patch * cfg_.patch; }
+  template <class T>
+  std::size_t pos_elems(const vit_pack<T>& pk) const {
+    std::size_t n = 0;
+    for (std::size_t si = 0; si < pk.sets.size(); ++si) n += static_cast<std::size_t>(pk.set_patches[si] * cfg_.embed_dim);
+    return n;
+  }
+  // per block: x_in [T,D] | ln1 stats [T,2] | a [T,D] | qkv [T,3D] | probs | o [T,D] | x_mid [T,D]
+  //            | ln2 stats [T,2] | c [T,D] | h [T,H] | g [T,H] | drop-path scales [2 * crops]
+  template <class T>
+  std::size_t block_saved(const vit_pack<T>& pk) const {
+    const std::size_t Tn = static_cast<std::size_t>(pk.tokens), D = static_cast<std::size_t>(cfg_.embed_dim),
+                      H = static_cast<std::size_t>(cfg_.mlp_hidden());
+    return Tn * D + 2 * Tn + Tn * D + 3 * Tn * D + pk.probs + Tn * D + Tn * D + 2 * Tn + Tn * D + 2 * Tn * H +
+           2 * static_cast<std::size_t>(pk.crops);
+  }
+  template <class T>
+  struct block_saved_parts {
+    T *x_in, *ln1, *a, *qkv, *probs, *o, *x_mid, *ln2, *c, *h, *g, *dp;
+  };
+  template <class T, class VP>
+  block_saved_parts<T> split_block(T* base, const VP& pk) const {
+    const std::size_t Tn = static_cast<std::size_t>(pk.tokens), D = static_cast<std::size_t>(cfg_.embed_dim),
+                      H = static_cast<std::size_t>(cfg_.mlp_hidden());
+    block_saved_parts<T> b;
+    b.x_in = base;
+    b.ln1 = b.x_in + Tn * D;
+    b.a = b.ln1 + 2 * Tn;
+    b.qkv = b.a + Tn * D;
+    b.probs = b.qkv + 3 * Tn * D;
+    b.o = b.probs + pk.probs;
+    b.x_mid = b.o + Tn * D;
+    b.ln2 = b.x_mid + Tn * D;
+    b.c = b.ln2 + 2 * Tn;
+    b.h = b.c + Tn * D;
+    b.g = b.h + Tn * H;
+    b.dp = b.g + Tn * H;
+    return b;
+  }
+  // saved: unfolded patches [patches, C p p] | resized pos per set | blocks (x_in of block 0 is x0)
+  //        | x_last [T, D] (the last block's output) and final norm stats [T, 2] | final tokens [T, D]
+  template <class T>
+  struct saved_parts {
+    T *unfold, *pos, *blocks, *x0, *x_last, *final_stats, *final_tok;
+  };
+  template <class T, class VP>
+  saved_parts<T> split_saved(T* base, const VP& pk) const {
+    const std::size_t TD = static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
+    saved_parts<T> s;
+    s.unfold = base;
+    s.pos = s.unfold + static_cast<std::size_t>(pk.patches * patch_dim());
+    s.blocks = s.pos + pos_elems(pk);
+    s.x0 = s.blocks;  // block 0's x_in
+    s.x_last = s.blocks + static_cast<std::size_t>(cfg_.depth) * block_saved(pk);
+    s.final_stats = s.x_last + TD;
+    s.final_tok = s.final_stats + static_cast<std::size_t>(2 * pk.tokens);
+    return s;
+  }
+
+  template <class T>
+  void check_io(const vit_pack<T>& pk, std::span<const T* const> images, host_view<T> y) const {
+    require<shape_error>(images.size() == pk.sets.size(), "vit: ", images.size(), " image arrays given for ",
+                         pk.sets.size(), " crop sets");
+    check_shape("vit", y, {pk.crops, cfg_.embed_dim});
+  }
+
+  template <class T>
+  static void add_inplace(const cpu_policy& pol, T* x, const T* y, std::size_t n) {
+    for_each_chunk(pol, static_cast<std::int64_t>(n), [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t i = b; i < e; ++i) x[i] += y[i];
+    });
+  }
+
+  // dst = src scaled per crop by scale[crop] (drop path), or copied when every scale is 1.
+  template <class T>
+  static void copy_scaled(const cpu_policy& pol, const vit_pack<T>& pk, const T* src, const T* scale, T* dst,
+                          std::int64_t D) {
+    for_each_row(pol, pk.crops, [&](std::int64_t c) {
+      const segment& sg = pk.segs[std::size_t(c)];
+      const T k = scale[c];
+      const T* s = src + sg.offset * D;
+      T* d = dst + sg.offset * D;
+      for (std::int64_t i = 0; i < sg.length * D; ++i) d[i] = s[i] * k;
+    });
+  }
+
+  template <class T>
+  void gather_cls(const vit_pack<T>& pk, const T* tokens, T* y) const {
+    const std::int64_t D = cfg_.embed_dim;
+    for (std::size_t c = 0; c < pk.segs.size(); ++c)
+      for (std::int64_t d = 0; d < D; ++d) y[std::int64_t(c) * D + d] = tokens[pk.segs[c].offset * D + d];
+  }
+
+  // Unfolds the patches of every set (all kept in `unfold` for the weight gradient when
+  // keep_unfold, else one set at a time), runs the patch GEMM set by set through `tmp`, adds
+  // CLS and (resized) position embeddings into x.
+  template <class T>
+  void embed(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, std::span<const T* const> images,
+             T* unfold, bool keep_unfold, T* pos, T* x, T* tmp) const {
+    const std::int64_t D = cfg_.embed_dim, p = cfg_.patch, C = cfg_.in_chans, K = patch_dim();
+    const T* Wp = P.data + patch_w_;
+    const T* bp = P.data + patch_b_;
+    const T* cls = P.data + cls_;
+    const T* pe = P.data + pos_;
+    T* u = unfold;
+    T* pr = pos;
+    for (std::size_t si = 0; si < pk.sets.size(); ++si) {
+      const crop_set& cs = pk.sets[si];
+      const std::int64_t h0 = cs.height / p, w0 = cs.width / p, np = h0 * w0, n = cs.count * np;
+      const T* img = images[si];
+      // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order
+      for_each_row(pol, cs.count * h0, [&](std::int64_t ci) {
+        const std::int64_t c = ci / h0, i = ci % h0;
+        const T* im = img + c * C * cs.height * cs.width;
+        for (std::int64_t j = 0; j < w0; ++j) {
+          T* row = u + ((c * np) + i * w0 + j) * K;
+          for (std::int64_t ch = 0; ch < C; ++ch)
+            for (std::int64_t di = 0; di < p; ++di) {
+              const T* src = im + (ch * cs.height + i * p + di) * cs.width + j * p;
+              for (std::int64_t dj = 0; dj < p; ++dj) row[(ch * p + di) * p + dj] = src[dj];
+            }
+        }
+      });
+      gemm(pol, gemm_desc{false, true, n, D, K}, T(1), u, Wp, T(0), tmp);
+      pk.resize[si].forward(pe + D, pr, D);
+      const std::int64_t first = pk.set_first[si];
+      for_each_row(pol, cs.count, [&](std::int64_t c) {
+        T* xs = x + pk.segs[std::size_t(first + c)].offset * D;
+        for (std::int64_t d = 0; d < D; ++d) xs[d] = cls[d] + pe[d];
+        for (std::int64_t t = 0; t < np; ++t) {
+          const T* e = tmp + (c * np + t) * D;
+          const T* ps = pr + t * D;
+          T* xt = xs + (1 + t) * D;
+          for (std::int64_t d = 0; d < D; ++d) xt[d] = e[d] + bp[d] + ps[d];
+        }
+      });
+      if (keep_unfold) u += n * K;
+      pr += np * D;
+    }
+  }
+
+  // Gradients of the embedding from dx [T, D]: cls, pos (through the resize), patch W and b.
+  template <class T>
+  void embed_backward(const cpu_policy& pol, const vit_pack<T>& pk, const T* unfold, const T* dx, host_view<T> G,
+                      T* tmp) const {
+    const std::int64_t D = cfg_.embed_dim, K = patch_dim();
+    T* gcls = G.data + cls_;
+    T* gpos = G.data + pos_;
+    const T* u = unfold;
+    for (std::size_t si = 0; si < pk.sets.size(); ++si) {
+      const crop_set& cs = pk.sets[si];
+      const std::int64_t np = pk.set_patches[si], n = cs.count * np, first = pk.set_first[si];
+      // gather the patch-token gradients of this set into tmp [n, D]; sum the CLS rows
+      for (std::int64_t c = 0; c < cs.count; ++c) {
+        const T* xs = dx + pk.segs[std::size_t(first + c)].offset * D;
+        for (std::int64_t d = 0; d < D; ++d) {
+          gcls[d] += xs[d];
+          gpos[d] += xs[d];
+        }
+        for (std::int64_t t = 0; t < np; ++t)
+          for (std::int64_t d = 0; d < D; ++d) tmp[(c * np + t) * D + d] = xs[(1 + t) * D + d];
+      }
+      // position grid: sum over the set's crops, then back through the resize
+      T* dpos = tmp + n * D;
+      for (std::int64_t t = 0; t < np * D; ++t) dpos[t] = T(0);
+      for (std::int64_t c = 0; c < cs.count; ++c)
+        for (std::int64_t t = 0; t < np * D; ++t) dpos[t] += tmp[c * np * D + t];
+      pk.resize[si].backward(dpos, gpos + D, D);
+      // patch projection
+      gemm(pol, gemm_desc{true, false, D, K, n}, T(1), tmp, u, T(1), G.data + patch_w_);
+      column_sums(pol, tmp, n, D, G.data + patch_b_, true);
+      u += n * K;
+    }
+  }
+
+  template <class T>
+  void block_forward(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, const block& blk, const T* x,
+                     block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step, std::int64_t l) const {
+    const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
+    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return host_view<T>{p, {Tn, cols}, n}; };
+    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return host_view<const T>{p, {Tn, cols}, n}; };
+    require<config_error>(b.x_in == x, "vit: block input must be the previous block's output in place");
+    draw_drop_path(pk, blk.drop, seed, step, l, b.dp);
+    blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), host_view<T>{b.ln1, {Tn, 2}, "stats"});
+    blk.qkv.forward(pol, P, cv(b.a, D, "ln1"), hv(b.qkv, 3 * D, "qkv"));
+    attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, static_cast<const T*>(b.qkv), b.o, b.probs);
+    blk.proj.forward(pol, P, cv(b.o, D, "attn"), hv(b.x_mid, D, "proj"));
+    residual(pol, pk, b.x_mid, b.x_in, b.dp, D);  // x_mid = x + dp1 * proj
+    blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), host_view<T>{b.ln2, {Tn, 2}, "stats"});
+    blk.fc1.forward(pol, P, cv(b.c, D, "ln2"), hv(b.h, H, "fc1"));
+    gelu_forward(pol, host_view<const T>{b.h, {Tn, H}, "fc1"}, host_view<T>{b.g, {Tn, H}, "gelu"});
+    blk.fc2.forward(pol, P, cv(b.g, H, "gelu"), hv(x_out, D, "fc2"));
+    residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
+  }
+
+  // branch = dp[crop] * branch + base, per crop
+  template <class T>
+  static void residual(const cpu_policy& pol, const vit_pack<T>& pk, T* branch, const T* base, const T* dp,
+                       std::int64_t D) {
+    for_each_row(pol, pk.crops, [&](std::int64_t c) {
+      const segment& sg = pk.segs[std::size_t(c)];
+      const T k = dp[c];
+      T* o = branch + sg.offset * D;
+      const T* x = base + sg.offset * D;
+      for (std::int64_t i = 0; i < sg.length * D; ++i) o[i] = x[i] + k * o[i];
+    });
+  }
+
+  // DropPath scales for both branches of block l: 0 or 1 / keep per crop (1 when off).
+  template <class T>
+  static void draw_drop_path(const vit_pack<T>& pk, double rate, std::uint64_t seed, std::uint64_t step, std::int64_t l,
+                             T* dp) {
+    constexpr std::uint32_t purpose = 2;
+    const double keep = 1.0 - rate;
+    for (int branch = 0; branch < 2; ++branch) {
+      for (std::int64_t c = 0; c < pk.crops; ++c) {
+        if (rate <= 0) {
+          dp[branch * pk.crops + c] = T(1);
+          continue;
+        }
+        philox g(seed, rng_subsequence(purpose, std::uint32_t(step), std::uint32_t(l * 2 + branch)),
+                 static_cast<std::uint64_t>(c) * 2);
+        const double u = 1.0 - g.uniform_double();  // [0, 1)
+        dp[branch * pk.crops + c] = std::floor(keep + u) > 0 ? T(1.0 / keep) : T(0);
+      }
+    }
+  }
+
+  vit_config cfg_{};
+  std::size_t patch_w_ = 0, patch_b_ = 0, cls_ = 0, pos_ = 0;
+  std::vector<block> blocks_;
+  layer_norm norm_;
+};
+
+}  // namespace dino::nn

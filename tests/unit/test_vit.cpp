@@ -1,0 +1,183 @@
+// The Vision Transformer over packed multi-crop batches: every parameter gradient against
+// central differences in double (a pack of two resolutions, one of them non-square and
+// interpolated, DropPath on), inference against the training forward, the optional outputs,
+// the position-grid resize, presets and errors.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include <dino/dino.hpp>
+#include <dino/nn/vit.hpp>
+
+#include "gradcheck.hpp"
+
+using namespace dino;
+using dino_test::dot;
+using dino_test::fd_gradient;
+using dino_test::fill_normal;
+using dino_test::rel_error;
+
+namespace {
+nn::vit_config tiny(double drop = 0.0) {
+  nn::vit_config c;
+  c.img_size = 8;
+  c.patch = 2;
+  c.in_chans = 2;
+  c.embed_dim = 8;
+  c.depth = 2;
+  c.heads = 2;
+  c.drop_path_rate = drop;
+  return c;
+}
+
+template <class T>
+void perturb(flat_params<T>& P, std::uint64_t seed, double scale) {
+  for (const auto& e : P.layout().entries()) {
+    std::vector<double> noise(e.numel());
+    fill_normal(noise, seed + e.offset, scale);
+    for (std::size_t i = 0; i < e.numel(); ++i) P.data()[e.offset + i] += T(noise[i]);
+  }
+}
+}  // namespace
+
+TEST_CASE("vit: parameter names, shapes, flags and presets") {
+  param_layout L;
+  nn::vit v(tiny(), L);
+  CHECK(L.at("patch_embed.proj.weight").shape == shape{8, 2, 2, 2});
+  CHECK(L.at("cls_token").shape == shape{1, 1, 8});
+  CHECK(L.at("pos_embed").shape == shape{1, 17, 8});
+  CHECK(L.at("blocks.1.attn.qkv.weight").shape == shape{24, 8});
+  CHECK(L.at("blocks.0.mlp.fc1.weight").shape == shape{32, 8});
+  CHECK(L.at("norm.bias").shape == shape{8});
+  CHECK((L.at("blocks.0.norm1.weight").flags & param_no_weight_decay) != 0);
+  CHECK((L.at("cls_token").flags & param_no_weight_decay) == 0);  // 3-D: decayed, as the reference
+  param_layout S;
+  nn::vit small(nn::vit_small(16), S);
+  CHECK(S.numel() == 21665664);  // timm's vit_small_patch16_224 without classifier
+  param_layout B;
+  nn::vit base(nn::vit_base(16), B);
+  CHECK(B.numel() == 85798656);
+  static_assert(nn::vit_small28().grid() == 7);
+  param_layout E;
+  CHECK_THROWS_AS(nn::vit(nn::vit_config{30, 16}, E), config_error);
+  auto pk = small.make_pack<float>({{2, 224, 224}, {4, 96, 96}});
+  CHECK(pk.tokens == 2 * 197 + 4 * 37);
+  CHECK(pk.crops == 6);
+  CHECK_THROWS_WITH_AS(small.make_pack<float>({{1, 100, 96}}),
+                       "vit pack: crop set 0: 100 x 96 pixels is not a multiple of the patch size 16", shape_error);
+}
+
+TEST_CASE("position grid resize: PyTorch's bicubic with the +0.1 scale offset") {
+  // 4 -> 2 along an axis: scale (2 + 0.1) / 4, src = (i + 0.5) / scale - 0.5
+  auto ax = nn::bicubic_taps<double>(4, 2, 2.1 / 4.0);
+  const double src0 = 0.5 / (2.1 / 4.0) - 0.5;  // 0.452...
+  const double t = src0 - std::floor(src0);
+  const double A = -0.75;
+  auto cc1 = [&](double x) { return ((A + 2) * x - (A + 3)) * x * x + 1; };
+  auto cc2 = [&](double x) { return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A; };
+  CHECK(ax.index[0] == 0);  // floor(src) - 1 = -1, clamped
+  CHECK(ax.index[1] == 0);
+  CHECK(ax.index[2] == 1);
+  CHECK(ax.index[3] == 2);
+  CHECK(ax.weight[0] == doctest::Approx(cc2(t + 1)));
+  CHECK(ax.weight[1] == doctest::Approx(cc1(t)));
+  CHECK(ax.weight[2] == doctest::Approx(cc1(1 - t)));
+  CHECK(ax.weight[3] == doctest::Approx(cc2(2 - t)));
+  double wsum = 0;
+  for (int a = 0; a < 4; ++a) wsum += ax.weight[std::size_t(a)];
+  CHECK(wsum == doctest::Approx(1.0));
+  // the stored grid is used as it is when the grid is square and the same size
+  CHECK(nn::pos_resize<float>(14, 14, 14).identity);
+  CHECK_FALSE(nn::pos_resize<float>(14, 6, 6).identity);
+  CHECK_FALSE(nn::pos_resize<float>(4, 2, 8).identity);  // same count, not square: resized
+  // a constant grid stays constant
+  nn::pos_resize<double> r(4, 3, 5);
+  std::vector<double> grid(16 * 2, 0.7), out(15 * 2);
+  r.forward(grid.data(), out.data(), 2);
+  for (double v : out) CHECK(v == doctest::Approx(0.7));
+}
+
+TEST_CASE("vit: every gradient against central differences (two resolutions, DropPath)") {
+  for (double drop : {0.0, 0.5}) {
+    CAPTURE(drop);
+    param_layout L;
+    nn::vit v(tiny(drop), L);
+    flat_params<double> P(L), G(L);
+    nn::initialize(P, 3);
+    perturb(P, 4, 0.3);
+    // set 0: 2 crops of 8 x 8 (the stored 4 x 4 grid); set 1: 3 crops of 4 x 6 (2 x 3, resized)
+    auto pk = v.make_pack<double>({{2, 8, 8}, {3, 4, 6}});
+    std::vector<double> img0(2 * 2 * 8 * 8), img1(3 * 2 * 4 * 6);
+    fill_normal(img0, 5);
+    fill_normal(img1, 6);
+    const double* imgs[2] = {img0.data(), img1.data()};
+    const std::int64_t D = 8, n = pk.crops, Tn = pk.tokens;
+    std::vector<double> R(std::size_t(n * D)), R2(std::size_t(Tn * D)), y(std::size_t(n * D)), saved(v.saved_elems(pk));
+    fill_normal(R, 7);
+    fill_normal(R2, 8);
+    const cpu_policy pol{2};
+    auto Pv = [&] { return host_view<const double>{P.data(), {std::int64_t(P.size())}, "P"}; };
+    auto f = [&] {
+      std::vector<double> yy(std::size_t(n * D)), ss(v.saved_elems(pk));
+      v.forward(pol, Pv(), pk, std::span<const double* const>(imgs, 2), host_view<double>{yy.data(), {n, D}, "y"},
+                host_view<double>{ss.data(), {std::int64_t(ss.size())}, "saved"}, 11, 3);
+      const double* tok = v.saved_tokens(pk, host_view<const double>{ss.data(), {std::int64_t(ss.size())}, "saved"});
+      return dot(yy.data(), R.data(), yy.size()) + dot(tok, R2.data(), R2.size());
+    };
+    v.forward(pol, Pv(), pk, std::span<const double* const>(imgs, 2), host_view<double>{y.data(), {n, D}, "y"},
+              host_view<double>{saved.data(), {std::int64_t(saved.size())}, "saved"}, 11, 3);
+    std::vector<double> dtok(std::size_t(Tn * D)), scratch(v.scratch_elems(pk));
+    v.scatter_cls_grad(pk, R.data(), dtok.data());
+    for (std::size_t i = 0; i < dtok.size(); ++i) dtok[i] += R2[i];
+    for (std::size_t i = 0; i < G.size(); ++i) G.data()[i] = 0.25;  // gradients accumulate
+    v.backward(pol, Pv(), pk, host_view<const double>{saved.data(), {std::int64_t(saved.size())}, "saved"},
+               host_view<const double>{dtok.data(), {Tn, D}, "dtok"},
+               host_view<double>{G.data(), {std::int64_t(G.size())}, "G"},
+               host_view<double>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"});
+    for (const auto& e : L.entries()) {
+      std::vector<double> ga(e.numel());
+      for (std::size_t i = 0; i < e.numel(); ++i) ga[i] = G.data()[e.offset + i] - 0.25;
+      auto gf = fd_gradient(f, P.data() + e.offset, e.numel());
+      CHECK_MESSAGE(rel_error(ga, gf) < 1e-6, e.name << " rel error " << rel_error(ga, gf));
+    }
+  }
+}
+
+TEST_CASE("vit: inference equals the training forward without DropPath; optional outputs") {
+  param_layout L;
+  nn::vit v(tiny(0.0), L);
+  flat_params<float> P(L);
+  nn::initialize(P, 9);
+  perturb(P, 10, 0.3);
+  auto pk = v.make_pack<float>({{2, 8, 8}, {2, 6, 4}});
+  std::vector<float> img0(2 * 2 * 64), img1(2 * 2 * 24);
+  fill_normal(img0, 12);
+  fill_normal(img1, 13);
+  const float* imgs[2] = {img0.data(), img1.data()};
+  const std::int64_t D = 8, n = pk.crops, Tn = pk.tokens;
+  const cpu_policy pol{2};
+  host_view<const float> Pv{P.data(), {std::int64_t(P.size())}, "P"};
+  std::vector<float> y1(std::size_t(n * D)), y2(y1.size()), saved(v.saved_elems(pk)), scratch(v.infer_scratch_elems(pk));
+  v.forward(pol, Pv, pk, std::span<const float* const>(imgs, 2), host_view<float>{y1.data(), {n, D}, "y"},
+            host_view<float>{saved.data(), {std::int64_t(saved.size())}, "saved"});
+  std::vector<float> tokens(std::size_t(Tn * D)), attn(v.cls_attention_elems(pk)), inter(std::size_t(2 * Tn * D));
+  nn::vit::infer_outputs<float> out{tokens.data(), attn.data(), 2, inter.data()};
+  v.infer(pol, Pv, pk, std::span<const float* const>(imgs, 2), host_view<float>{y2.data(), {n, D}, "y"},
+          host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}, out);
+  for (std::size_t i = 0; i < y1.size(); ++i) REQUIRE(y2[i] == doctest::Approx(y1[i]).epsilon(1e-5));
+  const float* tok = v.saved_tokens(pk, host_view<const float>{saved.data(), {std::int64_t(saved.size())}, "s"});
+  for (std::size_t i = 0; i < tokens.size(); ++i) REQUIRE(tokens[i] == doctest::Approx(tok[i]).epsilon(1e-5));
+  // the last intermediate layer, normalised, is the final output
+  for (std::size_t i = 0; i < tokens.size(); ++i) REQUIRE(inter[std::size_t(Tn * D) + i] == doctest::Approx(tokens[i]));
+  // each CLS attention row is a distribution over its own crop's tokens
+  for (std::size_t c = 0; c < pk.segs.size(); ++c)
+    for (std::int64_t h = 0; h < 2; ++h) {
+      double s = 0;
+      for (std::int64_t j = 0; j < pk.segs[c].length; ++j) s += attn[std::size_t(pk.cls_attn_off[c] + h * pk.segs[c].length + j)];
+      CHECK(s == doctest::Approx(1.0).epsilon(1e-5));
+    }
+  CHECK_THROWS_AS(v.infer(pol, Pv, pk, std::span<const float* const>(imgs, 1), host_view<float>{y2.data(), {n, D}, "y"},
+                          host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}),
+                  shape_error);
+}
