@@ -181,3 +181,37 @@ TEST_CASE("vit: inference equals the training forward without DropPath; optional
                           host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}),
                   shape_error);
 }
+
+TEST_CASE("DINO with a ViT backbone: packed student, global-only teacher, steps run") {
+  nn::vit_config vc = tiny(0.1);
+  vc.in_chans = 1;
+  ssl::dino_config c;
+  c.head.out_dim = 32;
+  c.head.hidden_dim = 16;
+  c.head.bottleneck_dim = 8;
+  c.local_crops = 3;
+  c.train.max_batch = 2;
+  c.train.crops = {8, 4};  // 2 x 8 px global, 3 x 4 px local crops
+  c.train.schedule.epochs = 2;
+  c.train.schedule.iters_per_epoch = 4;
+  c.train.schedule.warmup_epochs = 0;
+  c.train.schedule.lr = 0.5;
+  auto m = ssl::make_dino<nn::vit>(vc, vc.embed_dim, c);
+  using M = decltype(m);
+  static_assert(std::is_same_v<M::input_type, ssl::image_crops<float>>);
+  std::vector<float> g(2 * 2 * 64), l(3 * 2 * 16);
+  const cpu_policy pol{2};
+  std::vector<float> t0(m.teacher().data(), m.teacher().data() + m.teacher().size());
+  for (int it = 0; it < 6; ++it) {
+    fill_normal(g, 100 + std::uint64_t(it));
+    fill_normal(l, 200 + std::uint64_t(it));
+    auto st = m.step(pol, ssl::image_crops<float>{g.data(), l.data()});
+    CHECK_FALSE(st.skipped);
+    CHECK(std::isfinite(st.loss));
+    CHECK(st.loss > 0);
+  }
+  CHECK_FALSE(std::equal(t0.begin(), t0.end(), m.teacher().data()));  // the EMA moved the teacher
+  CHECK(m.layout().find("backbone.blocks.1.attn.qkv.weight") != nullptr);
+  CHECK(m.layout().find("head.last_layer.weight_v") != nullptr);
+  CHECK_THROWS_AS(m.step(pol, ssl::image_crops<float>{g.data(), nullptr}), shape_error);
+}

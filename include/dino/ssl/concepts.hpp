@@ -9,9 +9,11 @@
 #include <concepts>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "dino/core/param_store.hpp"
 #include "dino/core/tensor.hpp"
+#include "dino/nn/vit.hpp"
 #include "dino/policy/policy.hpp"
 
 namespace dino::ssl {
@@ -32,6 +34,18 @@ concept network_module =
       m.infer(pol, P, x, y, buf);
       m.backward(pol, P, x, cbuf, cbuf, y, mode, G, buf);
     };
+
+/// A backbone over images (the ViT): crops come as sets of one resolution, planned as a
+/// pack (nn/vit.hpp); it returns one feature row per crop.
+template <class M, class T = float>
+concept image_backbone = requires(const M& m, typename M::config_type c, param_layout& layout,
+                                  const std::string& prefix, const cpu_policy& pol, host_view<const T> P,
+                                  host_view<T> y, host_view<T> buf, host_view<const T> cbuf, host_view<T> G) {
+  M(c, layout, prefix);
+  { m.out_dim() } -> std::convertible_to<std::int64_t>;
+  { m.config().in_chans } -> std::convertible_to<std::int64_t>;
+  m.template make_pack<T>(std::vector<nn::crop_set>{});
+};
 
 /// Turns raw teacher logits into target distributions and keeps its own running state.
 template <class X, class T = float>

@@ -40,13 +40,28 @@
 
 namespace dino::ssl {
 
+/// Crop sizes for image backbones (the counts come from the loss: n_global, n_crops - n_global).
+struct crop_plan {
+  std::int64_t global_size = 224;
+  std::int64_t local_size = 96;
+};
+
+/// One micro-batch of images for an image backbone: NCHW arrays, crop-major (all images'
+/// crop 0, then crop 1, ...), global crops [n_global * b, C, G, G], local [n_local * b, C, L, L].
+template <class T>
+struct image_crops {
+  const T* global = nullptr;
+  const T* local = nullptr;
+};
+
 struct train_config {
   schedule_config schedule{};
   optim::adamw_config adamw{};
   double clip_grad = 3.0;               ///< per-tensor clipping threshold; 0 disables
   std::int64_t freeze_last_layer = 1;   ///< epochs during which the head's last layer is not updated
   std::int64_t max_batch = 64;          ///< images per micro-batch (buffers are planned for it)
-  std::uint64_t seed = 0;               ///< initialisation seed
+  std::uint64_t seed = 0;               ///< initialisation and DropPath seed
+  crop_plan crops{};                    ///< crop sizes (image backbones only)
 };
 
 /// What one optimizer step did.
@@ -62,8 +77,10 @@ struct step_stats {
 
 template <class Backbone, class Head, class Target, class Loss, class TeacherUpdate, class T = float>
 class method {
-  static_assert(network_module<Backbone, T>,
-                "dino::ssl::method: the Backbone does not satisfy dino::ssl::network_module (see ssl/concepts.hpp)");
+  static constexpr bool images = image_backbone<Backbone, T>;
+  static_assert(network_module<Backbone, T> || images,
+                "dino::ssl::method: the Backbone satisfies neither dino::ssl::network_module nor "
+                "dino::ssl::image_backbone (see ssl/concepts.hpp)");
   static_assert(network_module<Head, T>,
                 "dino::ssl::method: the Head does not satisfy dino::ssl::network_module (see ssl/concepts.hpp)");
   static_assert(teacher_target<Target, T>,
@@ -77,6 +94,8 @@ class method {
   using value_type = T;
   using backbone_type = Backbone;
   using head_type = Head;
+  /// What step() takes per micro-batch: a crop-major matrix of rows, or image arrays.
+  using input_type = std::conditional_t<images, image_crops<T>, host_view<const T>>;
 
   method(typename Backbone::config_type bcfg, typename Head::config_type hcfg, Target target, Loss loss,
          TeacherUpdate update, train_config tc)
@@ -100,10 +119,10 @@ class method {
   method& operator=(const method&) = delete;
 
   /// One optimizer step on one micro-batch.
-  step_stats step(const cpu_policy& pol, host_view<const T> crops) { return step(pol, std::span(&crops, 1)); }
+  step_stats step(const cpu_policy& pol, input_type crops) { return step(pol, std::span<const input_type>(&crops, 1)); }
 
   /// One optimizer step accumulated over several micro-batches (each crop-major).
-  step_stats step(const cpu_policy& pol, std::span<const host_view<const T>> micro) {
+  step_stats step(const cpu_policy& pol, std::span<const input_type> micro) {
     require<config_error>(!micro.empty(), "method::step: no micro-batch given");
     require<config_error>(iteration_ < sched_.total_iters(), "method::step: iteration ", iteration_,
                           " is past the end of the schedules (", sched_.total_iters(), " iterations)");
@@ -119,9 +138,10 @@ class method {
     const double scale = 1.0 / double(micro.size());
     const bool freeze = sv.epoch < tc_.freeze_last_layer;
     try {
-      for (const auto& x : micro) {
+      for (std::size_t mi = 0; mi < micro.size(); ++mi) {
         double ent = 0;
-        const double l = micro_step(pol, x, sv.teacher_temp, scale, freeze, ent);
+        const double l = micro_step(pol, micro[mi], sv.teacher_temp, scale, freeze, ent,
+                                    std::uint64_t(iteration_) * micro.size() + mi);
         st.loss += scale * l;
         st.teacher_entropy += scale * ent;
       }
@@ -142,8 +162,10 @@ class method {
     return st;
   }
 
-  /// Teacher logits [b, K] for inputs [b, in_dim] (inference; the method's own buffers).
-  host_view<const T> teacher_logits(const cpu_policy& pol, host_view<const T> x) {
+  /// Teacher logits [b, K] for inputs [b, in_dim] (row backbones; the method's own buffers).
+  host_view<const T> teacher_logits(const cpu_policy& pol, host_view<const T> x)
+    requires(!images)
+  {
     run_teacher(pol, x);
     return {r_.t_logits, {x.rows(), head_.out_dim()}, "teacher logits"};
   }
@@ -172,14 +194,30 @@ class method {
   void plan(std::int64_t b) {
     const std::int64_t ns = crops() * b, nt = globals() * b, D = backbone_.out_dim(), K = head_.out_dim();
     const auto n = [](std::int64_t v) { return static_cast<std::size_t>(v); };
-    r_.saved_n = backbone_.saved_elems(ns) + head_.saved_elems(ns);
-    r_.scratch_n = std::max({backbone_.scratch_elems(ns), head_.scratch_elems(ns), backbone_.scratch_elems(nt),
-                             head_.scratch_elems(nt)});
+    std::size_t bb_saved = 0, bb_scratch = 0;
+    if constexpr (images) {
+      const auto& cp = tc_.crops;
+      student_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size}});
+      if (ns > nt) student_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size},
+                                                                    {ns - nt, cp.local_size, cp.local_size}});
+      teacher_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size}});
+      bb_saved = backbone_.saved_elems(student_pack_);
+      bb_scratch = std::max({backbone_.scratch_elems(student_pack_), backbone_.infer_scratch_elems(teacher_pack_),
+                             static_cast<std::size_t>(student_pack_.tokens * D)});
+    } else {
+      bb_saved = backbone_.saved_elems(ns);
+      bb_scratch = std::max(backbone_.scratch_elems(ns), backbone_.scratch_elems(nt));
+    }
+    r_.saved_n = bb_saved + head_.saved_elems(ns);
+    r_.scratch_n = std::max({bb_scratch, head_.scratch_elems(ns), head_.scratch_elems(nt)});
+    r_.dtok_n = 0;
+    if constexpr (images) r_.dtok_n = static_cast<std::size_t>(student_pack_.tokens * D);
+    bsaved_ = bb_saved;
     workspace_plan p;
     for (std::size_t elems : {r_.saved_n, r_.scratch_n,
                               n(ns * D), n(ns * D), n(ns * K), n(ns * K),  // features, their grad, logits, grad
                               n(nt * D), n(nt * K), n(nt * K),             // teacher features, logits, targets
-                              n(ns), n(nt)})                               // per-row loss and entropy
+                              n(ns), n(nt), r_.dtok_n})                    // per-row loss and entropy, token grads
       p.add_bytes(elems * sizeof(T));
     ws_ = workspace(p);
     r_.saved = ws_.take<T>(r_.saved_n, "saved activations");
@@ -193,42 +231,79 @@ class method {
     r_.q = ws_.take<T>(n(nt * K), "teacher targets");
     r_.row = ws_.take<T>(n(ns), "row loss");
     r_.ent = ws_.take<T>(n(nt), "teacher entropy");
+    r_.dtok = ws_.take<T>(r_.dtok_n, "d tokens");
     max_rows_ = ns;
   }
 
   host_view<T> scratch() { return {r_.scratch, {std::int64_t(r_.scratch_n)}, "scratch"}; }
 
-  void run_teacher(const cpu_policy& pol, host_view<const T> x) {
+  // Teacher inference into r_.t_feat and r_.t_logits (rows: n_global * b crops).
+  void run_teacher(const cpu_policy& pol, host_view<const T> x)
+    requires(!images)
+  {
     const std::int64_t n = x.rows();
     require<shape_error>(n <= globals() * tc_.max_batch, "method: teacher input has ", n, " rows, more than planned (",
                          globals() * tc_.max_batch, ")");
-    const std::int64_t D = backbone_.out_dim(), K = head_.out_dim();
     host_view<const T> P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
-    host_view<T> f{r_.t_feat, {n, D}, "teacher features"};
+    host_view<T> f{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"};
     backbone_.infer(pol, P, x, f, scratch());
-    head_.infer(pol, P, host_view<const T>(f), host_view<T>{r_.t_logits, {n, K}, "teacher logits"}, scratch());
+    teacher_head(pol, n);
+  }
+  void run_teacher(const cpu_policy& pol, const image_crops<T>& x)
+    requires(images)
+  {
+    const std::int64_t n = teacher_pack_.crops;
+    host_view<const T> P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    const T* sets[1] = {x.global};
+    backbone_.infer(pol, P, teacher_pack_, std::span<const T* const>(sets, 1),
+                    host_view<T>{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"}, scratch());
+    teacher_head(pol, n);
+  }
+  void teacher_head(const cpu_policy& pol, std::int64_t n) {
+    host_view<const T> P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    head_.infer(pol, P, host_view<const T>{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"},
+                host_view<T>{r_.t_logits, {n, head_.out_dim()}, "teacher logits"}, scratch());
   }
 
-  double micro_step(const cpu_policy& pol, host_view<const T> x, double tau, double scale, bool freeze, double& ent) {
-    const std::int64_t ns = x.rows();
-    require<shape_error>(ns % crops() == 0, "method::step: crops has ", ns, " rows, not a multiple of the crop count ",
-                         crops());
-    require<shape_error>(ns <= max_rows_, "method::step: crops has ", ns, " rows, more than planned (", max_rows_,
-                         " = ", crops(), " crops x max_batch ", tc_.max_batch, ")");
-    check_matrix("method::step", x, backbone_.in_dim());
-    const std::int64_t b = ns / crops(), nt = globals() * b, D = backbone_.out_dim(), K = head_.out_dim();
-    // Teacher on the global crops (the first n_global * b rows).
-    run_teacher(pol, x.slice_rows(0, nt));
+  // Images per micro-batch, checked against the plan.
+  std::int64_t batch_of(const input_type& x) const {
+    if constexpr (images) {
+      require<shape_error>(x.global != nullptr && (crops() == globals() || x.local != nullptr),
+                           "method::step: the micro-batch lacks its ", x.global ? "local" : "global", " crops");
+      return tc_.max_batch;  // packs are planned for max_batch images
+    } else {
+      const std::int64_t ns = x.rows();
+      require<shape_error>(ns % crops() == 0, "method::step: crops has ", ns,
+                           " rows, not a multiple of the crop count ", crops());
+      require<shape_error>(ns <= max_rows_, "method::step: crops has ", ns, " rows, more than planned (", max_rows_,
+                           " = ", crops(), " crops x max_batch ", tc_.max_batch, ")");
+      check_matrix("method::step", x, backbone_.in_dim());
+      return ns / crops();
+    }
+  }
+
+  double micro_step(const cpu_policy& pol, const input_type& x, double tau, double scale, bool freeze, double& ent,
+                    std::uint64_t micro_index) {
+    const std::int64_t b = batch_of(x), ns = crops() * b, nt = globals() * b;
+    const std::int64_t D = backbone_.out_dim(), K = head_.out_dim();
+    // Teacher on the global crops.
+    if constexpr (images) run_teacher(pol, x);
+    else run_teacher(pol, x.slice_rows(0, nt));
     host_view<const T> t{r_.t_logits, {nt, K}, "teacher logits"};
     // Student on all crops.
     host_view<const T> P{student_.data(), {std::int64_t(student_.size())}, "student parameters"};
     host_view<T> G{grads_.data(), {std::int64_t(grads_.size())}, "student gradients"};
-    const std::size_t bsaved = backbone_.saved_elems(ns);
-    host_view<T> sb{r_.saved, {std::int64_t(bsaved)}, "backbone saved"};
-    host_view<T> sh{r_.saved + bsaved, {std::int64_t(head_.saved_elems(ns))}, "head saved"};
+    host_view<T> sb{r_.saved, {std::int64_t(bsaved_)}, "backbone saved"};
+    host_view<T> sh{r_.saved + bsaved_, {std::int64_t(head_.saved_elems(ns))}, "head saved"};
     host_view<T> feat{r_.s_feat, {ns, D}, "student features"};
     host_view<T> logits{r_.s_logits, {ns, K}, "student logits"};
-    backbone_.forward(pol, P, x, feat, sb);
+    if constexpr (images) {
+      const T* sets[2] = {x.global, x.local};
+      backbone_.forward(pol, P, student_pack_, std::span<const T* const>(sets, student_pack_.sets.size()), feat, sb,
+                        tc_.seed, micro_index);
+    } else {
+      backbone_.forward(pol, P, x, feat, sb);
+    }
     head_.forward(pol, P, host_view<const T>(feat), logits, sh);
     // Targets and loss.
     host_view<T> q{r_.q, {nt, K}, "teacher targets"};
@@ -244,8 +319,14 @@ class method {
     else
       head_.backward(pol, P, host_view<const T>(feat), host_view<const T>(sh), host_view<const T>(ds), dfeat,
                      grad_mode::write, G, scratch());
-    backbone_.backward(pol, P, x, host_view<const T>(sb), host_view<const T>(dfeat), host_view<T>{}, grad_mode::skip, G,
-                       scratch());
+    if constexpr (images) {
+      backbone_.scatter_cls_grad(student_pack_, r_.d_feat, r_.dtok);
+      backbone_.backward(pol, P, student_pack_, host_view<const T>(sb),
+                         host_view<const T>{r_.dtok, {student_pack_.tokens, D}, "d tokens"}, G, scratch());
+    } else {
+      backbone_.backward(pol, P, x, host_view<const T>(sb), host_view<const T>(dfeat), host_view<T>{}, grad_mode::skip,
+                         G, scratch());
+    }
     target_.observe(pol, t);
     return l;
   }
@@ -272,8 +353,12 @@ class method {
   struct regions {
     T *saved = nullptr, *scratch = nullptr, *s_feat = nullptr, *d_feat = nullptr, *s_logits = nullptr, *ds = nullptr;
     T *t_feat = nullptr, *t_logits = nullptr, *q = nullptr, *row = nullptr, *ent = nullptr;
-    std::size_t saved_n = 0, scratch_n = 0;
+    T* dtok = nullptr;
+    std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0;
   };
+  std::size_t bsaved_ = 0;
+  struct no_pack {};
+  [[no_unique_address]] std::conditional_t<images, nn::vit_pack<T>, no_pack> student_pack_{}, teacher_pack_{};
   workspace ws_;
   regions r_;
   std::int64_t max_rows_ = 0;
