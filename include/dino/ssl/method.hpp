@@ -8,6 +8,7 @@
 // allocates nothing. One optimizer step (dino-spec §4.6), over one or more micro-batches:
 //
 //   1. lr, wd, teacher momentum and tau_t from the schedules at the current iteration
+//      (built from train_config::schedule, or given explicitly with set_schedules())
 //   2. per micro-batch: teacher inference on the n_global global crops; student forward on
 //      all crops; targets q = Target(teacher logits, tau_t); loss and dloss/dlogits (scaled
 //      by 1 / micro-batches); head and backbone backward (gradients accumulate);
@@ -27,6 +28,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "dino/core/param_store.hpp"
 #include "dino/core/workspace.hpp"
@@ -180,6 +182,23 @@ class method {
   const Head& head() const { return head_; }
   const Loss& loss() const { return loss_; }
   const dino_schedules& schedules() const { return sched_; }
+  /// Replaces the schedules with explicit per-iteration values, for a run that
+  /// schedule_config cannot express (a warm-up that starts above 0, as utils.cosine_scheduler's
+  /// start_warmup_value; tables read from elsewhere). lr, wd and momentum are per iteration and
+  /// of one length, the run's; teacher_temp is per epoch of s.iters_per_epoch iterations and
+  /// covers every epoch of the run. freeze_last_layer then counts epochs of s.iters_per_epoch.
+  /// The iteration counter, the optimizer and the parameters are left as they are.
+  void set_schedules(dino_schedules s) {
+    require<config_error>(s.iters_per_epoch > 0, "method::set_schedules: iters_per_epoch must be positive, got ",
+                          s.iters_per_epoch);
+    require<config_error>(!s.lr.empty() && s.wd.size() == s.lr.size() && s.momentum.size() == s.lr.size(),
+                          "method::set_schedules: lr, wd and momentum need one common, non-zero length (got ",
+                          s.lr.size(), ", ", s.wd.size(), ", ", s.momentum.size(), ")");
+    require<config_error>(std::int64_t(s.teacher_temp.size()) > s.epoch_of(s.total_iters() - 1),
+                          "method::set_schedules: teacher_temp has ", s.teacher_temp.size(), " epochs, the run needs ",
+                          s.epoch_of(s.total_iters() - 1) + 1);
+    sched_ = std::move(s);
+  }
   std::int64_t iteration() const { return iteration_; }
   void set_iteration(std::int64_t it) { iteration_ = it; }
   /// Bytes of activation and scratch memory planned at construction (one allocation).

@@ -1,0 +1,183 @@
+// dino-features: CLS features, final tokens and CLS attention of a DINO ViT checkpoint.
+//
+//   dino-features --checkpoint FILE.safetensors [--arch vit_small --patch 16] --input X.npy --out F.npy
+//                 [--tokens T.npy] [--attention A.npy] [--checkpoint-key teacher|student]
+//                 [--heads H] [--threads N] [--batch N]
+//
+// X.npy: float32 [B, C, H, W], already normalised, H and W multiples of the patch size.
+// F.npy: [B, D] normalised CLS features; T.npy: [B, N+1, D] final tokens; A.npy: [B, heads,
+// N+1], the CLS row of the last block's self-attention. Without --arch the architecture is
+// read from the checkpoint's shapes (heads = D / 64, or --heads). Exit codes: 0 success, 1 a bad file or
+// input (the message says which and why), 2 bad usage.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <dino/dino.hpp>
+#include <dino/io/checkpoint.hpp>
+#include <dino/io/npy.hpp>
+#include <dino/io/safetensors.hpp>
+#include <dino/nn/vit.hpp>
+
+namespace {
+
+const char* kUsage =
+    "usage: dino-features --checkpoint FILE.safetensors [--arch ARCH] [--patch P] --input X.npy --out F.npy\n"
+    "                     [--tokens T.npy] [--attention A.npy] [--checkpoint-key teacher|student]\n"
+    "                     [--heads H] [--threads N] [--batch N]\n"
+    "  ARCH: vit_tiny, vit_small, vit_base (224 px grid), vit_small28 (28 px, 1 channel); default: from the file\n";
+
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The ViT configuration from the checkpoint's shapes.
+dino::nn::vit_config config_from_file(const dino::io::safetensors_file& f, const std::string& key, std::int64_t heads) {
+  std::map<std::string, std::vector<std::int64_t>> shapes;
+  for (const auto& t : f.tensors()) {
+    auto [group, rest] = dino::io::split_group(t.name);
+    if (!key.empty() && !group.empty() && group != key) continue;
+    shapes[dino::io::canonical_param_name(t.name)] = t.shape;
+  }
+  auto need = [&](const std::string& n, std::size_t rank) -> const std::vector<std::int64_t>& {
+    auto it = shapes.find(n);
+    if (it == shapes.end() || it->second.size() != rank)
+      throw dino::io_error("dino-features: " + f.name() + ": cannot infer the architecture: no " + std::to_string(rank) +
+                           "-d tensor '" + n + "' (give --arch)");
+    return it->second;
+  };
+  const auto& pw = need("patch_embed.proj.weight", 4);
+  const auto& pe = need("pos_embed", 3);
+  dino::nn::vit_config c;
+  c.embed_dim = pw[0];
+  c.in_chans = pw[1];
+  c.patch = pw[2];
+  const auto n0 = pe[1] - 1;
+  const auto g = static_cast<std::int64_t>(std::llround(std::sqrt(double(n0))));
+  if (g * g != n0) throw dino::io_error("dino-features: " + f.name() + ": pos_embed has " + std::to_string(n0) +
+                                        " patch positions, not a square grid");
+  c.img_size = g * c.patch;
+  c.depth = 0;
+  while (shapes.count("blocks." + std::to_string(c.depth) + ".attn.qkv.weight")) ++c.depth;
+  if (c.depth == 0) throw dino::io_error("dino-features: " + f.name() + ": no blocks.N.attn.qkv.weight tensors");
+  if (heads == 0 && c.embed_dim % 64 != 0)
+    throw dino::io_error("dino-features: " + f.name() + ": embed dim " + std::to_string(c.embed_dim) +
+                         " is not a multiple of 64, so heads = D / 64 does not apply (give --heads or --arch)");
+  c.heads = heads ? heads : c.embed_dim / 64;
+  if (c.embed_dim % c.heads != 0)
+    throw usage_error("--heads " + std::to_string(c.heads) + " does not divide the embed dim " + std::to_string(c.embed_dim));
+  c.mlp_ratio = double(need("blocks.0.mlp.fc1.weight", 2)[0]) / double(c.embed_dim);
+  c.qkv_bias = shapes.count("blocks.0.attn.qkv.bias") > 0;
+  return c;
+}
+
+dino::nn::vit_config preset(const std::string& arch, std::int64_t patch) {
+  if (arch == "vit_tiny") return dino::nn::vit_tiny(patch ? patch : 16);
+  if (arch == "vit_small") return dino::nn::vit_small(patch ? patch : 16);
+  if (arch == "vit_base") return dino::nn::vit_base(patch ? patch : 16);
+  if (arch == "vit_small28") return dino::nn::vit_small28(patch ? patch : 4);
+  throw usage_error("unknown --arch '" + arch + "' (vit_tiny, vit_small, vit_base, vit_small28)");
+}
+
+int run(int argc, char** argv) {
+  std::map<std::string, std::string> a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    if (k == "-h" || k == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (k.rfind("--", 0) != 0 || i + 1 >= argc) throw usage_error("unexpected argument '" + k + "'");
+    a[k.substr(2)] = argv[++i];
+  }
+  for (const auto& [k, v] : a)
+    if (k != "checkpoint" && k != "arch" && k != "patch" && k != "input" && k != "out" && k != "tokens" &&
+        k != "attention" && k != "checkpoint-key" && k != "threads" && k != "batch" && k != "heads")
+      throw usage_error("unknown option --" + k);
+  if (!a.count("checkpoint") || !a.count("input") || !a.count("out"))
+    throw usage_error("--checkpoint, --input and --out are required");
+  auto num = [&](const char* k, long def) {
+    if (!a.count(k)) return def;
+    char* end = nullptr;
+    const long v = std::strtol(a[k].c_str(), &end, 10);
+    if (!end || *end || v < 1) throw usage_error(std::string("--") + k + " must be a positive integer, got '" + a[k] + "'");
+    return v;
+  };
+  const int threads = int(num("threads", 2));
+  const std::int64_t batch = num("batch", 16), patch = a.count("patch") ? num("patch", 16) : 0;
+  const std::int64_t heads_opt = a.count("heads") ? num("heads", 1) : 0;
+  const std::string key = a.count("checkpoint-key") ? a["checkpoint-key"] : "";
+
+  const auto file = dino::io::safetensors_file::read(a["checkpoint"]);
+  const dino::nn::vit_config cfg = a.count("arch") ? preset(a["arch"], patch) : config_from_file(file, key, heads_opt);
+  dino::param_layout layout;
+  dino::nn::vit model(cfg, layout);
+  dino::flat_params<float> params(layout);
+  dino::io::load_options opt;
+  opt.checkpoint_key = key;
+  dino::io::load_params(file, params, opt);
+
+  const auto x = dino::io::read_npy(a["input"]);
+  if (x.shape.size() != 4)
+    throw dino::shape_error("dino-features: " + a["input"] + ": expected a float32 array [B, C, H, W], found " +
+                            dino::io::detail::shape_str(x.shape));
+  const std::int64_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+  if (C != cfg.in_chans)
+    throw dino::shape_error("dino-features: " + a["input"] + ": " + std::to_string(C) + " channels, the model takes " +
+                            std::to_string(cfg.in_chans));
+  if (H % cfg.patch || W % cfg.patch || H == 0 || W == 0)
+    throw dino::shape_error("dino-features: " + a["input"] + ": " + std::to_string(H) + " x " + std::to_string(W) +
+                            " pixels is not a multiple of the patch size " + std::to_string(cfg.patch));
+  if (B == 0) throw dino::shape_error("dino-features: " + a["input"] + ": no images");
+  const std::int64_t D = cfg.embed_dim, N1 = 1 + (H / cfg.patch) * (W / cfg.patch), heads = cfg.heads;
+  std::vector<float> feats(std::size_t(B * D)), tokens, attn;
+  if (a.count("tokens")) tokens.resize(std::size_t(B * N1 * D));
+  if (a.count("attention")) attn.resize(std::size_t(B * heads * N1));
+
+  const dino::cpu_policy pol{threads};
+  const std::int64_t chunk = std::min(batch, B);
+  auto pack = model.make_pack<float>({{chunk, H, W}});
+  std::vector<float> scratch(model.infer_scratch_elems(pack)), tok(std::size_t(pack.tokens * D)),
+      cattn(model.cls_attention_elems(pack));
+  dino::host_view<const float> P{params.data(), {std::int64_t(params.size())}, "parameters"};
+  for (std::int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const std::int64_t n = std::min(chunk, B - b0);
+    if (n != pack.crops) {  // the last, smaller chunk
+      pack = model.make_pack<float>({{n, H, W}});
+      scratch.resize(model.infer_scratch_elems(pack));
+    }
+    const float* img = x.data.data() + b0 * C * H * W;
+    dino::nn::vit::infer_outputs<float> out{tokens.empty() ? nullptr : tok.data(), attn.empty() ? nullptr : cattn.data()};
+    model.infer(pol, P, pack, std::span<const float* const>(&img, 1), dino::host_view<float>{feats.data() + b0 * D, {n, D}, "features"},
+                dino::host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}, out);
+    if (!tokens.empty()) std::copy(tok.begin(), tok.begin() + n * N1 * D, tokens.begin() + b0 * N1 * D);
+    if (!attn.empty()) std::copy(cattn.begin(), cattn.begin() + n * heads * N1, attn.begin() + b0 * heads * N1);
+    std::fprintf(stderr, "\rdino-features: %lld / %lld images", (long long)(b0 + n), (long long)B);
+  }
+  std::fprintf(stderr, "\n");
+  dino::io::write_npy(a["out"], {B, D}, feats.data());
+  if (!tokens.empty()) dino::io::write_npy(a["tokens"], {B, N1, D}, tokens.data());
+  if (!attn.empty()) dino::io::write_npy(a["attention"], {B, heads, N1}, attn.data());
+  std::fprintf(stderr, "dino-features: %s (D %lld, depth %lld, heads %lld, patch %lld): wrote %s\n",
+               a.count("arch") ? a["arch"].c_str() : "architecture from the checkpoint", (long long)D,
+               (long long)cfg.depth, (long long)heads, (long long)cfg.patch, a["out"].c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const usage_error& e) {
+    std::fprintf(stderr, "dino-features: %s\n%s", e.what(), kUsage);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+}
