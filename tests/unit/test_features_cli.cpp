@@ -15,6 +15,7 @@
 #include <dino/nn/vit.hpp>
 
 #include "../golden/golden.hpp"
+#include "gradcheck.hpp"
 
 using namespace dino;
 
@@ -127,4 +128,33 @@ TEST_CASE("dino-features: bad files and inputs fail with a message and a non-zer
   r = run("--checkpoint " + ckpt + " --input " + in + " --out " + out + " --bogus 1");
   CHECK(r.code == 2);
   CHECK(r.err.find("unknown option --bogus") != std::string::npos);
+}
+
+TEST_CASE("a ViT saved and loaded gives identical outputs") {
+  param_layout L;
+  nn::vit_config c{16, 4, 3, 20, 2, 2};
+  nn::vit v(c, L);
+  flat_params<float> P(L), Q(L);
+  nn::initialize(P, 42);
+  const std::string path = kDir + "/roundtrip.safetensors";
+  io::save_params(path, P, "student.module.backbone.");
+  auto r = io::load_params(path, Q);
+  CHECK(r.loaded.size() == L.entries().size());
+  CHECK(r.unused.empty());
+  auto pk = v.make_pack<float>({{2, 16, 12}});
+  std::vector<float> x(2 * 3 * 16 * 12);
+  dino_test::fill_normal(x, 3);
+  const float* img = x.data();
+  std::vector<float> y1(2 * 20), y2(2 * 20), scratch(v.infer_scratch_elems(pk));
+  const cpu_policy pol{2};
+  for (auto [params, y] : {std::pair{&P, &y1}, std::pair{&Q, &y2}})
+    v.infer(pol, host_view<const float>{params->data(), {std::int64_t(params->size())}, "P"}, pk,
+            std::span<const float* const>(&img, 1), host_view<float>{y->data(), {2, 20}, "y"},
+            host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"});
+  CHECK(y1 == y2);
+  // a layout with another shape is refused, naming the tensor
+  param_layout L2;
+  nn::vit w(nn::vit_config{16, 4, 3, 20, 3, 2}, L2);  // depth 3: blocks.2 is missing
+  flat_params<float> R(L2);
+  CHECK_THROWS_WITH_AS(io::load_params(path, R), doctest::Contains("blocks.2."), io_error);
 }
