@@ -1,0 +1,132 @@
+// dino/train/checkpoint.hpp: the whole training state of a method, saved and restored.
+//
+// One safetensors file holds every tensor of a step's state, under the names of the
+// reference's checkpoint.pth (dino-spec §4.8) where it has them:
+//   student.<name>, teacher.<name>          parameters ("student.backbone.blocks.0...")
+//   optimizer.exp_avg.<name>, optimizer.exp_avg_sq.<name>   AdamW moments
+//   dino_loss.center                         the center [1, K] (centering targets)
+// and its metadata the scalars: "iteration" (the next step), "seed", "adamw_steps" (one
+// count per tensor, comma-separated, in layout order), "format" = "dino-train-1". The file
+// is written atomically, so a crash never leaves a half-written checkpoint in place of a
+// good one; a small JSON beside it repeats the scalars for people (not read back).
+//
+// restore() checks everything (every tensor present with its shape, the counts) before it
+// changes anything; resuming continues bit-identically when the data and DropPath are keyed
+// by (seed, step), as they are in this library.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dino/core/error.hpp"
+#include "dino/core/param_store.hpp"
+#include "dino/io/atomic_file.hpp"
+#include "dino/io/safetensors.hpp"
+
+namespace dino::train {
+
+namespace detail {
+inline std::vector<std::int64_t> dims_of(const shape& s) {
+  std::vector<std::int64_t> d;
+  for (int i = 0; i < s.rank; ++i) d.push_back(s[i]);
+  return d;
+}
+inline void add_all(std::vector<io::tensor_entry>& out, const std::string& prefix, const flat_params<float>& p) {
+  for (const auto& e : p.layout().entries()) out.push_back({prefix + e.name, dims_of(e.shape), p.data() + e.offset});
+}
+inline void read_all(const io::safetensors_file& f, const std::string& prefix, flat_params<float>& p, bool apply) {
+  for (const auto& e : p.layout().entries()) {
+    const auto* t = f.find(prefix + e.name);
+    if (!t) throw io_error("checkpoint: " + f.name() + ": no tensor '" + prefix + e.name + "'");
+    if (t->shape != dims_of(e.shape))
+      throw io_error("checkpoint: " + f.name() + ": tensor '" + prefix + e.name + "': expected shape " + e.shape.str() +
+                     ", found " + t->shape_str());
+    if (apply) f.to_float(*t, p.data() + e.offset);
+  }
+}
+}  // namespace detail
+
+/// Writes `path` (atomically) and `path` + ".json" with the method's state.
+template <class Method>
+void save_checkpoint(const std::string& path, Method& m, std::uint64_t seed, const std::string& extra_json = "{}") {
+  std::vector<io::tensor_entry> entries;
+  detail::add_all(entries, "student.", m.student());
+  detail::add_all(entries, "teacher.", m.teacher());
+  detail::add_all(entries, "optimizer.exp_avg.", m.optimizer().exp_avg());
+  detail::add_all(entries, "optimizer.exp_avg_sq.", m.optimizer().exp_avg_sq());
+  auto c = m.target().center();
+  entries.push_back({"dino_loss.center", {1, c.numel()}, c.data});
+  std::string steps;
+  for (auto s : m.optimizer().steps()) {
+    if (!steps.empty()) steps += ',';
+    steps += std::to_string(s);
+  }
+  io::metadata_map meta{{"format", "dino-train-1"},
+                        {"iteration", std::to_string(m.iteration())},
+                        {"seed", std::to_string(seed)},
+                        {"adamw_steps", steps}};
+  io::write_safetensors(path, entries, meta);
+  std::ostringstream js;
+  js << "{\"checkpoint\": \"" << path << "\", \"iteration\": " << m.iteration() << ", \"seed\": " << seed
+     << ", \"extra\": " << extra_json << "}\n";
+  const std::string text = js.str();
+  io::write_file_atomic(path + ".json",
+                        std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()));
+}
+
+/// What restore_checkpoint found.
+struct checkpoint_info {
+  std::int64_t iteration = 0;
+  std::uint64_t seed = 0;
+};
+
+/// Restores the method's state from `path`; throws io_error (naming the file and the tensor or
+/// value) without changing anything when the file does not fit the method.
+template <class Method>
+checkpoint_info restore_checkpoint(const std::string& path, Method& m) {
+  const auto f = io::safetensors_file::read(path);
+  const auto& meta = f.metadata();
+  auto get = [&](const char* k) -> const std::string& {
+    auto it = meta.find(k);
+    if (it == meta.end()) throw io_error("checkpoint: " + path + ": no '" + std::string(k) + "' in the metadata");
+    return it->second;
+  };
+  if (get("format") != "dino-train-1")
+    throw io_error("checkpoint: " + path + ": format '" + get("format") + "' is not a dino-train-1 checkpoint");
+  checkpoint_info info;
+  try {
+    info.iteration = std::stoll(get("iteration"));
+    info.seed = std::stoull(get("seed"));
+  } catch (const std::logic_error&) {
+    throw io_error("checkpoint: " + path + ": unreadable iteration or seed");
+  }
+  std::vector<std::int64_t> steps;
+  {
+    std::stringstream ss(get("adamw_steps"));
+    std::string tok;
+    while (std::getline(ss, tok, ',')) steps.push_back(std::stoll(tok));
+  }
+  if (steps.size() != m.optimizer().steps().size())
+    throw io_error("checkpoint: " + path + ": " + std::to_string(steps.size()) + " AdamW step counts for " +
+                   std::to_string(m.optimizer().steps().size()) + " tensors");
+  const auto* ct = f.find("dino_loss.center");
+  auto c = m.target().center();
+  if (!ct || ct->numel() != c.numel())
+    throw io_error("checkpoint: " + path + ": dino_loss.center missing or not of " + std::to_string(c.numel()) +
+                   " values");
+  for (bool apply : {false, true}) {  // check everything, then write
+    detail::read_all(f, "student.", m.student(), apply);
+    detail::read_all(f, "teacher.", m.teacher(), apply);
+    detail::read_all(f, "optimizer.exp_avg.", m.optimizer().exp_avg(), apply);
+    detail::read_all(f, "optimizer.exp_avg_sq.", m.optimizer().exp_avg_sq(), apply);
+  }
+  f.to_float(*ct, c.data);
+  m.optimizer().steps() = steps;
+  m.set_iteration(info.iteration);
+  return info;
+}
+
+}  // namespace dino::train
