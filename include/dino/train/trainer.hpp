@@ -1,0 +1,141 @@
+// dino/train/trainer.hpp: the training loop around a method and a multi-crop loader.
+//
+// run() takes batches from the loader (data::multicrop_loader: crop-major image arrays), runs
+// method::step on each until the schedules end or the time limit passes, and around it:
+//   - writes one JSON line per step to <out>/log.jsonl (appending when resuming): step, epoch,
+//     loss, lr, weight decay, teacher momentum, tau_t, teacher entropy, KL, the ln K collapse
+//     flag, whether the step was skipped and why, images/s, the loader's wait;
+//   - saves the whole state (train/checkpoint.hpp) to <out>/checkpoint.safetensors every
+//     save_every steps and at the end, atomically;
+//   - shows a progress bar with images/s and ETA on a terminal, plain lines every log_every
+//     steps otherwise; says so when a step is skipped for a non-finite loss or gradient.
+// The loader must start where the method is (loader_config start_epoch / start_batch from
+// method.iteration()), which resume_position() computes.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "dino/ssl/method.hpp"
+#include "dino/train/checkpoint.hpp"
+
+namespace dino::train {
+
+struct run_config {
+  std::string out_dir = "dino-run";
+  std::int64_t save_every = 0;  ///< steps between checkpoints (0: only at the end)
+  double time_limit_s = 0;      ///< stop after this much wall time (0: none); the state is saved
+  std::int64_t log_every = 20;  ///< plain progress lines when stderr is not a terminal
+  int progress = -1;            ///< 1 bar, 0 lines, -1 bar when stderr is a terminal
+  std::uint64_t seed = 0;       ///< recorded in checkpoints
+  /// Called after each step (for example to evaluate every epoch); may be empty.
+  std::function<void(const ssl::step_stats&)> after_step;
+};
+
+struct run_summary {
+  std::int64_t first_step = 0, steps = 0, skipped = 0;
+  double wall_s = 0, images_per_s = 0, loader_wait_s = 0;
+  bool finished = false;             ///< reached the end of the schedules
+  std::vector<double> loss;          ///< per step run here
+  std::string checkpoint;
+};
+
+/// Where a loader must start to feed the method's next step: {epoch, batch in epoch}.
+inline std::pair<std::int64_t, std::int64_t> resume_position(std::int64_t iteration, std::int64_t batches_per_epoch) {
+  return {iteration / batches_per_epoch, iteration % batches_per_epoch};
+}
+
+namespace detail {
+inline std::string fmt_time(double s) {
+  if (!std::isfinite(s) || s < 0) return "--:--";
+  const long t = long(s + 0.5);
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
+  else std::snprintf(buf, sizeof buf, "%02ld:%02ld", t / 60, t % 60);
+  return buf;
+}
+}  // namespace detail
+
+template <class Method, class Loader>
+run_summary run(const cpu_policy& pol, Method& m, Loader& loader, const run_config& rc) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(rc.out_dir, ec);
+  if (ec) throw io_error("train: cannot create the output folder '" + rc.out_dir + "': " + ec.message());
+  const std::string log_path = rc.out_dir + "/log.jsonl", ckpt = rc.out_dir + "/checkpoint.safetensors";
+  std::ofstream log(log_path, std::ios::app);
+  if (!log) throw io_error("train: cannot open '" + log_path + "' for writing");
+  const bool bar = rc.progress < 0 ? ::isatty(2) != 0 : rc.progress == 1;
+  const std::int64_t total = m.schedules().total_iters(), B = loader.batch_size();
+  run_summary sum;
+  sum.first_step = m.iteration();
+  sum.checkpoint = ckpt;
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  auto last = t0;
+  double recent_ips = 0;
+  while (m.iteration() < total) {
+    const double elapsed = std::chrono::duration<double>(clock::now() - t0).count();
+    if (rc.time_limit_s > 0 && elapsed >= rc.time_limit_s) break;
+    const double wait0 = loader.wait_seconds();
+    auto b = loader.next();
+    const ssl::step_stats st = m.step(pol, ssl::image_crops<float>{b.global, b.local});
+    const auto now = clock::now();
+    const double dt = std::chrono::duration<double>(now - last).count();
+    last = now;
+    const double ips = dt > 0 ? double(B) / dt : 0;
+    recent_ips = recent_ips == 0 ? ips : 0.9 * recent_ips + 0.1 * ips;
+    ++sum.steps;
+    sum.loss.push_back(st.loss);
+    if (st.skipped) {
+      ++sum.skipped;
+      std::fprintf(stderr, "%sstep %lld skipped: %s (parameters, optimizer, teacher and center unchanged)\n",
+                   bar ? "\n" : "", (long long)st.iteration, st.skip_reason);
+    }
+    char line[640];
+    std::snprintf(line, sizeof line,
+                  "{\"step\": %lld, \"epoch\": %lld, \"loss\": %.8g, \"lr\": %.8g, \"weight_decay\": %.8g, "
+                  "\"momentum\": %.8g, \"teacher_temp\": %.8g, \"teacher_entropy\": %.8g, \"kl\": %.8g, "
+                  "\"ln_k\": %.8g, \"collapsed\": %s, \"skipped\": %s, \"skip_reason\": \"%s\", "
+                  "\"clipped_tensors\": %d, \"images_per_s\": %.4g, \"loader_wait_s\": %.4g}\n",
+                  (long long)st.iteration, (long long)st.epoch, st.loss, st.lr, st.weight_decay, st.momentum,
+                  st.teacher_temp, st.teacher_entropy, st.kl, st.ln_k, st.collapsed ? "true" : "false",
+                  st.skipped ? "true" : "false", st.skip_reason, st.clipped_tensors, ips,
+                  loader.wait_seconds() - wait0);
+    log << line;
+    const std::int64_t done = m.iteration();
+    const double eta = recent_ips > 0 ? double(total - done) * double(B) / recent_ips : NAN;
+    if (bar) {
+      const int width = 30, fill = int(double(width) * double(done) / double(total));
+      std::fprintf(stderr, "\r[%.*s%.*s] %lld/%lld  loss %.4f  H %.3f  %.0f img/s  ETA %s%s   ", fill,
+                   "##############################", width - fill, "..............................",
+                   (long long)done, (long long)total, st.loss, st.teacher_entropy, recent_ips,
+                   detail::fmt_time(eta).c_str(), st.collapsed ? "  COLLAPSE?" : "");
+    } else if (rc.log_every > 0 && (done % rc.log_every == 0 || done == total)) {
+      std::fprintf(stderr, "step %lld/%lld epoch %lld  loss %.4f  teacher entropy %.3f  KL %.4f  lr %.3g  %.1f img/s  ETA %s%s\n",
+                   (long long)done, (long long)total, (long long)st.epoch, st.loss, st.teacher_entropy, st.kl, st.lr,
+                   recent_ips, detail::fmt_time(eta).c_str(), st.collapsed ? "  (loss at ln K: collapse?)" : "");
+    }
+    if (rc.after_step) rc.after_step(st);
+    if (rc.save_every > 0 && done % rc.save_every == 0 && done < total) save_checkpoint(ckpt, m, rc.seed);
+  }
+  if (bar) std::fprintf(stderr, "\n");
+  log.flush();
+  sum.wall_s = std::chrono::duration<double>(clock::now() - t0).count();
+  sum.images_per_s = sum.wall_s > 0 ? double(sum.steps * B) / sum.wall_s : 0;
+  sum.loader_wait_s = loader.wait_seconds();
+  sum.finished = m.iteration() >= total;
+  save_checkpoint(ckpt, m, rc.seed);
+  return sum;
+}
+
+}  // namespace dino::train

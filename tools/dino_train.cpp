@@ -1,0 +1,224 @@
+// dino-train: DINO self-supervised training of a ViT on the CPU, from image files.
+//
+//   dino-train --data fashion-mnist --output runs/fm [--epochs 100 --batch-size 64 ...]
+//
+// Every flag, its default (the reference's where it has one) and meaning: dino-train --help,
+// and docs/tools.md. The run writes <output>/log.jsonl (one JSON line per step),
+// <output>/checkpoint.safetensors (+ .json) every --save-every steps and at the end, and
+// <output>/run.json (the configuration and a summary). --resume continues bit-identically from
+// <output>/checkpoint.safetensors. Exit codes: 0 done, 1 a bad file or value, 2 bad usage.
+#include <cmath>
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <dino/data/cifar.hpp>
+#include <dino/data/idx.hpp>
+#include <dino/data/image_folder.hpp>
+#include <dino/data/loader.hpp>
+#include <dino/data/multicrop.hpp>
+#include <dino/dino.hpp>
+#include <dino/train/checkpoint.hpp>
+#include <dino/train/trainer.hpp>
+
+#include "cli.hpp"
+#include "presets.hpp"
+
+namespace {
+
+dino_cli::flags make_flags() {
+  dino_cli::flags f("dino-train", "--data KIND [--data-path PATH] --output DIR [options]");
+  f.add("data", "fashion-mnist", "data set kind: fashion-mnist, mnist (IDX files), cifar10, cifar100, folder (one sub-folder per class)")
+      .add("data-path", "", "folder of the data set files [default for fashion-mnist: /usr/share/datasets/fashion-mnist]")
+      .add("output", "dino-run", "output folder: log.jsonl, checkpoint.safetensors, run.json")
+      .add("resume", "false", "continue from <output>/checkpoint.safetensors")
+      .add("arch", "", "vit_tiny, vit_small, vit_base (224 px), vit_small28, vit_tiny28 (28 px, 1 channel) [default: vit_small28 for 28-px data, else vit_small]")
+      .add("patch", "0", "patch size (0: the preset's: 16, or 4 for the 28-px presets)")
+      .add("drop-path", "0.1", "stochastic depth rate of the student's last block")
+      .add("out-dim", "65536", "K, the DINO head's output dimension")
+      .add("head-hidden", "2048", "the DINO head's hidden size")
+      .add("head-bottleneck", "256", "the DINO head's bottleneck size")
+      .add("norm-last-layer", "true", "keep the head's weight-norm g fixed at 1")
+      .add("freeze-last-layer", "1", "epochs during which the head's last layer is not updated")
+      .add("global-size", "0", "global crop size (0: 224, or 28 for 28-px data)")
+      .add("local-size", "0", "local crop size (0: 96, or 12 for 28-px data)")
+      .add("local-crops", "-1", "number of local crops (-1: 8, or 6 for 28-px data)")
+      .add("global-scale", "0.4,1.0", "RandomResizedCrop scale range of the global crops")
+      .add("local-scale", "0.05,0.4", "RandomResizedCrop scale range of the local crops")
+      .add("epochs", "100", "training epochs")
+      .add("batch-size", "64", "images per step")
+      .add("lr", "5e-4", "learning rate for batch 256 (scaled by batch-size / 256), reached after the warm-up")
+      .add("min-lr", "1e-6", "final learning rate of the cosine schedule")
+      .add("warmup-epochs", "10", "linear learning-rate warm-up")
+      .add("weight-decay", "0.04", "initial weight decay")
+      .add("weight-decay-end", "0.4", "final weight decay (cosine)")
+      .add("momentum-teacher", "0.996", "initial teacher EMA momentum (cosine to 1)")
+      .add("teacher-temp", "0.04", "teacher temperature after the warm-up")
+      .add("warmup-teacher-temp", "0.04", "initial teacher temperature")
+      .add("warmup-teacher-temp-epochs", "0", "epochs of the teacher-temperature warm-up")
+      .add("student-temp", "0.1", "student temperature")
+      .add("center-momentum", "0.9", "center EMA momentum")
+      .add("clip-grad", "3.0", "per-tensor gradient clipping threshold (0: off)")
+      .add("seed", "0", "seed of initialisation, data order, augmentation and DropPath")
+      .add("threads", "2", "compute threads")
+      .add("loader-threads", "1", "data loading threads")
+      .add("prefetch", "2", "batches loaded ahead")
+      .add("save-every", "0", "steps between checkpoints (0: at the end only)")
+      .add("time-limit", "0", "stop after this many minutes (0: none); the state is saved and --resume continues")
+      .add("log-every", "20", "steps between progress lines when not on a terminal");
+  return f;
+}
+
+std::vector<double> pair_of(const std::string& flag, const std::string& s) {
+  std::vector<double> v;
+  std::stringstream ss(s);
+  std::string t;
+  while (std::getline(ss, t, ',')) v.push_back(std::atof(t.c_str()));
+  if (v.size() != 2 || !(v[0] > 0) || !(v[1] >= v[0]) || v[1] > 1)
+    throw dino_cli::usage_error("--" + flag + " must be two numbers lo,hi with 0 < lo <= hi <= 1, got '" + s + "'");
+  return v;
+}
+
+template <class Dataset>
+int train(const dino_cli::flags& f, const Dataset& ds) {
+  const bool small = dino_tools::is_small_images(ds);
+  dino::nn::vit_config vc = dino_tools::arch(f.str("arch").empty() ? (small ? "vit_small28" : "vit_small") : f.str("arch"),
+                                             f.integer("patch"));
+  vc.drop_path_rate = f.num("drop-path");
+  if (vc.in_chans != ds.channels())
+    throw dino::config_error("dino-train: the data has " + std::to_string(ds.channels()) + " channels, --arch " +
+                             f.str("arch") + " takes " + std::to_string(vc.in_chans));
+  dino::data::multicrop_config mc = small ? dino::data::multicrop_28px() : dino::data::multicrop_imagenet();
+  if (f.integer("global-size")) mc.global_size = int(f.integer("global-size", 1));
+  if (f.integer("local-size")) mc.local_size = int(f.integer("local-size", 1));
+  if (f.str("local-crops") != "-1") mc.n_local = int(f.integer("local-crops", 0));
+  const auto gs = pair_of("global-scale", f.str("global-scale")), ls = pair_of("local-scale", f.str("local-scale"));
+  mc.global_scale_min = gs[0], mc.global_scale_max = gs[1], mc.local_scale_min = ls[0], mc.local_scale_max = ls[1];
+  if (ds.channels() == 1 && mc.mean.size() != 1) mc.mean = {0.5f}, mc.std = {0.5f};
+
+  const std::uint64_t seed = std::uint64_t(f.integer("seed"));
+  const std::int64_t B = f.integer("batch-size", 1);
+  dino::ssl::dino_config c;
+  c.head.out_dim = f.integer("out-dim", 1);
+  c.head.hidden_dim = f.integer("head-hidden", 1);
+  c.head.bottleneck_dim = f.integer("head-bottleneck", 1);
+  c.head.norm_last_layer = f.boolean("norm-last-layer");
+  c.local_crops = mc.n_local;
+  c.student_temp = f.num("student-temp");
+  c.center_momentum = f.num("center-momentum");
+  auto& t = c.train;
+  t.max_batch = B;
+  t.seed = seed;
+  t.crops = {mc.global_size, mc.local_size};
+  t.clip_grad = f.num("clip-grad");
+  t.freeze_last_layer = f.integer("freeze-last-layer");
+  auto& s = t.schedule;
+  s.epochs = f.integer("epochs", 1);
+  s.iters_per_epoch = ds.size() / B;
+  s.batch_size = B;
+  s.lr = f.num("lr");
+  s.min_lr = f.num("min-lr");
+  s.warmup_epochs = f.integer("warmup-epochs");
+  s.weight_decay = f.num("weight-decay");
+  s.weight_decay_end = f.num("weight-decay-end");
+  s.momentum_teacher = f.num("momentum-teacher");
+  s.teacher_temp = f.num("teacher-temp");
+  s.warmup_teacher_temp = f.num("warmup-teacher-temp");
+  s.warmup_teacher_temp_epochs = f.integer("warmup-teacher-temp-epochs");
+  if (s.iters_per_epoch < 1)
+    throw dino::config_error("dino-train: " + std::to_string(ds.size()) + " images make no batch of " + std::to_string(B));
+
+  auto model = dino::ssl::make_dino<dino::nn::vit>(vc, vc.embed_dim, c);
+  const std::string out = f.str("output"), ckpt = out + "/checkpoint.safetensors";
+  std::uint64_t run_seed = seed;
+  if (f.boolean("resume")) {
+    if (!std::filesystem::exists(ckpt)) throw dino::io_error("dino-train: --resume: no checkpoint at " + ckpt);
+    const auto info = dino::train::restore_checkpoint(ckpt, model);
+    if (info.seed != seed)
+      throw dino::config_error("dino-train: --resume: the checkpoint was trained with --seed " + std::to_string(info.seed) +
+                               "; give the same seed (and the same options) to continue it");
+    std::fprintf(stderr, "dino-train: resuming %s at step %lld\n", ckpt.c_str(), (long long)info.iteration);
+  }
+  const auto [e0, b0] = dino::train::resume_position(model.iteration(), s.iters_per_epoch);
+  dino::data::loader_config lc;
+  lc.batch_size = B;
+  lc.threads = int(f.integer("loader-threads", 1));
+  lc.prefetch = int(f.integer("prefetch"));
+  lc.seed = seed;
+  lc.start_epoch = e0;
+  lc.start_batch = b0;
+  dino::data::multicrop_loader<Dataset> loader(ds, mc, lc);
+
+  std::fprintf(stderr,
+               "dino-train: %lld images, ViT D %lld depth %lld heads %lld patch %lld, %zu parameters; K %lld; crops 2 x %d + "
+               "%d x %d; batch %lld; %lld epochs x %lld steps\n",
+               (long long)ds.size(), (long long)vc.embed_dim, (long long)vc.depth, (long long)vc.heads, (long long)vc.patch,
+               model.layout().numel(), (long long)c.head.out_dim, mc.global_size, mc.n_local, mc.local_size, (long long)B,
+               (long long)s.epochs, (long long)s.iters_per_epoch);
+  dino::train::run_config rc;
+  rc.out_dir = out;
+  rc.save_every = f.integer("save-every");
+  rc.time_limit_s = f.num("time-limit") * 60.0;
+  rc.log_every = f.integer("log-every");
+  rc.seed = run_seed;
+  const dino::cpu_policy pol{int(f.integer("threads", 1))};
+  const auto sum = dino::train::run(pol, model, loader, rc);
+  const double step_s = sum.steps ? sum.wall_s / double(sum.steps) : 0;
+  std::fprintf(stderr,
+               "dino-train: %lld steps in %.1f s (%.1f images/s, %lld skipped); the loader kept the model waiting "
+               "%.1f %% of the time; %s; checkpoint %s\n",
+               (long long)sum.steps, sum.wall_s, sum.images_per_s, (long long)sum.skipped,
+               sum.wall_s > 0 ? 100.0 * sum.loader_wait_s / sum.wall_s : 0.0,
+               sum.finished ? "schedule finished" : "stopped before the end of the schedule (--resume continues)",
+               sum.checkpoint.c_str());
+  std::ofstream js(out + "/run.json");
+  js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
+     << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
+     << "}, \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B << ", \"epochs\": " << s.epochs
+     << ", \"steps_per_epoch\": " << s.iters_per_epoch << ", \"seed\": " << seed << ", \"steps_run\": " << sum.steps
+     << ", \"next_step\": " << model.iteration() << ", \"wall_s\": " << sum.wall_s << ", \"images_per_s\": "
+     << sum.images_per_s << ", \"step_s\": " << step_s << ", \"loader_wait_fraction\": "
+     << (sum.wall_s > 0 ? sum.loader_wait_s / sum.wall_s : 0.0) << ", \"finished\": " << (sum.finished ? "true" : "false")
+     << "}\n";
+  return 0;
+}
+
+int run(int argc, char** argv) {
+  auto f = make_flags();
+  if (!f.parse(argc, argv)) return 0;
+  const std::string kind = f.str("data");
+  const std::string path = f.str("data-path");
+  if (kind == "fashion-mnist") return train(f, path.empty() ? dino::data::fashion_mnist() : dino::data::fashion_mnist(path));
+  if (kind == "mnist") {
+    if (path.empty()) throw dino_cli::usage_error("--data mnist needs --data-path (the folder of the IDX files)");
+    return train(f, dino::data::fashion_mnist(path));  // the same file names
+  }
+  if (kind == "cifar10" || kind == "cifar100") {
+    if (path.empty()) throw dino_cli::usage_error("--data " + kind + " needs --data-path");
+    return train(f, kind == "cifar10" ? dino::data::cifar10(path) : dino::data::cifar100(path));
+  }
+  if (kind == "folder") {
+    if (path.empty()) throw dino_cli::usage_error("--data folder needs --data-path");
+    dino::data::image_folder ds(path);
+    return train(f, ds);
+  }
+  throw dino_cli::usage_error("unknown --data '" + kind + "'");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const dino_cli::usage_error& e) {
+    std::fprintf(stderr, "dino-train: %s (see dino-train --help)\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+}
