@@ -1,0 +1,222 @@
+// dino-train and dino-eval end to end, as processes: a tiny training run on a synthetic IDX
+// data set written here (4 classes of 28 x 28 shapes on a black background), --resume, then
+// dino-eval knn (checkpoint, random init, raw pixels), linear, attention and curves on it; the
+// JSON results hold sane values and the PNGs are PNGs. Bad inputs exit 1 or 2 with a message.
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace {
+namespace fs = std::filesystem;
+const std::string kDir = DINO_TEST_TMP_DIR;
+
+struct result {
+  int code;
+  std::string out, err;
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+result run(const std::string& exe, const std::string& args) {
+  const std::string o = kDir + "/stdout.txt", e = kDir + "/stderr.txt";
+  const int rc = std::system((exe + " " + args + " > " + o + " 2> " + e).c_str());
+  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, slurp(o), slurp(e)};
+}
+result train(const std::string& args) { return run(DINO_TRAIN_EXE, args); }
+result eval(const std::string& args) { return run(DINO_EVAL_EXE, args); }
+
+void put_be32(std::vector<std::uint8_t>& b, std::uint32_t v) {
+  for (int s = 24; s >= 0; s -= 8) b.push_back(std::uint8_t(v >> s));
+}
+
+// n images of class i % 4: a filled square, a horizontal bar, a vertical bar or a frame, at a
+// random offset with random brightness, on black; IDX files as fashion_mnist() reads them.
+void write_split(const fs::path& dir, const std::string& stem, int n, std::uint32_t seed) {
+  std::vector<std::uint8_t> img, lab;
+  put_be32(img, 2051), put_be32(img, std::uint32_t(n)), put_be32(img, 28), put_be32(img, 28);
+  put_be32(lab, 2049), put_be32(lab, std::uint32_t(n));
+  std::uint32_t r = seed;
+  auto rnd = [&](int m) {
+    r = r * 1664525u + 1013904223u;
+    return int((r >> 8) % std::uint32_t(m));
+  };
+  for (int i = 0; i < n; ++i) {
+    const int c = i % 4, ox = rnd(6) - 3, oy = rnd(6) - 3, v = 150 + rnd(100);
+    lab.push_back(std::uint8_t(c));
+    for (int y = 0; y < 28; ++y)
+      for (int x = 0; x < 28; ++x) {
+        const int X = x - ox, Y = y - oy;
+        bool on = false;
+        if (c == 0) on = X >= 8 && X < 20 && Y >= 8 && Y < 20;
+        if (c == 1) on = X >= 3 && X < 25 && Y >= 11 && Y < 17;
+        if (c == 2) on = Y >= 3 && Y < 25 && X >= 11 && X < 17;
+        if (c == 3) on = X >= 5 && X < 23 && Y >= 5 && Y < 23 && !(X >= 9 && X < 19 && Y >= 9 && Y < 19);
+        img.push_back(std::uint8_t(on ? v : rnd(4)));
+      }
+  }
+  std::ofstream(dir / (stem + "-images-idx3-ubyte"), std::ios::binary).write(reinterpret_cast<const char*>(img.data()), std::streamsize(img.size()));
+  std::ofstream(dir / (stem + "-labels-idx1-ubyte"), std::ios::binary).write(reinterpret_cast<const char*>(lab.data()), std::streamsize(lab.size()));
+}
+
+// A number after "key": in a JSON text (the first occurrence); NaN when absent.
+double json_num(const std::string& text, const std::string& key, std::size_t from = 0) {
+  const auto p = text.find("\"" + key + "\":", from);
+  if (p == std::string::npos) return NAN;
+  return std::strtod(text.c_str() + p + key.size() + 3, nullptr);
+}
+
+// Width and height from a PNG's IHDR; 0 x 0 when the file is not a PNG.
+std::pair<int, int> png_size(const std::string& path) {
+  const std::string b = slurp(path);
+  if (b.size() < 24 || b.compare(0, 8, "\x89PNG\r\n\x1a\n") != 0 || b.compare(12, 4, "IHDR") != 0) return {0, 0};
+  auto be = [&](std::size_t o) {
+    return int(std::uint8_t(b[o])) << 24 | int(std::uint8_t(b[o + 1])) << 16 | int(std::uint8_t(b[o + 2])) << 8 |
+           int(std::uint8_t(b[o + 3]));
+  };
+  return {be(16), be(20)};
+}
+
+std::size_t lines(const std::string& path) {
+  std::size_t n = 0;
+  for (char c : slurp(path)) n += c == '\n';
+  return n;
+}
+}  // namespace
+
+TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
+  const fs::path data = fs::path(kDir) / "data", runp = fs::path(kDir) / "run";
+  fs::remove_all(data);
+  fs::remove_all(runp);
+  fs::create_directories(data);
+  write_split(data, "train", 64, 1);
+  write_split(data, "t10k", 32, 2);
+  const std::string run_dir = runp.string(), data_flags = " --data mnist --data-path " + data.string();
+  const std::string model = " --arch vit_tiny28 --out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
+                            " --batch-size 16 --warmup-epochs 0 --threads 2 --log-every 1 --output " + run_dir;
+
+  // 1 epoch of 4 steps, then --resume with a second epoch: the log grows to 8 steps.
+  auto r = train(data_flags + model + " --epochs 1");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  REQUIRE(fs::exists(runp / "checkpoint.safetensors"));
+  REQUIRE(fs::exists(runp / "run.json"));
+  CHECK(lines((runp / "log.jsonl").string()) == 4);
+  r = train(data_flags + model + " --epochs 2 --resume");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.err.find("resuming") != std::string::npos);
+  CHECK(lines((runp / "log.jsonl").string()) == 8);
+  CHECK(json_num(slurp((runp / "run.json").string()), "next_step") == 8);
+
+  // knn on the checkpoint (and a point on the k-NN curve), the random init and the raw pixels.
+  r = eval("knn --run " + run_dir + data_flags + " --k 1,5,20 --append-curve");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  std::string js = slurp((runp / "knn.json").string());
+  CHECK(json_num(js, "step") == 8);
+  CHECK(json_num(js, "train_samples") == 64);
+  CHECK(json_num(js, "test_samples") == 32);
+  for (const char* k : {"\"k\": 1,", "\"k\": 5,", "\"k\": 20,"}) {
+    CAPTURE(k);
+    const auto at = js.find(k);
+    REQUIRE(at != std::string::npos);
+    const double top1 = json_num(js, "top1", at);
+    CHECK(top1 >= 0.0);
+    CHECK(top1 <= 1.0);
+  }
+  CHECK(r.out.find("top-1") != std::string::npos);
+  CHECK(lines((runp / "knn_curve.jsonl").string()) == 1);
+
+  r = eval("knn --run " + run_dir + data_flags + " --random-init 0 --k 5 --test-samples 16");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  js = slurp((runp / "knn-random-init.json").string());
+  CHECK(json_num(js, "test_samples") == 16);
+  CHECK(json_num(js, "seed") == 0);
+  CHECK(json_num(js, "top1") >= 0.0);
+
+  r = eval("knn --run " + run_dir + data_flags + " --raw-pixels --k 5");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  js = slurp((runp / "knn-raw-pixels.json").string());
+  const double raw = json_num(js, "top1", js.find("\"raw_l1\""));
+  CHECK(raw > 0.5);  // four distinct shapes: the pixels alone separate them
+  CHECK(raw <= 1.0);
+
+  // linear probe, a few epochs
+  r = eval("linear --run " + run_dir + data_flags + " --probe-epochs 5 --probe-batch 16 --n-last-blocks 2");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  js = slurp((runp / "linear.json").string());
+  CHECK(json_num(js, "feature_dim") == 192);
+  for (const char* k : {"train_top1", "test_top1"}) {
+    CHECK(json_num(js, k) >= 0.0);
+    CHECK(json_num(js, k) <= 1.0);
+  }
+
+  // attention maps of 3 test images: PNGs and the Jaccard index against the foreground
+  const std::string att = (runp / "att").string();
+  r = eval("attention --run " + run_dir + data_flags + " --images 3 --out-dir " + att);
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  js = slurp(att + "/attention.json");
+  const double jac = json_num(js, "mean", js.find("\"jaccard\""));
+  CHECK(jac >= 0.0);
+  CHECK(jac <= 1.0);
+  CHECK(json_num(js, "head_mean_map") >= 0.0);
+  CHECK(json_num(js, "images") == 3);
+  CHECK(png_size(att + "/grid.png").first > 0);
+  CHECK(png_size(att + "/img000-heads.png").first > 0);
+  CHECK(png_size(att + "/img002-head2.png") == std::pair<int, int>{112, 112});  // 28 px at scale 4
+
+  // curves: loss.png from log.jsonl, knn.png from knn_curve.jsonl
+  r = eval("curves --run " + run_dir);
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(png_size((runp / "loss.png").string()) == std::pair<int, int>{1000, 600});
+  CHECK(png_size((runp / "knn.png").string()) == std::pair<int, int>{1000, 600});
+}
+
+TEST_CASE("dino-eval refuses bad input with exit code 1 or 2 and a message") {
+  auto r = eval("");
+  CHECK(r.code == 2);
+  CHECK(r.err.find("no MODE") != std::string::npos);
+  r = eval("frobnicate --run x");
+  CHECK(r.code == 2);
+  CHECK(r.err.find("unknown mode 'frobnicate'") != std::string::npos);
+  r = eval("knn --no-such-flag 1");
+  CHECK(r.code == 2);
+  CHECK(r.err.find("unknown option --no-such-flag") != std::string::npos);
+  r = eval("knn --k 0,x");
+  CHECK(r.code == 2);
+  CHECK(r.err.find("--k") != std::string::npos);
+  r = eval("knn");  // no model
+  CHECK(r.code == 2);
+  CHECK(r.err.find("--run") != std::string::npos);
+  const std::string missing = kDir + "/no-such-checkpoint.safetensors";
+  r = eval("knn --checkpoint " + missing + " --arch vit_tiny28");
+  CHECK(r.code == 1);
+  CHECK(r.err.find(missing) != std::string::npos);
+  r = eval("curves --run " + kDir + "/no-such-run");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("log.jsonl") != std::string::npos);
+  r = eval("knn --raw-pixels --data mnist --data-path " + kDir + "/no-such-data");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("no-such-data") != std::string::npos);
+  r = eval("--help");
+  CHECK(r.code == 0);
+  for (const char* flag : {"--run", "--checkpoint", "--random-init", "--raw-pixels", "--test-samples", "--images", "--out-dir"})
+    CHECK(r.out.find(flag) != std::string::npos);
+}
