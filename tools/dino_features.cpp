@@ -23,13 +23,15 @@
 #include <dino/io/safetensors.hpp>
 #include <dino/nn/vit.hpp>
 
+#include "presets.hpp"
+
 namespace {
 
 const char* kUsage =
     "usage: dino-features --checkpoint FILE.safetensors [--arch ARCH] [--patch P] --input X.npy --out F.npy\n"
     "                     [--tokens T.npy] [--attention A.npy] [--checkpoint-key teacher|student]\n"
     "                     [--heads H] [--threads N] [--batch N]\n"
-    "  ARCH: vit_tiny, vit_small, vit_base (224 px grid), vit_small28 (28 px, 1 channel); default: from the file\n";
+    "  ARCH: vit_tiny, vit_small, vit_base (224 px grid), vit_small28, vit_tiny28 (28 px, 1 channel); default: from the file\n";
 
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -75,14 +77,6 @@ dino::nn::vit_config config_from_file(const dino::io::safetensors_file& f, const
   return c;
 }
 
-dino::nn::vit_config preset(const std::string& arch, std::int64_t patch) {
-  if (arch == "vit_tiny") return dino::nn::vit_tiny(patch ? patch : 16);
-  if (arch == "vit_small") return dino::nn::vit_small(patch ? patch : 16);
-  if (arch == "vit_base") return dino::nn::vit_base(patch ? patch : 16);
-  if (arch == "vit_small28") return dino::nn::vit_small28(patch ? patch : 4);
-  throw usage_error("unknown --arch '" + arch + "' (vit_tiny, vit_small, vit_base, vit_small28)");
-}
-
 int run(int argc, char** argv) {
   std::map<std::string, std::string> a;
   for (int i = 1; i < argc; ++i) {
@@ -113,7 +107,7 @@ int run(int argc, char** argv) {
   const std::string key = a.count("checkpoint-key") ? a["checkpoint-key"] : "";
 
   const auto file = dino::io::safetensors_file::read(a["checkpoint"]);
-  const dino::nn::vit_config cfg = a.count("arch") ? preset(a["arch"], patch) : config_from_file(file, key, heads_opt);
+  const dino::nn::vit_config cfg = a.count("arch") ? dino_tools::arch(a["arch"], long(patch)) : config_from_file(file, key, heads_opt);
   dino::param_layout layout;
   dino::nn::vit model(cfg, layout);
   dino::flat_params<float> params(layout);
@@ -173,6 +167,9 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
+  } catch (const dino_cli::usage_error& e) {
+    std::fprintf(stderr, "dino-features: %s\n%s", e.what(), kUsage);
+    return 2;
   } catch (const usage_error& e) {
     std::fprintf(stderr, "dino-features: %s\n%s", e.what(), kUsage);
     return 2;

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include <dino/data/image.hpp>
 #include <dino/nn/vit.hpp>
 
 #include "cli.hpp"
