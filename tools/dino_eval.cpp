@@ -307,45 +307,6 @@ dino::nn::vit_config config_from_run_json(const std::string& path) {
   return c;
 }
 
-/// The architecture from the checkpoint's tensor shapes (as dino-features).
-dino::nn::vit_config config_from_file(const dino::io::safetensors_file& f, const std::string& key, std::int64_t heads) {
-  std::map<std::string, std::vector<std::int64_t>> shapes;
-  for (const auto& t : f.tensors()) {
-    auto [group, rest] = dino::io::split_group(t.name);
-    if (!key.empty() && !group.empty() && group != key) continue;
-    shapes[dino::io::canonical_param_name(t.name)] = t.shape;
-  }
-  auto need = [&](const std::string& n, std::size_t rank) -> const std::vector<std::int64_t>& {
-    auto it = shapes.find(n);
-    if (it == shapes.end() || it->second.size() != rank)
-      throw dino::io_error("dino-eval: " + f.name() + ": cannot infer the architecture: no " + std::to_string(rank) +
-                           "-d tensor '" + n + "' (give --arch or --run)");
-    return it->second;
-  };
-  const auto& pw = need("patch_embed.proj.weight", 4);
-  const auto& pe = need("pos_embed", 3);
-  dino::nn::vit_config c;
-  c.embed_dim = pw[0];
-  c.in_chans = pw[1];
-  c.patch = pw[2];
-  const auto n0 = pe[1] - 1;
-  const auto g = static_cast<std::int64_t>(std::llround(std::sqrt(double(n0))));
-  if (g * g != n0)
-    throw dino::io_error("dino-eval: " + f.name() + ": pos_embed has " + std::to_string(n0) + " positions, not a square grid");
-  c.img_size = g * c.patch;
-  c.depth = 0;
-  while (shapes.count("blocks." + std::to_string(c.depth) + ".attn.qkv.weight")) ++c.depth;
-  if (c.depth == 0) throw dino::io_error("dino-eval: " + f.name() + ": no blocks.N.attn.qkv.weight tensors");
-  if (heads == 0 && c.embed_dim % 64 != 0)
-    throw dino::io_error("dino-eval: " + f.name() + ": embed dim " + std::to_string(c.embed_dim) +
-                         " is not a multiple of 64, so heads = D / 64 does not apply (give --heads, --arch or --run)");
-  c.heads = heads ? heads : c.embed_dim / 64;
-  if (c.embed_dim % c.heads != 0)
-    throw usage_error("--heads " + std::to_string(c.heads) + " does not divide the embed dim " + std::to_string(c.embed_dim));
-  c.mlp_ratio = double(need("blocks.0.mlp.fc1.weight", 2)[0]) / double(c.embed_dim);
-  c.qkv_bias = shapes.count("blocks.0.attn.qkv.bias") > 0;
-  return c;
-}
 
 /// Builds the model the flags ask for (nullptr with --raw-pixels) and says where it came from.
 std::unique_ptr<model_t> load_model(const dino_cli::flags& f, model_info& info) {
@@ -380,7 +341,7 @@ std::unique_ptr<model_t> load_model(const dino_cli::flags& f, model_info& info) 
     cfg = config_from_run_json(run_json);
     info.arch_from = run_json;
   } else if (file) {
-    cfg = config_from_file(*file, key, f.integer("heads"));
+    cfg = dino_tools::config_from_file(*file, key, f.integer("heads"), "dino-eval", "--arch or --run");
     info.arch_from = "the checkpoint's shapes";
   } else {
     throw usage_error("--random-init needs the architecture: give --arch or --run DIR (with run.json)");

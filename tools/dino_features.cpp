@@ -37,46 +37,6 @@ struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The ViT configuration from the checkpoint's shapes.
-dino::nn::vit_config config_from_file(const dino::io::safetensors_file& f, const std::string& key, std::int64_t heads) {
-  std::map<std::string, std::vector<std::int64_t>> shapes;
-  for (const auto& t : f.tensors()) {
-    auto [group, rest] = dino::io::split_group(t.name);
-    if (!key.empty() && !group.empty() && group != key) continue;
-    shapes[dino::io::canonical_param_name(t.name)] = t.shape;
-  }
-  auto need = [&](const std::string& n, std::size_t rank) -> const std::vector<std::int64_t>& {
-    auto it = shapes.find(n);
-    if (it == shapes.end() || it->second.size() != rank)
-      throw dino::io_error("dino-features: " + f.name() + ": cannot infer the architecture: no " + std::to_string(rank) +
-                           "-d tensor '" + n + "' (give --arch)");
-    return it->second;
-  };
-  const auto& pw = need("patch_embed.proj.weight", 4);
-  const auto& pe = need("pos_embed", 3);
-  dino::nn::vit_config c;
-  c.embed_dim = pw[0];
-  c.in_chans = pw[1];
-  c.patch = pw[2];
-  const auto n0 = pe[1] - 1;
-  const auto g = static_cast<std::int64_t>(std::llround(std::sqrt(double(n0))));
-  if (g * g != n0) throw dino::io_error("dino-features: " + f.name() + ": pos_embed has " + std::to_string(n0) +
-                                        " patch positions, not a square grid");
-  c.img_size = g * c.patch;
-  c.depth = 0;
-  while (shapes.count("blocks." + std::to_string(c.depth) + ".attn.qkv.weight")) ++c.depth;
-  if (c.depth == 0) throw dino::io_error("dino-features: " + f.name() + ": no blocks.N.attn.qkv.weight tensors");
-  if (heads == 0 && c.embed_dim % 64 != 0)
-    throw dino::io_error("dino-features: " + f.name() + ": embed dim " + std::to_string(c.embed_dim) +
-                         " is not a multiple of 64, so heads = D / 64 does not apply (give --heads or --arch)");
-  c.heads = heads ? heads : c.embed_dim / 64;
-  if (c.embed_dim % c.heads != 0)
-    throw usage_error("--heads " + std::to_string(c.heads) + " does not divide the embed dim " + std::to_string(c.embed_dim));
-  c.mlp_ratio = double(need("blocks.0.mlp.fc1.weight", 2)[0]) / double(c.embed_dim);
-  c.qkv_bias = shapes.count("blocks.0.attn.qkv.bias") > 0;
-  return c;
-}
-
 int run(int argc, char** argv) {
   std::map<std::string, std::string> a;
   for (int i = 1; i < argc; ++i) {
@@ -107,7 +67,7 @@ int run(int argc, char** argv) {
   const std::string key = a.count("checkpoint-key") ? a["checkpoint-key"] : "";
 
   const auto file = dino::io::safetensors_file::read(a["checkpoint"]);
-  const dino::nn::vit_config cfg = a.count("arch") ? dino_tools::arch(a["arch"], long(patch)) : config_from_file(file, key, heads_opt);
+  const dino::nn::vit_config cfg = a.count("arch") ? dino_tools::arch(a["arch"], long(patch)) : dino_tools::config_from_file(file, key, heads_opt, "dino-features", "--arch");
   dino::param_layout layout;
   dino::nn::vit model(cfg, layout);
   dino::flat_params<float> params(layout);
