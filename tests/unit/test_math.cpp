@@ -28,6 +28,80 @@ TEST_CASE("gelu is exact (erf) and its derivative matches finite differences") {
   }
 }
 
+TEST_CASE("CPU GELU range kernels (vectorised erf for float) against the exact formulas") {
+  // erf within 2 ulp of double erf; gelu and gelu' then agree with the double formulas to a
+  // few float ulps of their magnitude (the 1 + erf cancellation for x << 0 is in both).
+  std::vector<float> a;
+  for (float x = -9.f; x <= 9.f; x += 0.00137f) a.push_back(x);
+  a.push_back(0.f);
+  a.push_back(-0.f);
+  const std::size_t n = a.size();  // not a multiple of 4: the padded tail is exercised
+  std::vector<float> y(n), g(n), dy(n, 2.f), acc(n, 1.f);
+  cpu::gelu_range(a.data(), y.data(), std::int64_t(n));
+  cpu::gelu_backward_range(a.data(), dy.data(), g.data(), std::int64_t(n), false);
+  cpu::gelu_backward_range(a.data(), dy.data(), acc.data(), std::int64_t(n), true);
+  double worst_erf_ulp = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double x = a[i], c = 0.5 * (1 + std::erf(x / std::sqrt(2.0)));
+    const double ref = x * c, dref = 2 * (c + x * std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI));
+    CHECK(std::fabs(y[i] - ref) <= 4e-7 * std::max(1.0, std::fabs(x)));
+    CHECK(std::fabs(g[i] - dref) <= 1e-6);
+    CHECK(acc[i] == doctest::Approx(1.0f + g[i]).epsilon(1e-6));
+#if defined(__SSE2__)
+    float e[4];
+    _mm_storeu_ps(e, cpu::detail::erf_ps(_mm_set1_ps(a[i])));
+    const double er = std::erf(double(a[i]));
+    const double ulp = std::nextafter(std::fabs(float(er)), 2.f) - std::fabs(float(er));
+    worst_erf_ulp = std::max(worst_erf_ulp, std::fabs(e[0] - er) / ulp);
+#endif
+  }
+  CHECK(worst_erf_ulp <= 2.0);
+  CHECK(y[n - 1] == 0.f);
+  // NaN propagates (the method's non-finite checks rely on it); erf(+-inf) = +-1.
+  float sp[5] = {NAN, INFINITY, -INFINITY, 1.f, -1.f}, o[5];
+  cpu::gelu_range(sp, o, 5);
+  CHECK(std::isnan(o[0]));
+  CHECK(o[1] == INFINITY);
+  CHECK(o[3] == doctest::Approx(0.8413447460685429));
+  CHECK(o[4] == doctest::Approx(-0.15865525393145707));
+  cpu::gelu_backward_range(sp, sp + 3, o, 1, false);
+  CHECK(std::isnan(o[0]));
+  // double goes through math::gelu itself
+  std::vector<double> ad{-1.5, 0.25, 3.0}, yd(3);
+  cpu::gelu_range(ad.data(), yd.data(), 3);
+  for (int i = 0; i < 3; ++i) CHECK(yd[std::size_t(i)] == math::gelu(ad[std::size_t(i)]));
+}
+
+TEST_CASE("CPU softmax_row_inplace (attention) against math::softmax_row") {
+  for (int n : {1, 3, 4, 10, 50, 197}) {
+    CAPTURE(n);
+    std::vector<double> r(static_cast<std::size_t>(n));
+    fill_normal(r, std::uint64_t(n), 4.0);
+    std::vector<float> x(r.begin(), r.end()), ref(x.size());
+    math::softmax_row(x.data(), static_cast<const float*>(nullptr), ref.data(), n, 1.f);
+    cpu::softmax_row_inplace(x.data(), n);
+    double sum = 0;
+    for (int i = 0; i < n; ++i) {
+      CHECK(x[std::size_t(i)] == doctest::Approx(ref[std::size_t(i)]).epsilon(2e-6));
+      sum += x[std::size_t(i)];
+    }
+    CHECK(sum == doctest::Approx(1.0).epsilon(1e-6));
+  }
+  // non-finite rows become NaN, as with math::softmax_row
+  for (float bad : {NAN, INFINITY}) {
+    std::vector<float> x{0.5f, bad, -1.f, 2.f, 0.f};
+    cpu::softmax_row_inplace(x.data(), 5);
+    for (float v : x) CHECK(std::isnan(v));
+  }
+  std::vector<float> m{-INFINITY, -INFINITY};
+  cpu::softmax_row_inplace(m.data(), 2);
+  CHECK(std::isnan(m[0]));
+  std::vector<float> p{-INFINITY, 0.f, 0.f};  // a masked entry gets (about) 0
+  cpu::softmax_row_inplace(p.data(), 3);
+  CHECK(p[0] < 1e-30f);
+  CHECK(p[1] == doctest::Approx(0.5f));
+}
+
 TEST_CASE("layernorm row: values, mean/rstd, gradient") {
   const int n = 13;
   std::vector<double> x(n), w(n), b(n), y(n), r(n), dx(n), dxa(n, 0.5);

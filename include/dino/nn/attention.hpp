@@ -12,7 +12,8 @@
 // of P ([segments, heads, n_s], the reference's get_last_selfattention()[:, :, 0, :]).
 // Backward, from dO = dout:
 //   dP = dO V^T;  dV = P^T dO;  dS = P o (dP - rowsum(dP o P));  dQ = dS K s;  dK = dS^T Q s
-// dqkv is written (every element). Work runs in parallel over (segment, head) pairs.
+// dqkv is written (every element). Work runs in parallel over (segment, head) pairs, dealt to
+// the threads in turn (a pack lists its large crops first).
 #pragma once
 
 #include <cmath>
@@ -58,15 +59,14 @@ inline void attention_forward(const cpu_policy& pol, std::int64_t heads, std::in
   const std::int64_t hd = D / heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const std::int64_t pairs = static_cast<std::int64_t>(segs.size()) * heads;
-  for_each_row(pol, pairs, [&](std::int64_t ph) {
+  for_each_row_cyclic(pol, pairs, [&](std::int64_t ph) {
     const std::size_t si = static_cast<std::size_t>(ph / heads);
     const std::int64_t h = ph % heads;
     const std::int64_t n = segs[si].length, off = segs[si].offset;
     T* Pm = probs + poff[si] + static_cast<std::size_t>(h * n * n);
     const T* base = qkv + off * 3 * D;
     cpu::gemm_serial(gemm_desc{false, true, n, n, hd, 3 * D, 3 * D, n}, scale, base + h * hd, base + D + h * hd, T(0), Pm);
-    for (std::int64_t r = 0; r < n; ++r)
-      math::softmax_row(Pm + r * n, static_cast<const T*>(nullptr), Pm + r * n, static_cast<int>(n), T(1));
+    for (std::int64_t r = 0; r < n; ++r) cpu::softmax_row_inplace(Pm + r * n, n);
     cpu::gemm_serial(gemm_desc{false, false, n, hd, n, n, 3 * D, D}, T(1), Pm, base + 2 * D + h * hd, T(0),
                      out + off * D + h * hd);
     if (cls_attn)
@@ -82,7 +82,7 @@ inline void attention_backward(const cpu_policy& pol, std::int64_t heads, std::i
   const std::int64_t hd = D / heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const std::int64_t pairs = static_cast<std::int64_t>(segs.size()) * heads;
-  for_each_row(pol, pairs, [&](std::int64_t ph) {
+  for_each_row_cyclic(pol, pairs, [&](std::int64_t ph) {
     const std::size_t si = static_cast<std::size_t>(ph / heads);
     const std::int64_t h = ph % heads;
     const std::int64_t n = segs[si].length, off = segs[si].offset;

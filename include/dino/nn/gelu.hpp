@@ -1,6 +1,7 @@
 // dino/nn/gelu.hpp: element-wise exact GELU over a tensor and its backward.
 //
 //   y = gelu(a);   da (=|+=) dy * gelu'(a)
+// The CPU policy runs the range kernels of policy/cpu/gelu_kernel.hpp (vectorised erf for float).
 #pragma once
 
 #include <cstdint>
@@ -14,9 +15,7 @@ template <class Policy, class T, class S>
 inline void gelu_forward(const Policy& pol, tensor_view<const T, S> a, tensor_view<T, S> y) {
   DINO_CHECK_SPACE(Policy, S);
   check_shape("gelu forward", y, a.shape);
-  for_each_chunk(pol, a.numel(), [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t i = b; i < e; ++i) y.data[i] = math::gelu(a.data[i]);
-  });
+  for_each_chunk(pol, a.numel(), [&](std::int64_t b, std::int64_t e) { cpu::gelu_range(a.data + b, y.data + b, e - b); });
 }
 
 template <class Policy, class T, class S>
@@ -26,10 +25,7 @@ inline void gelu_backward(const Policy& pol, tensor_view<const T, S> a, tensor_v
   check_shape("gelu backward", dy, a.shape);
   check_shape("gelu backward", da, a.shape);
   for_each_chunk(pol, a.numel(), [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t i = b; i < e; ++i) {
-      const T v = dy.data[i] * math::gelu_grad(a.data[i]);
-      da.data[i] = accumulate ? da.data[i] + v : v;
-    }
+    cpu::gelu_backward_range(a.data + b, dy.data + b, da.data + b, e - b, accumulate);
   });
 }
 

@@ -5,6 +5,7 @@
 // dx (=|+=|skip) by grad_mode. Both parameters are 1-D, so they get no weight decay.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -71,8 +72,10 @@ class layer_norm {
                                      D, mode == grad_mode::accumulate);
       });
     }
-    // Parameter gradients: parallel over column blocks, rows summed in order (deterministic).
-    const std::int64_t block = 64, nb = (cfg_.dim + block - 1) / block;
+    // Parameter gradients: parallel over column blocks, rows summed in order (deterministic,
+    // whatever the block width). Blocks of 16 to 64 columns, about 4 per thread.
+    const std::int64_t block = std::clamp<std::int64_t>((cfg_.dim / (4 * std::max(1, pol.threads)) + 15) / 16 * 16, 16, 64);
+    const std::int64_t nb = (cfg_.dim + block - 1) / block;
     for_each_row(pol, nb, [&](std::int64_t bi) {
       const std::int64_t c0 = bi * block, c1 = std::min<std::int64_t>(cfg_.dim, c0 + block);
       for (std::int64_t r = 0; r < n; ++r) {

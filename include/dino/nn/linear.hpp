@@ -51,13 +51,17 @@ class linear {
     check_shape("linear forward", y, {x.rows(), cfg_.out});
     const std::int64_t n = x.rows();
     gemm_desc d{false, true, n, cfg_.out, cfg_.in};
-    gemm(pol, d, T(1), x.data, P.data + w_, T(0), y.data);
     if (cfg_.bias) {
+      // y = b (every row), then y += x W^T: one pass over y before the GEMM instead of the
+      // GEMM's own zeroing of y (beta = 0) and a bias pass after it.
       const T* b = P.data + b_;
       for_each_row(pol, n, [&](std::int64_t r) {
         T* yr = y.data + r * cfg_.out;
-        for (std::int64_t j = 0; j < cfg_.out; ++j) yr[j] += b[j];
+        for (std::int64_t j = 0; j < cfg_.out; ++j) yr[j] = b[j];
       });
+      gemm(pol, d, T(1), x.data, P.data + w_, T(1), y.data);
+    } else {
+      gemm(pol, d, T(1), x.data, P.data + w_, T(0), y.data);
     }
   }
 

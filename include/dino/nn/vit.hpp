@@ -419,7 +419,7 @@ class vit {
   template <class T>
   static void copy_scaled(const cpu_policy& pol, const vit_pack<T>& pk, const T* src, const T* scale, T* dst,
                           std::int64_t D) {
-    for_each_row(pol, pk.crops, [&](std::int64_t c) {
+    for_each_row_cyclic(pol, pk.crops, [&](std::int64_t c) {  // crops dealt in turn: large ones come first
       const segment& sg = pk.segs[std::size_t(c)];
       const T k = scale[c];
       const T* s = src + sg.offset * D;
@@ -541,7 +541,7 @@ class vit {
   template <class T>
   static void residual(const cpu_policy& pol, const vit_pack<T>& pk, T* branch, const T* base, const T* dp,
                        std::int64_t D) {
-    for_each_row(pol, pk.crops, [&](std::int64_t c) {
+    for_each_row_cyclic(pol, pk.crops, [&](std::int64_t c) {  // crops dealt in turn: large ones come first
       const segment& sg = pk.segs[std::size_t(c)];
       const T k = dp[c];
       T* o = branch + sg.offset * D;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "dino/policy/cpu/adamw_kernel.hpp"
+#include "dino/policy/cpu/gelu_kernel.hpp"
 #include "dino/policy/cpu/gemm.hpp"
 #include "dino/policy/cpu/parallel.hpp"
 #include "dino/policy/cpu/reduce.hpp"

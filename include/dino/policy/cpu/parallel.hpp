@@ -15,13 +15,35 @@
 namespace dino::cpu {
 
 /// Calls f(r) for r in [0, rows).
+///
+/// One thread (or one row) runs the loop directly, outside any OpenMP region: libgomp
+/// allocates (malloc) a fresh team for every region of one thread, even one whose `if`
+/// clause is false, and frees it at the end; it keeps only teams of several threads.
 template <class F>
 inline void for_each_row(const cpu_policy& pol, std::int64_t rows, F&& f) {
+  if (pol.threads <= 1 || rows <= 1) {
+    for (std::int64_t r = 0; r < rows; ++r) f(r);
+    return;
+  }
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(std::max(1, pol.threads)) if (pol.threads > 1 && rows > 1)
+#pragma omp parallel for schedule(static) num_threads(pol.threads)
 #endif
   for (std::int64_t r = 0; r < rows; ++r) f(r);
-  (void)pol;
+}
+
+/// Calls f(r) for r in [0, rows), the rows dealt to the threads in turn (a static schedule
+/// of chunk 1): for rows of unequal cost that come sorted by cost, such as the crops of a
+/// packed multi-crop batch (large crops first). Same contract as for_each_row.
+template <class F>
+inline void for_each_row_cyclic(const cpu_policy& pol, std::int64_t rows, F&& f) {
+  if (pol.threads <= 1 || rows <= 1) {
+    for (std::int64_t r = 0; r < rows; ++r) f(r);
+    return;
+  }
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static, 1) num_threads(pol.threads)
+#endif
+  for (std::int64_t r = 0; r < rows; ++r) f(r);
 }
 
 /// Calls f(begin, end) on contiguous ranges covering [0, n); ranges align to 16 elements.

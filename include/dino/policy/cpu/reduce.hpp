@@ -4,6 +4,7 @@
 // the reduction (a center over 65,536 columns, a gradient norm over 2 M elements).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -18,8 +19,11 @@ template <class T, class U>
 inline void column_sums(const cpu_policy& pol, const T* x, std::int64_t rows, std::int64_t cols, U* out,
                         bool accumulate) {
   // Parallel over column blocks: each thread reads rows of its block, so the sum order over
-  // rows is fixed and the result does not depend on the thread count.
-  const std::int64_t block = 256;
+  // rows is fixed and the result does not depend on the thread count (nor on the block
+  // width). Blocks of 16 to 256 columns, about 4 per thread, so that a narrow matrix (a ViT's
+  // D = 192 bias gradients) still splits over the threads.
+  const std::int64_t threads = std::max(1, pol.threads);
+  const std::int64_t block = std::clamp<std::int64_t>((cols / (4 * threads) + 15) / 16 * 16, 16, 256);
   const std::int64_t nblocks = (cols + block - 1) / block;
   for_each_row(pol, nblocks, [&](std::int64_t bi) {
     const std::int64_t c0 = bi * block, c1 = std::min(cols, c0 + block);
@@ -67,6 +71,7 @@ using cpu::all_finite;
 using cpu::column_sums;
 using cpu::for_each_chunk;
 using cpu::for_each_row;
+using cpu::for_each_row_cyclic;
 using cpu::gemm;
 using cpu::gemm_desc;
 }  // namespace dino

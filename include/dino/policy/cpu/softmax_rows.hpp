@@ -12,6 +12,7 @@
 //                         optionally exp(s / tau - max) into the gradient row
 //   student_row_grad_*:   ds (=|+=) scale * (mass * softmax(s / tau) - sum_i q_i), from those
 //                         exp values in place, or recomputing them to accumulate
+//   softmax_row_inplace:  a short row's softmax in place (attention), one exp per element
 //
 // The composition of the math/ functors is the reference these are tested against.
 #pragma once
@@ -86,6 +87,29 @@ inline double row_sum(const T* x, std::int64_t K) {
   double s = 0;
   for (std::int64_t k0 = 0; k0 < K; k0 += tile) s += double(detail::arr_map<T>(x + k0, K - k0 < tile ? K - k0 : tile).sum());
   return s;
+}
+
+/// x = softmax(x) over one short row, in place (attention probabilities): a max sweep, the
+/// vectorised exp of x - max (one exp per element, where math::softmax_row takes two), then
+/// x / sum with the sum accumulated in T in index order. A row holding NaN or +inf, or only
+/// -inf, becomes all NaN, as math::softmax_row makes it (the vectorised exp clamps a NaN).
+template <class T>
+inline void softmax_row_inplace(T* x, std::int64_t n) {
+  T mx = -INFINITY;
+  bool bad = false;
+  for (std::int64_t i = 0; i < n; ++i) {
+    bad |= !(x[i] < T(INFINITY));
+    mx = x[i] > mx ? x[i] : mx;
+  }
+  if (bad || mx == -T(INFINITY)) {  // (all -inf: NaN too, as exp(-inf - -inf))
+    for (std::int64_t i = 0; i < n; ++i) x[i] = T(NAN);
+    return;
+  }
+  for (std::int64_t i = 0; i < n; ++i) x[i] -= mx;
+  exp_inplace(x, n);
+  T s = 0;
+  for (std::int64_t i = 0; i < n; ++i) s += x[i];
+  for (std::int64_t i = 0; i < n; ++i) x[i] /= s;
 }
 
 /// The forward of one student row against up to 8 target rows.

@@ -24,8 +24,9 @@
 
 namespace dino::cpu {
 
-#if defined(__SSE2__) && !defined(__AVX2__)
+#if defined(__SSE2__)
 namespace detail {
+// Also used by the GELU kernel (policy/cpu/gelu_kernel.hpp), whatever the ISA level.
 inline __m128 exp_ps(__m128 x) {
   const __m128 hi = _mm_set1_ps(88.3762626647949f), lo = _mm_set1_ps(-87.3365478515625f);
   x = _mm_min_ps(_mm_max_ps(x, lo), hi);
