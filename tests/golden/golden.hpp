@@ -28,6 +28,8 @@
 #include <string>
 #include <vector>
 
+#include <doctest/doctest.h>
+
 namespace dino_golden {
 
 struct tensor {
@@ -152,6 +154,32 @@ inline error compare(const A* actual, const std::vector<double>& expected, doubl
   e.elem = e.max_abs / (bmax + abs_floor);
   if (!e.finite) e.rel_norm = e.elem = INFINITY;
   return e;
+}
+
+/// Loads every tensor of `layout` from "<prefix><name>"; the shapes must match and every
+/// stored "<prefix>..." tensor must be in the layout.
+template <class Params>
+void load_params(const file& g, const std::string& prefix, Params& P) {
+  P.fill_zero();
+  for (const auto& e : P.layout().entries()) {
+    const std::string key = prefix + e.name;
+    REQUIRE_MESSAGE(g.has(key), "the golden file has no tensor ", key);
+    const tensor& t = g[key];
+    REQUIRE(t.dtype == 0);
+    REQUIRE_MESSAGE(static_cast<int>(t.dims.size()) == e.shape.rank, key, ": golden shape ", t.shape_str(),
+                    ", layout shape ", e.shape.str());
+    for (int d = 0; d < e.shape.rank; ++d) REQUIRE_MESSAGE(t.dims[std::size_t(d)] == e.shape[d], key, ": golden shape ",
+                                                           t.shape_str(), ", layout shape ", e.shape.str());
+    std::copy(t.f32.begin(), t.f32.end(), P.data() + e.offset);
+  }
+  int stored = 0;
+  for (const auto& kv : g.all())
+    if (kv.first.rfind(prefix, 0) == 0) {
+      ++stored;
+      CHECK_MESSAGE(P.layout().find(kv.first.substr(prefix.size())) != nullptr, "the layout has no tensor for ",
+                    kv.first);
+    }
+  CHECK(stored == static_cast<int>(P.layout().entries().size()));
 }
 
 }  // namespace dino_golden

@@ -20,6 +20,8 @@
 
 #include "golden.hpp"
 
+using dino_golden::load_params;
+
 namespace {
 
 using dino::buffer;
@@ -63,30 +65,6 @@ void check_close(worst& w, const std::string& what, const A* actual, std::size_t
   CHECK(e.elem <= tol);
 }
 
-/// Loads every tensor of `layout` from "<prefix><name>"; the shapes must match and every
-/// stored "<prefix>..." tensor must be in the layout.
-void load_params(const dino_golden::file& g, const std::string& prefix, flat_params<float>& P) {
-  P.fill_zero();
-  for (const param_entry& e : P.layout().entries()) {
-    const std::string key = prefix + e.name;
-    REQUIRE_MESSAGE(g.has(key), "the golden file has no tensor ", key);
-    const dino_golden::tensor& t = g[key];
-    REQUIRE(t.dtype == 0);
-    REQUIRE_MESSAGE(static_cast<int>(t.dims.size()) == e.shape.rank, key, ": golden shape ", t.shape_str(),
-                    ", layout shape ", e.shape.str());
-    for (int d = 0; d < e.shape.rank; ++d) REQUIRE_MESSAGE(t.dims[std::size_t(d)] == e.shape[d], key, ": golden shape ",
-                                                           t.shape_str(), ", layout shape ", e.shape.str());
-    std::copy(t.f32.begin(), t.f32.end(), P.data() + e.offset);
-  }
-  int stored = 0;
-  for (const auto& kv : g.all())
-    if (kv.first.rfind(prefix, 0) == 0) {
-      ++stored;
-      CHECK_MESSAGE(P.layout().find(kv.first.substr(prefix.size())) != nullptr, "the layout has no tensor for ",
-                    kv.first);
-    }
-  CHECK(stored == static_cast<int>(P.layout().entries().size()));
-}
 
 /// Compares every tensor of `P` with "<prefix><name>".
 void check_params(worst& w, const dino_golden::file& g, const std::string& prefix, const flat_params<float>& P,
