@@ -6,7 +6,9 @@
 #include <cstdlib>
 #include <map>
 #include <stdexcept>
+#include <sstream>
 #include <string>
+#include <cmath>
 #include <vector>
 
 namespace dino_cli {
@@ -14,6 +16,22 @@ namespace dino_cli {
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+/// "a,b,c" as finite numbers; usage_error naming --flag otherwise.
+inline std::vector<double> number_list(const std::string& flag, const std::string& s) {
+  std::vector<double> v;
+  std::stringstream ss(s);
+  std::string t;
+  while (std::getline(ss, t, ',')) {
+    char* end = nullptr;
+    const double x = std::strtod(t.c_str(), &end);
+    if (t.empty() || !end || *end || !std::isfinite(x))
+      throw usage_error("--" + flag + " must be comma-separated numbers, got '" + s + "'");
+    v.push_back(x);
+  }
+  if (v.empty()) throw usage_error("--" + flag + " is empty");
+  return v;
+}
 
 class flags {
  public:

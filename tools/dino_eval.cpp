@@ -108,20 +108,6 @@ dino_cli::flags make_flags() {
 
 // ---------------------------------------------------------------- small helpers
 
-std::vector<double> number_list(const std::string& flag, const std::string& s) {
-  std::vector<double> v;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ',')) {
-    char* end = nullptr;
-    const double x = std::strtod(t.c_str(), &end);
-    if (t.empty() || !end || *end || !std::isfinite(x))
-      throw usage_error("--" + flag + " must be comma-separated numbers, got '" + s + "'");
-    v.push_back(x);
-  }
-  if (v.empty()) throw usage_error("--" + flag + " is empty");
-  return v;
-}
 
 std::string read_text(const std::string& path) {
   std::ifstream f(path);
@@ -460,7 +446,7 @@ data_opts data_options(const dino_cli::flags& f, const D& ds, const model_t* m) 
   if (ds.channels() == 1 && o.mean.size() != 1) o.mean = {0.5f}, o.stdev = {0.5f};
   auto floats = [&](const char* k) {
     std::vector<float> v;
-    for (double x : number_list(k, f.str(k))) v.push_back(float(x));
+    for (double x : dino_cli::number_list(k, f.str(k))) v.push_back(float(x));
     if (std::int64_t(v.size()) != ds.channels())
       throw usage_error(std::string("--") + k + " needs " + std::to_string(ds.channels()) + " values (one per channel)");
     return v;
@@ -672,7 +658,7 @@ std::string default_out(const dino_cli::flags& f, const model_info& info, const 
 int mode_knn(const dino_cli::flags& f) {
   const dino::cpu_policy pol{int(f.integer("threads", 1))};
   std::vector<int> ks;
-  for (double k : number_list("k", f.str("k"))) {
+  for (double k : dino_cli::number_list("k", f.str("k"))) {
     if (k < 1 || k != std::floor(k)) throw usage_error("--k values must be positive integers, got '" + f.str("k") + "'");
     ks.push_back(int(k));
   }

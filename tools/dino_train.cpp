@@ -74,10 +74,7 @@ dino_cli::flags make_flags() {
 }
 
 std::vector<double> pair_of(const std::string& flag, const std::string& s) {
-  std::vector<double> v;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ',')) v.push_back(std::atof(t.c_str()));
+  const std::vector<double> v = dino_cli::number_list(flag, s);
   if (v.size() != 2 || !(v[0] > 0) || !(v[1] >= v[0]) || v[1] > 1)
     throw dino_cli::usage_error("--" + flag + " must be two numbers lo,hi with 0 < lo <= hi <= 1, got '" + s + "'");
   return v;
