@@ -233,11 +233,11 @@ class method {
     if constexpr (images) r_.dtok_n = static_cast<std::size_t>(student_pack_.tokens * D);
     bsaved_ = bb_saved;
     workspace_plan p;
-    for (std::size_t elems : {r_.saved_n, r_.scratch_n,
-                              n(ns * D), n(ns * D), n(ns * K), n(ns * K),  // features, their grad, logits, grad
-                              n(nt * D), n(nt * K), n(nt * K),             // teacher features, logits, targets
-                              n(ns), n(nt), r_.dtok_n})                    // per-row loss and entropy, token grads
-      p.add_bytes(elems * sizeof(T));
+    // features, their grad, logits, grad; teacher features, logits, targets; per-row loss
+    // and entropy, token grads (a named array: nvcc's front end rejects a braced range-for)
+    const std::size_t regions_elems[] = {r_.saved_n, r_.scratch_n, n(ns * D), n(ns * D), n(ns * K), n(ns * K),
+                                         n(nt * D), n(nt * K), n(nt * K), n(ns), n(nt), r_.dtok_n};
+    for (std::size_t elems : regions_elems) p.add_bytes(elems * sizeof(T));
     ws_ = workspace(p);
     r_.saved = ws_.take<T>(r_.saved_n, "saved activations");
     r_.scratch = ws_.take<T>(r_.scratch_n, "scratch");

@@ -1,0 +1,52 @@
+// dino/policy/cuda/context.cuh: owns what a cuda_policy points to.
+//
+//   dino::cuda::context ctx;              // device 0, a new stream, cuBLASLt, 32 MiB workspace
+//   dino::cuda_policy pol = ctx.policy(); // pass to every GPU operation
+//
+// One context per thread of work; the policy is a cheap copy.
+#pragma once
+
+#include <cstddef>
+
+#include "dino/policy/cuda/memory.cuh"
+#include "dino/policy/cuda/policy.cuh"
+
+namespace dino::cuda {
+
+class context {
+ public:
+  /// Selects `device`, creates a non-blocking stream, a cuBLASLt handle and its workspace.
+  explicit context(int device = 0, std::size_t gemm_workspace_bytes = std::size_t(32) << 20) {
+    require<cuda_error>(cuda_device_available(), "CUDA: no CUDA device is available");
+    DINO_CUDA_CHECK(cudaSetDevice(device));
+    DINO_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DINO_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    ws_.resize(gemm_workspace_bytes, false, "cuBLASLt workspace");
+    flags_.resize(16, true, "policy flags");
+    DINO_CUDA_CHECK(cudaMallocHost(&host_flags_, 16 * sizeof(int)));
+  }
+  context(const context&) = delete;
+  context& operator=(const context&) = delete;
+  ~context() {
+    if (stream_) (void)cudaStreamSynchronize(stream_);
+    if (host_flags_) (void)cudaFreeHost(host_flags_);
+    if (lt_) (void)cublasLtDestroy(lt_);
+    if (stream_) (void)cudaStreamDestroy(stream_);
+  }
+
+  /// A policy on this context's stream; tf32 turns on TF32 tensor cores for fp32 GEMMs.
+  cuda_policy policy(bool tf32 = false) const {
+    return cuda_policy{stream_, lt_, ws_.data(), ws_.size(), tf32, flags_.data(), host_flags_};
+  }
+  cudaStream_t stream() const { return stream_; }
+  void synchronize() const { DINO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  mutable device_buffer<std::byte> ws_;  // mutable: a const context still hands out a usable policy
+  mutable device_buffer<int> flags_;
+  int* host_flags_ = nullptr;
+};
+
+}  // namespace dino::cuda

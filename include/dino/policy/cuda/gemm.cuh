@@ -1,0 +1,140 @@
+// dino/policy/cuda/gemm.cuh: row-major GEMM through cuBLASLt, the twin of policy/cpu/gemm.hpp.
+//
+//   C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C[m, n]       (same gemm_desc)
+//
+// cuBLASLt is column-major; a row-major X with leading dimension ld is the column-major X^T,
+// so the call computes C^T = op(B)^T op(A)^T: A and B swap places, m and n swap, and each
+// keeps its own transpose flag. beta == 0 never reads C. fp32 runs on exact fp32 arithmetic
+// unless pol.tf32 asks for TF32 tensor cores; double runs in double.
+//
+// Descriptors and the chosen algorithm are cached per shape (host memory, made the first
+// time a shape is seen, so a step's GEMMs allocate nothing after the first step).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+
+#include "dino/policy/cpu/gemm.hpp"  // gemm_desc (no Eigen type crosses into this file)
+#include "dino/policy/cuda/parallel.cuh"
+#include "dino/policy/cuda/policy.cuh"
+
+namespace dino::cuda {
+
+using cpu::gemm_desc;
+
+namespace detail {
+
+struct lt_plan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+// Key: handle, workspace size, dtype, TF32, transposes, sizes, leading dims, batch and strides.
+using lt_key = std::tuple<void*, std::size_t, int, bool, bool, bool, std::int64_t, std::int64_t, std::int64_t,
+                          std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                          std::int64_t>;
+
+inline std::map<lt_key, lt_plan>& lt_cache() {
+  static std::map<lt_key, lt_plan> cache;  // plans live as long as the program
+  return cache;
+}
+inline std::mutex& lt_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+inline void set_batch(cublasLtMatrixLayout_t l, std::int64_t batch, std::int64_t stride) {
+  if (batch <= 1) return;
+  const int count = static_cast<int>(batch);
+  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+  DINO_CUBLAS_CHECK(
+      cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+}
+
+template <class T>
+inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::int64_t lda, std::int64_t ldb,
+                               std::int64_t ldc) {
+  constexpr bool dbl = std::is_same_v<T, double>;
+  const bool tf32 = !dbl && pol.tf32;
+  const lt_key key{pol.lt, pol.gemm_workspace_bytes, dbl ? 1 : 0, tf32, d.trans_a, d.trans_b, d.m, d.n, d.k, lda,
+                   ldb, ldc, d.batch, d.stride_a, d.stride_b, d.stride_c};
+  std::lock_guard<std::mutex> lock(lt_mutex());
+  auto& cache = lt_cache();
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+
+  const cudaDataType_t dt = dbl ? CUDA_R_64F : CUDA_R_32F;
+  const cublasComputeType_t ct = dbl ? CUBLAS_COMPUTE_64F : (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
+  lt_plan p;
+  DINO_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, ct, dt));
+  // Column-major view: C^T[n, m] = op(B)^T[n, k] op(A)^T[k, m]; "A" of the call is B's memory.
+  const cublasOperation_t ta = d.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, tb = d.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  // Stored column-major shapes: B's memory is [n, k] (or [k, n] when transposed), A's [k, m] (or [m, k]).
+  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, dt, d.trans_b ? d.k : d.n, d.trans_b ? d.n : d.k, ldb));
+  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, dt, d.trans_a ? d.m : d.k, d.trans_a ? d.k : d.m, lda));
+  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, dt, d.n, d.m, ldc));
+  set_batch(p.a, d.batch, d.stride_b);
+  set_batch(p.b, d.batch, d.stride_a);
+  set_batch(p.c, d.batch, d.stride_c);
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  DINO_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const std::size_t ws = pol.gemm_workspace_bytes;
+  DINO_CUBLAS_CHECK(
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(pol.lt, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (s != CUBLAS_STATUS_SUCCESS || found == 0)
+    throw cuda_error(::dino::detail::concat("cuBLASLt: no algorithm for gemm m=", d.m, " n=", d.n, " k=", d.k,
+                                            " batch=", d.batch, " (status ", int(s), ")"));
+  p.algo = result.algo;
+  return cache.emplace(key, p).first->second;
+}
+
+template <class T>
+struct scale_chunk {
+  T* c;
+  T beta;
+  std::int64_t cols, ld;
+  DINO_HD void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) {
+      T& x = c[(i / cols) * ld + i % cols];
+      x = beta == T(0) ? T(0) : beta * x;
+    }
+  }
+};
+
+}  // namespace detail
+
+/// Runs the (batched) product described by d on pol.stream (no synchronisation).
+template <class T>
+inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "dino::cuda::gemm: float or double");
+  require<shape_error>(d.m >= 0 && d.n >= 0 && d.k >= 0 && d.batch >= 1, "gemm: invalid sizes m=", d.m, " n=", d.n,
+                       " k=", d.k, " batch=", d.batch);
+  if (d.m == 0 || d.n == 0) return;
+  const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k);
+  const std::int64_t ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
+  const std::int64_t ldc = d.ldc ? d.ldc : d.n;
+  if (d.k == 0) {  // empty product: C = beta * C, batch by batch
+    for (std::int64_t i = 0; i < d.batch; ++i)
+      for_each_chunk(pol, d.m * d.n, detail::scale_chunk<T>{C + i * d.stride_c, beta, d.n, ldc});
+    return;
+  }
+  const detail::lt_plan& p = detail::plan_for<T>(pol, d, lda, ldb, ldc);
+  DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
+                                   pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+}
+
+}  // namespace dino::cuda
+
+namespace dino {
+using cuda::gemm;
+}  // namespace dino

@@ -1,0 +1,143 @@
+// dino/policy/cuda/memory.cuh: device memory that is allocated once, and copies.
+//
+// device_buffer<T> is the device twin of buffer<T>: one cudaMalloc at construction or
+// resize, never in a step. Every device allocation of the library goes through
+// device_allocate(), which counts them (device_allocations()): a test runs steps and checks
+// the count does not move. device_workspace is the bump allocator of core/workspace.hpp
+// over one device allocation, planned with the same workspace_plan.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "dino/core/tensor.hpp"
+#include "dino/core/workspace.hpp"
+#include "dino/policy/cuda/policy.cuh"
+
+namespace dino::cuda {
+
+namespace detail {
+inline std::atomic<std::uint64_t>& allocation_counter() {
+  static std::atomic<std::uint64_t> n{0};
+  return n;
+}
+}  // namespace detail
+
+/// Number of device allocations made by the library so far.
+inline std::uint64_t device_allocations() { return detail::allocation_counter().load(); }
+
+inline void* device_allocate(std::size_t bytes, const char* what) {
+  if (bytes == 0) return nullptr;
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw cuda_error(::dino::detail::concat("CUDA: cannot allocate ", bytes, " bytes of device memory for ", what, ": ",
+                                            cudaGetErrorString(e)));
+  }
+  ++detail::allocation_counter();
+  return p;
+}
+inline void device_free(void* p) noexcept {
+  if (p) (void)cudaFree(p);
+}
+
+/// Owning device memory of n elements of T (not initialised unless asked).
+template <class T>
+class device_buffer {
+ public:
+  device_buffer() = default;
+  explicit device_buffer(std::size_t n, bool zero = false, const char* what = "device_buffer") { resize(n, zero, what); }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+  device_buffer(device_buffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  device_buffer& operator=(device_buffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  ~device_buffer() { device_free(p_); }
+
+  /// Reallocates to n elements (contents are lost); zero-fills when asked (synchronously).
+  void resize(std::size_t n, bool zero = false, const char* what = "device_buffer") {
+    if (n != n_) {
+      device_free(p_);
+      p_ = nullptr;
+      n_ = 0;
+      p_ = static_cast<T*>(device_allocate(n * sizeof(T), what));
+      n_ = n;
+    }
+    if (zero && n_) DINO_CUDA_CHECK(cudaMemset(p_, 0, n_ * sizeof(T)));
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  std::size_t size() const { return n_; }
+  device_view<T> view(shape s, const char* name = "device_buffer") { return {p_, s, name}; }
+  device_view<const T> view(shape s, const char* name = "device_buffer") const { return {p_, s, name}; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+/// Host to device, on the stream (the host memory must stay alive until the stream reaches it).
+template <class T>
+inline void copy_to_device(cudaStream_t s, T* dst, const T* src, std::size_t n) {
+  if (n) DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s));
+}
+/// Device to host, on the stream.
+template <class T>
+inline void copy_to_host(cudaStream_t s, T* dst, const T* src, std::size_t n) {
+  if (n) DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s));
+}
+/// Device to device, on the stream.
+template <class T>
+inline void copy_on_device(cudaStream_t s, T* dst, const T* src, std::size_t n) {
+  if (n) DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, s));
+}
+inline void synchronize(cudaStream_t s) { DINO_CUDA_CHECK(cudaStreamSynchronize(s)); }
+
+/// A device copy of host data (allocates: for set-up and tests, not for a step).
+template <class T>
+inline device_buffer<T> to_device(std::span<const T> host, const char* what = "to_device") {
+  device_buffer<T> d(host.size(), false, what);
+  if (!host.empty()) DINO_CUDA_CHECK(cudaMemcpy(d.data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+/// A host copy of n device elements (synchronous: for tests, logging and checkpoints).
+template <class T>
+inline std::vector<T> to_host(const T* device, std::size_t n) {
+  std::vector<T> h(n);
+  if (n) DINO_CUDA_CHECK(cudaMemcpy(h.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+/// The bump allocator of core/workspace.hpp over one device allocation.
+class device_workspace {
+ public:
+  device_workspace() = default;
+  explicit device_workspace(const workspace_plan& plan) : mem_(plan.bytes, false, "device workspace") {}
+  template <class T>
+  T* take(std::size_t n, const char* what = "scratch") {
+    const std::size_t need = workspace_plan::round_up(n * sizeof(T));
+    if (used_ + need > mem_.size())
+      throw config_error(::dino::detail::concat("device workspace: request for ", what, " (", need,
+                                                " bytes) exceeds the plan: ", mem_.size() - used_, " of ", mem_.size(),
+                                                " bytes left"));
+    T* p = reinterpret_cast<T*>(mem_.data() + used_);
+    used_ += need;
+    return p;
+  }
+  void reset() { used_ = 0; }
+  std::size_t capacity() const { return mem_.size(); }
+  std::size_t used() const { return used_; }
+
+ private:
+  device_buffer<std::byte> mem_;
+  std::size_t used_ = 0;
+};
+
+}  // namespace dino::cuda

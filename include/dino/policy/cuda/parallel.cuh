@@ -1,0 +1,72 @@
+// dino/policy/cuda/parallel.cuh: the row and element runners of the CUDA policy.
+//
+// The same calls as policy/cpu/parallel.hpp, over functors written once in math/ or in a
+// module (DINO_HD, captured by value: the functor is copied to the kernel's parameters, so
+// it holds device pointers and sizes, never references to host objects).
+//   for_each_row(pol, rows, f)        f(r) for every r in [0, rows): one thread per row
+//   for_each_row_cyclic(pol, rows, f) the same (the CPU's dealing order does not matter here)
+//   for_each_chunk(pol, n, f)         f(b, e) over ranges covering [0, n), one small range
+//                                     per thread, consecutive threads on consecutive ranges
+// Kernels go to pol.stream and return at once (no synchronisation). Row functors that
+// would gain from a warp or block per row (LayerNorm, softmax over K) have their own kernels.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "dino/config.hpp"
+#include "dino/policy/cuda/policy.cuh"
+
+namespace dino::cuda {
+
+namespace detail {
+inline constexpr int threads_per_block = 256;
+
+template <class F>
+__global__ void rows_kernel(std::int64_t rows, F f) {
+  for (std::int64_t r = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows;
+       r += std::int64_t(blockDim.x) * gridDim.x)
+    f(r);
+}
+template <class F>
+__global__ void chunks_kernel(std::int64_t n, std::int64_t per, F f) {
+  const std::int64_t chunks = (n + per - 1) / per;
+  for (std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks;
+       c += std::int64_t(blockDim.x) * gridDim.x) {
+    const std::int64_t b = c * per;
+    f(b, b + per < n ? b + per : n);
+  }
+}
+inline unsigned grid_for(std::int64_t work, int block = threads_per_block) {
+  const std::int64_t g = (work + block - 1) / block;
+  return static_cast<unsigned>(std::clamp<std::int64_t>(g, 1, 65535LL * 16));
+}
+}  // namespace detail
+
+template <class F>
+inline void for_each_row(const cuda_policy& pol, std::int64_t rows, F f) {
+  if (rows <= 0) return;
+  detail::rows_kernel<<<detail::grid_for(rows), detail::threads_per_block, 0, pol.stream>>>(rows, f);
+  DINO_CUDA_LAUNCHED("for_each_row");
+}
+template <class F>
+inline void for_each_row_cyclic(const cuda_policy& pol, std::int64_t rows, F f) {
+  for_each_row(pol, rows, f);
+}
+/// Ranges of 4 elements: enough for the functor's inner loop to stay simple, small enough
+/// for the whole GPU to take part in a pass over a flat parameter buffer.
+template <class F>
+inline void for_each_chunk(const cuda_policy& pol, std::int64_t n, F f) {
+  if (n <= 0) return;
+  constexpr std::int64_t per = 4;
+  detail::chunks_kernel<<<detail::grid_for((n + per - 1) / per), detail::threads_per_block, 0, pol.stream>>>(n, per, f);
+  DINO_CUDA_LAUNCHED("for_each_chunk");
+}
+
+}  // namespace dino::cuda
+
+namespace dino {
+using cuda::for_each_chunk;
+using cuda::for_each_row;
+using cuda::for_each_row_cyclic;
+}  // namespace dino

@@ -1,0 +1,61 @@
+// Helpers of the GPU tests: one context per binary, random host data, and the comparison
+// of a device result with its CPU twin under a per-operation bound.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <dino/cuda.hpp>
+
+namespace dino_test {
+
+inline dino::cuda::context& gpu() {
+  static dino::cuda::context ctx;
+  return ctx;
+}
+
+/// n values uniform in [lo, hi) from Philox (seed, stream).
+template <class T>
+std::vector<T> random_vector(std::size_t n, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  std::vector<T> v(n);
+  dino::philox rng(seed, 0);
+  for (auto& x : v) x = static_cast<T>(lo + (hi - lo) * rng.uniform_double());
+  return v;
+}
+
+template <class T>
+dino::cuda::device_buffer<T> upload(const std::vector<T>& h) {
+  return dino::cuda::to_device(std::span<const T>(h));
+}
+template <class T>
+std::vector<T> download(const dino::cuda::device_buffer<T>& d) {
+  dino::cuda::synchronize(gpu().stream());
+  return dino::cuda::to_host(d.data(), d.size());
+}
+
+/// Largest |a - b| / (|b| + floor) over the arrays; the floor keeps near-zero values from
+/// dominating (it is the scale below which absolute error is what counts).
+template <class T>
+double max_rel_error(const std::vector<T>& a, const std::vector<T>& b, double floor = 1e-3) {
+  REQUIRE(a.size() == b.size());
+  double worst = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = std::abs(double(a[i]) - double(b[i])) / (std::abs(double(b[i])) + floor);
+    if (!(d <= worst)) worst = d;  // NaN propagates as a failure
+  }
+  return worst;
+}
+
+#define DINO_CHECK_CLOSE(gpu_values, cpu_values, bound)                                  \
+  do {                                                                                  \
+    const double dino_err_ = ::dino_test::max_rel_error((gpu_values), (cpu_values));    \
+    INFO("max relative error " << dino_err_ << " (bound " << (bound) << ")");           \
+    CHECK(dino_err_ <= (bound));                                                        \
+  } while (0)
+
+}  // namespace dino_test
