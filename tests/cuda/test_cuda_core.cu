@@ -55,7 +55,7 @@ TEST_CASE("cuda gemm: leading dimensions, strided batches, k = 0 and TF32") {
   check_gemm<float>(empty, 1.0f, 0.5f, 0.0);
   check_gemm<float>(empty, 1.0f, 0.0f, 0.0);
   // TF32 rounds operands to 10 mantissa bits: a looser, separate bound (never applied to fp32).
-  check_gemm<float>(gemm_desc{false, false, 128, 96, 256}, 1.0f, 0.0f, 2e-2, true);
+  check_gemm<float>(gemm_desc{false, false, 128, 96, 256}, 1.0f, 0.0f, 5e-3, true);
 }
 
 TEST_CASE("cuda gemm with beta = 0 never reads C") {
@@ -129,7 +129,7 @@ TEST_CASE("cuda row and chunk runners call the functor once per row and element"
   DINO_CHECK_CLOSE(download(dy), y, 0.0);
   dino::for_each_chunk(gpu().policy(), std::int64_t(x.size()), axpy_chunk{dx.data(), dyc.data(), 2.0f});
   dino::for_each_chunk(cpu_policy{1}, std::int64_t(x.size()), axpy_chunk{x.data(), yc.data(), 2.0f});
-  DINO_CHECK_CLOSE(download(dyc), yc, 0.0);
+  DINO_CHECK_CLOSE(download(dyc), yc, 1e-7);  // nvcc contracts y + a x into one FMA; the CPU build does not
 }
 
 TEST_CASE("device memory: counted allocations, workspaces that refuse to overflow") {
