@@ -68,4 +68,16 @@ class buffer {
   std::size_t n_ = 0;
 };
 
+/// The owner of memory in a space: buffer<T> on the host; the CUDA policy specialises it
+/// for device_space (policy/cuda/memory.cuh). copy() copies n elements within the space.
+template <class T, class Space>
+struct storage_for;
+template <class T>
+struct storage_for<T, host_space> {
+  using type = buffer<T>;
+  static void copy(T* dst, const T* src, std::size_t n) {
+    if (n) std::memcpy(static_cast<void*>(dst), src, n * sizeof(T));
+  }
+};
+
 }  // namespace dino

@@ -99,10 +99,13 @@ class param_layout {
   std::size_t total_ = 0;
 };
 
-/// A flat buffer laid out by a param_layout; named, typed views into it.
-template <class T>
+/// A flat buffer laid out by a param_layout; named, typed views into it. Space says where
+/// it lives: host memory (the default) or, with <dino/cuda.hpp>, device memory.
+template <class T, class Space = host_space>
 class flat_params {
  public:
+  using space = Space;
+  using storage = typename storage_for<T, Space>::type;
   flat_params() = default;
   explicit flat_params(const param_layout& layout) : layout_(&layout), data_(layout.size(), true) {}
 
@@ -110,31 +113,39 @@ class flat_params {
   T* data() { return data_.data(); }
   const T* data() const { return data_.data(); }
   std::size_t size() const { return data_.size(); }
+  /// Zeroes every element (on the device: synchronously, for set-up; a step uses fill_zero(pol, ...)).
   void fill_zero() { data_.fill_zero(); }
 
-  host_view<T> view(std::string_view name) {
+  tensor_view<T, Space> view(std::string_view name) {
     const param_entry& e = layout_->at(name);
     return {data_.data() + e.offset, e.shape, e.name.c_str()};
   }
-  host_view<const T> view(std::string_view name) const {
+  tensor_view<const T, Space> view(std::string_view name) const {
     const param_entry& e = layout_->at(name);
     return {data_.data() + e.offset, e.shape, e.name.c_str()};
   }
-  host_view<T> view(const param_entry& e) { return {data_.data() + e.offset, e.shape, e.name.c_str()}; }
-  host_view<const T> view(const param_entry& e) const {
+  tensor_view<T, Space> view(const param_entry& e) { return {data_.data() + e.offset, e.shape, e.name.c_str()}; }
+  tensor_view<const T, Space> view(const param_entry& e) const {
     return {data_.data() + e.offset, e.shape, e.name.c_str()};
+  }
+  /// The whole buffer as one view.
+  tensor_view<T, Space> all(const char* name = "parameters") {
+    return {data_.data(), {std::int64_t(data_.size())}, name};
+  }
+  tensor_view<const T, Space> all(const char* name = "parameters") const {
+    return {data_.data(), {std::int64_t(data_.size())}, name};
   }
 
   /// Copies all tensors from another buffer of the same layout (padding included).
   void copy_from(const flat_params& o) {
     require<shape_error>(o.size() == size(), "flat_params::copy_from: sizes differ: ", o.size(), " vs ",
                          size());
-    std::copy(o.data_.begin(), o.data_.end(), data_.begin());
+    storage_for<T, Space>::copy(data_.data(), o.data_.data(), size());
   }
 
  private:
   const param_layout* layout_ = nullptr;
-  buffer<T> data_;
+  storage data_;
 };
 
 }  // namespace dino

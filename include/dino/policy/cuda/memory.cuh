@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "dino/core/buffer.hpp"
 #include "dino/core/tensor.hpp"
 #include "dino/core/workspace.hpp"
 #include "dino/policy/cuda/policy.cuh"
@@ -71,6 +72,10 @@ class device_buffer {
       n_ = n;
     }
     if (zero && n_) DINO_CUDA_CHECK(cudaMemset(p_, 0, n_ * sizeof(T)));
+  }
+  /// Zeroes every element, synchronously (set-up; a step zeroes on its stream).
+  void fill_zero() {
+    if (n_) DINO_CUDA_CHECK(cudaMemset(p_, 0, n_ * sizeof(T)));
   }
   T* data() { return p_; }
   const T* data() const { return p_; }
@@ -141,3 +146,14 @@ class device_workspace {
 };
 
 }  // namespace dino::cuda
+
+namespace dino {
+/// Device memory for flat_params<T, device_space> and the other space-generic owners.
+template <class T>
+struct storage_for<T, device_space> {
+  using type = cuda::device_buffer<T>;
+  static void copy(T* dst, const T* src, std::size_t n) {
+    if (n) DINO_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice));
+  }
+};
+}  // namespace dino
