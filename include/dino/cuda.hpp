@@ -11,6 +11,7 @@
 #include "dino/policy/cuda/context.cuh"
 #include "dino/policy/cuda/gemm.cuh"
 #include "dino/policy/cuda/memory.cuh"
+#include "dino/policy/cuda/nn_ops.cuh"
 #include "dino/policy/cuda/parallel.cuh"
 #include "dino/policy/cuda/policy.cuh"
 #include "dino/policy/cuda/reduce.cuh"

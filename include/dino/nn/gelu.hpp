@@ -1,7 +1,9 @@
 // dino/nn/gelu.hpp: element-wise exact GELU over a tensor and its backward.
 //
 //   y = gelu(a);   da (=|+=) dy * gelu'(a)
-// The CPU policy runs the range kernels of policy/cpu/gelu_kernel.hpp (vectorised erf for float).
+// The CPU policy runs the range kernels of policy/cpu/gelu_kernel.hpp (vectorised erf for float);
+// the CUDA policy runs math::gelu / math::gelu_grad element-wise (policy/cuda/nn_ops.cuh).
+// Needs of the policy: gelu_apply and gelu_backward_apply.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +17,7 @@ template <class Policy, class T, class S>
 inline void gelu_forward(const Policy& pol, tensor_view<const T, S> a, tensor_view<T, S> y) {
   DINO_CHECK_SPACE(Policy, S);
   check_shape("gelu forward", y, a.shape);
-  for_each_chunk(pol, a.numel(), [&](std::int64_t b, std::int64_t e) { cpu::gelu_range(a.data + b, y.data + b, e - b); });
+  gelu_apply(pol, a.data, y.data, a.numel());
 }
 
 template <class Policy, class T, class S>
@@ -24,9 +26,7 @@ inline void gelu_backward(const Policy& pol, tensor_view<const T, S> a, tensor_v
   DINO_CHECK_SPACE(Policy, S);
   check_shape("gelu backward", dy, a.shape);
   check_shape("gelu backward", da, a.shape);
-  for_each_chunk(pol, a.numel(), [&](std::int64_t b, std::int64_t e) {
-    cpu::gelu_backward_range(a.data + b, dy.data + b, da.data + b, e - b, accumulate);
-  });
+  gelu_backward_apply(pol, a.data, dy.data, da.data, a.numel(), accumulate);
 }
 
 }  // namespace dino::nn

@@ -3,15 +3,17 @@
 //   y = (x - mean) * rstd * w + b      per row; w "<prefix>weight" [D] = 1, b "<prefix>bias" [D] = 0
 // saved: mean and rstd per row ([N, 2]); backward: dw += sum_rows dy * xhat, db += sum_rows dy,
 // dx (=|+=|skip) by grad_mode. Both parameters are 1-D, so they get no weight decay.
+// Any policy with layer_norm_rows, layer_norm_rows_backward and layer_norm_param_grads
+// (policy/cpu/nn_ops.hpp; on CUDA a warp per row with double sums, policy/cuda/nn_ops.cuh).
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 
 #include "dino/core/param_store.hpp"
 #include "dino/math/layernorm.hpp"
 #include "dino/policy/cpu.hpp"
+#include "dino/policy/cpu/nn_ops.hpp"
 
 namespace dino::nn {
 
@@ -40,14 +42,7 @@ class layer_norm {
     DINO_CHECK_SPACE(Policy, S);
     check_matrix("layer_norm forward", x, cfg_.dim);
     check_shape("layer_norm forward", y, x.shape);
-    const int D = static_cast<int>(cfg_.dim);
-    for_each_row(pol, x.rows(), [&](std::int64_t r) {
-      auto st = math::layernorm_row(x.data + r * D, P.data + w_, P.data + b_, y.data + r * D, D, T(cfg_.eps));
-      if (saved.data) {
-        saved.data[2 * r] = st.mean;
-        saved.data[2 * r + 1] = st.rstd;
-      }
-    });
+    layer_norm_rows(pol, x.data, P.data + w_, P.data + b_, y.data, saved.data, x.rows(), cfg_.dim, T(cfg_.eps));
   }
   template <class Policy, class T, class S>
   void infer(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<T, S> y,
@@ -63,31 +58,12 @@ class layer_norm {
     check_matrix("layer_norm backward", x, cfg_.dim);
     check_shape("layer_norm backward", dy, x.shape);
     const std::int64_t n = x.rows();
-    const int D = static_cast<int>(cfg_.dim);
     if (mode != grad_mode::skip) {
       check_shape("layer_norm backward", dx, x.shape);
-      for_each_row(pol, n, [&](std::int64_t r) {
-        math::layernorm_row_backward(x.data + r * D, P.data + w_, dy.data + r * D,
-                                     math::layernorm_stats<T>{saved.data[2 * r], saved.data[2 * r + 1]}, dx.data + r * D,
-                                     D, mode == grad_mode::accumulate);
-      });
+      layer_norm_rows_backward(pol, x.data, P.data + w_, dy.data, saved.data, dx.data, n, cfg_.dim,
+                               mode == grad_mode::accumulate);
     }
-    // Parameter gradients: parallel over column blocks, rows summed in order (deterministic,
-    // whatever the block width). Blocks of 16 to 64 columns, about 4 per thread.
-    const std::int64_t block = std::clamp<std::int64_t>((cfg_.dim / (4 * std::max(1, pol.threads)) + 15) / 16 * 16, 16, 64);
-    const std::int64_t nb = (cfg_.dim + block - 1) / block;
-    for_each_row(pol, nb, [&](std::int64_t bi) {
-      const std::int64_t c0 = bi * block, c1 = std::min<std::int64_t>(cfg_.dim, c0 + block);
-      for (std::int64_t r = 0; r < n; ++r) {
-        const T mean = saved.data[2 * r], rstd = saved.data[2 * r + 1];
-        const T* xr = x.data + r * D;
-        const T* dr = dy.data + r * D;
-        for (std::int64_t c = c0; c < c1; ++c) {
-          G.data[w_ + c] += dr[c] * (xr[c] - mean) * rstd;
-          G.data[b_ + c] += dr[c];
-        }
-      }
-    });
+    layer_norm_param_grads(pol, x.data, dy.data, saved.data, n, cfg_.dim, G.data + w_, G.data + b_);
   }
 
  private:

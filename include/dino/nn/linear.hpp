@@ -4,7 +4,8 @@
 // backward: dW += dy^T x,  db += sum_rows dy  (parameter gradients always accumulate)
 //           dx (=|+=|skip, by grad_mode) = dy W
 // Parameters and gradients are flat buffers laid out by the param_layout the layer
-// registered in; the layer keeps only offsets.
+// registered in; the layer keeps only offsets. Any policy with gemm, column_sums and
+// broadcast_rows (CPU, CUDA); all views in the policy's memory space.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include "dino/core/param_store.hpp"
 #include "dino/core/tensor.hpp"
 #include "dino/policy/cpu.hpp"
+#include "dino/policy/cpu/nn_ops.hpp"
 
 namespace dino::nn {
 
@@ -54,11 +56,7 @@ class linear {
     if (cfg_.bias) {
       // y = b (every row), then y += x W^T: one pass over y before the GEMM instead of the
       // GEMM's own zeroing of y (beta = 0) and a bias pass after it.
-      const T* b = P.data + b_;
-      for_each_row(pol, n, [&](std::int64_t r) {
-        T* yr = y.data + r * cfg_.out;
-        for (std::int64_t j = 0; j < cfg_.out; ++j) yr[j] = b[j];
-      });
+      broadcast_rows(pol, P.data + b_, y.data, n, cfg_.out);
       gemm(pol, d, T(1), x.data, P.data + w_, T(1), y.data);
     } else {
       gemm(pol, d, T(1), x.data, P.data + w_, T(0), y.data);

@@ -10,7 +10,8 @@
 //   saved_elems(N)   what forward keeps for backward: pre-activations and activations
 //   scratch_elems(N) what infer() and backward() need besides
 // forward writes y [N, dL]; backward accumulates parameter gradients into G and writes,
-// accumulates or skips dx [N, d0].
+// accumulates or skips dx [N, d0]. Any policy the linear layers and GELU run on; all views
+// in its memory space.
 #pragma once
 
 #include <algorithm>
@@ -86,7 +87,7 @@ class mlp {
         layers_[i].forward(pol, P, in, a);
         if (i + 1 == layers_.size()) {  // gelu_last: the activation is the output
           gelu_forward(pol, tensor_view<const T, S>(a), y);
-          std::copy(y.data, y.data + n * d, h.data);
+          copy_elements(pol, static_cast<const T*>(y.data), h.data, n * d);
         } else {
           gelu_forward(pol, tensor_view<const T, S>(a), h);
         }

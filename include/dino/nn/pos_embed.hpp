@@ -10,11 +10,21 @@
 // resize_plan holds, per output row and column, 4 clamped source indices and weights; the
 // forward is out[i, j, :] = sum_ab wy[i][a] wx[j][b] grid[y_ia, x_jb, :], and the backward
 // accumulates the transposed sum into the grid's gradient.
+//
+// Any policy: pos_resize_tables is a non-owning view of a resize's taps in the policy's memory
+// (host_tables() on the CPU; a ViT pack uploads them to the device once, at pack creation),
+// and pos_resize_forward / pos_resize_backward run the same sums through the policy's
+// runners: the forward one output element per call (16 taps in the order above), the
+// backward one column d per call, visiting (i, j, a, b) in the CPU's order (no atomics).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "dino/config.hpp"
+#include "dino/policy/cpu.hpp"
+#include "dino/policy/cpu/nn_ops.hpp"
 
 namespace dino::nn {
 
@@ -111,5 +121,92 @@ struct pos_resize {
       }
   }
 };
+
+/// The taps of a resize as pointers (host or device memory, as the policy that reads them).
+template <class T>
+struct pos_resize_tables {
+  std::int64_t g = 0, h0 = 0, w0 = 0;
+  bool identity = true;
+  const std::int64_t* yi = nullptr;  ///< [h0 * 4]
+  const T* yw = nullptr;             ///< [h0 * 4]
+  const std::int64_t* xi = nullptr;  ///< [w0 * 4]
+  const T* xw = nullptr;             ///< [w0 * 4]
+};
+
+/// Host pointers into r (valid while r lives unchanged).
+template <class T>
+pos_resize_tables<T> host_tables(const pos_resize<T>& r) {
+  return {r.g, r.h0, r.w0, r.identity, r.y.index.data(), r.y.weight.data(), r.x.index.data(), r.x.weight.data()};
+}
+
+namespace detail {
+template <class T>
+struct pos_resize_forward_fn {  // out element e = (i * w0 + j) * D + d
+  pos_resize_tables<T> t;
+  const T* grid;
+  T* out;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int64_t d = e % D, ij = e / D, i = ij / t.w0, j = ij % t.w0;
+      T o = T(0);
+      for (int a = 0; a < 4; ++a) {
+        const T wy = t.yw[i * 4 + a];
+        const std::int64_t yi = t.yi[i * 4 + a];
+        for (int b = 0; b < 4; ++b) {
+          const T wgt = wy * t.xw[j * 4 + b];
+          o += wgt * grid[(yi * t.g + t.xi[j * 4 + b]) * D + d];
+        }
+      }
+      out[e] = o;
+    }
+  }
+};
+
+template <class T>
+struct pos_resize_backward_fn {  // one column d of the grid gradient per call
+  pos_resize_tables<T> t;
+  const T* dout;
+  T* dgrid;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t d) const {
+    for (std::int64_t i = 0; i < t.h0; ++i)
+      for (std::int64_t j = 0; j < t.w0; ++j) {
+        const T o = dout[(i * t.w0 + j) * D + d];
+        for (int a = 0; a < 4; ++a) {
+          const T wy = t.yw[i * 4 + a];
+          const std::int64_t yi = t.yi[i * 4 + a];
+          for (int b = 0; b < 4; ++b) {
+            const T wgt = wy * t.xw[j * 4 + b];
+            dgrid[(yi * t.g + t.xi[j * 4 + b]) * D + d] += wgt * o;
+          }
+        }
+      }
+  }
+};
+
+template <class T>
+struct add_to_fn {  // x[i] += y[i]
+  T* x;
+  const T* y;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t i = lo; i < hi; ++i) x[i] += y[i];
+  }
+};
+}  // namespace detail
+
+/// out [h0 * w0, D] (=) the resized grid [g * g, D]; tables and data in the policy's memory.
+template <class Policy, class T>
+void pos_resize_forward(const Policy& pol, const pos_resize_tables<T>& t, const T* grid, T* out, std::int64_t D) {
+  if (t.identity) copy_elements(pol, grid, out, t.g * t.g * D);
+  else for_each_chunk(pol, t.h0 * t.w0 * D, detail::pos_resize_forward_fn<T>{t, grid, out, D});
+}
+
+/// dgrid [g * g, D] (+=) from dout [h0 * w0, D].
+template <class Policy, class T>
+void pos_resize_backward(const Policy& pol, const pos_resize_tables<T>& t, const T* dout, T* dgrid, std::int64_t D) {
+  if (t.identity) for_each_chunk(pol, t.g * t.g * D, detail::add_to_fn<T>{dgrid, dout});
+  else for_each_row(pol, D, detail::pos_resize_backward_fn<T>{t, dout, dgrid, D});
+}
 
 }  // namespace dino::nn

@@ -23,10 +23,21 @@
 // state, no DropPath; optionally the last block's CLS attention row and the normalised
 // outputs of the last n blocks), backward() (parameter gradients accumulate; the input
 // images get no gradient).
+//
+// Policies: any policy with the ops of linear, layer_norm, gelu and attention (CPU, CUDA).
+// Images, parameters, outputs, saved state, gradients and scratch live in the policy's
+// memory space. A pack made by make_pack(sets) serves the CPU; the device path reads the
+// pack's tables (segments, token-to-crop map, bicubic taps) from device memory uploaded once
+// by make_pack(pol, sets) or upload(pol, pack) (one allocation, owned by the pack and its
+// copies); attention takes the plan's host tables (segments, offsets: launch arguments). DropPath masks come from the same Philox draws on
+// both, so the GPU drops the same crops as the CPU.
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -82,7 +93,229 @@ struct vit_pack {
   std::vector<std::int64_t> cls_attn_off; ///< [segment] offset into a CLS-attention output
   std::int64_t tokens = 0, crops = 0, patches = 0, max_set_patches = 0;
   std::size_t probs = 0;
+
+  /// Device copies of the tables above (vit::upload); null pointers until uploaded.
+  struct device_tables {
+    const segment* segs = nullptr;               ///< [crops]
+    const std::int64_t* token_crop = nullptr;    ///< [tokens] crop of each token
+    std::vector<pos_resize_tables<T>> resize;    ///< per set, taps in device memory
+    std::shared_ptr<void> owner;                 ///< the one device allocation
+    bool ready = false;
+  } device;
 };
+
+namespace detail {
+// ---- functors of the ViT's glue, run by the policy's runners (host and device) ----------
+template <class T>
+struct unfold_rows_fn {  // one (crop, patch row) per call: the CPU's loop
+  const T* img;
+  T* u;
+  std::int64_t C, H, W, p, h0, w0, np, K;
+  DINO_HD void operator()(std::int64_t ci) const {
+    const std::int64_t c = ci / h0, i = ci % h0;
+    const T* im = img + c * C * H * W;
+    for (std::int64_t j = 0; j < w0; ++j) {
+      T* row = u + ((c * np) + i * w0 + j) * K;
+      for (std::int64_t ch = 0; ch < C; ++ch)
+        for (std::int64_t di = 0; di < p; ++di) {
+          const T* src = im + (ch * H + i * p + di) * W + j * p;
+          for (std::int64_t dj = 0; dj < p; ++dj) row[(ch * p + di) * p + dj] = src[dj];
+        }
+    }
+  }
+};
+template <class T>
+struct unfold_elems_fn {  // one element of the unfolded matrix [count * np, K] per index
+  const T* img;
+  T* u;
+  std::int64_t C, H, W, p, w0, np, K;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int64_t row = e / K, k = e % K;
+      const std::int64_t c = row / np, t = row % np, i = t / w0, j = t % w0;
+      const std::int64_t ch = k / (p * p), di = (k % (p * p)) / p, dj = k % p;
+      u[e] = img[c * C * H * W + (ch * H + i * p + di) * W + j * p + dj];
+    }
+  }
+};
+template <class T>
+struct embed_crop_fn {  // CPU: one crop of a set per call
+  const segment* segs;
+  std::int64_t first, np, D;
+  T* x;
+  const T *tmp, *pr, *cls, *pe, *bp;
+  DINO_HD void operator()(std::int64_t c) const {
+    T* xs = x + segs[first + c].offset * D;
+    for (std::int64_t d = 0; d < D; ++d) xs[d] = cls[d] + pe[d];
+    for (std::int64_t t = 0; t < np; ++t) {
+      const T* e = tmp + (c * np + t) * D;
+      const T* ps = pr + t * D;
+      T* xt = xs + (1 + t) * D;
+      for (std::int64_t d = 0; d < D; ++d) xt[d] = e[d] + bp[d] + ps[d];
+    }
+  }
+};
+template <class T>
+struct embed_elems_fn {  // device: one element of a set's token rows x0 [count * (1 + np), D]
+  T* x0;
+  const T *tmp, *pr, *cls, *pe, *bp;
+  std::int64_t np, D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int64_t d = e % D, rt = e / D, c = rt / (1 + np), t = rt % (1 + np);
+      x0[e] = t == 0 ? cls[d] + pe[d] : tmp[(c * np + t - 1) * D + d] + bp[d] + pr[(t - 1) * D + d];
+    }
+  }
+};
+template <class T>
+struct gather_cls_fn {  // y[c, :] = tokens[offset_c, :]
+  const segment* segs;
+  const T* tokens;
+  T* y;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t c) const {
+    for (std::int64_t d = 0; d < D; ++d) y[c * D + d] = tokens[segs[c].offset * D + d];
+  }
+};
+template <class T>
+struct scatter_cls_fn {  // d_tokens[r, d] = r is crop c's CLS row ? dy[c, d] : 0
+  const segment* segs;
+  const std::int64_t* token_crop;
+  const T* dy;
+  T* d_tokens;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int64_t r = e / D, c = token_crop[r];
+      d_tokens[e] = segs[c].offset == r ? dy[c * D + e % D] : T(0);
+    }
+  }
+};
+template <class T>
+struct residual_crop_fn {  // CPU: branch = base + dp[c] * branch over crop c
+  const segment* segs;
+  T* branch;
+  const T* base;
+  const T* dp;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t c) const {
+    const segment sg = segs[c];
+    const T k = dp[c];
+    T* o = branch + sg.offset * D;
+    const T* x = base + sg.offset * D;
+    for (std::int64_t i = 0; i < sg.length * D; ++i) o[i] = x[i] + k * o[i];
+  }
+};
+template <class T>
+struct residual_elems_fn {  // device: the same per element
+  const std::int64_t* token_crop;
+  T* branch;
+  const T* base;
+  const T* dp;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t i = lo; i < hi; ++i) branch[i] = base[i] + dp[token_crop[i / D]] * branch[i];
+  }
+};
+template <class T>
+struct scale_crop_fn {  // CPU: dst = src * scale[c] over crop c
+  const segment* segs;
+  const T* src;
+  const T* scale;
+  T* dst;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t c) const {
+    const segment sg = segs[c];
+    const T k = scale[c];
+    const T* s = src + sg.offset * D;
+    T* d = dst + sg.offset * D;
+    for (std::int64_t i = 0; i < sg.length * D; ++i) d[i] = s[i] * k;
+  }
+};
+template <class T>
+struct scale_elems_fn {  // device: the same per element
+  const std::int64_t* token_crop;
+  const T* src;
+  const T* scale;
+  T* dst;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t i = lo; i < hi; ++i) dst[i] = src[i] * scale[token_crop[i / D]];
+  }
+};
+template <class T>
+struct drop_path_fn {  // dp[branch * crops + c]: 0 or 1 / keep (1 when off)
+  T* dp;
+  std::int64_t crops;
+  double rate;
+  std::uint64_t seed, step;
+  std::int64_t layer;
+  DINO_HD void operator()(std::int64_t row) const {
+    constexpr std::uint32_t purpose = 2;
+    if (rate <= 0) {
+      dp[row] = T(1);
+      return;
+    }
+    const std::int64_t branch = row / crops, c = row % crops;
+    const double keep = 1.0 - rate;
+    philox g(seed, rng_subsequence(purpose, std::uint32_t(step), std::uint32_t(layer * 2 + branch)),
+             static_cast<std::uint64_t>(c) * 2);
+    const double u = 1.0 - g.uniform_double();  // [0, 1)
+    dp[row] = std::floor(keep + u) > 0 ? T(1.0 / keep) : T(0);
+  }
+};
+template <class T>
+struct patch_grad_gather_fn {  // device: tmp [count * np, D] = the set's patch-token rows of dx
+  const T* dx0;
+  T* tmp;
+  std::int64_t np, D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int64_t row = e / D, d = e % D, c = row / np, t = row % np;
+      tmp[e] = dx0[(c * (1 + np) + 1 + t) * D + d];
+    }
+  }
+};
+template <class T>
+struct cls_grad_fn {  // device: column d of the CLS and pos[0] gradients, crops in order
+  const T* dx0;
+  T* gcls;
+  T* gpos;
+  std::int64_t count, np, D;
+  DINO_HD void operator()(std::int64_t d) const {
+    for (std::int64_t c = 0; c < count; ++c) {
+      const T v = dx0[c * (1 + np) * D + d];
+      gcls[d] += v;
+      gpos[d] += v;
+    }
+  }
+};
+template <class T>
+struct crop_sum_fn {  // device: dpos[t] = sum over crops c in order of tmp[c * n + t]
+  const T* tmp;
+  T* dpos;
+  std::int64_t count, n;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t t = lo; t < hi; ++t) {
+      T s = T(0);
+      for (std::int64_t c = 0; c < count; ++c) s += tmp[c * n + t];
+      dpos[t] = s;
+    }
+  }
+};
+}  // namespace detail
+
+/// patches [count * (H/p) * (W/p), C p p] (=) the unfolded images [count, C, H, W] (NCHW), rows
+/// crop-major then patch row-major, columns in the conv weight's (C, p, p) order.
+template <class Policy, class T>
+void unfold_patches(const Policy& pol, const T* images, std::int64_t count, std::int64_t C, std::int64_t H,
+                    std::int64_t W, std::int64_t p, T* patches) {
+  const std::int64_t h0 = H / p, w0 = W / p, np = h0 * w0, K = C * p * p;
+  if constexpr (policy_traits<Policy>::is_host)
+    for_each_row(pol, count * h0, detail::unfold_rows_fn<T>{images, patches, C, H, W, p, h0, w0, np, K});
+  else
+    for_each_chunk(pol, count * np * K, detail::unfold_elems_fn<T>{images, patches, C, H, W, p, w0, np, K});
+}
 
 class vit {
  public:
@@ -158,6 +391,60 @@ class vit {
     return pk;
   }
 
+  /// make_pack(sets), with the tables a device path reads uploaded for `pol` (no-op on the CPU).
+  template <class T = float, class Policy>
+    requires execution_policy<Policy>
+  vit_pack<T> make_pack(const Policy& pol, std::vector<crop_set> sets) const {
+    vit_pack<T> pk = make_pack<T>(std::move(sets));
+    upload(pol, pk);
+    return pk;
+  }
+
+  /// Copies the pack's tables into one device allocation owned by the pack (set-up; allocates
+  /// and synchronises). A no-op for a host policy. Call again after changing the tables.
+  template <class Policy, class T>
+  void upload(const Policy& pol, vit_pack<T>& pk) const {
+    if constexpr (!policy_traits<Policy>::is_host) {
+      std::vector<std::byte> blob;
+      const auto put = [&blob](const void* src, std::size_t bytes) {
+        const std::size_t off = (blob.size() + 15) / 16 * 16;
+        blob.resize(off + bytes);
+        if (bytes) std::memcpy(blob.data() + off, src, bytes);
+        return off;
+      };
+      std::vector<std::int64_t> token_crop(static_cast<std::size_t>(pk.tokens));
+      for (std::size_t c = 0; c < pk.segs.size(); ++c)
+        for (std::int64_t t = 0; t < pk.segs[c].length; ++t)
+          token_crop[static_cast<std::size_t>(pk.segs[c].offset + t)] = static_cast<std::int64_t>(c);
+      const std::size_t o_segs = put(pk.segs.data(), pk.segs.size() * sizeof(segment));
+      const std::size_t o_tc = put(token_crop.data(), token_crop.size() * sizeof(std::int64_t));
+      std::vector<std::size_t> o_res;
+      for (const auto& r : pk.resize) {
+        o_res.push_back(put(r.y.index.data(), r.y.index.size() * sizeof(std::int64_t)));
+        o_res.push_back(put(r.y.weight.data(), r.y.weight.size() * sizeof(T)));
+        o_res.push_back(put(r.x.index.data(), r.x.index.size() * sizeof(std::int64_t)));
+        o_res.push_back(put(r.x.weight.data(), r.x.weight.size() * sizeof(T)));
+      }
+      auto& dev = pk.device;
+      dev.owner = upload_shared(pol, blob.data(), blob.size(), "vit pack tables");
+      const std::byte* base = static_cast<const std::byte*>(dev.owner.get());
+      dev.segs = reinterpret_cast<const segment*>(base + o_segs);
+      dev.token_crop = reinterpret_cast<const std::int64_t*>(base + o_tc);
+      dev.resize.clear();
+      for (std::size_t si = 0; si < pk.resize.size(); ++si) {
+        const auto& r = pk.resize[si];
+        dev.resize.push_back({r.g, r.h0, r.w0, r.identity, reinterpret_cast<const std::int64_t*>(base + o_res[4 * si]),
+                              reinterpret_cast<const T*>(base + o_res[4 * si + 1]),
+                              reinterpret_cast<const std::int64_t*>(base + o_res[4 * si + 2]),
+                              reinterpret_cast<const T*>(base + o_res[4 * si + 3])});
+      }
+      dev.ready = true;
+    } else {
+      (void)pol;
+      (void)pk;
+    }
+  }
+
   /// Elements of a CLS-attention output for a pack: sum over crops of heads * (1 + patches).
   template <class T>
   std::size_t cls_attention_elems(const vit_pack<T>& pk) const {
@@ -201,10 +488,11 @@ class vit {
 
   // ---- forward -------------------------------------------------------------------------
   /// Training forward: y [crops, D] (=) normalised CLS features; `saved` keeps what backward needs.
-  template <class T>
-  void forward(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, std::span<const T* const> images,
-               host_view<T> y, host_view<T> saved, std::uint64_t seed = 0, std::uint64_t step = 0) const {
-    check_io(pk, images, y);
+  template <class Policy, class T, class S>
+  void forward(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, std::span<const T* const> images,
+               tensor_view<T, S> y, tensor_view<T, S> saved, std::uint64_t seed = 0, std::uint64_t step = 0) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_io(pol, pk, images, y);
     require<shape_error>(static_cast<std::size_t>(saved.numel()) >= saved_elems(pk), "vit forward: saved: needs ",
                          saved_elems(pk), " elements, got ", saved.numel());
     const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens;
@@ -219,22 +507,23 @@ class vit {
       x = x_out;
     }
     // final norm over all tokens, CLS rows out
-    norm_.forward(pol, P, host_view<const T>{x, {Tn, D}, "tokens"}, host_view<T>{s.final_tok, {Tn, D}, "final tokens"},
-                  host_view<T>{s.final_stats, {Tn, 2}, "final norm stats"});
-    gather_cls(pk, s.final_tok, y.data);
+    norm_.forward(pol, P, tensor_view<const T, S>{x, {Tn, D}, "tokens"}, tensor_view<T, S>{s.final_tok, {Tn, D}, "final tokens"},
+                  tensor_view<T, S>{s.final_stats, {Tn, 2}, "final norm stats"});
+    gather_cls(pol, pk, s.final_tok, y.data);
   }
 
   /// The final normalised tokens kept by the last forward() ([T, D], pack order).
-  template <class T>
-  const T* saved_tokens(const vit_pack<T>& pk, host_view<const T> saved) const {
+  template <class T, class S>
+  const T* saved_tokens(const vit_pack<T>& pk, tensor_view<const T, S> saved) const {
     return split_saved<T>(const_cast<T*>(saved.data), pk).final_tok;
   }
 
   /// Inference: y [crops, D] (=) CLS features, and the optional outputs.
-  template <class T>
-  void infer(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, std::span<const T* const> images,
-             host_view<T> y, host_view<T> scratch, infer_outputs<T> out = {}) const {
-    check_io(pk, images, y);
+  template <class Policy, class T, class S>
+  void infer(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, std::span<const T* const> images,
+             tensor_view<T, S> y, tensor_view<T, S> scratch, infer_outputs<T> out = {}) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_io(pol, pk, images, y);
     require<shape_error>(static_cast<std::size_t>(scratch.numel()) >= infer_scratch_elems(pk),
                          "vit infer: scratch: needs ", infer_scratch_elems(pk), " elements, got ", scratch.numel());
     require<config_error>(out.n_last >= 0 && out.n_last <= cfg_.depth, "vit infer: n_last must lie in [0, depth = ",
@@ -252,39 +541,41 @@ class vit {
     T* emb = stats + 2 * Tn;
     T* pos = emb + static_cast<std::size_t>(pk.max_set_patches * std::max(patch_dim(), D));
     embed(pol, P, pk, images, emb, false, pos, xa, xb);
-    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return host_view<T>{p, {Tn, cols}, n}; };
-    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return host_view<const T>{p, {Tn, cols}, n}; };
+    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
+    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
     for (std::int64_t l = 0; l < cfg_.depth; ++l) {
       const block& blk = blocks_[std::size_t(l)];
       const bool last = l + 1 == cfg_.depth;
-      blk.norm1.forward(pol, P, cv(xa, D, "x"), hv(a, D, "ln1"), host_view<T>{stats, {Tn, 2}, "stats"});
+      blk.norm1.forward(pol, P, cv(xa, D, "x"), hv(a, D, "ln1"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
       blk.qkv.forward(pol, P, cv(a, D, "ln1"), hv(qkv, 3 * D, "qkv"));
       attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, qkv, o, probs,
                         last ? out.cls_attention : static_cast<T*>(nullptr), pk.cls_attn_off.data());
       // x_mid = x + proj(o), into xb
       blk.proj.forward(pol, P, cv(o, D, "attn"), hv(xb, D, "x_mid"));
       add_inplace(pol, xb, xa, TD);
-      blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), host_view<T>{stats, {Tn, 2}, "stats"});
+      blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
       blk.fc1.forward(pol, P, cv(a, D, "ln2"), hv(h, H, "fc1"));
-      gelu_forward(pol, host_view<const T>{h, {Tn, H}, "fc1"}, host_view<T>{h, {Tn, H}, "gelu"});
+      gelu_forward(pol, tensor_view<const T, S>{h, {Tn, H}, "fc1"}, tensor_view<T, S>{h, {Tn, H}, "gelu"});
       blk.fc2.forward(pol, P, cv(h, H, "gelu"), hv(xa, D, "x"));
       add_inplace(pol, xa, xb, TD);  // x_out = x_mid + mlp, back in xa
       if (out.intermediate && l >= cfg_.depth - out.n_last) {
         T* dst = out.intermediate + static_cast<std::size_t>(l - (cfg_.depth - out.n_last)) * TD;
-        norm_.forward(pol, P, cv(xa, D, "x"), hv(dst, D, "intermediate"), host_view<T>{stats, {Tn, 2}, "stats"});
+        norm_.forward(pol, P, cv(xa, D, "x"), hv(dst, D, "intermediate"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
       }
     }
     T* fin = out.tokens ? out.tokens : xb;
-    norm_.forward(pol, P, cv(xa, D, "x"), hv(fin, D, "final tokens"), host_view<T>{stats, {Tn, 2}, "stats"});
-    gather_cls(pk, fin, y.data);
+    norm_.forward(pol, P, cv(xa, D, "x"), hv(fin, D, "final tokens"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
+    gather_cls(pol, pk, fin, y.data);
   }
 
   // ---- backward ------------------------------------------------------------------------
   /// From d_tokens [T, D] (the gradient of the final normalised tokens; use
   /// scatter_cls_grad() for a gradient of the CLS features only): parameter gradients (+=).
-  template <class T>
-  void backward(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, host_view<const T> saved,
-                host_view<const T> d_tokens, host_view<T> G, host_view<T> scratch) const {
+  template <class Policy, class T, class S>
+  void backward(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, tensor_view<const T, S> saved,
+                tensor_view<const T, S> d_tokens, tensor_view<T, S> G, tensor_view<T, S> scratch) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_pack(pol, pk);
     const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
     check_shape("vit backward", d_tokens, {Tn, D});
     require<shape_error>(static_cast<std::size_t>(scratch.numel()) >= scratch_elems(pk), "vit backward: scratch: needs ",
@@ -298,41 +589,54 @@ class vit {
     T* dqkv = d_o + TD;
     T* dh = dqkv + 3 * TD;
     T* dP = dh + static_cast<std::size_t>(Tn * H);
-    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return host_view<T>{p, {Tn, cols}, n}; };
-    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return host_view<const T>{p, {Tn, cols}, n}; };
+    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
+    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
     const T* x_last = s.x_last;
-    norm_.backward(pol, P, cv(x_last, D, "tokens"), host_view<const T>{s.final_stats, {Tn, 2}, "stats"}, d_tokens,
-                   hv(dx, D, "dx"), grad_mode::write, G, host_view<T>{});
+    norm_.backward(pol, P, cv(x_last, D, "tokens"), tensor_view<const T, S>{s.final_stats, {Tn, 2}, "stats"}, d_tokens,
+                   hv(dx, D, "dx"), grad_mode::write, G, tensor_view<T, S>{});
     for (std::int64_t l = cfg_.depth - 1; l >= 0; --l) {
       const block& blk = blocks_[std::size_t(l)];
       block_saved_parts<T> b = split_block<T>(s.blocks + static_cast<std::size_t>(l) * block_saved(pk), pk);
       // MLP branch: x_out = x_mid + dp2 * fc2(gelu(fc1(LN2(x_mid))))
       copy_scaled(pol, pk, dx, b.dp + pk.crops, dz, D);
       blk.fc2.backward(pol, P, cv(b.g, H, "gelu"), cv(dz, D, "dz"), hv(dh, H, "dg"), grad_mode::write, G);
-      gelu_backward(pol, host_view<const T>{b.h, {Tn, H}, "fc1"}, host_view<const T>{dh, {Tn, H}, "dg"},
-                    host_view<T>{dh, {Tn, H}, "dh"}, false);
+      gelu_backward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<const T, S>{dh, {Tn, H}, "dg"},
+                    tensor_view<T, S>{dh, {Tn, H}, "dh"}, false);
       blk.fc1.backward(pol, P, cv(b.c, D, "ln2"), cv(dh, H, "dh"), hv(da, D, "dc"), grad_mode::write, G);
       // dx_mid = dx + LN2'(dc), in dx
-      blk.norm2.backward(pol, P, cv(b.x_mid, D, "x_mid"), host_view<const T>{b.ln2, {Tn, 2}, "stats"}, cv(da, D, "dc"),
-                         hv(dx, D, "dx_mid"), grad_mode::accumulate, G, host_view<T>{});
+      blk.norm2.backward(pol, P, cv(b.x_mid, D, "x_mid"), tensor_view<const T, S>{b.ln2, {Tn, 2}, "stats"}, cv(da, D, "dc"),
+                         hv(dx, D, "dx_mid"), grad_mode::accumulate, G, tensor_view<T, S>{});
       // attention branch: x_mid = x + dp1 * proj(attn(qkv(LN1(x))))
       copy_scaled(pol, pk, dx, b.dp, dz, D);
       blk.proj.backward(pol, P, cv(b.o, D, "attn"), cv(dz, D, "dy"), hv(d_o, D, "do"), grad_mode::write, G);
       attention_backward(pol, cfg_.heads, D, pk.segs, pk.probs_off, b.qkv, b.probs, d_o, dqkv, dP);
       blk.qkv.backward(pol, P, cv(b.a, D, "ln1"), cv(dqkv, 3 * D, "dqkv"), hv(da, D, "da"), grad_mode::write, G);
-      blk.norm1.backward(pol, P, cv(b.x_in, D, "x"), host_view<const T>{b.ln1, {Tn, 2}, "stats"}, cv(da, D, "da"),
-                         hv(dx, D, "dx"), grad_mode::accumulate, G, host_view<T>{});
+      blk.norm1.backward(pol, P, cv(b.x_in, D, "x"), tensor_view<const T, S>{b.ln1, {Tn, 2}, "stats"}, cv(da, D, "da"),
+                         hv(dx, D, "dx"), grad_mode::accumulate, G, tensor_view<T, S>{});
     }
     embed_backward(pol, pk, s.unfold, dx, G, scratch.data + 2 * TD);
   }
 
-  /// d_tokens [T, D] (=) zero except the CLS rows, which take dy [crops, D].
+  /// d_tokens [T, D] (=) zero except the CLS rows, which take dy [crops, D] (host memory).
   template <class T>
   void scatter_cls_grad(const vit_pack<T>& pk, const T* dy, T* d_tokens) const {
     const std::int64_t D = cfg_.embed_dim;
     for (std::int64_t i = 0; i < pk.tokens * D; ++i) d_tokens[i] = T(0);
     for (std::size_t c = 0; c < pk.segs.size(); ++c)
       for (std::int64_t d = 0; d < D; ++d) d_tokens[pk.segs[c].offset * D + d] = dy[std::int64_t(c) * D + d];
+  }
+  /// The same in the policy's memory (on the device from the uploaded pack tables).
+  template <class Policy, class T>
+    requires execution_policy<Policy>
+  void scatter_cls_grad(const Policy& pol, const vit_pack<T>& pk, const T* dy, T* d_tokens) const {
+    if constexpr (policy_traits<Policy>::is_host) {
+      (void)pol;
+      scatter_cls_grad(pk, dy, d_tokens);
+    } else {
+      check_pack(pol, pk);
+      for_each_chunk(pol, pk.tokens * cfg_.embed_dim,
+                     detail::scatter_cls_fn<T>{pk.device.segs, pk.device.token_crop, dy, d_tokens, cfg_.embed_dim});
+    }
   }
 
  private:
@@ -401,45 +705,52 @@ class vit {
     return s;
   }
 
-  template <class T>
-  void check_io(const vit_pack<T>& pk, std::span<const T* const> images, host_view<T> y) const {
+  template <class Policy, class T>
+  void check_pack(const Policy&, const vit_pack<T>& pk) const {
+    if constexpr (!policy_traits<Policy>::is_host)
+      require<config_error>(pk.device.ready, "vit: the pack's tables are not in device memory: make the pack with "
+                                             "make_pack(policy, sets) or call upload(policy, pack) once");
+  }
+  template <class Policy, class T, class S>
+  void check_io(const Policy& pol, const vit_pack<T>& pk, std::span<const T* const> images, tensor_view<T, S> y) const {
     require<shape_error>(images.size() == pk.sets.size(), "vit: ", images.size(), " image arrays given for ",
                          pk.sets.size(), " crop sets");
     check_shape("vit", y, {pk.crops, cfg_.embed_dim});
+    check_pack(pol, pk);
   }
 
-  template <class T>
-  static void add_inplace(const cpu_policy& pol, T* x, const T* y, std::size_t n) {
-    for_each_chunk(pol, static_cast<std::int64_t>(n), [&](std::int64_t b, std::int64_t e) {
-      for (std::int64_t i = b; i < e; ++i) x[i] += y[i];
-    });
+  // The segment table in the policy's memory.
+  template <class Policy, class T>
+  static const segment* segs_of(const Policy&, const vit_pack<T>& pk) {
+    if constexpr (policy_traits<Policy>::is_host) return pk.segs.data();
+    else return pk.device.segs;
   }
 
-  // dst = src scaled per crop by scale[crop] (drop path), or copied when every scale is 1.
-  template <class T>
-  static void copy_scaled(const cpu_policy& pol, const vit_pack<T>& pk, const T* src, const T* scale, T* dst,
+  template <class Policy, class T>
+  static void add_inplace(const Policy& pol, T* x, const T* y, std::size_t n) {
+    for_each_chunk(pol, static_cast<std::int64_t>(n), detail::add_to_fn<T>{x, y});
+  }
+
+  // dst = src scaled per crop by scale[crop] (drop path).
+  template <class Policy, class T>
+  static void copy_scaled(const Policy& pol, const vit_pack<T>& pk, const T* src, const T* scale, T* dst,
                           std::int64_t D) {
-    for_each_row_cyclic(pol, pk.crops, [&](std::int64_t c) {  // crops dealt in turn: large ones come first
-      const segment& sg = pk.segs[std::size_t(c)];
-      const T k = scale[c];
-      const T* s = src + sg.offset * D;
-      T* d = dst + sg.offset * D;
-      for (std::int64_t i = 0; i < sg.length * D; ++i) d[i] = s[i] * k;
-    });
+    if constexpr (policy_traits<Policy>::is_host)  // crops dealt in turn: large ones come first
+      for_each_row_cyclic(pol, pk.crops, detail::scale_crop_fn<T>{pk.segs.data(), src, scale, dst, D});
+    else
+      for_each_chunk(pol, pk.tokens * D, detail::scale_elems_fn<T>{pk.device.token_crop, src, scale, dst, D});
   }
 
-  template <class T>
-  void gather_cls(const vit_pack<T>& pk, const T* tokens, T* y) const {
-    const std::int64_t D = cfg_.embed_dim;
-    for (std::size_t c = 0; c < pk.segs.size(); ++c)
-      for (std::int64_t d = 0; d < D; ++d) y[std::int64_t(c) * D + d] = tokens[pk.segs[c].offset * D + d];
+  template <class Policy, class T>
+  void gather_cls(const Policy& pol, const vit_pack<T>& pk, const T* tokens, T* y) const {
+    for_each_row(pol, pk.crops, detail::gather_cls_fn<T>{segs_of(pol, pk), tokens, y, cfg_.embed_dim});
   }
 
   // Unfolds the patches of every set (all kept in `unfold` for the weight gradient when
   // keep_unfold, else one set at a time), runs the patch GEMM set by set through `tmp`, adds
   // CLS and (resized) position embeddings into x.
-  template <class T>
-  void embed(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, std::span<const T* const> images,
+  template <class Policy, class T, class S>
+  void embed(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, std::span<const T* const> images,
              T* unfold, bool keep_unfold, T* pos, T* x, T* tmp) const {
     const std::int64_t D = cfg_.embed_dim, p = cfg_.patch, C = cfg_.in_chans, K = patch_dim();
     const T* Wp = P.data + patch_w_;
@@ -451,41 +762,27 @@ class vit {
     for (std::size_t si = 0; si < pk.sets.size(); ++si) {
       const crop_set& cs = pk.sets[si];
       const std::int64_t h0 = cs.height / p, w0 = cs.width / p, np = h0 * w0, n = cs.count * np;
-      const T* img = images[si];
       // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order
-      for_each_row(pol, cs.count * h0, [&](std::int64_t ci) {
-        const std::int64_t c = ci / h0, i = ci % h0;
-        const T* im = img + c * C * cs.height * cs.width;
-        for (std::int64_t j = 0; j < w0; ++j) {
-          T* row = u + ((c * np) + i * w0 + j) * K;
-          for (std::int64_t ch = 0; ch < C; ++ch)
-            for (std::int64_t di = 0; di < p; ++di) {
-              const T* src = im + (ch * cs.height + i * p + di) * cs.width + j * p;
-              for (std::int64_t dj = 0; dj < p; ++dj) row[(ch * p + di) * p + dj] = src[dj];
-            }
-        }
-      });
-      gemm(pol, gemm_desc{false, true, n, D, K}, T(1), u, Wp, T(0), tmp);
-      pk.resize[si].forward(pe + D, pr, D);
+      unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
+      gemm(pol, gemm_desc{false, true, n, D, K}, T(1), static_cast<const T*>(u), Wp, T(0), tmp);
       const std::int64_t first = pk.set_first[si];
-      for_each_row(pol, cs.count, [&](std::int64_t c) {
-        T* xs = x + pk.segs[std::size_t(first + c)].offset * D;
-        for (std::int64_t d = 0; d < D; ++d) xs[d] = cls[d] + pe[d];
-        for (std::int64_t t = 0; t < np; ++t) {
-          const T* e = tmp + (c * np + t) * D;
-          const T* ps = pr + t * D;
-          T* xt = xs + (1 + t) * D;
-          for (std::int64_t d = 0; d < D; ++d) xt[d] = e[d] + bp[d] + ps[d];
-        }
-      });
+      if constexpr (policy_traits<Policy>::is_host) {
+        pk.resize[si].forward(pe + D, pr, D);
+        for_each_row(pol, cs.count, detail::embed_crop_fn<T>{pk.segs.data(), first, np, D, x, tmp, pr, cls, pe, bp});
+      } else {
+        pos_resize_forward(pol, pk.device.resize[si], pe + D, pr, D);
+        // a set's crops are consecutive segments of 1 + np rows (make_pack)
+        T* x0 = x + pk.segs[std::size_t(first)].offset * D;
+        for_each_chunk(pol, cs.count * (1 + np) * D, detail::embed_elems_fn<T>{x0, tmp, pr, cls, pe, bp, np, D});
+      }
       if (keep_unfold) u += n * K;
       pr += np * D;
     }
   }
 
   // Gradients of the embedding from dx [T, D]: cls, pos (through the resize), patch W and b.
-  template <class T>
-  void embed_backward(const cpu_policy& pol, const vit_pack<T>& pk, const T* unfold, const T* dx, host_view<T> G,
+  template <class Policy, class T, class S>
+  void embed_backward(const Policy& pol, const vit_pack<T>& pk, const T* unfold, const T* dx, tensor_view<T, S> G,
                       T* tmp) const {
     const std::int64_t D = cfg_.embed_dim, K = patch_dim();
     T* gcls = G.data + cls_;
@@ -494,79 +791,79 @@ class vit {
     for (std::size_t si = 0; si < pk.sets.size(); ++si) {
       const crop_set& cs = pk.sets[si];
       const std::int64_t np = pk.set_patches[si], n = cs.count * np, first = pk.set_first[si];
-      // gather the patch-token gradients of this set into tmp [n, D]; sum the CLS rows
-      for (std::int64_t c = 0; c < cs.count; ++c) {
-        const T* xs = dx + pk.segs[std::size_t(first + c)].offset * D;
-        for (std::int64_t d = 0; d < D; ++d) {
-          gcls[d] += xs[d];
-          gpos[d] += xs[d];
-        }
-        for (std::int64_t t = 0; t < np; ++t)
-          for (std::int64_t d = 0; d < D; ++d) tmp[(c * np + t) * D + d] = xs[(1 + t) * D + d];
-      }
-      // position grid: sum over the set's crops, then back through the resize
       T* dpos = tmp + n * D;
-      for (std::int64_t t = 0; t < np * D; ++t) dpos[t] = T(0);
-      for (std::int64_t c = 0; c < cs.count; ++c)
-        for (std::int64_t t = 0; t < np * D; ++t) dpos[t] += tmp[c * np * D + t];
-      pk.resize[si].backward(dpos, gpos + D, D);
+      if constexpr (policy_traits<Policy>::is_host) {
+        // gather the patch-token gradients of this set into tmp [n, D]; sum the CLS rows
+        for (std::int64_t c = 0; c < cs.count; ++c) {
+          const T* xs = dx + pk.segs[std::size_t(first + c)].offset * D;
+          for (std::int64_t d = 0; d < D; ++d) {
+            gcls[d] += xs[d];
+            gpos[d] += xs[d];
+          }
+          for (std::int64_t t = 0; t < np; ++t)
+            for (std::int64_t d = 0; d < D; ++d) tmp[(c * np + t) * D + d] = xs[(1 + t) * D + d];
+        }
+        // position grid: sum over the set's crops, then back through the resize
+        for (std::int64_t t = 0; t < np * D; ++t) dpos[t] = T(0);
+        for (std::int64_t c = 0; c < cs.count; ++c)
+          for (std::int64_t t = 0; t < np * D; ++t) dpos[t] += tmp[c * np * D + t];
+        pk.resize[si].backward(dpos, gpos + D, D);
+      } else {
+        // the same sums, each column (or element) in the CPU's order of crops
+        const T* dx0 = dx + pk.segs[std::size_t(first)].offset * D;
+        for_each_chunk(pol, n * D, detail::patch_grad_gather_fn<T>{dx0, tmp, np, D});
+        for_each_row(pol, D, detail::cls_grad_fn<T>{dx0, gcls, gpos, cs.count, np, D});
+        for_each_chunk(pol, np * D, detail::crop_sum_fn<T>{tmp, dpos, cs.count, np * D});
+        pos_resize_backward(pol, pk.device.resize[si], static_cast<const T*>(dpos), gpos + D, D);
+      }
       // patch projection
-      gemm(pol, gemm_desc{true, false, D, K, n}, T(1), tmp, u, T(1), G.data + patch_w_);
-      column_sums(pol, tmp, n, D, G.data + patch_b_, true);
+      gemm(pol, gemm_desc{true, false, D, K, n}, T(1), static_cast<const T*>(tmp), u, T(1), G.data + patch_w_);
+      column_sums(pol, static_cast<const T*>(tmp), n, D, G.data + patch_b_, true);
       u += n * K;
     }
   }
 
-  template <class T>
-  void block_forward(const cpu_policy& pol, host_view<const T> P, const vit_pack<T>& pk, const block& blk, const T* x,
+  template <class Policy, class T, class S>
+  void block_forward(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, const block& blk, const T* x,
                      block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step, std::int64_t l) const {
     const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
-    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return host_view<T>{p, {Tn, cols}, n}; };
-    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return host_view<const T>{p, {Tn, cols}, n}; };
+    const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
+    const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
     require<config_error>(b.x_in == x, "vit: block input must be the previous block's output in place");
-    draw_drop_path(pk, blk.drop, seed, step, l, b.dp);
-    blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), host_view<T>{b.ln1, {Tn, 2}, "stats"});
+    draw_drop_path(pol, pk, blk.drop, seed, step, l, b.dp);
+    blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
     blk.qkv.forward(pol, P, cv(b.a, D, "ln1"), hv(b.qkv, 3 * D, "qkv"));
     attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, static_cast<const T*>(b.qkv), b.o, b.probs);
     blk.proj.forward(pol, P, cv(b.o, D, "attn"), hv(b.x_mid, D, "proj"));
     residual(pol, pk, b.x_mid, b.x_in, b.dp, D);  // x_mid = x + dp1 * proj
-    blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), host_view<T>{b.ln2, {Tn, 2}, "stats"});
+    blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
     blk.fc1.forward(pol, P, cv(b.c, D, "ln2"), hv(b.h, H, "fc1"));
-    gelu_forward(pol, host_view<const T>{b.h, {Tn, H}, "fc1"}, host_view<T>{b.g, {Tn, H}, "gelu"});
+    gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
     blk.fc2.forward(pol, P, cv(b.g, H, "gelu"), hv(x_out, D, "fc2"));
     residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
   }
 
   // branch = dp[crop] * branch + base, per crop
-  template <class T>
-  static void residual(const cpu_policy& pol, const vit_pack<T>& pk, T* branch, const T* base, const T* dp,
+  template <class Policy, class T>
+  static void residual(const Policy& pol, const vit_pack<T>& pk, T* branch, const T* base, const T* dp,
                        std::int64_t D) {
-    for_each_row_cyclic(pol, pk.crops, [&](std::int64_t c) {  // crops dealt in turn: large ones come first
-      const segment& sg = pk.segs[std::size_t(c)];
-      const T k = dp[c];
-      T* o = branch + sg.offset * D;
-      const T* x = base + sg.offset * D;
-      for (std::int64_t i = 0; i < sg.length * D; ++i) o[i] = x[i] + k * o[i];
-    });
+    if constexpr (policy_traits<Policy>::is_host)  // crops dealt in turn: large ones come first
+      for_each_row_cyclic(pol, pk.crops, detail::residual_crop_fn<T>{pk.segs.data(), branch, base, dp, D});
+    else
+      for_each_chunk(pol, pk.tokens * D, detail::residual_elems_fn<T>{pk.device.token_crop, branch, base, dp, D});
   }
 
-  // DropPath scales for both branches of block l: 0 or 1 / keep per crop (1 when off).
-  template <class T>
-  static void draw_drop_path(const vit_pack<T>& pk, double rate, std::uint64_t seed, std::uint64_t step, std::int64_t l,
-                             T* dp) {
-    constexpr std::uint32_t purpose = 2;
-    const double keep = 1.0 - rate;
-    for (int branch = 0; branch < 2; ++branch) {
-      for (std::int64_t c = 0; c < pk.crops; ++c) {
-        if (rate <= 0) {
-          dp[branch * pk.crops + c] = T(1);
-          continue;
-        }
-        philox g(seed, rng_subsequence(purpose, std::uint32_t(step), std::uint32_t(l * 2 + branch)),
-                 static_cast<std::uint64_t>(c) * 2);
-        const double u = 1.0 - g.uniform_double();  // [0, 1)
-        dp[branch * pk.crops + c] = std::floor(keep + u) > 0 ? T(1.0 / keep) : T(0);
-      }
+  // DropPath scales for both branches of block l: 0 or 1 / keep per crop (1 when off), drawn
+  // where dp lives (the same Philox draws on the host and the device).
+  template <class Policy, class T>
+  static void draw_drop_path(const Policy& pol, const vit_pack<T>& pk, double rate, std::uint64_t seed,
+                             std::uint64_t step, std::int64_t l, T* dp) {
+    const detail::drop_path_fn<T> f{dp, pk.crops, rate, seed, step, l};
+    if constexpr (policy_traits<Policy>::is_host) {
+      (void)pol;
+      for (std::int64_t r = 0; r < 2 * pk.crops; ++r) f(r);
+    } else {
+      for_each_row(pol, 2 * pk.crops, f);
     }
   }
 

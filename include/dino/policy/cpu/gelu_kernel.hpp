@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "dino/math/gelu.hpp"
+#include "dino/policy/cpu/parallel.hpp"
 #include "dino/policy/cpu/vexp.hpp"
 
 #if defined(__SSE2__)
@@ -142,4 +143,22 @@ inline void gelu_backward_range(const T* a, const T* dy, T* da, std::int64_t n, 
   }
 }
 
+/// y = gelu(a) over n elements, in parallel chunks (the policy-level op; CUDA twin in
+/// policy/cuda/nn_ops.cuh). y may alias a.
+template <class T>
+inline void gelu_apply(const cpu_policy& pol, const T* a, T* y, std::int64_t n) {
+  for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) { gelu_range(a + b, y + b, e - b); });
+}
+
+/// da (=|+=) dy * gelu'(a) over n elements, in parallel chunks. da may alias dy.
+template <class T>
+inline void gelu_backward_apply(const cpu_policy& pol, const T* a, const T* dy, T* da, std::int64_t n, bool accumulate) {
+  for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) { gelu_backward_range(a + b, dy + b, da + b, e - b, accumulate); });
+}
+
 }  // namespace dino::cpu
+
+namespace dino {
+using cpu::gelu_apply;
+using cpu::gelu_backward_apply;
+}  // namespace dino
