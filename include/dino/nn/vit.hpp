@@ -25,12 +25,15 @@
 // images get no gradient).
 //
 // Policies: any policy with the ops of linear, layer_norm, gelu and attention (CPU, CUDA).
-// Images, parameters, outputs, saved state, gradients and scratch live in the policy's
-// memory space. A pack made by make_pack(sets) serves the CPU; the device path reads the
-// pack's tables (segments, token-to-crop map, bicubic taps) from device memory uploaded once
-// by make_pack(pol, sets) or upload(pol, pack) (one allocation, owned by the pack and its
-// copies); attention takes the plan's host tables (segments, offsets: launch arguments). DropPath masks come from the same Philox draws on
-// both, so the GPU drops the same crops as the CPU.
+// Images (the span holds pointers in the policy's memory), parameters, outputs, saved state,
+// gradients and scratch live in the policy's memory space. A pack made by make_pack(sets)
+// serves the CPU; the device path reads the pack's tables (segments, token-to-crop map,
+// bicubic taps) from device memory uploaded once by make_pack(pol, sets) or upload(pol,
+// pack) (one allocation, owned by the pack and its copies; a pack without them is refused
+// with config_error); attention takes the plan's host tables as launch arguments. DropPath
+// masks are drawn where they are kept, from the same Philox draws (the GPU drops the same
+// crops as the CPU). scatter_cls_grad(pol, pack, dy, d_tokens) is the policy form of the
+// CLS-gradient scatter. On the CPU the arithmetic and its order are those of the serial code.
 #pragma once
 
 #include <cmath>
