@@ -8,6 +8,7 @@
 #endif
 
 #include "dino/dino.hpp"
+#include "dino/policy/cuda/attention.cuh"
 #include "dino/policy/cuda/context.cuh"
 #include "dino/policy/cuda/gemm.cuh"
 #include "dino/policy/cuda/memory.cuh"

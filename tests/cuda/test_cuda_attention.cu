@@ -1,0 +1,228 @@
+// The CUDA attention over packed segments against its CPU twin (nn/attention.hpp): forward
+// output, every P, the CLS rows and the backward's dqkv, for head dims 32, 64 and 128, packs
+// of one segment, of two groups of equal-length segments, of odd lengths (1, 2, 37, 197),
+// with unused rows between segments and with probability/CLS blocks in reverse order (the
+// layouts that split launches), in float and double.
+//
+// Bounds, normwise (max |gpu - cpu| / max |cpu|, cuda_test_support.cuh), per quantity:
+//   fp32    out, probs, CLS rows, dqkv, dS (scratch): 1e-5 each. Measured on the CPU, a float
+//           emulation of the kernels' summation order (sequential FMA dot products, 32
+//           lane partial sums) differs from the CPU float path by at most 6.5e-7 on out,
+//           4e-7 on P and the CLS rows, 2e-7 on dS and 2.6e-7 on dqkv for these shapes.
+//   double  1e-12 each.
+#include <dino/nn/attention.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace dino::nn::cuda_attention_probe {
+// Defined before the CUDA overloads are declared and called unqualified from dino::nn, as
+// vit.hpp calls them: instantiated with a cuda_policy, lookup must find the CUDA backend.
+template <class Pol, class T>
+void forward_like_vit(const Pol& pol, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
+                      const std::vector<std::size_t>& poff, const T* qkv, T* o, T* probs, T* cls,
+                      const std::int64_t* cls_off) {
+  attention_forward(pol, heads, D, segs, poff, qkv, o, probs, cls, cls_off);
+}
+template <class Pol, class T>
+void train_forward_like_vit(const Pol& pol, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
+                            const std::vector<std::size_t>& poff, T* qkv, T* o, T* probs) {
+  attention_forward(pol, heads, D, segs, poff, static_cast<const T*>(qkv), o, probs);
+}
+template <class Pol, class T>
+void backward_like_vit(const Pol& pol, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
+                       const std::vector<std::size_t>& poff, const T* qkv, const T* probs, const T* d_o, T* dqkv,
+                       T* dP) {
+  attention_backward(pol, heads, D, segs, poff, qkv, probs, d_o, dqkv, dP);
+}
+}  // namespace dino::nn::cuda_attention_probe
+
+#include "cuda_test_support.cuh"
+
+using namespace dino_test;
+using dino::cpu_policy;
+using dino::nn::segment;
+namespace probe = dino::nn::cuda_attention_probe;
+
+namespace {
+
+struct pack {
+  std::vector<segment> segs;
+  std::vector<std::size_t> poff;
+  std::vector<std::int64_t> cls_off;
+  std::int64_t tokens = 0;
+  std::size_t probs = 0, cls = 0;
+};
+
+/// Segments of the given lengths back to back, `gap` unused rows after each; reversed: the
+/// probability and CLS blocks are laid out in reverse segment order.
+pack make_pack(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::int64_t gap = 0,
+               bool reversed = false) {
+  pack p;
+  for (std::int64_t n : lengths) {
+    p.segs.push_back({p.tokens, n});
+    p.tokens += n + gap;
+  }
+  p.probs = dino::nn::attention_probs_elems(p.segs, heads);
+  const std::size_t ns = p.segs.size();
+  p.poff.resize(ns);
+  p.cls_off.resize(ns);
+  std::size_t po = 0;
+  std::int64_t co = 0;
+  for (std::size_t k = 0; k < ns; ++k) {
+    const std::size_t i = reversed ? ns - 1 - k : k;
+    const std::int64_t n = p.segs[i].length;
+    p.poff[i] = po;
+    p.cls_off[i] = co;
+    po += std::size_t(heads * n * n);
+    co += heads * n;
+  }
+  p.cls = std::size_t(co);
+  return p;
+}
+
+/// The rows of a [tokens, cols] matrix that the segments cover, concatenated.
+template <class T>
+std::vector<T> segment_rows(const std::vector<T>& m, const pack& p, std::int64_t cols) {
+  std::vector<T> r;
+  for (const auto& s : p.segs)
+    r.insert(r.end(), m.begin() + s.offset * cols, m.begin() + (s.offset + s.length) * cols);
+  return r;
+}
+
+template <class T>
+std::vector<T> nan_vector(std::size_t n) {
+  return std::vector<T>(n, std::numeric_limits<T>::quiet_NaN());
+}
+
+template <class T>
+void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uint64_t seed) {
+  constexpr bool fp32 = std::is_same_v<T, float>;
+  const double bound = fp32 ? 1e-5 : 1e-12;  // normwise, every quantity
+  const std::int64_t Tn = p.tokens;
+  const auto qkv = random_vector<T>(std::size_t(Tn * 3 * D), seed, -2.0, 2.0);
+  const auto dout = random_vector<T>(std::size_t(Tn * D), seed + 1);
+
+  // CPU reference
+  auto out = nan_vector<T>(std::size_t(Tn * D)), probs = nan_vector<T>(p.probs), cls = nan_vector<T>(p.cls);
+  dino::nn::attention_forward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data(), cls.data(),
+                              p.cls_off.data());
+  auto dqkv = nan_vector<T>(std::size_t(Tn * 3 * D)), dP = nan_vector<T>(p.probs);
+  dino::nn::attention_backward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), probs.data(), dout.data(),
+                               dqkv.data(), dP.data());
+
+  // GPU: outputs start as NaN, so an element never written fails
+  auto d_qkv = upload(qkv), d_dout = upload(dout), d_probs_cpu = upload(probs);
+  auto d_out = upload(nan_vector<T>(out.size())), d_probs = upload(nan_vector<T>(p.probs)),
+       d_cls = upload(nan_vector<T>(std::max<std::size_t>(p.cls, 1)));
+  auto d_dqkv = upload(nan_vector<T>(dqkv.size())), d_scratch = upload(nan_vector<T>(std::max<std::size_t>(p.probs, 1)));
+  const auto allocs = dino::cuda::device_allocations();
+  const dino::cuda_policy pol = gpu().policy();
+  probe::forward_like_vit(pol, heads, D, p.segs, p.poff, static_cast<const T*>(d_qkv.data()), d_out.data(),
+                          d_probs.data(), d_cls.data(), p.cls_off.data());
+  // the backward from the CPU's P, so that it is checked on its own
+  probe::backward_like_vit(pol, heads, D, p.segs, p.poff, static_cast<const T*>(d_qkv.data()),
+                           static_cast<const T*>(d_probs_cpu.data()), static_cast<const T*>(d_dout.data()),
+                           d_dqkv.data(), d_scratch.data());
+  CHECK(dino::cuda::device_allocations() == allocs);  // nothing allocated by the calls
+
+  {
+    INFO("out");
+    DINO_CHECK_CLOSE(segment_rows(download(d_out), p, D), segment_rows(out, p, D), bound);
+  }
+  {
+    INFO("probs");
+    DINO_CHECK_CLOSE(download(d_probs), probs, bound);
+  }
+  {
+    INFO("CLS rows");
+    auto g = download(d_cls);
+    g.resize(p.cls);
+    DINO_CHECK_CLOSE(g, cls, bound);
+  }
+  {
+    INFO("dqkv");
+    DINO_CHECK_CLOSE(segment_rows(download(d_dqkv), p, 3 * D), segment_rows(dqkv, p, 3 * D), bound);
+  }
+  {
+    INFO("scratch holds dS");
+    auto g = download(d_scratch);
+    g.resize(p.probs);
+    DINO_CHECK_CLOSE(g, dP, bound);
+  }
+}
+
+struct head_case {
+  std::int64_t heads, D;
+};
+constexpr head_case head_cases[] = {{2, 64}, {3, 192}, {2, 256}};  // head dims 32, 64, 128
+
+}  // namespace
+
+TEST_CASE("cuda attention: one segment, two groups of equal lengths, odd lengths (head dims 32, 64, 128)") {
+  const std::vector<std::vector<std::int64_t>> packs = {
+      {197}, {17, 17, 17, 5, 5, 5, 5, 5}, {1}, {2}, {37}, {1, 2, 37, 197}, {33, 32, 31, 64, 65}};
+  std::uint64_t seed = 100;
+  for (const auto& hc : head_cases)
+    for (const auto& lengths : packs) {
+      CAPTURE(hc.D / hc.heads);
+      CAPTURE(lengths.size());
+      CAPTURE(lengths.front());
+      const pack p = make_pack(lengths, hc.heads);
+      check_attention<float>(p, hc.heads, hc.D, seed++);
+    }
+}
+
+TEST_CASE("cuda attention: gaps between segments and reversed probability/CLS layouts split launches") {
+  std::uint64_t seed = 200;
+  for (const auto& hc : head_cases) {
+    CAPTURE(hc.D / hc.heads);
+    check_attention<float>(make_pack({9, 9, 9, 9}, hc.heads, 0, true), hc.heads, hc.D, seed++);
+    check_attention<float>(make_pack({9, 9, 9, 40, 40}, hc.heads, 3, false), hc.heads, hc.D, seed++);
+    check_attention<float>(make_pack({5, 5, 0, 5, 70}, hc.heads, 0, false), hc.heads, hc.D, seed++);
+  }
+}
+
+TEST_CASE("cuda attention in double matches the CPU to rounding") {
+  std::uint64_t seed = 300;
+  for (const auto& hc : head_cases) {
+    CAPTURE(hc.D / hc.heads);
+    check_attention<double>(make_pack({37, 37, 3, 3, 3}, hc.heads), hc.heads, hc.D, seed++);
+    check_attention<double>(make_pack({70}, hc.heads), hc.heads, hc.D, seed++);
+  }
+}
+
+TEST_CASE("cuda attention: the training call without CLS rows, and DINO-sized groups") {
+  // 2 crops of 197 tokens then 10 of 37 (ViT-S/16: 6 heads of 64)
+  const std::int64_t heads = 6, D = 384;
+  std::vector<std::int64_t> lengths(2, 197);
+  lengths.insert(lengths.end(), 10, 37);
+  const pack p = make_pack(lengths, heads);
+  const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 400, -2.0, 2.0);
+  std::vector<float> out(std::size_t(p.tokens * D)), probs(p.probs);
+  dino::nn::attention_forward(cpu_policy{2}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data());
+  auto d_qkv = upload(qkv), d_out = upload(nan_vector<float>(out.size())), d_probs = upload(nan_vector<float>(p.probs));
+  probe::train_forward_like_vit(gpu().policy(), heads, D, p.segs, p.poff, d_qkv.data(), d_out.data(), d_probs.data());
+  DINO_CHECK_CLOSE(download(d_out), out, 1e-5);
+  DINO_CHECK_CLOSE(download(d_probs), probs, 1e-5);
+  check_attention<float>(p, heads, D, 401);
+}
+
+TEST_CASE("cuda attention refuses head dims it was not compiled for") {
+  const pack p = make_pack({5}, 2);
+  dino::cuda::device_buffer<float> qkv(5 * 3 * 96), out(5 * 96), probs(p.probs), dqkv(5 * 3 * 96);
+  const dino::cuda_policy pol = gpu().policy();
+  CHECK_THROWS_AS(dino::cuda::attention_forward(pol, 2, 96, p.segs, p.poff, static_cast<const float*>(qkv.data()),
+                                                out.data(), probs.data()),
+                  dino::shape_error);  // head dim 48
+  CHECK_THROWS_AS(dino::cuda::attention_backward(pol, 2, 96, p.segs, p.poff, static_cast<const float*>(qkv.data()),
+                                                 static_cast<const float*>(probs.data()),
+                                                 static_cast<const float*>(out.data()), dqkv.data(), probs.data()),
+                  dino::shape_error);
+  CHECK_THROWS_AS(dino::cuda::attention_forward(pol, 4, 96, p.segs, p.poff, static_cast<const float*>(qkv.data()),
+                                                out.data(), probs.data()),
+                  dino::shape_error);  // head dim 24
+}
