@@ -8,6 +8,13 @@
 // not optimised at all; tensors whose flags intersect `skip` are left untouched this step,
 // step count included, as PyTorch does for a parameter whose grad is None (the last layer
 // during freeze_last_layer).
+//
+// adamw<T, Space>: the moments live in Space (flat_params<T, Space>); the step counts and
+// this step's per-tensor coefficients are computed on the host (double, then rounded to T)
+// whatever the space. Policy: on the CPU one parallel pass over the flat buffer with the
+// element kernel of policy/cpu/adamw_kernel.hpp; on the GPU adamw_tensors
+// (policy/cuda/optim.cuh): one launch per 32 active tensors, their coefficients passed by
+// value in the launch (no host-to-device copy, no synchronisation).
 #pragma once
 
 #include <algorithm>
@@ -27,16 +34,22 @@ struct adamw_config {
 };
 
 
-template <class T>
+template <class T, class Space = host_space>
 class adamw {
  public:
+  using space = Space;
   adamw() = default;
   adamw(const param_layout& layout, adamw_config c = {})
       : cfg_(c), m_(layout), v_(layout), steps_(layout.entries().size(), 0), coeffs_(layout.entries().size()) {}
 
   /// One update of every trainable tensor not skipped.
-  void step(const cpu_policy& pol, flat_params<T>& params, const flat_params<T>& grads, double lr, double wd,
-            unsigned skip = param_none) {
+  template <class Policy>
+  void step(const Policy& pol, flat_params<T, Space>& params, const flat_params<T, Space>& grads, double lr,
+            double wd, unsigned skip = param_none) {
+    DINO_CHECK_SPACE(Policy, Space);
+    require<shape_error>(params.size() == m_.size() && grads.size() == m_.size(), "adamw::step: parameters (",
+                         params.size(), ") and gradients (", grads.size(), ") do not match the optimizer's layout (",
+                         m_.size(), " elements)");
     const auto& entries = params.layout().entries();
     for (std::size_t j = 0; j < entries.size(); ++j) {
       const param_entry& e = entries[j];
@@ -57,24 +70,28 @@ class adamw {
     const T* g = grads.data();
     T* m = m_.data();
     T* v = v_.data();
-    for_each_chunk(pol, static_cast<std::int64_t>(params.size()), [&](std::int64_t lo, std::int64_t hi) {
-      auto j = static_cast<std::size_t>(
-          std::partition_point(entries.begin(), entries.end(),
-                               [&](const param_entry& e) { return std::int64_t(e.offset + e.numel()) <= lo; }) -
-          entries.begin());
-      for (; j < entries.size() && std::int64_t(entries[j].offset) < hi; ++j) {
-        if (!coeffs_[j].active) continue;
-        const std::int64_t b = std::max<std::int64_t>(lo, std::int64_t(entries[j].offset));
-        const std::int64_t e = std::min<std::int64_t>(hi, std::int64_t(entries[j].offset + entries[j].numel()));
-        cpu::adamw_update(p, g, m, v, b, e, coeffs_[j]);
-      }
-    });
+    if constexpr (policy_traits<Policy>::is_host) {
+      for_each_chunk(pol, static_cast<std::int64_t>(params.size()), [&](std::int64_t lo, std::int64_t hi) {
+        auto j = static_cast<std::size_t>(
+            std::partition_point(entries.begin(), entries.end(),
+                                 [&](const param_entry& e) { return std::int64_t(e.offset + e.numel()) <= lo; }) -
+            entries.begin());
+        for (; j < entries.size() && std::int64_t(entries[j].offset) < hi; ++j) {
+          if (!coeffs_[j].active) continue;
+          const std::int64_t b = std::max<std::int64_t>(lo, std::int64_t(entries[j].offset));
+          const std::int64_t e = std::min<std::int64_t>(hi, std::int64_t(entries[j].offset + entries[j].numel()));
+          cpu::adamw_update(p, g, m, v, b, e, coeffs_[j]);
+        }
+      });
+    } else {
+      adamw_tensors(pol, entries, coeffs_, p, g, m, v);
+    }
   }
 
-  flat_params<T>& exp_avg() { return m_; }
-  flat_params<T>& exp_avg_sq() { return v_; }
-  const flat_params<T>& exp_avg() const { return m_; }
-  const flat_params<T>& exp_avg_sq() const { return v_; }
+  flat_params<T, Space>& exp_avg() { return m_; }
+  flat_params<T, Space>& exp_avg_sq() { return v_; }
+  const flat_params<T, Space>& exp_avg() const { return m_; }
+  const flat_params<T, Space>& exp_avg_sq() const { return v_; }
   /// Per-tensor step counts, in layout order.
   std::vector<std::int64_t>& steps() { return steps_; }
   const std::vector<std::int64_t>& steps() const { return steps_; }
@@ -82,7 +99,7 @@ class adamw {
 
  private:
   adamw_config cfg_{};
-  flat_params<T> m_, v_;
+  flat_params<T, Space> m_, v_;
   std::vector<std::int64_t> steps_;
   std::vector<cpu::adamw_coeffs<T>> coeffs_;  // per tensor, rewritten each step (sized once)
 };

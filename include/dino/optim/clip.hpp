@@ -3,6 +3,12 @@
 // For each trainable tensor: n = ||grad||_2; if clip / (n + 1e-6) < 1, grad *= clip / (n + 1e-6).
 // This is utils.clip_gradients, not torch's global-norm clipping. Norms are summed in double
 // over fixed blocks in a fixed order, so they do not depend on the thread count.
+//
+// Policy: on the CPU, l2_norm (below) and a parallel scale per tensor; on the GPU,
+// clip_tensors (policy/cuda/optim.cuh): a block per tensor sums its squares in double,
+// decides and scales, with the count of clipped tensors kept in device memory. The form
+// returning the count reads it back (on the GPU: one synchronisation); the form taking an
+// int* leaves it there (device memory on the GPU) and reads nothing back.
 #pragma once
 
 #include <cmath>
@@ -36,9 +42,9 @@ inline double l2_norm(const cpu_policy& pol, const T* x, std::int64_t n) {
   return std::sqrt(s);
 }
 
-/// Clips every trainable tensor whose flags do not intersect `skip`; returns how many were scaled.
+namespace kernels {
 template <class T>
-inline int clip_gradients(const cpu_policy& pol, flat_params<T>& grads, double clip, unsigned skip = param_none) {
+inline int clip_host(const cpu_policy& pol, flat_params<T>& grads, double clip, unsigned skip) {
   int clipped = 0;
   for (const param_entry& e : grads.layout().entries()) {
     if (!e.trainable() || (e.flags & skip)) continue;
@@ -55,6 +61,31 @@ inline int clip_gradients(const cpu_policy& pol, flat_params<T>& grads, double c
     }
   }
   return clipped;
+}
+}  // namespace kernels
+
+/// Clips every trainable tensor whose flags do not intersect `skip`; returns how many were scaled.
+template <class Policy, class T, class Space>
+inline int clip_gradients(const Policy& pol, flat_params<T, Space>& grads, double clip, unsigned skip = param_none) {
+  DINO_CHECK_SPACE(Policy, Space);
+  if constexpr (!policy_traits<Policy>::is_host) {
+    return clip_tensors(pol, grads.layout().entries(), grads.data(), clip, skip);
+  } else {
+    return kernels::clip_host(pol, grads, clip, skip);
+  }
+}
+
+/// The same, leaving the count in the policy's memory: *clipped (a device int on the GPU)
+/// receives the number of tensors scaled. Reads nothing back.
+template <class Policy, class T, class Space>
+inline void clip_gradients(const Policy& pol, flat_params<T, Space>& grads, double clip, unsigned skip,
+                           int* clipped) {
+  DINO_CHECK_SPACE(Policy, Space);
+  if constexpr (!policy_traits<Policy>::is_host) {
+    clip_tensors(pol, grads.layout().entries(), grads.data(), clip, skip, clipped);
+  } else {
+    *clipped = kernels::clip_host(pol, grads, clip, skip);
+  }
 }
 
 }  // namespace dino::optim

@@ -9,6 +9,11 @@
 // it during the first epoch(s) (cancel_gradients_last_layer).
 // Initialisation as the reference: MLP weights truncated normal 0.02, biases 0; v PyTorch's
 // default Linear init U(+-1/sqrt(bottleneck)); g filled with 1.
+//
+// Policy: any policy whose space the views carry (DINO_CHECK_SPACE), with gemm, the MLP's
+// operations (nn/mlp.hpp) and the head's own row operations l2_normalize_rows(_backward) and
+// weight_norm_rows(_backward): policy/cpu/normalize_rows.hpp on the CPU (a row per thread,
+// the math/normalize.hpp functors), policy/cuda/loss.cuh on the GPU (a warp per row).
 #pragma once
 
 #include <cstdint>
@@ -16,6 +21,7 @@
 
 #include "dino/math/normalize.hpp"
 #include "dino/nn/mlp.hpp"
+#include "dino/policy/cpu/normalize_rows.hpp"
 
 namespace dino::ssl {
 
@@ -123,16 +129,10 @@ class dino_head {
       // dW[K, bn] = dy^T u, then through the weight norm into g and v.
       gemm(pol, gemm_desc{true, false, K, bn, n}, T(1), dy.data, s.u.data, T(0), dw.data);
       const bool g_trainable = !cfg_.norm_last_layer;
-      for_each_row(pol, K, [&](std::int64_t k) {
-        math::weight_norm_row_backward(P.data[g_ + k], P.data + v_ + k * bn, s.vnorm.data[k], dw.data + k * bn,
-                                       g_trainable ? G.data + g_ + k : static_cast<T*>(nullptr), G.data + v_ + k * bn,
-                                       static_cast<int>(bn));
-      });
+      weight_norm_rows_backward(pol, P.data + g_, P.data + v_, s.vnorm.data, dw.data,
+                                g_trainable ? G.data + g_ : static_cast<T*>(nullptr), G.data + v_, K, bn);
     }
-    for_each_row(pol, n, [&](std::int64_t r) {
-      math::l2_normalize_row_backward(s.u.data + r * bn, s.znorm.data[r], du.data + r * bn, dz.data + r * bn,
-                                      static_cast<int>(bn), T(l2_eps), false);
-    });
+    l2_normalize_rows_backward(pol, s.u.data, s.znorm.data, du.data, dz.data, n, bn, T(l2_eps), false);
     mlp_.backward(pol, P, x, tensor_view<const T, S>{saved.data, {static_cast<std::int64_t>(mlp_.saved_elems(n))}, "mlp saved"},
                   tensor_view<const T, S>(dz), dx, mode, G, rest);
   }
@@ -162,12 +162,8 @@ class dino_head {
   void finish(const Policy& pol, tensor_view<const T, S> P, tensor_view<T, S> z, tensor_view<T, S> u,
               tensor_view<T, S> znorm, tensor_view<T, S> w, tensor_view<T, S> vnorm, tensor_view<T, S> y) const {
     const std::int64_t n = z.rows(), bn = cfg_.bottleneck_dim, K = cfg_.out_dim;
-    for_each_row(pol, n, [&](std::int64_t r) {
-      znorm.data[r] = math::l2_normalize_row(z.data + r * bn, u.data + r * bn, static_cast<int>(bn), T(l2_eps));
-    });
-    for_each_row(pol, K, [&](std::int64_t k) {
-      vnorm.data[k] = math::weight_norm_row(P.data[g_ + k], P.data + v_ + k * bn, w.data + k * bn, static_cast<int>(bn));
-    });
+    l2_normalize_rows(pol, static_cast<const T*>(z.data), u.data, znorm.data, n, bn, T(l2_eps));
+    weight_norm_rows(pol, P.data + g_, P.data + v_, w.data, vnorm.data, K, bn);
     gemm(pol, gemm_desc{false, true, n, K, bn}, T(1), u.data, w.data, T(0), y.data);
   }
 

@@ -14,7 +14,14 @@
 //
 // forward_backward() does both in one sweep per student row (the row stays in cache), never
 // materialising the student probabilities; forward() alone computes the loss. The rows run
-// in the policy's fused kernel (distillation_rows: policy/cpu/softmax_rows.hpp on the CPU).
+// in the policy's fused kernel distillation_rows: policy/cpu/softmax_rows.hpp on the CPU
+// (an image's crops per thread), policy/cuda/loss.cuh on the GPU (a block per student row).
+//
+// Policy: distillation_rows, sum_to, all_finite and first_non_finite, on views in its space.
+// The forms returning a double read the loss back (on the GPU: one synchronisation) and
+// throw numeric_error naming the first non-finite input when it is not finite; the forms
+// taking a scalar_out leave the loss in the policy's memory (*value (=|+=) weight * loss),
+// read nothing back and check nothing (the step's all_finite on the gradients does).
 #pragma once
 
 #include <cmath>
@@ -70,6 +77,13 @@ class cross_entropy_distillation {
                  tensor_view<T, S> row_loss) const {
     return run(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false);
   }
+  /// The loss left in the policy's memory (no read-back).
+  template <class Policy, class T, class S>
+  void forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
+               scalar_out loss) const {
+    const std::int64_t B = run_rows(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false);
+    sum_to(pol, static_cast<const T*>(row_loss.data), s.rows(), double(n_terms()) * double(B), loss);
+  }
 
   /// The loss, and ds (=|+=) dloss * d loss / d s.
   template <class Policy, class T, class S>
@@ -78,11 +92,35 @@ class cross_entropy_distillation {
     check_shape("cross_entropy_distillation backward", ds, s.shape);
     return run(pol, s, q, row_loss, ds.data, dloss, accumulate);
   }
+  /// The same with the loss left in the policy's memory (no read-back, no synchronisation).
+  template <class Policy, class T, class S>
+  void forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                        tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate,
+                        scalar_out loss) const {
+    check_shape("cross_entropy_distillation backward", ds, s.shape);
+    const std::int64_t B = run_rows(pol, s, q, row_loss, ds.data, dloss, accumulate);
+    sum_to(pol, static_cast<const T*>(row_loss.data), s.rows(), double(n_terms()) * double(B), loss);
+  }
 
  private:
   template <class Policy, class T, class S>
   double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
              T* ds, double dloss, bool accumulate) const {
+    const std::int64_t B = run_rows(pol, s, q, row_loss, ds, dloss, accumulate);
+    double total = 0;
+    if constexpr (policy_traits<Policy>::is_host) {
+      for (std::int64_t r = 0; r < s.rows(); ++r) total += double(row_loss.data[r]);
+    } else {
+      total = sum_to_host(pol, static_cast<const T*>(row_loss.data), s.rows(), 1.0);
+    }
+    if (!std::isfinite(total)) report_non_finite(pol, s, q);
+    return total / (double(n_terms()) * double(B));
+  }
+
+  /// Checks, runs the rows (row_loss and ds) and returns the batch size B.
+  template <class Policy, class T, class S>
+  std::int64_t run_rows(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                    tensor_view<T, S> row_loss, T* ds, double dloss, bool accumulate) const {
     DINO_CHECK_SPACE(Policy, S);
     const std::int64_t B = batch_of("cross_entropy_distillation", s, q);
     check_shape("cross_entropy_distillation", row_loss, {s.rows()});
@@ -99,10 +137,7 @@ class cross_entropy_distillation {
     d.grad_scale = T(dloss / (double(n_terms()) * double(B) * cfg_.student_temp));
     d.accumulate = accumulate;
     distillation_rows(pol, d);
-    double total = 0;
-    for (std::int64_t r = 0; r < s.rows(); ++r) total += double(row_loss.data[r]);
-    if (!std::isfinite(total)) report_non_finite(pol, s, q);
-    return total / (double(n_terms()) * double(B));
+    return B;
   }
 
   template <class Policy, class T, class S>
@@ -110,9 +145,17 @@ class cross_entropy_distillation {
     for (auto t : {s, q}) {
       if (all_finite(pol, t.data, t.numel())) continue;
       std::int64_t i = 0;
-      while (std::isfinite(t.data[i])) ++i;
+      double value = 0;
+      if constexpr (policy_traits<Policy>::is_host) {
+        while (std::isfinite(t.data[i])) ++i;
+        value = double(t.data[i]);
+      } else {
+        const non_finite_at at = first_non_finite(pol, t.data, t.numel());
+        i = at.index;
+        value = at.value;
+      }
       throw numeric_error(detail::concat("cross_entropy_distillation: ", t.name, " ", t.shape.str(),
-                                         " holds a non-finite value (", double(t.data[i]), ") at row ", i / t.cols(),
+                                         " holds a non-finite value (", value, ") at row ", i / t.cols(),
                                          ", column ", i % t.cols()));
     }
     throw numeric_error("cross_entropy_distillation: the loss is not finite although its inputs are");

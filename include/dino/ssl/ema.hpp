@@ -4,45 +4,77 @@
 // (the reference walks parameters(), so a frozen weight_g follows the student's). Student
 // and teacher share one param_layout, so this is one pass over contiguous memory.
 // copy_update: theta_t <- theta_s (the "no momentum" ablation).
+//
+// Policy: for_each_chunk over a DINO_HD functor, so the same pass runs on the CPU (OpenMP
+// over ranges, SIMD inside) and on the GPU (a thread per small range, on the policy's
+// stream); flat_params and views must live in the policy's space.
 #pragma once
 
 #include <cstdint>
 
+#include "dino/config.hpp"
 #include "dino/core/param_store.hpp"
 #include "dino/policy/cpu.hpp"
 
 namespace dino::ssl {
+
+namespace kernels {
+/// t = t * a + b * s over [lo, hi) (a = m, b = 1 - m, rounded as PyTorch's lerp-free form).
+template <class T>
+struct ema_chunk {
+  T* t;
+  const T* s;
+  T a, b;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+#if !defined(__CUDA_ARCH__)
+#pragma omp simd
+#endif
+    for (std::int64_t i = lo; i < hi; ++i) t[i] = t[i] * a + b * s[i];
+  }
+};
+/// dst = src over [lo, hi).
+template <class T>
+struct copy_chunk {
+  T* dst;
+  const T* src;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t i = lo; i < hi; ++i) dst[i] = src[i];
+  }
+};
+}  // namespace kernels
 
 /// t = m t + (1 - m) s over n elements, rounded as PyTorch: t * m, then + (1 - m) * s in T.
 template <class Policy, class T, class S>
 inline void ema(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double m) {
   DINO_CHECK_SPACE(Policy, S);
   check_shape("ema", student, teacher.shape);
-  const T a = T(m), b = T(1.0 - m);
-  T* t = teacher.data;
-  const T* s = student.data;
-  for_each_chunk(pol, teacher.numel(), [&](std::int64_t lo, std::int64_t hi) {
-#pragma omp simd
-    for (std::int64_t i = lo; i < hi; ++i) t[i] = t[i] * a + b * s[i];
-  });
+  for_each_chunk(pol, teacher.numel(), kernels::ema_chunk<T>{teacher.data, student.data, T(m), T(1.0 - m)});
 }
 
 /// The reference teacher update: EMA with the momentum of the current iteration.
 struct ema_update {
   static constexpr const char* name = "ema";
-  template <class Policy, class T>
-  void operator()(const Policy& pol, flat_params<T>& teacher, const flat_params<T>& student, double momentum) const {
-    ema(pol, host_view<T>{teacher.data(), {std::int64_t(teacher.size())}, "teacher parameters"},
-        host_view<const T>{student.data(), {std::int64_t(student.size())}, "student parameters"}, momentum);
+  template <class Policy, class T, class Space>
+  void operator()(const Policy& pol, flat_params<T, Space>& teacher, const flat_params<T, Space>& student,
+                  double momentum) const {
+    ema(pol, teacher.all("teacher parameters"), student.all("student parameters"), momentum);
   }
 };
 
 /// The teacher is a copy of the student after every step (no momentum).
 struct copy_update {
   static constexpr const char* name = "copy";
-  template <class Policy, class T>
-  void operator()(const Policy&, flat_params<T>& teacher, const flat_params<T>& student, double) const {
-    teacher.copy_from(student);
+  template <class Policy, class T, class Space>
+  void operator()(const Policy& pol, flat_params<T, Space>& teacher, const flat_params<T, Space>& student,
+                  double) const {
+    DINO_CHECK_SPACE(Policy, Space);
+    if constexpr (policy_traits<Policy>::is_host) {
+      teacher.copy_from(student);
+    } else {  // on the policy's stream, ordered with the step's kernels
+      require<shape_error>(teacher.size() == student.size(), "copy_update: sizes differ: ", student.size(), " vs ",
+                           teacher.size());
+      for_each_chunk(pol, std::int64_t(teacher.size()), kernels::copy_chunk<T>{teacher.data(), student.data()});
+    }
   }
 };
 

@@ -2,7 +2,8 @@
 //
 // For elements [i, end) of one tensor, with the tensor's coefficients for this step:
 //   p <- p decay;  m <- b1 m + c1 g;  v <- b2 v + c2 g g;  p <- p - step_size m / (sqrt(v) / bc2_sqrt + eps)
-// (optim/adamw.hpp computes the coefficients and owns the state.)
+// (optim/adamw.hpp computes the coefficients and owns the state; the CUDA twin, which
+// rounds operation for operation as this kernel does, is adamw_tensors in policy/cuda/optim.cuh.)
 #pragma once
 
 #include <cmath>

@@ -2,6 +2,12 @@
 //
 // Sums accumulate in double whatever T is, so that results do not drift with the length of
 // the reduction (a center over 65,536 columns, a gradient norm over 2 M elements).
+//
+//   column_sums(pol, x, rows, cols, out, accumulate)   out[c] (=|+=) sum_r x[r, c]
+//   sum_to(pol, x, n, divisor, out)                    *out.value (=|+=) out.weight * sum_i x[i] / divisor
+//   all_finite(pol, x, n)                              no NaN or infinity in x[0, n)
+// sum_to is the form a loss or an entropy takes when it stays in the policy's memory (a
+// double in device memory on the GPU, so that a step reads nothing back until it logs).
 #pragma once
 
 #include <algorithm>
@@ -11,6 +17,18 @@
 
 #include "dino/policy/cpu/gemm.hpp"
 #include "dino/policy/cpu/parallel.hpp"
+
+namespace dino {
+
+/// A scalar result left in the policy's memory space (host memory for cpu_policy, device
+/// memory for cuda_policy): *value = weight * result, or *value += weight * result.
+struct scalar_out {
+  double* value = nullptr;
+  double weight = 1.0;
+  bool accumulate = false;
+};
+
+}  // namespace dino
 
 namespace dino::cpu {
 
@@ -46,6 +64,27 @@ inline double sum_squares(const T* x, std::int64_t n) {
   return s;
 }
 
+/// *out.value (=|+=) out.weight * (sum_i x[i] / divisor), the sum in double in index order.
+template <class T>
+inline void sum_to(const cpu_policy&, const T* x, std::int64_t n, double divisor, scalar_out out) {
+  double s = 0;
+  for (std::int64_t i = 0; i < n; ++i) s += double(x[i]);
+  const double v = out.weight * (s / divisor);
+  *out.value = out.accumulate ? *out.value + v : v;
+}
+
+/// The first non-finite element of x[0, n): its index (-1 when there is none) and value.
+struct non_finite_at {
+  std::int64_t index = -1;
+  double value = 0;
+};
+template <class T>
+inline non_finite_at first_non_finite(const cpu_policy&, const T* x, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return {i, double(x[i])};
+  return {};
+}
+
 /// True when every element of x[0, n) is finite.
 template <class T>
 inline bool all_finite(const cpu_policy& pol, const T* x, std::int64_t n) {
@@ -69,6 +108,9 @@ namespace dino {
 // The CPU policy's customisation points: ADL finds these from cpu_policy arguments.
 using cpu::all_finite;
 using cpu::column_sums;
+using cpu::first_non_finite;
+using cpu::non_finite_at;
+using cpu::sum_to;
 using cpu::for_each_chunk;
 using cpu::for_each_row;
 using cpu::for_each_row_cyclic;

@@ -14,7 +14,8 @@
 //                         exp values in place, or recomputing them to accumulate
 //   softmax_row_inplace:  a short row's softmax in place (attention), one exp per element
 //
-// The composition of the math/ functors is the reference these are tested against.
+// The composition of the math/ functors is the reference these are tested against. The
+// CUDA twins of softmax_targets and distillation_rows are in policy/cuda/loss.cuh.
 #pragma once
 
 #include <cmath>
