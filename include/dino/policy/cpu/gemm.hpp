@@ -5,16 +5,21 @@
 // All matrices are row-major with leading dimensions (elements between rows); op(X) is X or
 // X^T. beta == 0 never reads C (it may hold garbage or NaN, as in BLAS). The strided-batched
 // form runs `batch` independent products at offsets i * stride_{a,b,c} (attention heads).
-// Threads: the product is split into one block per thread, each on Eigen's single-threaded
-// kernel (see gemm() below); the batched form runs batches in parallel.
+// Kernels: fp32 products run dino's packed GEMM with an AVX-512 or AVX2 + FMA micro-kernel
+// picked at run time (gemm_kernels.hpp; no -march flag needed), other CPUs and double run
+// Eigen's kernel through maps.
+// Threads: the product is split into one block per thread, each on a single-threaded kernel
+// (see gemm() below); the batched form runs batches in parallel.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include <Eigen/Core>
 
 #include "dino/core/error.hpp"
+#include "dino/policy/cpu/gemm_kernels.hpp"
 #include "dino/policy/policy.hpp"
 
 namespace dino::cpu {
@@ -48,6 +53,13 @@ inline void gemm_apply(T alpha, const MA& a, const MB& b, T beta, mmap<T>& c) {
 
 template <class T>
 inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {
+  if constexpr (std::is_same_v<T, float>) {
+    const gemm_kernel kern = gemm_active_kernel();
+    if (kern != gemm_kernel::eigen &&
+        gemm_packed(kern, d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, d.lda ? d.lda : (d.trans_a ? d.m : d.k), B,
+                    d.ldb ? d.ldb : (d.trans_b ? d.k : d.n), beta, C, d.ldc ? d.ldc : d.n))
+      return;
+  }
   const std::int64_t ar = d.trans_a ? d.k : d.m, ac = d.trans_a ? d.m : d.k;
   const std::int64_t br = d.trans_b ? d.n : d.k, bc = d.trans_b ? d.k : d.n;
   cmap<T> a(A, ar, ac, Eigen::OuterStride<>(d.lda ? d.lda : ac));
@@ -76,11 +88,13 @@ inline void gemm_serial(const gemm_desc& d, T alpha, const T* A, const T* B, T b
 /// Runs the (batched) product described by d.
 ///
 /// Threads: dino splits the product itself (the larger of m and n into one block per
-/// thread; batches across threads) and runs each block on Eigen's single-threaded kernel.
+/// thread; batches across threads) and runs each block on a single-threaded kernel (dino's
+/// packed fp32 GEMM, or Eigen's).
 /// Eigen's own parallel GEMM synchronises its threads by spinning, which collapses when the
 /// cores are shared (a data loader's threads, another process): a 2-thread step measured 10x
-/// slower under load. Blocks write disjoint parts of C, so the result does not depend on the
-/// thread count.
+/// slower under load. Blocks write disjoint parts of C, and each element of C is summed the
+/// same way in any block (gemm_kernels.hpp), so the result does not depend on the thread
+/// count.
 template <class T>
 inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {
   require<shape_error>(d.m >= 0 && d.n >= 0 && d.k >= 0 && d.batch >= 1, "gemm: invalid sizes m=", d.m, " n=", d.n,
@@ -89,8 +103,13 @@ inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A,
   Eigen::setNbThreads(1);
   const int threads = pol.threads > 1 ? pol.threads : 1;
   if (d.batch > 1) {
+    if (threads == 1) {  // no OpenMP region: libgomp allocates a team even for an if(false) one
+      for (std::int64_t i = 0; i < d.batch; ++i)
+        detail::gemm_one(d, alpha, A + i * d.stride_a, B + i * d.stride_b, beta, C + i * d.stride_c);
+      return;
+    }
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads)
 #endif
     for (std::int64_t i = 0; i < d.batch; ++i)
       detail::gemm_one(d, alpha, A + i * d.stride_a, B + i * d.stride_b, beta, C + i * d.stride_c);
@@ -106,7 +125,11 @@ inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A,
   const std::int64_t ldc = d.ldc ? d.ldc : d.n;
   const bool split_rows = d.m >= d.n;
   const std::int64_t extent = split_rows ? d.m : d.n;
-  const std::int64_t per = ((extent + threads - 1) / threads + 15) / 16 * 16;
+  // Block granule: 16, or a multiple of the fp32 kernel's tile (12 or 6 rows, 32 or 16 columns).
+  const std::int64_t g = (!std::is_same_v<T, float> || gemm_active_kernel() == gemm_kernel::eigen) ? 16
+                         : split_rows                                                            ? 48
+                                                                                                 : 32;
+  const std::int64_t per = ((extent + threads - 1) / threads + g - 1) / g * g;
   const int blocks = int((extent + per - 1) / per);
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) num_threads(threads)
