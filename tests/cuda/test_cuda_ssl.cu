@@ -145,7 +145,9 @@ TEST_CASE("cuda softmax_targets without a center, and rows of very different sca
   dino::cuda::device_buffer<float> dq(q.size()), dent(ent.size());
   dino::softmax_targets(gpu().policy(), dt.data(), static_cast<const float*>(nullptr), dq.data(), dent.data(), rows, K,
                         1.0f / 0.07f);
-  DINO_CHECK_CLOSE(download(dq), q, 1e-5);
+  // |z| = |t| / 0.07 reaches 570 here: one rounding of z moves p by |z| * 6e-8 relative,
+  // so these rows get 3e-5 (the other softmax tests keep 1e-5).
+  DINO_CHECK_CLOSE(download(dq), q, 3e-5);
   CHECK(max_abs_diff(download(dent), ent) <= entropy_bound(40.0 / 0.07, K, max_abs(ent)));
 }
 
@@ -175,6 +177,21 @@ void check_distillation(int n_crops, int n_global, std::int64_t B, std::int64_t 
   auto dS = upload(s), dQ = upload(q);
   host_view<const float> hs{s.data(), {ns, K}, "s"}, hq{q.data(), {nt, K}, "q"};
   device_view<const float> gs{dS.data(), {ns, K}, "s"}, gq{dQ.data(), {nt, K}, "q"};
+  if (K == 1) {
+    // One prototype: the loss and its gradient are exactly 0; both sides hold only the
+    // rounding of lse * mass - q.s / tau (|s / tau| up to 80), so each is checked against 0.
+    std::vector<float> row(static_cast<std::size_t>(ns)), ds(s.size());
+    const double l_cpu = loss.forward_backward(cpu, hs, hq, host_view<float>{row.data(), {ns}, "row"},
+                                               host_view<float>{ds.data(), {ns, K}, "ds"}, 0.5, false);
+    dino::cuda::device_buffer<float> drow(row.size()), dds(ds.size());
+    const double l_gpu = loss.forward_backward(pol, gs, gq, device_view<float>{drow.data(), {ns}, "row"},
+                                               device_view<float>{dds.data(), {ns, K}, "ds"}, 0.5, false);
+    CHECK(std::abs(l_cpu) <= 1e-4);
+    CHECK(std::abs(l_gpu) <= 1e-4);
+    CHECK(max_abs(download(dds)) <= 1e-5);
+    CHECK(max_abs(ds) <= 1e-5);
+    return;
+  }
   for (bool accumulate : {false, true}) {
     CAPTURE(accumulate);
     const double dloss = 0.5;
