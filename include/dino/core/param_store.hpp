@@ -148,4 +148,23 @@ class flat_params {
   storage data_;
 };
 
+/// dst = src for two buffers of one layout, in any pair of spaces (host to host here; the
+/// CUDA policy adds host to device and back, in policy/cuda/memory.cuh). Synchronous: for
+/// set-up, checkpoints and tests, not for a step.
+template <class T>
+inline void assign_params(flat_params<T>& dst, const flat_params<T>& src) {
+  dst.copy_from(src);
+}
+
+/// Copies a view's elements to host memory (host views here; device views in
+/// policy/cuda/memory.cuh), and back. Synchronous: for checkpoints and tests.
+template <class T>
+inline void view_to_host(tensor_view<const T, host_space> v, T* dst) {
+  std::copy(v.data, v.data + v.numel(), dst);
+}
+template <class T>
+inline void view_from_host(tensor_view<T, host_space> v, const T* src) {
+  std::copy(src, src + v.numel(), v.data);
+}
+
 }  // namespace dino

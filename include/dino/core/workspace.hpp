@@ -62,4 +62,13 @@ class workspace {
   std::size_t used_ = 0;
 };
 
+/// The workspace type of a memory space: workspace on the host; the CUDA policy specialises
+/// it for device_space (policy/cuda/memory.cuh).
+template <class Space>
+struct workspace_for;
+template <>
+struct workspace_for<host_space> {
+  using type = workspace;
+};
+
 }  // namespace dino

@@ -5,6 +5,7 @@
 #include "dino/policy/cpu/adamw_kernel.hpp"
 #include "dino/policy/cpu/gelu_kernel.hpp"
 #include "dino/policy/cpu/gemm.hpp"
+#include "dino/policy/cpu/memory.hpp"
 #include "dino/policy/cpu/parallel.hpp"
 #include "dino/policy/cpu/reduce.hpp"
 #include "dino/policy/cpu/softmax_rows.hpp"

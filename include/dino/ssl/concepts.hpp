@@ -3,7 +3,8 @@
 // A method (ssl/method.hpp) is assembled from a backbone, a head, a teacher target, a loss
 // and a teacher update. Each is checked with static_assert against the concept below when
 // the method is instantiated, so a wrong assembly stops at one readable line naming the
-// part and the concept, not deep inside a template.
+// part and the concept, not deep inside a template. Each concept takes the policy the method
+// runs on (cpu_policy by default): tensors are views in that policy's memory space.
 #pragma once
 
 #include <concepts>
@@ -20,11 +21,14 @@ namespace dino::ssl {
 
 /// A network part: built from (config, layout, name prefix), it reports its sizes and runs a
 /// training forward (saving for backward), an inference forward and a backward.
-template <class M, class T = float>
+template <class V, class Policy>
+using view_in = tensor_view<V, memory_space_t<Policy>>;
+
+template <class M, class T = float, class Policy = cpu_policy>
 concept network_module =
     requires(const M& m, typename M::config_type c, param_layout& layout, const std::string& prefix,
-             const cpu_policy& pol, host_view<const T> P, host_view<const T> x, host_view<T> y, host_view<T> buf,
-             host_view<const T> cbuf, grad_mode mode, host_view<T> G) {
+             const Policy& pol, view_in<const T, Policy> P, view_in<const T, Policy> x, view_in<T, Policy> y,
+             view_in<T, Policy> buf, view_in<const T, Policy> cbuf, grad_mode mode, view_in<T, Policy> G) {
       M(c, layout, prefix);
       { m.in_dim() } -> std::convertible_to<std::int64_t>;
       { m.out_dim() } -> std::convertible_to<std::int64_t>;
@@ -37,10 +41,9 @@ concept network_module =
 
 /// A backbone over images (the ViT): crops come as sets of one resolution, planned as a
 /// pack (nn/vit.hpp); it returns one feature row per crop.
-template <class M, class T = float>
+template <class M, class T = float, class Policy = cpu_policy>
 concept image_backbone = requires(const M& m, typename M::config_type c, param_layout& layout,
-                                  const std::string& prefix, const cpu_policy& pol, host_view<const T> P,
-                                  host_view<T> y, host_view<T> buf, host_view<const T> cbuf, host_view<T> G) {
+                                  const std::string& prefix, const Policy& pol) {
   M(c, layout, prefix);
   { m.out_dim() } -> std::convertible_to<std::int64_t>;
   { m.config().in_chans } -> std::convertible_to<std::int64_t>;
@@ -48,28 +51,30 @@ concept image_backbone = requires(const M& m, typename M::config_type c, param_l
 };
 
 /// Turns raw teacher logits into target distributions and keeps its own running state.
-template <class X, class T = float>
-concept teacher_target = requires(X& x, const X& cx, const cpu_policy& pol, host_view<const T> t, double tau,
-                                  host_view<T> q, host_view<T> ent) {
+/// commit / discard take the policy, or nothing (a target whose state lives on the host).
+template <class X, class T = float, class Policy = cpu_policy>
+concept teacher_target = requires(X& x, const X& cx, const Policy& pol, view_in<const T, Policy> t, double tau,
+                                  view_in<T, Policy> q, view_in<T, Policy> ent) {
   { cx.out_dim() } -> std::convertible_to<std::int64_t>;
   { cx.targets(pol, t, tau, q, ent) } -> std::convertible_to<double>;
   x.observe(pol, t);
-  x.commit();
-  x.discard();
+  requires requires { x.commit(pol); } || requires { x.commit(); };
+  requires requires { x.discard(pol); } || requires { x.discard(); };
 };
 
 /// A loss between student logits and teacher targets over a crop plan.
-template <class L, class T = float>
-concept distillation_loss = requires(const L& l, const cpu_policy& pol, host_view<const T> s, host_view<const T> q,
-                                     host_view<T> row_loss, host_view<T> ds) {
+template <class L, class T = float, class Policy = cpu_policy>
+concept distillation_loss = requires(const L& l, const Policy& pol, view_in<const T, Policy> s,
+                                     view_in<const T, Policy> q, view_in<T, Policy> row_loss, view_in<T, Policy> ds) {
   { l.config().n_crops } -> std::convertible_to<int>;
   { l.config().n_global } -> std::convertible_to<int>;
   { l.forward_backward(pol, s, q, row_loss, ds, 1.0, false) } -> std::convertible_to<double>;
 };
 
 /// Updates the teacher's parameters from the student's after each optimizer step.
-template <class U, class T = float>
-concept teacher_update = requires(const U& u, const cpu_policy& pol, flat_params<T>& t, const flat_params<T>& s) {
+template <class U, class T = float, class Policy = cpu_policy>
+concept teacher_update = requires(const U& u, const Policy& pol, flat_params<T, memory_space_t<Policy>>& t,
+                                  const flat_params<T, memory_space_t<Policy>>& s) {
   u(pol, t, s, 0.5);
 };
 

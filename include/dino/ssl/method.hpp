@@ -1,7 +1,10 @@
 // dino/ssl/method.hpp: a self-distillation method assembled at compile time from its parts.
 //
-//   method<Backbone, Head, Target, Loss, TeacherUpdate, T>
+//   method<Backbone, Head, Target, Loss, TeacherUpdate, T, Policy>
 //
+// Policy is cpu_policy (the default) or, with <dino/cuda.hpp>, cuda_policy: parameters,
+// gradients, optimizer state and every buffer then live in device memory, and step() takes
+// the same host input, which it copies into a planned device buffer on the policy's stream.
 // owns a student and a teacher (one param_layout, flat buffers with the official state_dict
 // names "backbone.*" and "head.*"), the student's gradients, AdamW state, the schedules and
 // every activation buffer, planned at construction for the largest micro-batch: a step
@@ -77,23 +80,29 @@ struct step_stats {
   int clipped_tensors = 0;
 };
 
-template <class Backbone, class Head, class Target, class Loss, class TeacherUpdate, class T = float>
+template <class Backbone, class Head, class Target, class Loss, class TeacherUpdate, class T = float,
+          class Policy = cpu_policy>
 class method {
-  static constexpr bool images = image_backbone<Backbone, T>;
-  static_assert(network_module<Backbone, T> || images,
+  static constexpr bool images = image_backbone<Backbone, T, Policy>;
+  static constexpr bool on_host = std::is_same_v<memory_space_t<Policy>, host_space>;
+  static_assert(network_module<Backbone, T, Policy> || images,
                 "dino::ssl::method: the Backbone satisfies neither dino::ssl::network_module nor "
                 "dino::ssl::image_backbone (see ssl/concepts.hpp)");
-  static_assert(network_module<Head, T>,
+  static_assert(network_module<Head, T, Policy>,
                 "dino::ssl::method: the Head does not satisfy dino::ssl::network_module (see ssl/concepts.hpp)");
-  static_assert(teacher_target<Target, T>,
+  static_assert(teacher_target<Target, T, Policy>,
                 "dino::ssl::method: the Target does not satisfy dino::ssl::teacher_target (see ssl/concepts.hpp)");
-  static_assert(distillation_loss<Loss, T>,
+  static_assert(distillation_loss<Loss, T, Policy>,
                 "dino::ssl::method: the Loss does not satisfy dino::ssl::distillation_loss (see ssl/concepts.hpp)");
-  static_assert(teacher_update<TeacherUpdate, T>,
+  static_assert(teacher_update<TeacherUpdate, T, Policy>,
                 "dino::ssl::method: the TeacherUpdate does not satisfy dino::ssl::teacher_update (see ssl/concepts.hpp)");
 
  public:
   using value_type = T;
+  using policy_type = Policy;
+  using space = memory_space_t<Policy>;
+  using view = tensor_view<T, space>;
+  using cview = tensor_view<const T, space>;
   using backbone_type = Backbone;
   using head_type = Head;
   /// What step() takes per micro-batch: a crop-major matrix of rows, or image arrays.
@@ -109,22 +118,28 @@ class method {
                           ") differs from the target's (K = ", target_.out_dim(), ")");
     require<config_error>(tc.max_batch > 0, "method: max_batch must be positive, got ", tc.max_batch);
     sched_ = dino_schedules(tc_.schedule);
-    student_ = flat_params<T>(layout_);
-    teacher_ = flat_params<T>(layout_);
-    grads_ = flat_params<T>(layout_);
-    nn::initialize(student_, tc.seed);
+    student_ = flat_params<T, space>(layout_);
+    teacher_ = flat_params<T, space>(layout_);
+    grads_ = flat_params<T, space>(layout_);
+    if constexpr (std::is_same_v<space, host_space>) {
+      nn::initialize(student_, tc.seed);
+    } else {  // the same numbers as on the host: initialise there, then copy
+      flat_params<T> init(layout_);
+      nn::initialize(init, tc.seed);
+      assign_params(student_, init);
+    }
     teacher_.copy_from(student_);
-    opt_ = optim::adamw<T>(layout_, tc.adamw);
+    opt_ = optim::adamw<T, space>(layout_, tc.adamw);
     plan(tc.max_batch);
   }
   method(const method&) = delete;
   method& operator=(const method&) = delete;
 
   /// One optimizer step on one micro-batch.
-  step_stats step(const cpu_policy& pol, input_type crops) { return step(pol, std::span<const input_type>(&crops, 1)); }
+  step_stats step(const Policy& pol, input_type crops) { return step(pol, std::span<const input_type>(&crops, 1)); }
 
   /// One optimizer step accumulated over several micro-batches (each crop-major).
-  step_stats step(const cpu_policy& pol, std::span<const input_type> micro) {
+  step_stats step(const Policy& pol, std::span<const input_type> micro) {
     require<config_error>(!micro.empty(), "method::step: no micro-batch given");
     require<config_error>(iteration_ < sched_.total_iters(), "method::step: iteration ", iteration_,
                           " is past the end of the schedules (", sched_.total_iters(), " iterations)");
@@ -136,7 +151,7 @@ class method {
     st.weight_decay = sv.wd;
     st.momentum = sv.momentum;
     st.teacher_temp = sv.teacher_temp;
-    grads_.fill_zero();
+    fill_zero(pol, grads_.data(), grads_.size());
     const double scale = 1.0 / double(micro.size());
     const bool freeze = sv.epoch < tc_.freeze_last_layer;
     try {
@@ -148,9 +163,9 @@ class method {
         st.teacher_entropy += scale * ent;
       }
     } catch (const numeric_error&) {
-      return skip(st, "non-finite loss");
+      return skip(pol, st, "non-finite loss");
     }
-    if (!all_finite(pol, grads_.data(), static_cast<std::int64_t>(grads_.size()))) return skip(st, "non-finite gradient");
+    if (!all_finite(pol, grads_.data(), static_cast<std::int64_t>(grads_.size()))) return skip(pol, st, "non-finite gradient");
     const auto d = diagnose(st.loss, st.teacher_entropy, head_.out_dim());
     st.kl = d.kl;
     st.ln_k = d.ln_k;
@@ -159,24 +174,25 @@ class method {
     if (tc_.clip_grad > 0) st.clipped_tensors = optim::clip_gradients(pol, grads_, tc_.clip_grad);
     opt_.step(pol, student_, grads_, sv.lr, sv.wd, skip_flags);
     update_(pol, teacher_, student_, sv.momentum);
-    target_.commit();
+    if constexpr (requires { target_.commit(pol); }) target_.commit(pol);
+    else target_.commit();
     ++iteration_;
     return st;
   }
 
   /// Teacher logits [b, K] for inputs [b, in_dim] (row backbones; the method's own buffers).
-  host_view<const T> teacher_logits(const cpu_policy& pol, host_view<const T> x)
+  cview teacher_logits(const Policy& pol, host_view<const T> x)
     requires(!images)
   {
-    run_teacher(pol, x);
+    run_teacher(pol, stage_rows(pol, x, x.rows()));
     return {r_.t_logits, {x.rows(), head_.out_dim()}, "teacher logits"};
   }
 
   const param_layout& layout() const { return layout_; }
-  flat_params<T>& student() { return student_; }
-  flat_params<T>& teacher() { return teacher_; }
-  flat_params<T>& grads() { return grads_; }
-  optim::adamw<T>& optimizer() { return opt_; }
+  flat_params<T, space>& student() { return student_; }
+  flat_params<T, space>& teacher() { return teacher_; }
+  flat_params<T, space>& grads() { return grads_; }
+  optim::adamw<T, space>& optimizer() { return opt_; }
   Target& target() { return target_; }
   const Backbone& backbone() const { return backbone_; }
   const Head& head() const { return head_; }
@@ -220,6 +236,10 @@ class method {
       if (ns > nt) student_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size},
                                                                     {ns - nt, cp.local_size, cp.local_size}});
       teacher_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size}});
+      if constexpr (!on_host) {  // the packs' tables in device memory (set-up: the default stream)
+        backbone_.upload(Policy{}, student_pack_);
+        backbone_.upload(Policy{}, teacher_pack_);
+      }
       bb_saved = backbone_.saved_elems(student_pack_);
       bb_scratch = std::max({backbone_.scratch_elems(student_pack_), backbone_.infer_scratch_elems(teacher_pack_),
                              static_cast<std::size_t>(student_pack_.tokens * D)});
@@ -238,50 +258,62 @@ class method {
     const std::size_t regions_elems[] = {r_.saved_n, r_.scratch_n, n(ns * D), n(ns * D), n(ns * K), n(ns * K),
                                          n(nt * D), n(nt * K), n(nt * K), n(ns), n(nt), r_.dtok_n};
     for (std::size_t elems : regions_elems) p.add_bytes(elems * sizeof(T));
-    ws_ = workspace(p);
-    r_.saved = ws_.take<T>(r_.saved_n, "saved activations");
-    r_.scratch = ws_.take<T>(r_.scratch_n, "scratch");
-    r_.s_feat = ws_.take<T>(n(ns * D), "student features");
-    r_.d_feat = ws_.take<T>(n(ns * D), "d student features");
-    r_.s_logits = ws_.take<T>(n(ns * K), "student logits");
-    r_.ds = ws_.take<T>(n(ns * K), "d student logits");
-    r_.t_feat = ws_.take<T>(n(nt * D), "teacher features");
-    r_.t_logits = ws_.take<T>(n(nt * K), "teacher logits");
-    r_.q = ws_.take<T>(n(nt * K), "teacher targets");
-    r_.row = ws_.take<T>(n(ns), "row loss");
-    r_.ent = ws_.take<T>(n(nt), "teacher entropy");
-    r_.dtok = ws_.take<T>(r_.dtok_n, "d tokens");
+    // Host input copied to the device (GPU only): the crops of one micro-batch.
+    if constexpr (!on_host) {
+      if constexpr (images) {
+        const auto& cp = tc_.crops;
+        const std::int64_t C = backbone_.config().in_chans;
+        r_.input_n = n(nt * C * cp.global_size * cp.global_size + (ns - nt) * C * cp.local_size * cp.local_size);
+      } else {
+        r_.input_n = n(ns * backbone_.in_dim());
+      }
+      p.add_bytes(r_.input_n * sizeof(T));
+    }
+    ws_ = decltype(ws_)(p);
+    r_.saved = ws_.template take<T>(r_.saved_n, "saved activations");
+    r_.scratch = ws_.template take<T>(r_.scratch_n, "scratch");
+    r_.s_feat = ws_.template take<T>(n(ns * D), "student features");
+    r_.d_feat = ws_.template take<T>(n(ns * D), "d student features");
+    r_.s_logits = ws_.template take<T>(n(ns * K), "student logits");
+    r_.ds = ws_.template take<T>(n(ns * K), "d student logits");
+    r_.t_feat = ws_.template take<T>(n(nt * D), "teacher features");
+    r_.t_logits = ws_.template take<T>(n(nt * K), "teacher logits");
+    r_.q = ws_.template take<T>(n(nt * K), "teacher targets");
+    r_.row = ws_.template take<T>(n(ns), "row loss");
+    r_.ent = ws_.template take<T>(n(nt), "teacher entropy");
+    r_.dtok = ws_.template take<T>(r_.dtok_n, "d tokens");
+    if constexpr (!on_host) r_.input = ws_.template take<T>(r_.input_n, "input crops");
     max_rows_ = ns;
   }
 
-  host_view<T> scratch() { return {r_.scratch, {std::int64_t(r_.scratch_n)}, "scratch"}; }
+  view scratch() { return {r_.scratch, {std::int64_t(r_.scratch_n)}, "scratch"}; }
 
   // Teacher inference into r_.t_feat and r_.t_logits (rows: n_global * b crops).
-  void run_teacher(const cpu_policy& pol, host_view<const T> x)
+  void run_teacher(const Policy& pol, cview x)
     requires(!images)
   {
     const std::int64_t n = x.rows();
     require<shape_error>(n <= globals() * tc_.max_batch, "method: teacher input has ", n, " rows, more than planned (",
                          globals() * tc_.max_batch, ")");
-    host_view<const T> P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
-    host_view<T> f{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"};
+    cview P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    view f{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"};
     backbone_.infer(pol, P, x, f, scratch());
     teacher_head(pol, n);
   }
-  void run_teacher(const cpu_policy& pol, const image_crops<T>& x)
+  void run_teacher(const Policy& pol, const image_crops<T>& x)
     requires(images)
   {
     const std::int64_t n = teacher_pack_.crops;
-    host_view<const T> P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    cview P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
     const T* sets[1] = {x.global};
     backbone_.infer(pol, P, teacher_pack_, std::span<const T* const>(sets, 1),
-                    host_view<T>{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"}, scratch());
+                    view{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"}, scratch());
     teacher_head(pol, n);
   }
-  void teacher_head(const cpu_policy& pol, std::int64_t n) {
-    host_view<const T> P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
-    head_.infer(pol, P, host_view<const T>{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"},
-                host_view<T>{r_.t_logits, {n, head_.out_dim()}, "teacher logits"}, scratch());
+  void teacher_head(const Policy& pol, std::int64_t n) {
+    cview P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    head_.infer(pol, P, cview{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"},
+                view{r_.t_logits, {n, head_.out_dim()}, "teacher logits"}, scratch());
   }
 
   // Images per micro-batch, checked against the plan.
@@ -301,58 +333,91 @@ class method {
     }
   }
 
-  double micro_step(const cpu_policy& pol, const input_type& x, double tau, double scale, bool freeze, double& ent,
+  // Host rows as a view in the policy's space (rows that the caller keeps on the host).
+  static cview as_space(host_view<const T> x) {
+    if constexpr (on_host) return x;
+    else return cview{x.data, x.shape, x.name};  // already staged: x.data points to device memory
+  }
+  // The host input in the policy's memory: on the CPU the input itself; on the GPU a copy
+  // into the planned input region, on the stream. Rows: the first `rows` rows of x.
+  input_type stage(const Policy& pol, const input_type& x, std::int64_t rows) {
+    if constexpr (on_host) {
+      return x;
+    } else if constexpr (images) {
+      const auto& cp = tc_.crops;
+      const std::int64_t C = backbone_.config().in_chans, b = tc_.max_batch;
+      const std::size_t ng = std::size_t(globals() * b * C * cp.global_size * cp.global_size);
+      const std::size_t nl = std::size_t((crops() - globals()) * b * C * cp.local_size * cp.local_size);
+      upload(pol, r_.input, x.global, ng);
+      if (nl) upload(pol, r_.input + ng, x.local, nl);
+      return image_crops<T>{r_.input, nl ? r_.input + ng : nullptr};
+    } else {
+      const std::size_t n = std::size_t(rows * backbone_.in_dim());
+      upload(pol, r_.input, x.data, n);
+      return host_view<const T>{r_.input, {rows, backbone_.in_dim()}, "input (device)"};
+    }
+  }
+  cview stage_rows(const Policy& pol, host_view<const T> x, std::int64_t rows)
+    requires(!images)
+  {
+    require<shape_error>(rows <= max_rows_, "method: input has ", rows, " rows, more than planned (", max_rows_, ")");
+    return as_space(stage(pol, x, rows));
+  }
+
+  double micro_step(const Policy& pol, const input_type& x, double tau, double scale, bool freeze, double& ent,
                     std::uint64_t micro_index) {
     const std::int64_t b = batch_of(x), ns = crops() * b, nt = globals() * b;
     const std::int64_t D = backbone_.out_dim(), K = head_.out_dim();
+    const input_type dx = stage(pol, x, ns);  // the input in the policy's memory (on the CPU: x itself)
     // Teacher on the global crops.
-    if constexpr (images) run_teacher(pol, x);
-    else run_teacher(pol, x.slice_rows(0, nt));
-    host_view<const T> t{r_.t_logits, {nt, K}, "teacher logits"};
+    if constexpr (images) run_teacher(pol, dx);
+    else run_teacher(pol, as_space(dx).slice_rows(0, nt));
+    cview t{r_.t_logits, {nt, K}, "teacher logits"};
     // Student on all crops.
-    host_view<const T> P{student_.data(), {std::int64_t(student_.size())}, "student parameters"};
-    host_view<T> G{grads_.data(), {std::int64_t(grads_.size())}, "student gradients"};
-    host_view<T> sb{r_.saved, {std::int64_t(bsaved_)}, "backbone saved"};
-    host_view<T> sh{r_.saved + bsaved_, {std::int64_t(head_.saved_elems(ns))}, "head saved"};
-    host_view<T> feat{r_.s_feat, {ns, D}, "student features"};
-    host_view<T> logits{r_.s_logits, {ns, K}, "student logits"};
+    cview P{student_.data(), {std::int64_t(student_.size())}, "student parameters"};
+    view G{grads_.data(), {std::int64_t(grads_.size())}, "student gradients"};
+    view sb{r_.saved, {std::int64_t(bsaved_)}, "backbone saved"};
+    view sh{r_.saved + bsaved_, {std::int64_t(head_.saved_elems(ns))}, "head saved"};
+    view feat{r_.s_feat, {ns, D}, "student features"};
+    view logits{r_.s_logits, {ns, K}, "student logits"};
     if constexpr (images) {
-      const T* sets[2] = {x.global, x.local};
+      const T* sets[2] = {dx.global, dx.local};
       backbone_.forward(pol, P, student_pack_, std::span<const T* const>(sets, student_pack_.sets.size()), feat, sb,
                         tc_.seed, micro_index);
     } else {
-      backbone_.forward(pol, P, x, feat, sb);
+      backbone_.forward(pol, P, as_space(dx), feat, sb);
     }
-    head_.forward(pol, P, host_view<const T>(feat), logits, sh);
+    head_.forward(pol, P, cview(feat), logits, sh);
     // Targets and loss.
-    host_view<T> q{r_.q, {nt, K}, "teacher targets"};
-    ent = target_.targets(pol, t, tau, q, host_view<T>{r_.ent, {nt}, "teacher entropy"});
-    host_view<T> ds{r_.ds, {ns, K}, "d student logits"};
-    const double l = loss_.forward_backward(pol, host_view<const T>(logits), host_view<const T>(q),
-                                            host_view<T>{r_.row, {ns}, "row loss"}, ds, scale, false);
+    view q{r_.q, {nt, K}, "teacher targets"};
+    ent = target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"});
+    view ds{r_.ds, {ns, K}, "d student logits"};
+    const double l = loss_.forward_backward(pol, cview(logits), cview(q),
+                                            view{r_.row, {ns}, "row loss"}, ds, scale, false);
     // Backward (parameter gradients accumulate across micro-batches).
-    host_view<T> dfeat{r_.d_feat, {ns, D}, "d student features"};
-    if constexpr (requires { head_.backward(pol, P, host_view<const T>(feat), host_view<const T>(sh), host_view<const T>(ds), dfeat, grad_mode::write, G, scratch(), freeze); })
-      head_.backward(pol, P, host_view<const T>(feat), host_view<const T>(sh), host_view<const T>(ds), dfeat,
+    view dfeat{r_.d_feat, {ns, D}, "d student features"};
+    if constexpr (requires { head_.backward(pol, P, cview(feat), cview(sh), cview(ds), dfeat, grad_mode::write, G, scratch(), freeze); })
+      head_.backward(pol, P, cview(feat), cview(sh), cview(ds), dfeat,
                      grad_mode::write, G, scratch(), freeze);
     else
-      head_.backward(pol, P, host_view<const T>(feat), host_view<const T>(sh), host_view<const T>(ds), dfeat,
+      head_.backward(pol, P, cview(feat), cview(sh), cview(ds), dfeat,
                      grad_mode::write, G, scratch());
     if constexpr (images) {
-      backbone_.scatter_cls_grad(student_pack_, r_.d_feat, r_.dtok);
-      backbone_.backward(pol, P, student_pack_, host_view<const T>(sb),
-                         host_view<const T>{r_.dtok, {student_pack_.tokens, D}, "d tokens"}, G, scratch());
+      backbone_.scatter_cls_grad(pol, student_pack_, r_.d_feat, r_.dtok);
+      backbone_.backward(pol, P, student_pack_, cview(sb),
+                         cview{r_.dtok, {student_pack_.tokens, D}, "d tokens"}, G, scratch());
     } else {
-      backbone_.backward(pol, P, x, host_view<const T>(sb), host_view<const T>(dfeat), host_view<T>{}, grad_mode::skip,
+      backbone_.backward(pol, P, as_space(dx), cview(sb), cview(dfeat), view{}, grad_mode::skip,
                          G, scratch());
     }
     target_.observe(pol, t);
     return l;
   }
 
-  step_stats skip(step_stats st, const char* why) {
-    target_.discard();
-    grads_.fill_zero();
+  step_stats skip(const Policy& pol, step_stats st, const char* why) {
+    if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
+    else target_.discard();
+    fill_zero(pol, grads_.data(), grads_.size());
     st.skipped = true;
     st.skip_reason = why;
     ++iteration_;
@@ -367,18 +432,19 @@ class method {
   Loss loss_;
   TeacherUpdate update_;
   dino_schedules sched_;
-  flat_params<T> student_, teacher_, grads_;
-  optim::adamw<T> opt_;
+  flat_params<T, space> student_, teacher_, grads_;
+  optim::adamw<T, space> opt_;
   struct regions {
     T *saved = nullptr, *scratch = nullptr, *s_feat = nullptr, *d_feat = nullptr, *s_logits = nullptr, *ds = nullptr;
     T *t_feat = nullptr, *t_logits = nullptr, *q = nullptr, *row = nullptr, *ent = nullptr;
     T* dtok = nullptr;
-    std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0;
+    T* input = nullptr;  // device copy of the host input (GPU only)
+    std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0, input_n = 0;
   };
   std::size_t bsaved_ = 0;
   struct no_pack {};
   [[no_unique_address]] std::conditional_t<images, nn::vit_pack<T>, no_pack> student_pack_{}, teacher_pack_{};
-  workspace ws_;
+  typename workspace_for<space>::type ws_;
   regions r_;
   std::int64_t max_rows_ = 0;
   std::int64_t iteration_ = 0;

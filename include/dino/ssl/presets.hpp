@@ -1,6 +1,6 @@
 // dino/ssl/presets.hpp: named assemblies of dino::ssl::method.
 //
-//   dino_method<Backbone, T>: the paper's recipe: DINO head, centering + sharpening teacher
+//   dino_method<Backbone, T, Policy>: the paper's recipe: DINO head, centering + sharpening teacher
 //   targets, cross-entropy distillation over multi-crop pairs, EMA teacher.
 // make_dino() builds one with the reference's defaults for everything it is not told.
 #pragma once
@@ -13,8 +13,9 @@
 
 namespace dino::ssl {
 
-template <class Backbone, class T = float>
-using dino_method = method<Backbone, dino_head, centering<T>, cross_entropy_distillation, ema_update, T>;
+template <class Backbone, class T = float, class Policy = cpu_policy>
+using dino_method = method<Backbone, dino_head, centering<T, memory_space_t<Policy>>, cross_entropy_distillation,
+                           ema_update, T, Policy>;
 
 /// Hyper-parameters of a DINO run beyond the backbone (reference defaults, dino-spec §3, §4.9).
 struct dino_config {
@@ -25,11 +26,12 @@ struct dino_config {
   train_config train{};
 };
 
-template <class Backbone, class T = float>
-inline dino_method<Backbone, T> make_dino(typename Backbone::config_type backbone, std::int64_t backbone_out_dim,
-                                          dino_config c) {
+template <class Backbone, class T = float, class Policy = cpu_policy>
+inline dino_method<Backbone, T, Policy> make_dino(typename Backbone::config_type backbone,
+                                                  std::int64_t backbone_out_dim, dino_config c) {
   c.head.in_dim = backbone_out_dim;
-  return dino_method<Backbone, T>(backbone, c.head, centering<T>({c.head.out_dim, c.center_momentum}),
+  return dino_method<Backbone, T, Policy>(backbone, c.head,
+                                          centering<T, memory_space_t<Policy>>({c.head.out_dim, c.center_momentum}),
                                   cross_entropy_distillation({2 + c.local_crops, 2, c.student_temp}), ema_update{},
                                   c.train);
 }

@@ -19,6 +19,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dino/core/error.hpp"
@@ -47,18 +48,49 @@ inline void read_all(const io::safetensors_file& f, const std::string& prefix, f
     if (apply) f.to_float(*t, p.data() + e.offset);
   }
 }
+
+/// The host form of a parameter buffer: itself on the host, a copy for device buffers.
+template <class T, class S>
+class host_params {
+ public:
+  explicit host_params(flat_params<T, S>& p) : p_(p) {
+    if constexpr (!on_host) {
+      copy_ = flat_params<T>(p.layout());
+      assign_params(copy_, p);
+    }
+  }
+  flat_params<T>& get() {
+    if constexpr (on_host) return p_;
+    else return copy_;
+  }
+  /// Writes the host form back (device buffers only).
+  void store() {
+    if constexpr (!on_host) assign_params(p_, copy_);
+  }
+
+ private:
+  static constexpr bool on_host = std::is_same_v<S, host_space>;
+  flat_params<T, S>& p_;
+  flat_params<T> copy_;
+};
 }  // namespace detail
 
-/// Writes `path` (atomically) and `path` + ".json" with the method's state.
+/// Writes `path` (atomically) and `path` + ".json" with the method's state (from host or
+/// device memory alike: device buffers are copied to the host first).
 template <class Method>
 void save_checkpoint(const std::string& path, Method& m, std::uint64_t seed, const std::string& extra_json = "{}") {
   std::vector<io::tensor_entry> entries;
-  detail::add_all(entries, "student.", m.student());
-  detail::add_all(entries, "teacher.", m.teacher());
-  detail::add_all(entries, "optimizer.exp_avg.", m.optimizer().exp_avg());
-  detail::add_all(entries, "optimizer.exp_avg_sq.", m.optimizer().exp_avg_sq());
+  using S = typename Method::space;
+  detail::host_params<float, S> student(m.student()), teacher(m.teacher()), m1(m.optimizer().exp_avg()),
+      m2(m.optimizer().exp_avg_sq());
+  detail::add_all(entries, "student.", student.get());
+  detail::add_all(entries, "teacher.", teacher.get());
+  detail::add_all(entries, "optimizer.exp_avg.", m1.get());
+  detail::add_all(entries, "optimizer.exp_avg_sq.", m2.get());
   auto c = m.target().center();
-  entries.push_back({"dino_loss.center", {1, c.numel()}, c.data});
+  std::vector<float> center(static_cast<std::size_t>(c.numel()));
+  view_to_host(tensor_view<const float, S>(c), center.data());
+  entries.push_back({"dino_loss.center", {1, c.numel()}, center.data()});
   std::string steps;
   for (auto s : m.optimizer().steps()) {
     if (!steps.empty()) steps += ',';
@@ -117,13 +149,22 @@ checkpoint_info restore_checkpoint(const std::string& path, Method& m) {
   if (!ct || ct->numel() != c.numel())
     throw io_error("checkpoint: " + path + ": dino_loss.center missing or not of " + std::to_string(c.numel()) +
                    " values");
+  using S = typename Method::space;
+  detail::host_params<float, S> student(m.student()), teacher(m.teacher()), m1(m.optimizer().exp_avg()),
+      m2(m.optimizer().exp_avg_sq());
   for (bool apply : {false, true}) {  // check everything, then write
-    detail::read_all(f, "student.", m.student(), apply);
-    detail::read_all(f, "teacher.", m.teacher(), apply);
-    detail::read_all(f, "optimizer.exp_avg.", m.optimizer().exp_avg(), apply);
-    detail::read_all(f, "optimizer.exp_avg_sq.", m.optimizer().exp_avg_sq(), apply);
+    detail::read_all(f, "student.", student.get(), apply);
+    detail::read_all(f, "teacher.", teacher.get(), apply);
+    detail::read_all(f, "optimizer.exp_avg.", m1.get(), apply);
+    detail::read_all(f, "optimizer.exp_avg_sq.", m2.get(), apply);
   }
-  f.to_float(*ct, c.data);
+  student.store();
+  teacher.store();
+  m1.store();
+  m2.store();
+  std::vector<float> center(static_cast<std::size_t>(c.numel()));
+  f.to_float(*ct, center.data());
+  view_from_host(c, center.data());
   m.optimizer().steps() = steps;
   m.set_iteration(info.iteration);
   return info;

@@ -65,8 +65,8 @@ inline std::string fmt_time(double s) {
 }
 }  // namespace detail
 
-template <class Method, class Loader>
-run_summary run(const cpu_policy& pol, Method& m, Loader& loader, const run_config& rc) {
+template <class Policy, class Method, class Loader>
+run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& rc) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(rc.out_dir, ec);

@@ -15,11 +15,13 @@ namespace dino::cuda {
 
 class context {
  public:
-  /// Selects `device`, creates a non-blocking stream, a cuBLASLt handle and its workspace.
+  /// Selects `device`, creates a stream, a cuBLASLt handle and its workspace. The stream is a
+  /// blocking one: set-up work that runs on the default stream (zeroing and copying device
+  /// buffers with cudaMemset / cudaMemcpy) is ordered before the steps that follow it.
   explicit context(int device = 0, std::size_t gemm_workspace_bytes = std::size_t(32) << 20) {
     require<cuda_error>(cuda_device_available(), "CUDA: no CUDA device is available");
     DINO_CUDA_CHECK(cudaSetDevice(device));
-    DINO_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DINO_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
     DINO_CUBLAS_CHECK(cublasLtCreate(&lt_));
     ws_.resize(gemm_workspace_bytes, false, "cuBLASLt workspace");
     flags_.resize(16, true, "policy flags");

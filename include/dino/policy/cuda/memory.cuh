@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dino/core/buffer.hpp"
+#include "dino/core/param_store.hpp"
 #include "dino/core/tensor.hpp"
 #include "dino/core/workspace.hpp"
 #include "dino/policy/cuda/policy.cuh"
@@ -156,4 +157,45 @@ struct storage_for<T, device_space> {
     if (n) DINO_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice));
   }
 };
+template <>
+struct workspace_for<device_space> {
+  using type = cuda::device_workspace;
+};
+
+/// dst = src between host and device buffers of one layout (synchronous).
+template <class T>
+inline void assign_params(flat_params<T, device_space>& dst, const flat_params<T>& src) {
+  require<shape_error>(dst.size() == src.size(), "assign_params: sizes differ: ", src.size(), " vs ", dst.size());
+  if (src.size()) DINO_CUDA_CHECK(cudaMemcpy(dst.data(), src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+template <class T>
+inline void assign_params(flat_params<T>& dst, const flat_params<T, device_space>& src) {
+  require<shape_error>(dst.size() == src.size(), "assign_params: sizes differ: ", src.size(), " vs ", dst.size());
+  if (src.size()) DINO_CUDA_CHECK(cudaMemcpy(dst.data(), src.data(), src.size() * sizeof(T), cudaMemcpyDeviceToHost));
+}
+template <class T>
+inline void assign_params(flat_params<T, device_space>& dst, const flat_params<T, device_space>& src) {
+  dst.copy_from(src);
+}
+
+template <class T>
+inline void view_to_host(tensor_view<const T, device_space> v, T* dst) {
+  if (v.numel()) DINO_CUDA_CHECK(cudaMemcpy(dst, v.data, v.numel() * sizeof(T), cudaMemcpyDeviceToHost));
+}
+template <class T>
+inline void view_from_host(tensor_view<T, device_space> v, const T* src) {
+  if (v.numel()) DINO_CUDA_CHECK(cudaMemcpy(v.data, src, v.numel() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+/// Zeroes n elements on the policy's stream.
+template <class T>
+inline void fill_zero(const cuda_policy& pol, T* p, std::size_t n) {
+  if (n) DINO_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(T), pol.stream));
+}
+/// Copies n host elements to the device on the policy's stream (the host memory must stay
+/// valid until the stream has read it: the trainer's loader keeps a batch until the next).
+template <class T>
+inline void upload(const cuda_policy& pol, T* device, const T* host, std::size_t n) {
+  cuda::copy_to_device(pol.stream, device, host, n);
+}
 }  // namespace dino
