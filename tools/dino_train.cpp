@@ -22,6 +22,9 @@
 #include <dino/data/loader.hpp>
 #include <dino/data/multicrop.hpp>
 #include <dino/dino.hpp>
+#if defined(DINO_WITH_CUDA)
+#include <dino/cuda.hpp>
+#endif
 #include <dino/train/checkpoint.hpp>
 #include <dino/train/trainer.hpp>
 
@@ -65,6 +68,8 @@ dino_cli::flags make_flags() {
       .add("clip-grad", "3.0", "per-tensor gradient clipping threshold (0: off)")
       .add("seed", "0", "seed of initialisation, data order, augmentation and DropPath")
       .add("threads", "2", "compute threads")
+      .add("device", "cpu", "where the model trains: cpu, or cuda in a build with DINO_ENABLE_CUDA")
+      .add("tf32", "false", "with --device cuda: fp32 GEMMs on TF32 tensor cores (default exact fp32)")
       .add("loader-threads", "1", "data loading threads")
       .add("prefetch", "2", "batches loaded ahead")
       .add("save-every", "0", "steps between checkpoints (0: at the end only)")
@@ -78,6 +83,65 @@ std::vector<double> pair_of(const std::string& flag, const std::string& s) {
   if (v.size() != 2 || !(v[0] > 0) || !(v[1] >= v[0]) || v[1] > 1)
     throw dino_cli::usage_error("--" + flag + " must be two numbers lo,hi with 0 < lo <= hi <= 1, got '" + s + "'");
   return v;
+}
+
+// The run itself, on one policy (the CPU, or a GPU with --device cuda).
+template <class Policy, class Dataset>
+int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, const dino::nn::vit_config& vc,
+             const dino::data::multicrop_config& mc, dino::ssl::dino_config c, std::uint64_t seed, std::int64_t B) {
+  const auto& s = c.train.schedule;
+  auto model = dino::ssl::make_dino<dino::nn::vit, float, Policy>(vc, vc.embed_dim, c);
+  const std::string out = f.str("output"), ckpt = out + "/checkpoint.safetensors";
+  std::uint64_t run_seed = seed;
+  if (f.boolean("resume")) {
+    if (!std::filesystem::exists(ckpt)) throw dino::io_error("dino-train: --resume: no checkpoint at " + ckpt);
+    const auto info = dino::train::restore_checkpoint(ckpt, model);
+    if (info.seed != seed)
+      throw dino::config_error("dino-train: --resume: the checkpoint was trained with --seed " + std::to_string(info.seed) +
+                               "; give the same seed (and the same options) to continue it");
+    std::fprintf(stderr, "dino-train: resuming %s at step %lld\n", ckpt.c_str(), (long long)info.iteration);
+  }
+  const auto [e0, b0] = dino::train::resume_position(model.iteration(), s.iters_per_epoch);
+  dino::data::loader_config lc;
+  lc.batch_size = B;
+  lc.threads = int(f.integer("loader-threads", 1));
+  lc.prefetch = int(f.integer("prefetch"));
+  lc.seed = seed;
+  lc.start_epoch = e0;
+  lc.start_batch = b0;
+  dino::data::multicrop_loader<Dataset> loader(ds, mc, lc);
+
+  std::fprintf(stderr,
+               "dino-train: %lld images, ViT D %lld depth %lld heads %lld patch %lld, %zu parameters; K %lld; crops 2 x %d + "
+               "%d x %d; batch %lld; %lld epochs x %lld steps\n",
+               (long long)ds.size(), (long long)vc.embed_dim, (long long)vc.depth, (long long)vc.heads, (long long)vc.patch,
+               model.layout().numel(), (long long)c.head.out_dim, mc.global_size, mc.n_local, mc.local_size, (long long)B,
+               (long long)s.epochs, (long long)s.iters_per_epoch);
+  dino::train::run_config rc;
+  rc.out_dir = out;
+  rc.save_every = f.integer("save-every");
+  rc.time_limit_s = f.num("time-limit") * 60.0;
+  rc.log_every = f.integer("log-every");
+  rc.seed = run_seed;
+  const auto sum = dino::train::run(pol, model, loader, rc);
+  const double step_s = sum.steps ? sum.wall_s / double(sum.steps) : 0;
+  std::fprintf(stderr,
+               "dino-train: %lld steps in %.1f s (%.1f images/s, %lld skipped); the loader kept the model waiting "
+               "%.1f %% of the time; %s; checkpoint %s\n",
+               (long long)sum.steps, sum.wall_s, sum.images_per_s, (long long)sum.skipped,
+               sum.wall_s > 0 ? 100.0 * sum.loader_wait_s / sum.wall_s : 0.0,
+               sum.finished ? "schedule finished" : "stopped before the end of the schedule (--resume continues)",
+               sum.checkpoint.c_str());
+  std::ofstream js(out + "/run.json");
+  js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
+     << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
+     << "}, \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B << ", \"epochs\": " << s.epochs
+     << ", \"steps_per_epoch\": " << s.iters_per_epoch << ", \"seed\": " << seed << ", \"steps_run\": " << sum.steps
+     << ", \"next_step\": " << model.iteration() << ", \"wall_s\": " << sum.wall_s << ", \"images_per_s\": "
+     << sum.images_per_s << ", \"step_s\": " << step_s << ", \"loader_wait_fraction\": "
+     << (sum.wall_s > 0 ? sum.loader_wait_s / sum.wall_s : 0.0) << ", \"finished\": " << (sum.finished ? "true" : "false")
+     << "}\n";
+  return 0;
 }
 
 template <class Dataset>
@@ -129,59 +193,18 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   if (s.iters_per_epoch < 1)
     throw dino::config_error("dino-train: " + std::to_string(ds.size()) + " images make no batch of " + std::to_string(B));
 
-  auto model = dino::ssl::make_dino<dino::nn::vit>(vc, vc.embed_dim, c);
-  const std::string out = f.str("output"), ckpt = out + "/checkpoint.safetensors";
-  std::uint64_t run_seed = seed;
-  if (f.boolean("resume")) {
-    if (!std::filesystem::exists(ckpt)) throw dino::io_error("dino-train: --resume: no checkpoint at " + ckpt);
-    const auto info = dino::train::restore_checkpoint(ckpt, model);
-    if (info.seed != seed)
-      throw dino::config_error("dino-train: --resume: the checkpoint was trained with --seed " + std::to_string(info.seed) +
-                               "; give the same seed (and the same options) to continue it");
-    std::fprintf(stderr, "dino-train: resuming %s at step %lld\n", ckpt.c_str(), (long long)info.iteration);
+  const std::string device = f.str("device");
+  if (device == "cpu") return train_on(dino::cpu_policy{int(f.integer("threads", 1))}, f, ds, vc, mc, c, seed, B);
+#if defined(DINO_WITH_CUDA)
+  if (device == "cuda") {
+    dino::cuda::context ctx;
+    return train_on(ctx.policy(f.boolean("tf32")), f, ds, vc, mc, c, seed, B);
   }
-  const auto [e0, b0] = dino::train::resume_position(model.iteration(), s.iters_per_epoch);
-  dino::data::loader_config lc;
-  lc.batch_size = B;
-  lc.threads = int(f.integer("loader-threads", 1));
-  lc.prefetch = int(f.integer("prefetch"));
-  lc.seed = seed;
-  lc.start_epoch = e0;
-  lc.start_batch = b0;
-  dino::data::multicrop_loader<Dataset> loader(ds, mc, lc);
-
-  std::fprintf(stderr,
-               "dino-train: %lld images, ViT D %lld depth %lld heads %lld patch %lld, %zu parameters; K %lld; crops 2 x %d + "
-               "%d x %d; batch %lld; %lld epochs x %lld steps\n",
-               (long long)ds.size(), (long long)vc.embed_dim, (long long)vc.depth, (long long)vc.heads, (long long)vc.patch,
-               model.layout().numel(), (long long)c.head.out_dim, mc.global_size, mc.n_local, mc.local_size, (long long)B,
-               (long long)s.epochs, (long long)s.iters_per_epoch);
-  dino::train::run_config rc;
-  rc.out_dir = out;
-  rc.save_every = f.integer("save-every");
-  rc.time_limit_s = f.num("time-limit") * 60.0;
-  rc.log_every = f.integer("log-every");
-  rc.seed = run_seed;
-  const dino::cpu_policy pol{int(f.integer("threads", 1))};
-  const auto sum = dino::train::run(pol, model, loader, rc);
-  const double step_s = sum.steps ? sum.wall_s / double(sum.steps) : 0;
-  std::fprintf(stderr,
-               "dino-train: %lld steps in %.1f s (%.1f images/s, %lld skipped); the loader kept the model waiting "
-               "%.1f %% of the time; %s; checkpoint %s\n",
-               (long long)sum.steps, sum.wall_s, sum.images_per_s, (long long)sum.skipped,
-               sum.wall_s > 0 ? 100.0 * sum.loader_wait_s / sum.wall_s : 0.0,
-               sum.finished ? "schedule finished" : "stopped before the end of the schedule (--resume continues)",
-               sum.checkpoint.c_str());
-  std::ofstream js(out + "/run.json");
-  js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
-     << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
-     << "}, \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B << ", \"epochs\": " << s.epochs
-     << ", \"steps_per_epoch\": " << s.iters_per_epoch << ", \"seed\": " << seed << ", \"steps_run\": " << sum.steps
-     << ", \"next_step\": " << model.iteration() << ", \"wall_s\": " << sum.wall_s << ", \"images_per_s\": "
-     << sum.images_per_s << ", \"step_s\": " << step_s << ", \"loader_wait_fraction\": "
-     << (sum.wall_s > 0 ? sum.loader_wait_s / sum.wall_s : 0.0) << ", \"finished\": " << (sum.finished ? "true" : "false")
-     << "}\n";
-  return 0;
+  throw dino::config_error("dino-train: --device must be cpu or cuda, got '" + device + "'");
+#else
+  throw dino::config_error("dino-train: --device must be cpu (this build has no CUDA: configure with -DDINO_ENABLE_CUDA=ON), got '" +
+                           device + "'");
+#endif
 }
 
 int run(int argc, char** argv) {
