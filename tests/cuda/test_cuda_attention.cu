@@ -1,14 +1,18 @@
 // The CUDA attention over packed segments against its CPU twin (nn/attention.hpp): forward
-// output, every P, the CLS rows and the backward's dqkv, for head dims 32, 64 and 128, packs
-// of one segment, of two groups of equal-length segments, of odd lengths (1, 2, 37, 197),
-// with unused rows between segments and with probability/CLS blocks in reverse order (the
-// layouts that split launches), in float and double.
+// output, every P, the CLS rows and the backward's dqkv, for head dims 32, 64 and 128 (the
+// exact paths), packs of one segment, of two groups of equal-length segments, of odd lengths
+// (1, 2, 37, 197), with unused rows between segments and with probability/CLS blocks in
+// reverse order (the layouts that split launches), in float and double; for head dims 1, 10,
+// 24, 48 and 100 (the padded paths: HD 32, 32, 32, 64, 128) on 2 x 17 + 4 x 5 tokens, one
+// 197-token segment and odd lengths; head dim 129 is refused.
 //
 // Bounds, normwise (max |gpu - cpu| / max |cpu|, cuda_test_support.cuh), per quantity:
 //   fp32    out, probs, CLS rows, dqkv, dS (scratch): 1e-5 each. Measured on the CPU, a float
 //           emulation of the kernels' summation order (sequential FMA dot products, 32
 //           lane partial sums) differs from the CPU float path by at most 6.5e-7 on out,
-//           4e-7 on P and the CLS rows, 2e-7 on dS and 2.6e-7 on dqkv for these shapes.
+//           4e-7 on P and the CLS rows, 2e-7 on dS and 2.6e-7 on dqkv for these shapes;
+//           a host emulation of the kernels themselves (padded head dims included) differs
+//           by at most 1.1e-6 on any quantity.
 //   double  1e-12 each.
 #include <dino/nn/attention.hpp>
 
@@ -119,8 +123,8 @@ void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uin
   auto d_out = upload(nan_vector<T>(out.size())), d_probs = upload(nan_vector<T>(p.probs)),
        d_cls = upload(nan_vector<T>(std::max<std::size_t>(p.cls, 1)));
   auto d_dqkv = upload(nan_vector<T>(dqkv.size())), d_scratch = upload(nan_vector<T>(std::max<std::size_t>(p.probs, 1)));
+  const dino::cuda_policy pol = gpu().policy();  // the first gpu() makes the context: count after it
   const auto allocs = dino::cuda::device_allocations();
-  const dino::cuda_policy pol = gpu().policy();
   probe::forward_like_vit(pol, heads, D, p.segs, p.poff, static_cast<const T*>(d_qkv.data()), d_out.data(),
                           d_probs.data(), d_cls.data(), p.cls_off.data());
   // the backward from the CPU's P, so that it is checked on its own
@@ -159,6 +163,8 @@ struct head_case {
   std::int64_t heads, D;
 };
 constexpr head_case head_cases[] = {{2, 64}, {3, 192}, {2, 256}};  // head dims 32, 64, 128
+// padded paths: head dims 1, 10 (the tiny ViT of the golden test), 24, 48, 100
+constexpr head_case padded_head_cases[] = {{3, 3}, {3, 30}, {4, 96}, {2, 96}, {2, 200}};
 
 }  // namespace
 
@@ -211,18 +217,43 @@ TEST_CASE("cuda attention: the training call without CLS rows, and DINO-sized gr
   check_attention<float>(p, heads, D, 401);
 }
 
-TEST_CASE("cuda attention refuses head dims it was not compiled for") {
+TEST_CASE("cuda attention: head dims other than 32, 64, 128 run padded to the next of them") {
+  const std::vector<std::vector<std::int64_t>> packs = {{17, 17, 5, 5, 5, 5}, {197}, {1, 2, 37}};
+  std::uint64_t seed = 500;
+  for (const auto& hc : padded_head_cases)
+    for (const auto& lengths : packs) {
+      CAPTURE(hc.D / hc.heads);
+      CAPTURE(lengths.size());
+      CAPTURE(lengths.front());
+      check_attention<float>(make_pack(lengths, hc.heads), hc.heads, hc.D, seed++);
+    }
+  for (const auto& hc : padded_head_cases) {
+    CAPTURE(hc.D / hc.heads);  // launches split by gaps and reversed layouts
+    check_attention<float>(make_pack({9, 9, 9, 40, 40}, hc.heads, 3, false), hc.heads, hc.D, seed++);
+    check_attention<float>(make_pack({9, 9, 9, 9}, hc.heads, 0, true), hc.heads, hc.D, seed++);
+  }
+}
+
+TEST_CASE("cuda attention in double with a padded head dim (10) matches the CPU to rounding") {
+  const std::int64_t heads = 3, D = 30;
+  check_attention<double>(make_pack({17, 17, 5, 5, 5, 5}, heads), heads, D, 600);
+  check_attention<double>(make_pack({197}, heads), heads, D, 601);
+}
+
+TEST_CASE("cuda attention refuses head dims over 128") {
   const pack p = make_pack({5}, 2);
-  dino::cuda::device_buffer<float> qkv(5 * 3 * 96), out(5 * 96), probs(p.probs), dqkv(5 * 3 * 96);
+  const std::int64_t D = 2 * 129;  // 2 heads of 129
+  dino::cuda::device_buffer<float> qkv(5 * 3 * D), out(5 * D), probs(p.probs), dqkv(5 * 3 * D);
   const dino::cuda_policy pol = gpu().policy();
-  CHECK_THROWS_AS(dino::cuda::attention_forward(pol, 2, 96, p.segs, p.poff, static_cast<const float*>(qkv.data()),
+  CHECK_THROWS_AS(dino::cuda::attention_forward(pol, 2, D, p.segs, p.poff, static_cast<const float*>(qkv.data()),
                                                 out.data(), probs.data()),
-                  dino::shape_error);  // head dim 48
-  CHECK_THROWS_AS(dino::cuda::attention_backward(pol, 2, 96, p.segs, p.poff, static_cast<const float*>(qkv.data()),
+                  dino::shape_error);
+  CHECK_THROWS_AS(dino::cuda::attention_backward(pol, 2, D, p.segs, p.poff, static_cast<const float*>(qkv.data()),
                                                  static_cast<const float*>(probs.data()),
                                                  static_cast<const float*>(out.data()), dqkv.data(), probs.data()),
                   dino::shape_error);
-  CHECK_THROWS_AS(dino::cuda::attention_forward(pol, 4, 96, p.segs, p.poff, static_cast<const float*>(qkv.data()),
+  const pack p1 = make_pack({5}, 1);
+  CHECK_THROWS_AS(dino::cuda::attention_forward(pol, 1, 129, p1.segs, p1.poff, static_cast<const float*>(qkv.data()),
                                                 out.data(), probs.data()),
-                  dino::shape_error);  // head dim 24
+                  dino::shape_error);  // one head of 129
 }

@@ -16,14 +16,21 @@
 // cls_offsets are host memory (the pack's plan, as vit_pack keeps it). Nothing is allocated
 // and nothing synchronises: the kernels are queued on pol.stream.
 //
-// Head dims 32, 64 and 128 (D / heads) are compiled in (float and double); any other head
-// dim throws dino::shape_error. Segments are launched in groups: consecutive segments of
-// equal length n whose token offsets, probs offsets and CLS offsets advance by n,
-// heads*n*n and heads*n form one launch (a DINO pack: one launch per crop resolution);
-// other layouts only make more launches.
+// Every head dim hd = D / heads from 1 to 128 runs (float and double); above 128 throws
+// dino::shape_error. The kernels are compiled for a padded width HD in {32, 64, 128}, the
+// smallest >= hd: 32, 64 and 128 run their own paths (Padded = false, no padding code);
+// any other hd runs the HD path with Padded = true: head h still covers columns
+// h*hd .. h*hd + hd - 1 of each of Q, K, V (and of out, dout, dqkv), the shared tiles hold
+// zeros in columns hd .. HD - 1 (so they add exactly 0 to every dot product and the scale
+// stays hd^-0.5), and nothing is stored to those columns (the work is that of HD: a head
+// dim of 10 costs what 32 costs).
+// Segments are launched in groups: consecutive segments of equal length n whose token
+// offsets, probs offsets and CLS offsets advance by n, heads*n*n and heads*n form one
+// launch (a DINO pack: one launch per crop resolution); other layouts only make more
+// launches.
 //
 // Kernels (128 threads = 4 warps; a tile is 32 rows; warp w owns rows 8w..8w+7 of a tile,
-// lane l owns key column l of a key tile and dims l, l+32, ... of head_dim):
+// lane l owns key column l of a key tile and dims l, l+32, ... of the padded head dim HD):
 //   forward   one block per (segment, head, tile of 32 queries). The Q tile stays in shared
 //             memory; pass 1 streams K tiles through shared memory and writes the scaled
 //             scores to P (global) while keeping each row's max; pass 2 turns P into
@@ -35,8 +42,8 @@
 //             with rowsum(dP o P), then dS in place and dQ = dS K * scale;
 //     columns one block per (segment, head, tile of 32 keys): dK = dS^T Q * scale and
 //             dV = P^T dO, streaming tiles of 32 queries of Q, dO, dS and P.
-// Shared memory: forward (65 * hd + 33 * 32) * 32 elements, backward columns
-// (2 * hd + 66) * 32; above 48 KiB (double with hd 64/128) the kernel is opted in to more.
+// Shared memory: forward (65 * HD + 33 * 32) * 32 elements, backward columns
+// (2 * HD + 66) * 32; above 48 KiB (double with HD 64/128) the kernel is opted in to more.
 // A row whose scores hold a NaN or +inf, or are all -inf, becomes NaN, as on the CPU.
 // The arithmetic is plain fp32 (double) FMA; a later bf16 flash-attention replaces this.
 #pragma once
@@ -74,6 +81,7 @@ struct group {
   T* ds;               ///< dS blocks, laid out as probs (backward scratch)
   std::int64_t D;      ///< model width: qkv rows hold 3D, out/dout rows D
   std::int64_t heads;  ///< heads; head h covers columns [h*hd, (h+1)*hd) of each third
+  std::int64_t hd;     ///< head dim D / heads (1..128); the kernels' HD is the padded width >= hd
   std::int64_t n;      ///< tokens per segment
   std::int64_t row0;   ///< first token of the group's first segment (segment s: row0 + s*n)
   std::int64_t poff0;  ///< probs offset of the first segment (segment s: + s*heads*n*n)
@@ -101,14 +109,15 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-/// dst[r * stride + d] (=) src[(first + r) * ld + d] for r < 32 (zero past row n), d < HD.
-template <class T, int HD>
+/// dst[r * stride + d] (=) src[(first + r) * ld + d] for r < 32, d < HD: zero past row n and,
+/// when Padded, for d >= hd (src is never read there). Without Padded, hd is HD.
+template <class T, int HD, bool Padded>
 __device__ __forceinline__ void load_tile(T* dst, int stride, const T* src, std::int64_t ld, std::int64_t first,
-                                          std::int64_t n) {
+                                          std::int64_t n, int hd) {
   for (int idx = threadIdx.x; idx < tile * HD; idx += threads) {
     const int r = idx / HD, d = idx % HD;
     const std::int64_t i = first + r;
-    dst[r * stride + d] = i < n ? src[i * ld + d] : T(0);
+    dst[r * stride + d] = i < n && (!Padded || d < hd) ? src[i * ld + d] : T(0);
   }
 }
 
@@ -126,7 +135,7 @@ constexpr std::size_t backward_cols_smem(int hd) {
 }
 
 // grid: x = segment * tiles + query tile, y = head.
-template <class T, int HD>
+template <class T, int HD, bool Padded>
 __global__ void __launch_bounds__(threads) forward_kernel(group<T> g) {
   constexpr int C = HD / 32, KS = HD + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -136,13 +145,14 @@ __global__ void __launch_bounds__(threads) forward_kernel(group<T> g) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * tile, h = blockIdx.y;
   const std::int64_t n = g.n, ld = 3 * g.D;
-  const T* Qb = g.qkv + (g.row0 + seg * n) * ld + h * HD;  // row i of Q: Qb + i*ld; K: + D; V: + 2D
+  const int hd = Padded ? int(g.hd) : HD;  // columns of the head; d in [hd, HD) is zero padding
+  const T* Qb = g.qkv + (g.row0 + seg * n) * ld + h * hd;  // row i of Q: Qb + i*ld; K: + D; V: + 2D
   const T* Kb = Qb + g.D;
   const T* Vb = Qb + 2 * g.D;
   T* P = g.probs + g.poff0 + (seg * g.heads + h) * n * n;
   T* cls = g.cls ? g.cls + g.cls0 + (seg * g.heads + h) * n : nullptr;
 
-  load_tile<T, HD>(sQ, HD, Qb, ld, q0, n);
+  load_tile<T, HD, Padded>(sQ, HD, Qb, ld, q0, n, hd);
 
   // pass 1: scores s = (q . k) * scale into P, each row's max and non-finite flag
   T mx[rows_per_warp];
@@ -154,7 +164,7 @@ __global__ void __launch_bounds__(threads) forward_kernel(group<T> g) {
   }
   for (std::int64_t k0 = 0; k0 < n; k0 += tile) {
     __syncthreads();  // the previous key tile (and, the first time, nothing) is no longer read
-    load_tile<T, HD>(sK, KS, Kb, ld, k0, n);
+    load_tile<T, HD, Padded>(sK, KS, Kb, ld, k0, n, hd);
     __syncthreads();
     T s[rows_per_warp];
 #pragma unroll
@@ -203,7 +213,7 @@ __global__ void __launch_bounds__(threads) forward_kernel(group<T> g) {
     for (int c = 0; c < C; ++c) o[r][c] = T(0);
   for (std::int64_t k0 = 0; k0 < n; k0 += tile) {
     __syncthreads();  // sK (keys or the previous values) and sP are no longer read
-    load_tile<T, HD>(sK, KS, Vb, ld, k0, n);
+    load_tile<T, HD, Padded>(sK, KS, Vb, ld, k0, n, hd);
     const std::int64_t j = k0 + lane;
 #pragma unroll
     for (int r = 0; r < rows_per_warp; ++r) {
@@ -230,19 +240,20 @@ __global__ void __launch_bounds__(threads) forward_kernel(group<T> g) {
       }
     }
   }
-  T* Ob = g.out + (g.row0 + seg * n) * g.D + h * HD;
+  T* Ob = g.out + (g.row0 + seg * n) * g.D + h * hd;
 #pragma unroll
   for (int r = 0; r < rows_per_warp; ++r) {
     const std::int64_t i = q0 + w * rows_per_warp + r;
     if (i < n)
 #pragma unroll
-      for (int c = 0; c < C; ++c) Ob[i * g.D + lane + 32 * c] = o[r][c];
+      for (int c = 0; c < C; ++c)
+        if (!Padded || lane + 32 * c < hd) Ob[i * g.D + lane + 32 * c] = o[r][c];
   }
 }
 
 // Backward over query rows. grid: x = segment * tiles + query tile, y = head.
 // dP = dO V^T (into ds), dot_i = sum_j dP_ij P_ij, dS = P o (dP - dot) (in place), dQ = dS K * scale.
-template <class T, int HD>
+template <class T, int HD, bool Padded>
 __global__ void __launch_bounds__(threads) backward_rows_kernel(group<T> g) {
   constexpr int C = HD / 32, KS = HD + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -252,15 +263,16 @@ __global__ void __launch_bounds__(threads) backward_rows_kernel(group<T> g) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * tile, h = blockIdx.y;
   const std::int64_t n = g.n, ld = 3 * g.D;
+  const int hd = Padded ? int(g.hd) : HD;  // columns of the head; d in [hd, HD) is zero padding
   const std::int64_t first = g.row0 + seg * n;
-  const T* Kb = g.qkv + first * ld + g.D + h * HD;
+  const T* Kb = g.qkv + first * ld + g.D + h * hd;
   const T* Vb = Kb + g.D;
-  const T* dOb = g.dout + first * g.D + h * HD;
+  const T* dOb = g.dout + first * g.D + h * hd;
   const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
   const T* P = g.probs + blk;
   T* S = g.ds + blk;
 
-  load_tile<T, HD>(sA, HD, dOb, g.D, q0, n);
+  load_tile<T, HD, Padded>(sA, HD, dOb, g.D, q0, n, hd);
 
   // pass 1: dP into S, dot_i = sum_j dP_ij P_ij
   T dot[rows_per_warp];
@@ -268,7 +280,7 @@ __global__ void __launch_bounds__(threads) backward_rows_kernel(group<T> g) {
   for (int r = 0; r < rows_per_warp; ++r) dot[r] = T(0);
   for (std::int64_t k0 = 0; k0 < n; k0 += tile) {
     __syncthreads();
-    load_tile<T, HD>(sK, KS, Vb, ld, k0, n);
+    load_tile<T, HD, Padded>(sK, KS, Vb, ld, k0, n, hd);
     __syncthreads();
     T s[rows_per_warp];
 #pragma unroll
@@ -299,7 +311,7 @@ __global__ void __launch_bounds__(threads) backward_rows_kernel(group<T> g) {
     for (int c = 0; c < C; ++c) acc[r][c] = T(0);
   for (std::int64_t k0 = 0; k0 < n; k0 += tile) {
     __syncthreads();
-    load_tile<T, HD>(sK, KS, Kb, ld, k0, n);
+    load_tile<T, HD, Padded>(sK, KS, Kb, ld, k0, n, hd);
     const std::int64_t j = k0 + lane;
 #pragma unroll
     for (int r = 0; r < rows_per_warp; ++r) {
@@ -325,19 +337,20 @@ __global__ void __launch_bounds__(threads) backward_rows_kernel(group<T> g) {
       }
     }
   }
-  T* dQb = g.dqkv + first * ld + h * HD;
+  T* dQb = g.dqkv + first * ld + h * hd;
 #pragma unroll
   for (int r = 0; r < rows_per_warp; ++r) {
     const std::int64_t i = q0 + w * rows_per_warp + r;
     if (i < n)
 #pragma unroll
-      for (int c = 0; c < C; ++c) dQb[i * ld + lane + 32 * c] = acc[r][c] * g.scale;
+      for (int c = 0; c < C; ++c)
+        if (!Padded || lane + 32 * c < hd) dQb[i * ld + lane + 32 * c] = acc[r][c] * g.scale;
   }
 }
 
 // Backward over key rows. grid: x = segment * tiles + key tile, y = head.
 // dK = dS^T Q * scale, dV = P^T dO; warp w owns keys 8w..8w+7 of the tile.
-template <class T, int HD>
+template <class T, int HD, bool Padded>
 __global__ void __launch_bounds__(threads) backward_cols_kernel(group<T> g) {
   constexpr int C = HD / 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -348,9 +361,10 @@ __global__ void __launch_bounds__(threads) backward_cols_kernel(group<T> g) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const std::int64_t seg = blockIdx.x / g.tiles, k0 = (blockIdx.x % g.tiles) * tile, h = blockIdx.y;
   const std::int64_t n = g.n, ld = 3 * g.D;
+  const int hd = Padded ? int(g.hd) : HD;  // columns of the head; d in [hd, HD) is zero padding
   const std::int64_t first = g.row0 + seg * n;
-  const T* Qb = g.qkv + first * ld + h * HD;
-  const T* dOb = g.dout + first * g.D + h * HD;
+  const T* Qb = g.qkv + first * ld + h * hd;
+  const T* dOb = g.dout + first * g.D + h * hd;
   const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
   const T* P = g.probs + blk;
   const T* S = g.ds + blk;
@@ -362,8 +376,8 @@ __global__ void __launch_bounds__(threads) backward_cols_kernel(group<T> g) {
     for (int c = 0; c < C; ++c) ak[r][c] = av[r][c] = T(0);
   for (std::int64_t q0 = 0; q0 < n; q0 += tile) {
     __syncthreads();
-    load_tile<T, HD>(sQ, HD, Qb, ld, q0, n);
-    load_tile<T, HD>(sO, HD, dOb, g.D, q0, n);
+    load_tile<T, HD, Padded>(sQ, HD, Qb, ld, q0, n, hd);
+    load_tile<T, HD, Padded>(sO, HD, dOb, g.D, q0, n, hd);
     for (int idx = threadIdx.x; idx < tile * tile; idx += threads) {
       const int a = idx / tile, b = idx % tile;  // a: query of the tile, b: key of the tile
       const std::int64_t i = q0 + a, j = k0 + b;
@@ -391,17 +405,18 @@ __global__ void __launch_bounds__(threads) backward_cols_kernel(group<T> g) {
       }
     }
   }
-  T* dKb = g.dqkv + first * ld + g.D + h * HD;
+  T* dKb = g.dqkv + first * ld + g.D + h * hd;
   T* dVb = dKb + g.D;
 #pragma unroll
   for (int r = 0; r < rows_per_warp; ++r) {
     const std::int64_t j = k0 + w * rows_per_warp + r;
     if (j < n)
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        dKb[j * ld + lane + 32 * c] = ak[r][c] * g.scale;
-        dVb[j * ld + lane + 32 * c] = av[r][c];
-      }
+      for (int c = 0; c < C; ++c)
+        if (!Padded || lane + 32 * c < hd) {
+          dKb[j * ld + lane + 32 * c] = ak[r][c] * g.scale;
+          dVb[j * ld + lane + 32 * c] = av[r][c];
+        }
   }
 }
 
@@ -451,8 +466,7 @@ inline std::int64_t check_args(const char* name, std::int64_t heads, std::int64_
   require<shape_error>(heads > 0 && D > 0 && D % heads == 0, name, ": embed dim ", D, " is not a multiple of heads ",
                        heads);
   const std::int64_t hd = D / heads;
-  require<shape_error>(hd == 32 || hd == 64 || hd == 128, name, ": head dim ", hd,
-                       " is not supported on the GPU (32, 64 or 128)");
+  require<shape_error>(hd <= 128, name, ": head dim ", hd, " is not supported on the GPU (1 to 128)");
   require<shape_error>(poff.size() >= segs.size(), name, ": ", poff.size(), " probs offsets for ", segs.size(),
                        " segments");
   for (const auto& s : segs)
@@ -460,7 +474,22 @@ inline std::int64_t check_args(const char* name, std::int64_t heads, std::int64_
   return hd;
 }
 
-template <class T, int HD>
+/// Calls f(HD, Padded) (std::integral_constant values) for head dim hd in 1..128: HD is the
+/// smallest of 32, 64, 128 that is >= hd, Padded is hd != HD.
+template <class F>
+inline void with_head_dim(std::int64_t hd, F&& f) {
+  using std::integral_constant;
+  using exact = integral_constant<bool, false>;
+  using padded = integral_constant<bool, true>;
+  if (hd == 32) f(integral_constant<int, 32>{}, exact{});
+  else if (hd == 64) f(integral_constant<int, 64>{}, exact{});
+  else if (hd == 128) f(integral_constant<int, 128>{}, exact{});
+  else if (hd < 32) f(integral_constant<int, 32>{}, padded{});
+  else if (hd < 64) f(integral_constant<int, 64>{}, padded{});
+  else f(integral_constant<int, 128>{}, padded{});
+}
+
+template <class T, int HD, bool Padded>
 inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<segment>& segs,
                        const std::vector<std::size_t>& poff, const std::int64_t* cls_offsets) {
   for_each_group(g.heads, segs, poff, g.cls ? cls_offsets : nullptr, [&](std::size_t a, std::int64_t count) {
@@ -469,11 +498,11 @@ inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<seg
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = g.cls ? cls_offsets[a] : 0;
     g.tiles = (g.n + tile - 1) / tile;
-    launch(pol, forward_kernel<T, HD>, g, count, forward_smem<T>(HD), "attention_forward");
+    launch(pol, forward_kernel<T, HD, Padded>, g, count, forward_smem<T>(HD), "attention_forward");
   });
 }
 
-template <class T, int HD>
+template <class T, int HD, bool Padded>
 inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<segment>& segs,
                         const std::vector<std::size_t>& poff) {
   for_each_group(g.heads, segs, poff, nullptr, [&](std::size_t a, std::int64_t count) {
@@ -482,8 +511,8 @@ inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<se
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = 0;
     g.tiles = (g.n + tile - 1) / tile;
-    launch(pol, backward_rows_kernel<T, HD>, g, count, backward_rows_smem<T>(HD), "attention_backward (rows)");
-    launch(pol, backward_cols_kernel<T, HD>, g, count, backward_cols_smem<T>(HD), "attention_backward (columns)");
+    launch(pol, backward_rows_kernel<T, HD, Padded>, g, count, backward_rows_smem<T>(HD), "attention_backward (rows)");
+    launch(pol, backward_cols_kernel<T, HD, Padded>, g, count, backward_cols_smem<T>(HD), "attention_backward (columns)");
   });
 }
 
@@ -501,11 +530,11 @@ inline void attention_forward(const cuda_policy& pol, std::int64_t heads, std::i
   require<shape_error>(cls_attn == nullptr || cls_offsets != nullptr,
                        "attention_forward: cls_attn needs cls_offsets (host memory)");
   require<shape_error>(segs.empty() || (qkv && out && probs), "attention_forward: qkv, out and probs are required");
-  a::group<T> g{qkv, nullptr, out, probs, cls_attn, nullptr, nullptr, D, heads, 0, 0, 0, 0, 0,
+  a::group<T> g{qkv, nullptr, out, probs, cls_attn, nullptr, nullptr, D, heads, hd, 0, 0, 0, 0, 0,
                 T(1.0 / std::sqrt(double(hd)))};
-  if (hd == 32) a::forward_hd<T, 32>(pol, g, segs, poff, cls_offsets);
-  else if (hd == 64) a::forward_hd<T, 64>(pol, g, segs, poff, cls_offsets);
-  else a::forward_hd<T, 128>(pol, g, segs, poff, cls_offsets);
+  a::with_head_dim(hd, [&](auto HD, auto padded) {
+    a::forward_hd<T, decltype(HD)::value, decltype(padded)::value>(pol, g, segs, poff, cls_offsets);
+  });
 }
 
 /// dqkv [T, 3D] (=) from dout [T, D] with the P kept by attention_forward. scratch: probs_elems.
@@ -518,11 +547,11 @@ inline void attention_backward(const cuda_policy& pol, std::int64_t heads, std::
   const std::int64_t hd = a::check_args("attention_backward", heads, D, segs, poff);
   require<shape_error>(segs.empty() || (qkv && probs && dout && dqkv && scratch),
                        "attention_backward: qkv, probs, dout, dqkv and scratch are required");
-  a::group<T> g{qkv, dout, nullptr, const_cast<T*>(probs), nullptr, dqkv, scratch, D, heads, 0, 0, 0, 0, 0,
+  a::group<T> g{qkv, dout, nullptr, const_cast<T*>(probs), nullptr, dqkv, scratch, D, heads, hd, 0, 0, 0, 0, 0,
                 T(1.0 / std::sqrt(double(hd)))};
-  if (hd == 32) a::backward_hd<T, 32>(pol, g, segs, poff);
-  else if (hd == 64) a::backward_hd<T, 64>(pol, g, segs, poff);
-  else a::backward_hd<T, 128>(pol, g, segs, poff);
+  a::with_head_dim(hd, [&](auto HD, auto padded) {
+    a::backward_hd<T, decltype(HD)::value, decltype(padded)::value>(pol, g, segs, poff);
+  });
 }
 
 }  // namespace dino::cuda
