@@ -1,0 +1,309 @@
+// bench_cuda_dino: the CUDA issue's GPU benchmarks, timed by a plain main (median of timed
+// steps after warm-up; steady_clock around each step followed by a stream synchronisation).
+// bench/compare/torch_gpu_bench.py runs the same workloads in PyTorch eager on the same GPU.
+//
+//   train_vits16  the DINO ViT-S/16 step: make_dino<nn::vit, float, cuda_policy> on
+//                 nn::vit_small(16), student DropPath 0.1, 2 global crops of 224 px and 10
+//                 local crops of 96 px, head K 65536, hidden 2048, bottleneck 256, batch 64;
+//                 clip 3.0, AdamW, EMA teacher, centering (the library's reference defaults).
+//   train_small   the SMALL step of bench/bench_vit.cpp: nn::vit_small28(4) (D 192, depth 6,
+//                 3 heads, patch 4, 1 x 28 x 28), DropPath 0.1, 2 x 28 + 6 x 12 crops,
+//                 K 4096, hidden 512, bottleneck 128, batch 64.
+//   infer_vits16  ViT-S/16 inference (vit::infer, CLS features), batch 128 at 224 x 224,
+//                 random weights (nn::initialize), the images already on the device.
+//
+// Both training steps: freeze_last_layer = 0 (every step runs the whole backward, as in
+// bench_vit; the PyTorch side passes 0 to cancel_gradients_last_layer), a 100 x 100 iteration
+// schedule. The crops are drawn once, before timing, into pinned host memory (two sets
+// alternate, as a pin_memory DataLoader would hand them over); each step copies its crops to
+// the device itself (method::step stages host input), so the copy is inside the timed step,
+// as `.cuda(non_blocking=True)` is on the PyTorch side. images_per_s = batch / median step.
+//
+// Each workload runs at precision fp32 (exact fp32 GEMMs) and tf32 (ctx.policy(true)).
+// peak_device_MiB: the device memory in use (cudaMemGetInfo: total - free) at its highest,
+// sampled after set-up, after the warm-up and after every timed step, minus the use before
+// the workload's set-up (the context and its cuBLASLt workspace are made before, so they are
+// not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
+// max_memory_allocated counts the tensors of its caching allocator.
+//
+// Usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16] [--precision fp32|tf32]
+//                        [--batch N] [--reps R] [--warmup W]
+// Output: one line per workload and precision,
+//   dino <workload> precision=<fp32|tf32> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+// Exits 77 when there is no CUDA device.
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <dino/cuda.hpp>
+#include <dino/nn/vit.hpp>
+
+namespace {
+
+using clk = std::chrono::steady_clock;
+
+struct options {
+  int reps = 10;
+  int warmup = 3;
+  std::int64_t batch = 0;  // 0: each workload's own
+  std::string only;
+  std::string precision;  // empty: both
+};
+
+struct timing {
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+};
+
+// Device memory in use now (bytes), as the driver sees it.
+std::size_t device_used() {
+  std::size_t free_b = 0, total_b = 0;
+  DINO_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return total_b - free_b;
+}
+
+struct peak_meter {
+  std::size_t base = 0, peak = 0;
+  peak_meter() : base(device_used()), peak(base) {}
+  void sample() { peak = std::max(peak, device_used()); }
+  double mib() const { return double(peak - std::min(peak, base)) / double(1 << 20); }
+};
+
+// warm-up calls, then reps timed calls; each call is followed by a synchronisation of the stream.
+template <class F>
+timing time_steps(const dino::cuda::context& ctx, const options& o, peak_meter& mem, F&& f) {
+  for (int i = 0; i < o.warmup; ++i) f();
+  ctx.synchronize();
+  mem.sample();
+  std::vector<double> ms;
+  for (int i = 0; i < o.reps; ++i) {
+    const auto t0 = clk::now();
+    f();
+    ctx.synchronize();
+    ms.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
+    mem.sample();
+  }
+  std::sort(ms.begin(), ms.end());
+  const std::size_t n = ms.size();
+  timing t;
+  t.median_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+  t.min_ms = ms.front();
+  t.max_ms = ms.back();
+  return t;
+}
+
+// Pinned host memory (the crops a pin_memory loader would hand over).
+class pinned {
+ public:
+  explicit pinned(std::size_t n) { DINO_CUDA_CHECK(cudaMallocHost(&p_, n * sizeof(float))); }
+  pinned(const pinned&) = delete;
+  pinned& operator=(const pinned&) = delete;
+  ~pinned() {
+    if (p_) (void)cudaFreeHost(p_);
+  }
+  float* data() { return p_; }
+
+ private:
+  float* p_ = nullptr;
+};
+
+// Values uniform in [-2, 2) (normalised pixels), cheap enough for 10^8 of them (splitmix64).
+void fill_uniform(float* x, std::size_t n, std::uint64_t seed) {
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    x[i] = float(double(z >> 40) * (4.0 / double(1ull << 24)) - 2.0);
+  }
+}
+
+std::string fmt(const char* f, double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, f, v);
+  return b;
+}
+
+void emit(const std::string& workload, bool tf32, std::int64_t batch, const timing& t, const peak_meter& mem,
+          const options& o, const std::string& extra) {
+  std::printf("dino %s precision=%s images_per_s=%s ms_per_step=%s peak_device_MiB=%s batch=%lld min_ms=%s max_ms=%s "
+              "reps=%d%s\n",
+              workload.c_str(), tf32 ? "tf32" : "fp32", fmt("%.2f", double(batch) * 1e3 / t.median_ms).c_str(),
+              fmt("%.3f", t.median_ms).c_str(), fmt("%.1f", mem.mib()).c_str(), static_cast<long long>(batch),
+              fmt("%.3f", t.min_ms).c_str(), fmt("%.3f", t.max_ms).c_str(), o.reps, extra.c_str());
+  std::fflush(stdout);
+}
+
+// ------------------------------------------------------------------ training steps
+struct train_spec {
+  const char* name;
+  dino::nn::vit_config vit;
+  std::int64_t batch, global, local;
+  int n_local;
+  std::int64_t K, hidden, bottleneck;
+};
+
+train_spec vits16_spec() {
+  dino::nn::vit_config v = dino::nn::vit_small(16);
+  v.drop_path_rate = 0.1;
+  return {"train_vits16", v, 64, 224, 96, 10, 65536, 2048, 256};
+}
+train_spec small_spec() {
+  dino::nn::vit_config v = dino::nn::vit_small28(4);
+  v.drop_path_rate = 0.1;
+  return {"train_small", v, 64, 28, 12, 6, 4096, 512, 128};
+}
+
+void bench_train(const dino::cuda::context& ctx, train_spec s, bool tf32, const options& o) {
+  if (o.batch > 0) s.batch = o.batch;
+  const dino::cuda_policy pol = ctx.policy(tf32);
+  peak_meter mem;
+  dino::ssl::dino_config c;
+  c.head.out_dim = s.K;
+  c.head.hidden_dim = s.hidden;
+  c.head.bottleneck_dim = s.bottleneck;
+  c.local_crops = s.n_local;
+  c.train.max_batch = s.batch;
+  c.train.crops = {s.global, s.local};
+  c.train.freeze_last_layer = 0;  // every step runs the whole backward (as bench_vit and the PyTorch side)
+  c.train.schedule.epochs = 100;
+  c.train.schedule.iters_per_epoch = 100;
+  c.train.schedule.batch_size = s.batch;
+  auto m = dino::ssl::make_dino<dino::nn::vit, float, dino::cuda_policy>(s.vit, s.vit.embed_dim, c);
+  const std::int64_t C = s.vit.in_chans;
+  const std::size_t ng = std::size_t(2 * s.batch * C * s.global * s.global);
+  const std::size_t nl = std::size_t(s.n_local * s.batch * C * s.local * s.local);
+  pinned g0(ng), g1(ng), l0(nl), l1(nl);
+  fill_uniform(g0.data(), ng, 10);
+  fill_uniform(g1.data(), ng, 11);
+  fill_uniform(l0.data(), nl, 20);
+  fill_uniform(l1.data(), nl, 21);
+  const dino::ssl::image_crops<float> sets[2] = {{g0.data(), l0.data()}, {g1.data(), l1.data()}};
+  ctx.synchronize();
+  mem.sample();
+  int next = 0;
+  long skipped = 0;
+  double loss = 0;
+  const timing t = time_steps(ctx, o, mem, [&] {
+    const auto st = m.step(pol, sets[next]);
+    next ^= 1;
+    loss = st.loss;
+    skipped += st.skipped ? 1 : 0;
+  });
+  emit(s.name, tf32, s.batch, t, mem, o,
+       " loss=" + fmt("%.4f", loss) + " skipped=" + std::to_string(skipped) +
+           " workspace_MiB=" + fmt("%.1f", double(m.workspace_bytes()) / double(1 << 20)));
+}
+
+// ------------------------------------------------------------------ inference
+void bench_infer(const dino::cuda::context& ctx, bool tf32, const options& o) {
+  const std::int64_t batch = o.batch > 0 ? o.batch : 128, size = 224;
+  const dino::cuda_policy pol = ctx.policy(tf32);
+  peak_meter mem;
+  dino::param_layout L;
+  dino::nn::vit v(dino::nn::vit_small(16), L);
+  dino::cuda::device_buffer<float> dP;
+  {
+    dino::flat_params<float> P(L);
+    dino::nn::initialize(P, 1);
+    dP = dino::cuda::to_device(std::span<const float>(P.data(), P.size()), "ViT-S/16 parameters");
+  }
+  auto pk = v.make_pack<float>(pol, {{batch, size, size}});
+  dino::cuda::device_buffer<float> img;
+  {
+    std::vector<float> h(std::size_t(batch * 3 * size * size));
+    fill_uniform(h.data(), h.size(), 2);
+    img = dino::cuda::to_device(std::span<const float>(h), "images");
+  }
+  dino::cuda::device_buffer<float> y(std::size_t(batch * v.out_dim()), false, "features");
+  dino::cuda::device_buffer<float> scratch(v.infer_scratch_elems(pk), false, "inference scratch");
+  ctx.synchronize();
+  mem.sample();
+  const float* sets[1] = {img.data()};
+  const timing t = time_steps(ctx, o, mem, [&] {
+    v.infer(pol, dino::device_view<const float>{dP.data(), {std::int64_t(dP.size())}, "P"}, pk,
+            std::span<const float* const>(sets, 1), dino::device_view<float>{y.data(), {batch, v.out_dim()}, "y"},
+            dino::device_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"});
+  });
+  const std::vector<float> out = dino::cuda::to_host(y.data(), 4);
+  emit("infer_vits16", tf32, batch, t, mem, o,
+       " y0=" + fmt("%.5f", out[0]) + " scratch_MiB=" + fmt("%.1f", double(scratch.size() * 4) / double(1 << 20)));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  const char* usage =
+      "usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16] [--precision fp32|tf32] "
+      "[--batch N] [--reps R] [--warmup W]\n";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto val = [&](const char* name) -> const char* {
+      const std::size_t n = std::strlen(name);
+      if (a.compare(0, n, name) == 0 && a.size() > n && a[n] == '=') return argv[i] + n + 1;
+      if (a == name && i + 1 < argc) return argv[++i];
+      return nullptr;
+    };
+    if (const char* v = val("--reps")) o.reps = std::max(1, std::atoi(v));
+    else if (const char* v = val("--warmup")) o.warmup = std::max(0, std::atoi(v));
+    else if (const char* v = val("--batch")) o.batch = std::max(1, std::atoi(v));
+    else if (const char* v = val("--only")) o.only = v;
+    else if (const char* v = val("--precision")) o.precision = v;
+    else {
+      std::fprintf(stderr, "%s", usage);
+      return 2;
+    }
+  }
+  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_small" && o.only != "infer_vits16") {
+    std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
+    return 2;
+  }
+  if (!o.precision.empty() && o.precision != "fp32" && o.precision != "tf32") {
+    std::fprintf(stderr, "bench_cuda_dino: unknown precision '%s'\n%s", o.precision.c_str(), usage);
+    return 2;
+  }
+  if (!dino::cuda_device_available()) {
+    std::printf("SKIPPED: bench_cuda_dino: no CUDA device on this machine; nothing was measured\n");
+    return 77;
+  }
+  int failed = 0;
+  try {
+    dino::cuda::context ctx;
+    cudaDeviceProp prop{};
+    DINO_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("# bench_cuda_dino on %s, warmup %d, median of %d steps; peak_device_MiB: cudaMemGetInfo use above "
+                "the level before each workload's set-up\n",
+                prop.name, o.warmup, o.reps);
+    std::vector<bool> precisions;
+    if (o.precision.empty() || o.precision == "fp32") precisions.push_back(false);
+    if (o.precision.empty() || o.precision == "tf32") precisions.push_back(true);
+    // One workload's failure (out of device memory, say) is reported and the others still run.
+    auto run = [&](const char* w, bool tf32, auto&& f) {
+      if (!o.only.empty() && o.only != w) return;
+      try {
+        f();
+      } catch (const std::exception& e) {
+        ++failed;
+        std::printf("dino %s precision=%s failed\n", w, tf32 ? "tf32" : "fp32");
+        std::fflush(stdout);
+        std::fprintf(stderr, "bench_cuda_dino: %s (%s): %s\n", w, tf32 ? "tf32" : "fp32", e.what());
+      }
+    };
+    for (bool tf32 : precisions) {
+      run("train_vits16", tf32, [&] { bench_train(ctx, vits16_spec(), tf32, o); });
+      run("train_small", tf32, [&] { bench_train(ctx, small_spec(), tf32, o); });
+      run("infer_vits16", tf32, [&] { bench_infer(ctx, tf32, o); });
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_dino: %s\n", e.what());
+    return 1;
+  }
+  return failed ? 1 : 0;
+}
