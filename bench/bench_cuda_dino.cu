@@ -236,12 +236,54 @@ void bench_infer(const dino::cuda::context& ctx, bool tf32, const options& o) {
        " y0=" + fmt("%.5f", out[0]) + " scratch_MiB=" + fmt("%.1f", double(scratch.size() * 4) / double(1 << 20)));
 }
 
+
+// Where the inference time goes: the GEMMs and the attention of ViT-S/16 at batch 128, timed
+// alone with the shapes infer() runs (x 12 blocks), against the whole infer() above; the
+// rest is LayerNorm, GELU, bias rows, the embedding and the final norm.
+void bench_parts(const dino::cuda::context& ctx, bool tf32, const options& o) {
+  const std::int64_t batch = o.batch > 0 ? o.batch : 128, n = 197, D = 384, H = 1536, heads = 6, depth = 12;
+  const std::int64_t T = batch * n;
+  const dino::cuda_policy pol = ctx.policy(tf32);
+  peak_meter mem;
+  std::vector<float> h(std::size_t(T * H));
+  fill_uniform(h.data(), h.size(), 3);
+  auto x = dino::cuda::to_device(std::span<const float>(h), "x");
+  auto w = dino::cuda::to_device(std::span<const float>(h.data(), std::size_t(H * H)), "w");
+  dino::cuda::device_buffer<float> y(std::size_t(T * 3 * D), false, "y"), out(std::size_t(T * D), false, "out"),
+      z(std::size_t(T * H), false, "z");
+  std::vector<dino::nn::segment> segs;
+  for (std::int64_t i = 0; i < batch; ++i) segs.push_back({i * n, n});
+  const auto poff = dino::nn::detail::probs_offsets(segs, heads);
+  dino::cuda::device_buffer<float> probs(dino::nn::attention_probs_elems(segs, heads), false, "probs");
+  const auto gemm_block = [&] {
+    using dino::gemm_desc;
+    dino::gemm(pol, gemm_desc{false, true, T, 3 * D, D}, 1.0f, x.data(), w.data(), 0.0f, y.data());  // qkv
+    dino::gemm(pol, gemm_desc{false, true, T, D, D}, 1.0f, x.data(), w.data(), 0.0f, y.data());      // proj
+    dino::gemm(pol, gemm_desc{false, true, T, H, D}, 1.0f, x.data(), w.data(), 0.0f, z.data());      // fc1
+    dino::gemm(pol, gemm_desc{false, true, T, D, H}, 1.0f, x.data(), w.data(), 0.0f, y.data());      // fc2
+  };
+  const auto attention_block = [&] {
+    dino::cuda::attention_forward(pol, heads, D, segs, poff, static_cast<const float*>(y.data()), out.data(),
+                                  probs.data());
+  };
+  const timing g = time_steps(ctx, o, mem, [&] {
+    for (int b = 0; b < depth; ++b) gemm_block();
+  });
+  const timing a = time_steps(ctx, o, mem, [&] {
+    for (int b = 0; b < depth; ++b) attention_block();
+  });
+  std::printf("dino parts_vits16 precision=%s batch=%lld gemm_ms=%.3f attention_ms=%.3f (12 blocks each; compare "
+              "infer_vits16 ms_per_step)\n",
+              tf32 ? "tf32" : "fp32", (long long)batch, g.median_ms, a.median_ms);
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16] [--precision fp32|tf32] "
+      "usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32] "
       "[--batch N] [--reps R] [--warmup W]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -261,7 +303,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_small" && o.only != "infer_vits16") {
+  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_small" && o.only != "infer_vits16" &&
+      o.only != "parts_vits16") {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
@@ -300,6 +343,7 @@ int main(int argc, char** argv) {
       run("train_vits16", tf32, [&] { bench_train(ctx, vits16_spec(), tf32, o); });
       run("train_small", tf32, [&] { bench_train(ctx, small_spec(), tf32, o); });
       run("infer_vits16", tf32, [&] { bench_infer(ctx, tf32, o); });
+      run("parts_vits16", tf32, [&] { bench_parts(ctx, tf32, o); });
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_dino: %s\n", e.what());

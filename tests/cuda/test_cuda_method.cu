@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <string>
 
+#include <dino/eval/knn.hpp>
 #include <dino/nn/vit.hpp>
 #include <dino/train/checkpoint.hpp>
 
@@ -92,6 +93,7 @@ TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e
   std::vector<float> glob, loc;
   flat_params<float> host(m.layout());
   std::uint64_t allocs_after_first = 0;
+  double key_bias_abs = 0;
   for (int s = 0; s < steps; ++s) {
     CAPTURE(s);
     const std::string sp = "step" + std::to_string(s) + "/";
@@ -119,7 +121,24 @@ TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e
         double worst = 0;
         std::string worst_name;
         for (const param_entry& e : m.layout().entries()) {
-          const double err = golden_error(host.data() + e.offset, g[sp + who + e.name]);
+          const auto& t = g[sp + who + e.name];
+          double err = 0;
+          if (e.name.size() > 14 && e.name.compare(e.name.size() - 14, 14, ".attn.qkv.bias") == 0) {
+            // The key bias's exact gradient is 0 (softmax is shift-invariant per query): the
+            // reference and both devices hold rounding noise there, as the CPU golden test
+            // says; it is checked in absolute terms, the query and value parts relatively.
+            const std::size_t D = std::size_t(vc.embed_dim);
+            std::vector<double> qv;
+            std::vector<float> a;
+            for (std::size_t i = 0; i < 3 * D; ++i) {
+              const float x = host.data()[e.offset + i];
+              if (i >= D && i < 2 * D) key_bias_abs = std::max(key_bias_abs, std::abs(double(x) - t.values[i]));
+              else qv.push_back(t.values[i]), a.push_back(x);
+            }
+            err = dino_golden::compare(a.data(), qv).rel_norm;
+          } else {
+            err = golden_error(host.data() + e.offset, t);
+          }
           if (err > worst) worst = err, worst_name = e.name;
         }
         INFO(who, " worst tensor ", worst_name, " rel-norm ", worst);
@@ -127,6 +146,8 @@ TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e
       }
     }
   }
+  INFO("key bias max abs error ", key_bias_abs);
+  CHECK(key_bias_abs <= 3e-3);  // the CPU golden test's bound for that noise
   // Steady state: the steps after the first allocate no device memory.
   CHECK(dino::cuda::device_allocations() == allocs_after_first);
 }
@@ -183,4 +204,120 @@ TEST_CASE("GPU: a row-backbone DINO method follows the CPU one; checkpoints move
     }
   std::filesystem::remove(path);
   std::filesystem::remove(path + ".json");
+}
+
+namespace {
+
+// Eight Gaussian clusters in 16 dimensions, crop-major crops (global sigma 0.3, local 0.6):
+// the synthetic task of tests/unit/test_method.cpp.
+constexpr int kIn = 16, kClusters = 8;
+struct clusters {
+  std::vector<float> centers = std::vector<float>(std::size_t(kClusters * kIn));
+  clusters() {
+    dino::philox g(1, 77);
+    for (auto& c : centers) c = float(g.normal());
+  }
+  std::vector<int> labels(std::int64_t b, std::uint64_t step) const {
+    std::vector<int> l(static_cast<std::size_t>(b));
+    dino::philox g(99, step);
+    for (auto& x : l) x = int(g.next_u32() % kClusters);
+    return l;
+  }
+  std::vector<float> crops(std::int64_t b, int n_crops, std::uint64_t step) const {
+    auto l = labels(b, step);
+    std::vector<float> x(std::size_t(n_crops * b * kIn));
+    dino::philox g(7, step);
+    for (int v = 0; v < n_crops; ++v)
+      for (std::int64_t i = 0; i < b; ++i)
+        for (int d = 0; d < kIn; ++d)
+          x[std::size_t((v * b + i) * kIn + d)] =
+              centers[std::size_t(l[std::size_t(i)] * kIn + d)] + float(g.normal() * (v < 2 ? 0.3 : 0.6));
+    return x;
+  }
+};
+
+dino::ssl::dino_config cluster_config(std::int64_t batch) {
+  dino::ssl::dino_config c;
+  c.head.out_dim = 64;
+  c.head.hidden_dim = 64;
+  c.head.bottleneck_dim = 16;
+  c.local_crops = 4;
+  c.train.max_batch = batch;
+  c.train.schedule.epochs = 10;
+  c.train.schedule.iters_per_epoch = 30;
+  c.train.schedule.batch_size = batch;
+  c.train.schedule.lr = 0.05;
+  c.train.schedule.min_lr = 1e-4;
+  c.train.schedule.warmup_epochs = 1;
+  c.train.schedule.momentum_teacher = 0.99;
+  c.train.freeze_last_layer = 1;
+  return c;
+}
+
+dino::nn::mlp_config cluster_backbone() {
+  dino::nn::mlp_config c{{kIn, 64, 32}, false};
+  c.weight_init = dino::param_init::kaiming_uniform;
+  return c;
+}
+
+// Weighted 10-NN top-1 (eval::knn_classify) over the teacher's logits: 512 training images
+// against 256 others.
+template <class M, class Policy>
+double teacher_knn(M& m, const Policy& pol, const clusters& data) {
+  auto logits_of = [&](std::int64_t n, std::uint64_t seed, std::vector<int>& labels) {
+    auto x = data.crops(n, 1, seed);
+    labels = data.labels(n, seed);
+    const std::int64_t chunk = 64;  // the teacher's planned rows: 2 global crops x max_batch 32
+    std::vector<float> out;
+    for (std::int64_t c0 = 0; c0 < n; c0 += chunk) {
+      auto t = m.teacher_logits(pol, dino::host_view<const float>{x.data() + c0 * kIn, {chunk, kIn}, "x"});
+      std::vector<float> h(static_cast<std::size_t>(t.numel()));
+      dino::view_to_host(t, h.data());
+      out.insert(out.end(), h.begin(), h.end());
+    }
+    return out;
+  };
+  std::vector<int> ltr, lte;
+  const auto tr = logits_of(512, 4242, ltr), te = logits_of(256, 4343, lte);
+  const auto r = dino::eval::knn_classify(cpu_policy{1}, tr.data(), ltr.data(), 512, te.data(), lte.data(), 256, 64,
+                                          kClusters, {10});
+  return r.at(10).top1;
+}
+
+}  // namespace
+
+TEST_CASE("GPU: 300 DINO steps on synthetic clusters: the loss falls, no collapse, k-NN in the CPU run's band") {
+  const std::int64_t B = 32;
+  auto cpu_m = dino::ssl::make_dino<dino::nn::mlp>(cluster_backbone(), 32, cluster_config(B));
+  auto gpu_m = dino::ssl::make_dino<dino::nn::mlp, float, cuda_policy>(cluster_backbone(), 32, cluster_config(B));
+  const clusters data;
+  const cuda_policy pol = gpu().policy();
+  double first = 0, last = 0, last_entropy = 0, cpu_last = 0;
+  int collapsed = 0;
+  for (int it = 0; it < 300; ++it) {
+    auto x = data.crops(B, 6, std::uint64_t(it));
+    const dino::host_view<const float> xv{x.data(), {6 * B, kIn}, "crops"};
+    const auto st = gpu_m.step(pol, xv);
+    const auto sc = cpu_m.step(cpu_policy{2}, xv);
+    REQUIRE_FALSE(st.skipped);
+    REQUIRE(std::isfinite(st.loss));
+    if (it < 20) first += st.loss / 20;
+    if (it >= 280) {
+      last += st.loss / 20;
+      cpu_last += sc.loss / 20;
+      last_entropy += st.teacher_entropy / 20;
+      collapsed += st.collapsed;
+    }
+  }
+  const double knn_gpu = teacher_knn(gpu_m, pol, data), knn_cpu = teacher_knn(cpu_m, cpu_policy{2}, data);
+  MESSAGE("GPU: loss first 20 steps " << first << ", last 20 " << last << " (CPU " << cpu_last
+                                      << "), teacher entropy " << last_entropy << "; 10-NN top-1 GPU " << knn_gpu
+                                      << ", CPU " << knn_cpu);
+  CHECK(last < first);
+  CHECK(collapsed == 0);
+  CHECK(last_entropy > 0.1);
+  CHECK(last_entropy < 0.9 * std::log(64.0));
+  CHECK(std::abs(last - cpu_last) <= 0.05 * std::abs(cpu_last));
+  CHECK(knn_gpu >= knn_cpu - 0.03);
+  CHECK(knn_gpu > 0.8);
 }
