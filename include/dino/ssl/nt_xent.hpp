@@ -1,0 +1,168 @@
+// dino/ssl/nt_xent.hpp: SimCLR's NT-Xent loss over in-batch negatives, on the crop pairs of
+// cross_entropy_distillation.
+//
+// There is no teacher: both sides of a pair are student rows. Rows are crop-major, s
+// [n_crops * B, K], z^_r = s_r / max(||s_r||, 1e-12), S_rk = z^_r . z^_k / tau (tau 0.1, the
+// official SimCLR code's default). For each pair (anchor crop v, positive crop i != v,
+// i < n_global) and image b, with a = (v, b) and p = (i, b):
+//
+//   term = -log( exp(S_ap) / sum_{k != a} exp(S_ak) )      (k over all n_crops * B rows)
+//   loss = 1 / (n_terms B) sum_{i < n_global} sum_{v != i} sum_b term
+//
+// With 2 crops this is SimCLR's loss: the mean over the 2B anchors (the official TF code
+// returns loss_a + loss_b, twice this). With local crops, each local row is an anchor for
+// every global crop of its image and a negative for every other row (the multi-crop form).
+// The gradient reaches every row (anchors, positives, negatives): with m_v the partners of
+// crop v, lse_a = log sum_{k != a} exp(S_ak) and c = dloss / (n_terms B):
+//
+//   dS_ak = c (m_v exp(S_ak - lse_a) - [k is a positive of a]),  dS_aa = 0
+//   dz^  = (dS + dS^T) z^ / tau,   then through the normalisation of each row
+//
+// q (the teacher rows the concept passes) is not read: a method using NT-Xent needs no
+// teacher forward (see docs/api.md, "Variant parts"). Two GEMMs per call in T (the policy's
+// gemm: z^ z^T and (dS + dS^T) z^); the row work is in double. Scratch [N, N] and [N, K]
+// grows on first use, so one instance must not run two forwards at once.
+// CPU only for now (no CUDA twin yet).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "dino/core/error.hpp"
+#include "dino/core/tensor.hpp"
+#include "dino/policy/cpu.hpp"
+#include "dino/ssl/variant_detail.hpp"
+
+namespace dino::ssl {
+
+struct nt_xent_config {
+  int n_crops = 2;           ///< 2 global + M local
+  int n_global = 2;          ///< crops that serve as positives (the first n_global)
+  double temperature = 0.1;  ///< tau
+};
+
+template <class T>
+class nt_xent {
+ public:
+  nt_xent() = default;
+  explicit nt_xent(nt_xent_config c) : cfg_(c) {
+    detail::crop_pairs::check("nt_xent", c.n_crops, c.n_global);
+    require<config_error>(c.temperature > 0, "nt_xent: temperature must be positive, got ", c.temperature);
+  }
+  const nt_xent_config& config() const { return cfg_; }
+  int n_terms() const { return detail::crop_pairs::n_terms(cfg_.n_crops, cfg_.n_global); }
+
+  /// The loss; row_loss [n_crops * B] receives each anchor row's summed terms. q is not read.
+  template <class Policy, class S>
+  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                 tensor_view<T, S> row_loss) const {
+    (void)q;
+    return run(pol, s, row_loss, nullptr, 0.0, false);
+  }
+  /// The loss, and ds (=|+=) dloss * d loss / d s for every row. q is not read.
+  template <class Policy, class S>
+  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
+    (void)q;
+    check_shape("nt_xent backward", ds, s.shape);
+    return run(pol, s, row_loss, ds.data, dloss, accumulate);
+  }
+
+ private:
+  template <class Policy, class S>
+  double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<T, S> row_loss, T* ds, double dloss,
+             bool accumulate) const {
+    DINO_CHECK_SPACE(Policy, S);
+    static_assert(detail::host_only_v<S>, "dino::ssl::nt_xent: CPU only (no CUDA twin yet)");
+    const int V = cfg_.n_crops, G = cfg_.n_global;
+    const std::int64_t B = detail::pair_batch("nt_xent", V, G, s, tensor_view<const T, S>{}, false);
+    check_shape("nt_xent", row_loss, {s.rows()});
+    const std::int64_t K = s.shape[1], N = s.rows();
+    const double inv_tau = 1.0 / cfg_.temperature;
+    const double c = dloss / (double(n_terms()) * double(B));
+    zhat_.resize(static_cast<std::size_t>(N * K));
+    znorm_.resize(static_cast<std::size_t>(N));
+    for_each_row(pol, N, [&](std::int64_t r) {
+      const auto st = detail::l2_row(s.data + r * K, K);
+      znorm_[std::size_t(r)] = st;
+      for (std::int64_t k = 0; k < K; ++k) zhat_[std::size_t(r * K + k)] = T(double(s.data[r * K + k]) * st.inv);
+    });
+    // S = z^ z^T / tau  [N, N]
+    sim_.resize(static_cast<std::size_t>(N * N));
+    {
+      gemm_desc d;
+      d.trans_b = true;
+      d.m = N;
+      d.n = N;
+      d.k = K;
+      gemm(pol, d, T(inv_tau), zhat_.data(), zhat_.data(), T(0), sim_.data());
+    }
+    // per anchor row: the loss, and dS (in place of S) when a gradient is asked for
+    for_each_row(pol, N, [&](std::int64_t a) {
+      const int v = int(a / B);
+      const std::int64_t b = a % B;
+      T* Sa = sim_.data() + a * N;
+      const int m = detail::crop_pairs::partners(v, G);
+      if (m == 0) {
+        row_loss.data[a] = T(0);
+        if (ds) std::fill(Sa, Sa + N, T(0));
+        return;
+      }
+      double mx = -INFINITY;
+      for (std::int64_t k = 0; k < N; ++k)
+        if (k != a) mx = std::max(mx, double(Sa[k]));
+      double z = 0;
+      for (std::int64_t k = 0; k < N; ++k)
+        if (k != a) z += std::exp(double(Sa[k]) - mx);
+      const double lse = mx + std::log(z);
+      double loss = double(m) * lse;
+      for (int i = 0; i < G; ++i)
+        if (i != v) loss -= double(Sa[std::int64_t(i) * B + b]);
+      row_loss.data[a] = T(loss);
+      if (!ds) return;
+      for (std::int64_t k = 0; k < N; ++k) Sa[k] = k == a ? T(0) : T(c * double(m) * std::exp(double(Sa[k]) - lse));
+      for (int i = 0; i < G; ++i)
+        if (i != v) Sa[std::int64_t(i) * B + b] = T(double(Sa[std::int64_t(i) * B + b]) - c);
+    });
+    double total = 0;
+    for (std::int64_t r = 0; r < N; ++r) total += double(row_loss.data[r]);
+    if (!std::isfinite(total)) detail::throw_non_finite<T>("nt_xent", {s});
+    if (ds) {
+      // dS + dS^T (in place), then dz^ = (dS + dS^T) z^ / tau
+      T* D = sim_.data();
+      for (std::int64_t a = 0; a < N; ++a)
+        for (std::int64_t k = a + 1; k < N; ++k) {
+          const T x = D[a * N + k] + D[k * N + a];
+          D[a * N + k] = x;
+          D[k * N + a] = x;
+        }
+      dz_.resize(static_cast<std::size_t>(N * K));
+      gemm_desc d;
+      d.m = N;
+      d.n = K;
+      d.k = N;
+      gemm(pol, d, T(inv_tau), D, zhat_.data(), T(0), dz_.data());
+      for_each_row(pol, N, [&](std::int64_t r) {
+        thread_local std::vector<double> buf;
+        buf.resize(static_cast<std::size_t>(2 * K));
+        double* y = buf.data();
+        double* g = y + K;
+        const auto st = znorm_[std::size_t(r)];
+        for (std::int64_t k = 0; k < K; ++k) {
+          y[k] = double(s.data[r * K + k]) * st.inv;
+          g[k] = double(dz_[std::size_t(r * K + k)]);
+        }
+        detail::l2_row_backward(y, st, g, ds + r * K, K, 1.0, accumulate);
+      });
+    }
+    return total / (double(n_terms()) * double(B));
+  }
+
+  nt_xent_config cfg_{};
+  mutable std::vector<T> zhat_, sim_, dz_;
+  mutable std::vector<detail::l2_stats> znorm_;
+};
+
+}  // namespace dino::ssl

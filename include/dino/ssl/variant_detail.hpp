@@ -1,0 +1,114 @@
+// dino/ssl/variant_detail.hpp: helpers shared by the variant parts (targets.hpp, sinkhorn.hpp,
+// mse_loss.hpp, info_nce.hpp, nt_xent.hpp). Not a public interface.
+//
+// - crop_pairs: the crop-pair structure of cross_entropy_distillation (student crop v against
+//   teacher global crop i != v, i < n_global), its checks and n_terms;
+// - pair_batch: the shape checks every pair loss makes, returning the batch size B;
+// - l2_row: ||x|| and 1 / max(||x||, eps) of one row in double (F.normalize, eps 1e-12);
+// - host_only: the static_assert of the parts that have no CUDA twin yet;
+// - throw_non_finite: the numeric_error naming the first non-finite input.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include "dino/core/error.hpp"
+#include "dino/core/tensor.hpp"
+#include "dino/policy/policy.hpp"
+
+namespace dino::ssl::detail {
+
+/// F.normalize's eps: y = x / max(||x||, eps).
+inline constexpr double l2_eps = 1e-12;
+
+struct l2_stats {
+  double norm;  ///< ||x||
+  double inv;   ///< 1 / max(||x||, eps)
+};
+template <class T>
+inline l2_stats l2_row(const T* x, std::int64_t n) {
+  double s = 0;
+  for (std::int64_t k = 0; k < n; ++k) s += double(x[k]) * double(x[k]);
+  const double norm = std::sqrt(s);
+  return {norm, 1.0 / (norm > l2_eps ? norm : l2_eps)};
+}
+
+/// dx (=|+=) scale * d y / d x applied to g, for y = x / max(||x||, eps) given y (double):
+///   ||x|| > eps: (g - y (y . g)) / ||x||;   otherwise g / eps.
+template <class T>
+inline void l2_row_backward(const double* y, l2_stats st, const double* g, T* dx, std::int64_t n, double scale,
+                            bool accumulate) {
+  if (st.norm > l2_eps) {
+    double yg = 0;
+    for (std::int64_t k = 0; k < n; ++k) yg += y[k] * g[k];
+    const double c = scale / st.norm;
+    for (std::int64_t k = 0; k < n; ++k) {
+      const double v = c * (g[k] - y[k] * yg);
+      dx[k] = accumulate ? T(double(dx[k]) + v) : T(v);
+    }
+  } else {
+    const double c = scale / l2_eps;
+    for (std::int64_t k = 0; k < n; ++k) {
+      const double v = c * g[k];
+      dx[k] = accumulate ? T(double(dx[k]) + v) : T(v);
+    }
+  }
+}
+
+/// The crop-pair structure of cross_entropy_distillation (dino-spec §3.2).
+struct crop_pairs {
+  int n_crops = 2;
+  int n_global = 2;
+
+  static void check(const char* who, int n_crops, int n_global) {
+    require<config_error>(n_global >= 1 && n_global <= 8 && n_crops >= 2 && n_global <= n_crops, who,
+                          ": need 1 <= n_global <= min(8, n_crops) and n_crops >= 2, got n_global=", n_global,
+                          " n_crops=", n_crops);
+  }
+  static int n_terms(int n_crops, int n_global) { return n_global * (n_crops - 1); }
+  /// Teachers paired with student crop v: every i < n_global with i != v.
+  static int partners(int v, int n_global) { return v < n_global ? n_global - 1 : n_global; }
+};
+
+/// Checks student s [n_crops * B, K] and, when check_q, teacher rows q [n_global * B, K];
+/// returns B.
+template <class T, class S>
+inline std::int64_t pair_batch(const char* where, int n_crops, int n_global, tensor_view<const T, S> s,
+                               tensor_view<const T, S> q, bool check_q) {
+  require<shape_error>(s.shape.rank == 2, where, ": student outputs must be a matrix, found ", s.name, " ",
+                       s.shape.str());
+  require<shape_error>(s.rows() % n_crops == 0, where, ": ", s.name, " has ", s.rows(),
+                       " rows, which is not a multiple of the crop count ", n_crops);
+  const std::int64_t B = s.rows() / n_crops;
+  require<shape_error>(B > 0 && s.shape[1] > 0, where, ": ", s.name, " ", s.shape.str(), " is empty");
+  if (check_q) {
+    require<shape_error>(q.shape.rank == 2, where, ": teacher outputs must be a matrix, found ", q.name, " ",
+                         q.shape.str());
+    require<shape_error>(s.shape[1] == q.shape[1], where, ": ", s.name, " has K = ", s.shape[1], " but ", q.name,
+                         " has K = ", q.shape[1], " (student and teacher outputs must have the same width)");
+    require<shape_error>(q.rows() == n_global * B, where, ": ", q.name, ": expected ", n_global * B, " rows (",
+                         n_global, " global crops x batch ", B, "), found ", q.rows());
+  }
+  return B;
+}
+
+template <class S>
+inline constexpr bool host_only_v = std::is_same_v<S, host_space>;
+
+/// Throws numeric_error naming the first non-finite value of the views (host memory), or
+/// saying that the inputs are finite.
+template <class T>
+[[noreturn]] inline void throw_non_finite(const char* who, std::initializer_list<tensor_view<const T, host_space>> views) {
+  for (const auto& t : views) {
+    if (!t.data) continue;
+    for (std::int64_t i = 0; i < t.numel(); ++i)
+      if (!std::isfinite(double(t.data[i])))
+        throw numeric_error(dino::detail::concat(who, ": ", t.name, " ", t.shape.str(), " holds a non-finite value (", double(t.data[i]),
+                                   ") at row ", i / t.cols(), ", column ", i % t.cols()));
+  }
+  throw numeric_error(dino::detail::concat(who, ": the loss is not finite although its inputs are"));
+}
+
+}  // namespace dino::ssl::detail
