@@ -5,6 +5,7 @@
 #include "cuda_test_support.cuh"
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <string>
 
@@ -320,4 +321,255 @@ TEST_CASE("GPU: 300 DINO steps on synthetic clusters: the loss falls, no collaps
   CHECK(std::abs(last - cpu_last) <= 0.05 * std::abs(cpu_last));
   CHECK(knn_gpu >= knn_cpu - 0.03);
   CHECK(knn_gpu > 0.8);
+}
+
+// ---------------------------------------------------------------------------------------
+// No hidden work in a step (DESIGN §2): a GPU step neither allocates nor waits for the
+// device; its stats are read when asked (method::read_stats) and equal those read at once;
+// a non-finite step is skipped by the device itself.
+
+namespace {
+
+struct work_counts {
+  std::uint64_t allocations = dino::cuda::device_allocations();
+  std::uint64_t host_waits = dino::cuda::host_waits();
+};
+
+dino::ssl::dino_config row_config() {
+  dino::ssl::dino_config c;
+  c.head = {0, 96, 32, 16, 3, true};
+  c.local_crops = 2;
+  c.train.max_batch = 8;
+  c.train.seed = 7;
+  c.train.schedule.epochs = 2;
+  c.train.schedule.iters_per_epoch = 5;
+  c.train.schedule.batch_size = 8;
+  c.train.schedule.warmup_epochs = 1;
+  return c;
+}
+
+dino::ssl::dino_config golden_dino_config(const dino_golden::file& g, const dino::nn::vit_config&) {
+  const auto& hp = g["hyper"].values;
+  REQUIRE(hp.size() == 15);
+  dino::ssl::dino_config c;
+  c.head.out_dim = std::int64_t(hp[5]);
+  c.head.hidden_dim = std::int64_t(hp[6]);
+  c.head.bottleneck_dim = std::int64_t(hp[7]);
+  c.head.nlayers = int(hp[8]);
+  c.head.norm_last_layer = hp[9] != 0;
+  c.local_crops = int(hp[2]);
+  c.student_temp = hp[11];
+  c.center_momentum = hp[12];
+  c.train.clip_grad = hp[13];
+  c.train.freeze_last_layer = std::int64_t(hp[14]);
+  c.train.max_batch = std::int64_t(hp[0]);
+  c.train.crops = {std::int64_t(hp[3]), std::int64_t(hp[4])};
+  c.train.schedule.epochs = int(hp[10]);
+  c.train.schedule.iters_per_epoch = 1;
+  c.train.schedule.batch_size = 256;
+  return c;
+}
+
+template <class M>
+void golden_start(M& m, const dino_golden::file& g) {
+  dino::ssl::dino_schedules sch;
+  sch.lr = g["lr"].values;
+  sch.wd = g["wd"].values;
+  sch.momentum = g["momentum"].values;
+  sch.teacher_temp = g["tau_t"].values;
+  sch.iters_per_epoch = 1;
+  m.set_schedules(sch);
+  flat_params<float> init(m.layout());
+  dino_golden::load_params(g, "init/student.", init);
+  dino::assign_params(m.student(), init);
+  dino::assign_params(m.teacher(), init);
+}
+
+/// Every buffer a skipped step must leave alone, copied to the host.
+template <class M>
+std::vector<std::vector<float>> state_of(M& m) {
+  std::vector<std::vector<float>> s;
+  for (auto* p : {&m.student(), &m.teacher(), &m.optimizer().exp_avg(), &m.optimizer().exp_avg_sq()})
+    s.push_back(dino::cuda::to_host(p->data(), p->size()));
+  const auto c = m.target().center();
+  s.push_back(dino::cuda::to_host(c.data, std::size_t(c.numel())));
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("GPU: row-backbone steps neither allocate nor wait; their stats, read later, match the synchronous ones") {
+  auto c = row_config();
+  c.train.schedule.lr = 0;  // the parameters stay: the losses of CPU and GPU compare to 1e-6
+  c.train.schedule.min_lr = 0;
+  const dino::nn::mlp_config bb{{12, 32, 24}};
+  auto cpu_m = dino::ssl::make_dino<dino::nn::mlp>(bb, 24, c);
+  auto now_m = dino::ssl::make_dino<dino::nn::mlp, float, cuda_policy>(bb, 24, c);    // stats read at once
+  auto later_m = dino::ssl::make_dino<dino::nn::mlp, float, cuda_policy>(bb, 24, c);  // read after 10 steps
+  const cuda_policy pol = gpu().policy();
+  const std::int64_t rows = 4 * 8;
+  std::vector<std::vector<float>> xs;
+  for (int s = 0; s < 10; ++s) xs.push_back(random_vector<float>(std::size_t(rows * 12), 100 + s));
+  auto xv = [&](int s) { return dino::host_view<const float>{xs[std::size_t(s)].data(), {rows, 12}, "crops"}; };
+  std::vector<dino::ssl::step_stats> on_cpu, now, later;
+  for (int s = 0; s < 10; ++s) {
+    on_cpu.push_back(cpu_m.step(cpu_policy{1}, xv(s)));
+    auto st = now_m.step(pol, xv(s));
+    now_m.read_stats(pol, st);
+    now.push_back(st);
+  }
+  const work_counts before;
+  for (int s = 0; s < 10; ++s) {
+    later.push_back(later_m.step(pol, xv(s)));
+    CHECK_FALSE(later.back().ready());
+  }
+  const work_counts after;
+  INFO("the last host wait: ", dino::cuda::last_host_wait());
+  CHECK(after.allocations == before.allocations);
+  CHECK(after.host_waits == before.host_waits);
+  for (int s = 0; s < 10; ++s) {
+    CAPTURE(s);
+    auto& st = later[std::size_t(s)];
+    later_m.read_stats(pol, st);
+    const auto& a = on_cpu[std::size_t(s)];
+    const auto& b = now[std::size_t(s)];
+    REQUIRE(st.ready());
+    CHECK(st.iteration == a.iteration);
+    CHECK(st.skipped == a.skipped);
+    CHECK(st.skipped == b.skipped);
+    CHECK(st.clipped_tensors == a.clipped_tensors);
+    CHECK(st.clipped_tensors == b.clipped_tensors);
+    CHECK(std::abs(st.loss - a.loss) <= 1e-6 * std::abs(a.loss));
+    CHECK(std::abs(st.loss - b.loss) <= 1e-6 * std::abs(b.loss));
+    CHECK(std::abs(st.teacher_entropy - a.teacher_entropy) <= 1e-6 * std::abs(a.teacher_entropy) + 1e-9);
+    CHECK(std::abs(st.kl - a.kl) <= 1e-6 * std::abs(a.loss));
+    CHECK(st.collapsed == a.collapsed);
+  }
+  // Reading stats twice is harmless.
+  auto again = later[9];
+  later_m.read_stats(pol, again);
+  CHECK(again.loss == later[9].loss);
+}
+
+TEST_CASE("GPU: 10 golden ViT steps neither allocate nor wait; stats read afterwards match the golden losses") {
+  const dino_golden::file g(std::string(DINO_GOLDEN_DIR) + "/vit_e2e.bin");
+  const cuda_policy pol = gpu().policy(false);
+  const dino::nn::vit_config vc = vit_config_of(g["config"]);
+  const auto c = golden_dino_config(g, vc);
+  const std::int64_t B = c.train.max_batch, ng = std::int64_t(g["hyper"].values[1]), nl = c.local_crops;
+  const std::int64_t Gs = c.train.crops.global_size, Ls = c.train.crops.local_size, C = vc.in_chans;
+  const int steps = int(c.train.schedule.epochs);
+  REQUIRE(steps == 10);
+  std::vector<std::vector<float>> glob(static_cast<std::size_t>(steps)), loc(static_cast<std::size_t>(steps));
+  for (int s = 0; s < steps; ++s) {
+    const std::string sp = "step" + std::to_string(s) + "/";
+    for (std::int64_t cr = 0; cr < ng + nl; ++cr) {
+      const auto& t = g[sp + "crop" + std::to_string(cr)];
+      const std::int64_t sz = cr < ng ? Gs : Ls;
+      REQUIRE(t.numel() == B * C * sz * sz);
+      auto& dst = cr < ng ? glob[std::size_t(s)] : loc[std::size_t(s)];
+      dst.insert(dst.end(), t.f32.begin(), t.f32.end());
+    }
+  }
+  auto now_m = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
+  auto later_m = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
+  golden_start(now_m, g);
+  golden_start(later_m, g);
+  std::vector<dino::ssl::step_stats> now, later;
+  for (int s = 0; s < steps; ++s) {
+    auto st = now_m.step(pol, dino::ssl::image_crops<float>{glob[std::size_t(s)].data(), loc[std::size_t(s)].data()});
+    now_m.read_stats(pol, st);
+    now.push_back(st);
+  }
+  const work_counts before;
+  for (int s = 0; s < steps; ++s)
+    later.push_back(
+        later_m.step(pol, dino::ssl::image_crops<float>{glob[std::size_t(s)].data(), loc[std::size_t(s)].data()}));
+  const work_counts after;
+  INFO("the last host wait: ", dino::cuda::last_host_wait());
+  CHECK(after.allocations == before.allocations);
+  CHECK(after.host_waits == before.host_waits);
+  for (int s = 0; s < steps; ++s) {
+    CAPTURE(s);
+    auto& st = later[std::size_t(s)];
+    later_m.read_stats(pol, st);
+    const auto& b = now[std::size_t(s)];
+    const double golden = g.scalar("step" + std::to_string(s) + "/loss");
+    REQUIRE_FALSE(st.skipped);
+    CHECK_FALSE(b.skipped);
+    CHECK(std::abs(st.loss - golden) <= kTolRun * std::abs(golden));
+    CHECK(std::abs(st.loss - b.loss) <= 1e-6 * std::abs(b.loss));
+    CHECK(std::abs(st.teacher_entropy - b.teacher_entropy) <= 1e-6 * std::abs(b.teacher_entropy) + 1e-9);
+    CHECK(st.clipped_tensors == b.clipped_tensors);
+  }
+  // The two runs hold the same model.
+  flat_params<float> a(now_m.layout()), b(later_m.layout());
+  dino::assign_params(a, now_m.student());
+  dino::assign_params(b, later_m.student());
+  DINO_CHECK_CLOSE(std::vector<float>(b.data(), b.data() + b.size()), std::vector<float>(a.data(), a.data() + a.size()),
+                   1e-6);
+}
+
+TEST_CASE("GPU: a step with a NaN input is skipped on the device: parameters, moments, teacher and center unchanged") {
+  const auto c = row_config();
+  const dino::nn::mlp_config bb{{12, 32, 24}};
+  auto cpu_m = dino::ssl::make_dino<dino::nn::mlp>(bb, 24, c);
+  auto gpu_m = dino::ssl::make_dino<dino::nn::mlp, float, cuda_policy>(bb, 24, c);
+  const cuda_policy pol = gpu().policy();
+  const std::int64_t rows = 4 * 8;
+  std::vector<std::vector<float>> xs;
+  for (int s = 0; s < 6; ++s) xs.push_back(random_vector<float>(std::size_t(rows * 12), 300 + s));
+  xs[2][3] = std::nanf("");  // a global crop of image 0: its teacher targets, hence the loss, are NaN
+  auto xv = [&](int s) { return dino::host_view<const float>{xs[std::size_t(s)].data(), {rows, 12}, "crops"}; };
+  std::vector<dino::ssl::step_stats> on_cpu, on_gpu;
+  for (int s = 0; s < 2; ++s) {
+    on_cpu.push_back(cpu_m.step(cpu_policy{1}, xv(s)));
+    on_gpu.push_back(gpu_m.step(pol, xv(s)));
+  }
+  const auto state_before = state_of(gpu_m);  // waits (outside the step)
+  const work_counts before;
+  on_gpu.push_back(gpu_m.step(pol, xv(2)));
+  const work_counts after;
+  on_cpu.push_back(cpu_m.step(cpu_policy{1}, xv(2)));
+  INFO("the last host wait: ", dino::cuda::last_host_wait());
+  CHECK(after.allocations == before.allocations);
+  CHECK(after.host_waits == before.host_waits);
+  CHECK(gpu_m.iteration() == 3);  // a skipped step still counts
+  const auto state_after = state_of(gpu_m);
+  const char* names[] = {"student", "teacher", "exp_avg", "exp_avg_sq", "center"};
+  for (std::size_t i = 0; i < state_before.size(); ++i) {
+    CAPTURE(names[i]);
+    REQUIRE(state_after[i].size() == state_before[i].size());
+    CHECK(std::memcmp(state_after[i].data(), state_before[i].data(), state_before[i].size() * sizeof(float)) == 0);
+  }
+  // Steps after the skip, launched before its stats are read (the device's AdamW step counts
+  // are then behind the host's): the run still follows the CPU's, which skipped the same step.
+  for (int s = 3; s < 6; ++s) {
+    on_cpu.push_back(cpu_m.step(cpu_policy{1}, xv(s)));
+    on_gpu.push_back(gpu_m.step(pol, xv(s)));
+  }
+  for (int s = 0; s < 6; ++s) {
+    CAPTURE(s);
+    auto& st = on_gpu[std::size_t(s)];
+    gpu_m.read_stats(pol, st);
+    const auto& a = on_cpu[std::size_t(s)];
+    CHECK(st.skipped == a.skipped);
+    CHECK(std::string(st.skip_reason) == a.skip_reason);
+    CHECK(st.iteration == a.iteration);
+    if (!a.skipped) {
+      CHECK(std::abs(st.loss - a.loss) <= 1e-4 * std::abs(a.loss));
+      CHECK(st.clipped_tensors == a.clipped_tensors);
+    }
+  }
+  CHECK(on_gpu[2].skipped);
+  CHECK(std::string(on_gpu[2].skip_reason) == "non-finite loss");
+  CHECK(gpu_m.optimizer().steps() == cpu_m.optimizer().steps());
+  flat_params<float> host(gpu_m.layout());
+  dino::assign_params(host, gpu_m.student());
+  DINO_CHECK_CLOSE(std::vector<float>(host.data(), host.data() + host.size()),
+                   std::vector<float>(cpu_m.student().data(), cpu_m.student().data() + cpu_m.student().size()), 1e-4);
+  const auto gc = gpu_m.target().center();
+  const auto cc = cpu_m.target().center();
+  DINO_CHECK_CLOSE(dino::cuda::to_host(gc.data, std::size_t(gc.numel())),
+                   std::vector<float>(cc.data, cc.data + cc.numel()), 1e-4);
 }

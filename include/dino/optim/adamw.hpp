@@ -15,10 +15,19 @@
 // element kernel of policy/cpu/adamw_kernel.hpp; on the GPU adamw_tensors
 // (policy/cuda/optim.cuh): one launch per 32 active tensors, their coefficients passed by
 // value in the launch (no host-to-device copy, no synchronisation).
+//
+// step(..., skip_flag): an int in Space (null: never); when it is nonzero the step changes
+// nothing, step counts included. On the host it is read there. On the GPU it is read by
+// the kernels, so a step can be skipped without the host knowing: the device then keeps
+// the true per-tensor step counts (a copy of steps() in device memory, advanced by the
+// kernels), the host's counts may run ahead of them after a skip, and the kernels recompute
+// the bias corrections from the device count when the two differ. steps() reads the device
+// counts back (one counted host wait) and may be written; the next step uploads them.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -40,13 +49,25 @@ class adamw {
   using space = Space;
   adamw() = default;
   adamw(const param_layout& layout, adamw_config c = {})
-      : cfg_(c), m_(layout), v_(layout), steps_(layout.entries().size(), 0), coeffs_(layout.entries().size()) {}
+      : cfg_(c), m_(layout), v_(layout), steps_(layout.entries().size(), 0), coeffs_(layout.entries().size()) {
+    if constexpr (!on_host) {
+      dev_steps_ = typename storage_for<std::int64_t, Space>::type(layout.entries().size(), true);
+      t_expected_.assign(layout.entries().size(), 0);
+    }
+  }
 
-  /// One update of every trainable tensor not skipped.
+  /// One update of every trainable tensor not skipped. skip_flag: an int in Space; nonzero
+  /// makes the whole step a no-op (null: never; see the file comment).
   template <class Policy>
   void step(const Policy& pol, flat_params<T, Space>& params, const flat_params<T, Space>& grads, double lr,
-            double wd, unsigned skip = param_none) {
+            double wd, unsigned skip = param_none, const int* skip_flag = nullptr) {
     DINO_CHECK_SPACE(Policy, Space);
+    if constexpr (on_host) {
+      if (skip_flag && *skip_flag) return;
+    } else if (steps_dirty_) {  // steps() was handed out: the host's counts are the truth again
+      if (!steps_.empty()) upload(pol, dev_steps_.data(), steps_.data(), steps_.size());
+      steps_dirty_ = false;
+    }
     require<shape_error>(params.size() == m_.size() && grads.size() == m_.size(), "adamw::step: parameters (",
                          params.size(), ") and gradients (", grads.size(), ") do not match the optimizer's layout (",
                          m_.size(), " elements)");
@@ -84,7 +105,9 @@ class adamw {
         }
       });
     } else {
-      adamw_tensors(pol, entries, coeffs_, p, g, m, v);
+      for (std::size_t j = 0; j < entries.size(); ++j) t_expected_[j] = steps_[j];
+      adamw_tensors(pol, entries, coeffs_, p, g, m, v, dev_steps_.data(), skip_flag, lr, cfg_.beta1, cfg_.beta2,
+                    t_expected_.data());
     }
   }
 
@@ -92,16 +115,40 @@ class adamw {
   flat_params<T, Space>& exp_avg_sq() { return v_; }
   const flat_params<T, Space>& exp_avg() const { return m_; }
   const flat_params<T, Space>& exp_avg_sq() const { return v_; }
-  /// Per-tensor step counts, in layout order.
-  std::vector<std::int64_t>& steps() { return steps_; }
-  const std::vector<std::int64_t>& steps() const { return steps_; }
+  /// Per-tensor step counts, in layout order. On the GPU they are read back from the device
+  /// (one counted host wait); what is written here is uploaded by the next step.
+  std::vector<std::int64_t>& steps() {
+    pull_steps();
+    if constexpr (!on_host) steps_dirty_ = true;
+    return steps_;
+  }
+  const std::vector<std::int64_t>& steps() const {
+    pull_steps();
+    return steps_;
+  }
   const adamw_config& config() const { return cfg_; }
 
  private:
+  static constexpr bool on_host = std::is_same_v<Space, host_space>;
+  struct no_storage {};
+  // The device's step counts into the host's (GPU): after a skipped step they are the truth.
+  void pull_steps() const {
+    if constexpr (!on_host) {
+      if (steps_dirty_ || steps_.empty()) return;  // the host's counts are newer, or nothing to read
+      view_to_host(tensor_view<const std::int64_t, Space>{dev_steps_.data(), {std::int64_t(steps_.size())}, "adamw steps"},
+                   steps_.data());
+    }
+  }
+
   adamw_config cfg_{};
   flat_params<T, Space> m_, v_;
-  std::vector<std::int64_t> steps_;
+  mutable std::vector<std::int64_t> steps_;
   std::vector<cpu::adamw_coeffs<T>> coeffs_;  // per tensor, rewritten each step (sized once)
+  // GPU only: the true step counts in device memory, the counts each step's host
+  // coefficients were computed for, and whether steps() may have been written.
+  std::conditional_t<on_host, no_storage, typename storage_for<std::int64_t, Space>::type> dev_steps_{};
+  std::vector<std::int64_t> t_expected_;
+  mutable bool steps_dirty_ = false;
 };
 
 }  // namespace dino::optim

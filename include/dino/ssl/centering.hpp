@@ -16,7 +16,9 @@
 // sum_to and for_each_chunk. targets() returning a double reads the mean entropy back (on
 // the GPU: one synchronisation); the scalar_out form leaves it in the space's memory.
 // commit(pol) and discard(pol) run on the policy's stream; commit() and discard() without a
-// policy exist for host memory only.
+// policy exist for host memory only. commit(pol, skip_flag) (an int in the space's memory)
+// commits, or discards when *skip_flag is nonzero: on the GPU the kernel reads the flag, so a
+// skipped step is decided on the device.
 #pragma once
 
 #include <cmath>
@@ -43,7 +45,12 @@ struct center_commit {
   double* sums;
   double inv;
   T m, one_minus_m;
+  const int* skip = nullptr;  ///< nonzero: discard (clear the sums, keep the center)
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    if (skip && *skip) {
+      for (std::int64_t k = lo; k < hi; ++k) sums[k] = 0.0;
+      return;
+    }
     for (std::int64_t k = lo; k < hi; ++k) {
       const T bc = T(sums[k] * inv);
       center[k] = T(center[k] * m + bc * one_minus_m);
@@ -136,6 +143,23 @@ class centering {
       const double m = cfg_.momentum;
       for_each_chunk(pol, cfg_.out_dim,
                      kernels::center_commit<T>{center_.data(), sums_.data(), 1.0 / double(count_), T(m), T(1 - m)});
+      count_ = 0;
+    }
+  }
+
+  /// commit(pol), or discard(pol) when *skip_flag (an int in the space's memory) is nonzero.
+  template <class Policy>
+  void commit(const Policy& pol, const int* skip_flag) {
+    DINO_CHECK_SPACE(Policy, Space);
+    if constexpr (on_host) {
+      if (skip_flag && *skip_flag) discard();
+      else commit();
+    } else {
+      if (count_ == 0) return;
+      const double m = cfg_.momentum;
+      for_each_chunk(pol, cfg_.out_dim,
+                     kernels::center_commit<T>{center_.data(), sums_.data(), 1.0 / double(count_), T(m), T(1 - m),
+                                               skip_flag});
       count_ = 0;
     }
   }

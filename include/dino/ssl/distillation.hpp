@@ -21,7 +21,8 @@
 // The forms returning a double read the loss back (on the GPU: one synchronisation) and
 // throw numeric_error naming the first non-finite input when it is not finite; the forms
 // taking a scalar_out leave the loss in the policy's memory (*value (=|+=) weight * loss),
-// read nothing back and check nothing (the step's all_finite on the gradients does).
+// read nothing back and check nothing (a GPU step flags a non-finite loss on the device:
+// ssl/method.hpp).
 #pragma once
 
 #include <cmath>

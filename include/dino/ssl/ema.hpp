@@ -7,7 +7,9 @@
 //
 // Policy: for_each_chunk over a DINO_HD functor, so the same pass runs on the CPU (OpenMP
 // over ranges, SIMD inside) and on the GPU (a thread per small range, on the policy's
-// stream); flat_params and views must live in the policy's space.
+// stream); flat_params and views must live in the policy's space. Each takes an optional
+// skip flag (an int in the policy's memory, null: never): when it is nonzero the update
+// changes nothing. On the GPU the kernel reads it, so a skipped step is decided there.
 #pragma once
 
 #include <cstdint>
@@ -25,7 +27,9 @@ struct ema_chunk {
   T* t;
   const T* s;
   T a, b;
+  const int* skip = nullptr;  ///< nonzero: leave t as it is
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    if (skip && *skip) return;
 #if !defined(__CUDA_ARCH__)
 #pragma omp simd
 #endif
@@ -37,7 +41,9 @@ template <class T>
 struct copy_chunk {
   T* dst;
   const T* src;
+  const int* skip = nullptr;  ///< nonzero: leave dst as it is
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    if (skip && *skip) return;
     for (std::int64_t i = lo; i < hi; ++i) dst[i] = src[i];
   }
 };
@@ -45,10 +51,17 @@ struct copy_chunk {
 
 /// t = m t + (1 - m) s over n elements, rounded as PyTorch: t * m, then + (1 - m) * s in T.
 template <class Policy, class T, class S>
-inline void ema(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double m) {
+inline void ema(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double m,
+                const int* skip_flag = nullptr) {
   DINO_CHECK_SPACE(Policy, S);
   check_shape("ema", student, teacher.shape);
-  for_each_chunk(pol, teacher.numel(), kernels::ema_chunk<T>{teacher.data, student.data, T(m), T(1.0 - m)});
+  if constexpr (policy_traits<Policy>::is_host) {
+    if (skip_flag && *skip_flag) return;
+    for_each_chunk(pol, teacher.numel(), kernels::ema_chunk<T>{teacher.data, student.data, T(m), T(1.0 - m)});
+  } else {
+    for_each_chunk(pol, teacher.numel(),
+                   kernels::ema_chunk<T>{teacher.data, student.data, T(m), T(1.0 - m), skip_flag});
+  }
 }
 
 /// The reference teacher update: EMA with the momentum of the current iteration.
@@ -56,8 +69,8 @@ struct ema_update {
   static constexpr const char* name = "ema";
   template <class Policy, class T, class Space>
   void operator()(const Policy& pol, flat_params<T, Space>& teacher, const flat_params<T, Space>& student,
-                  double momentum) const {
-    ema(pol, teacher.all("teacher parameters"), student.all("student parameters"), momentum);
+                  double momentum, const int* skip_flag = nullptr) const {
+    ema(pol, teacher.all("teacher parameters"), student.all("student parameters"), momentum, skip_flag);
   }
 };
 
@@ -66,14 +79,16 @@ struct copy_update {
   static constexpr const char* name = "copy";
   template <class Policy, class T, class Space>
   void operator()(const Policy& pol, flat_params<T, Space>& teacher, const flat_params<T, Space>& student,
-                  double) const {
+                  double, const int* skip_flag = nullptr) const {
     DINO_CHECK_SPACE(Policy, Space);
     if constexpr (policy_traits<Policy>::is_host) {
+      if (skip_flag && *skip_flag) return;
       teacher.copy_from(student);
     } else {  // on the policy's stream, ordered with the step's kernels
       require<shape_error>(teacher.size() == student.size(), "copy_update: sizes differ: ", student.size(), " vs ",
                            teacher.size());
-      for_each_chunk(pol, std::int64_t(teacher.size()), kernels::copy_chunk<T>{teacher.data(), student.data()});
+      for_each_chunk(pol, std::int64_t(teacher.size()),
+                     kernels::copy_chunk<T>{teacher.data(), student.data(), skip_flag});
     }
   }
 };

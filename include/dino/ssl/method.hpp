@@ -22,12 +22,33 @@
 //      epoch < freeze_last_layer; AdamW with the parameter groups; TeacherUpdate(momentum);
 //      Target.commit()
 //
+// On the CPU step() returns filled stats, as it always has. On the GPU a step never waits
+// for the device (no allocation, no host synchronisation: cuda::host_waits() does not
+// move): the loss and the mean teacher entropy are summed into a planned device slot (the
+// scalar_out forms of the Loss and the Target), the non-finite checks set device flags
+// (flag_non_finite on the loss and on the gradients), clipping counts into the slot, and
+// step 3's skip is decided on the device: AdamW, TeacherUpdate(pol, t, s, m, skip_flag) and
+// Target.commit(pol, skip_flag) read the flag in their kernels and change nothing when it
+// is set (the center's pending sums are cleared). The schedules and the iteration counter
+// stay on the host; a skipped step still counts. step() then returns stats whose
+// device-dependent fields (loss, teacher_entropy, kl, ln_k, collapsed, skipped,
+// skip_reason, clipped_tensors) are pending: stats.ready() is false until
+// read_stats(pol, stats) fills them, which waits for that step (one counted host wait).
+// The slots form a ring of step_result_slots steps; reading older stats throws. A part
+// without those device forms still works, at the cost of one host wait per step (or per
+// micro-batch for the loss and the entropy). On the GPU, after a skipped step the
+// gradients hold what that step computed (the CPU zeroes them); AdamW's step counts stay
+// exact (optim/adamw.hpp). A step skipped for a non-finite loss reports loss and teacher
+// entropy 0 on the GPU (the CPU reports the micro-batches summed before the failing one).
+//
 // Crops are rows of `crops` [n_crops * b, in_dim], crop-major (all images' crop 0, then
 // crop 1, ...), the first n_global crops being the global ones, as MultiCropWrapper orders them.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -69,7 +90,9 @@ struct train_config {
   crop_plan crops{};                    ///< crop sizes (image backbones only)
 };
 
-/// What one optimizer step did.
+/// What one optimizer step did. iteration, epoch and the schedule values are known at once;
+/// on the GPU the others (loss, teacher_entropy, kl, ln_k, collapsed, skipped, skip_reason,
+/// clipped_tensors) stay on the device until method::read_stats fills them (ready()).
 struct step_stats {
   std::int64_t iteration = 0, epoch = 0;
   double loss = 0, teacher_entropy = 0, kl = 0, ln_k = 0;
@@ -78,6 +101,10 @@ struct step_stats {
   bool skipped = false;
   const char* skip_reason = "";  ///< why a step was skipped (static string)
   int clipped_tensors = 0;
+  bool pending = false;      ///< device-dependent fields not read yet (GPU): see method::read_stats
+  std::uint64_t ticket = 0;  ///< the method's result slot of this step (GPU)
+  /// Whether every field is filled (always on the CPU).
+  bool ready() const { return !pending; }
 };
 
 template <class Backbone, class Head, class Target, class Loss, class TeacherUpdate, class T = float,
@@ -107,6 +134,38 @@ class method {
   using head_type = Head;
   /// What step() takes per micro-batch: a crop-major matrix of rows, or image arrays.
   using input_type = std::conditional_t<images, image_crops<T>, host_view<const T>>;
+  /// GPU: how many steps' results the device keeps for read_stats (a ring).
+  static constexpr std::uint64_t step_result_slots = 64;
+
+ private:
+  // The device forms a GPU step uses (see the file comment); without them it waits.
+  static constexpr bool target_in_place =
+      requires(const Target& x, const Policy& pol, cview t, double tau, view q, view e, scalar_out o) {
+        x.targets(pol, t, tau, q, e, o);
+      };
+  static constexpr bool loss_in_place =
+      requires(const Loss& l, const Policy& pol, cview s, cview q, view r, view ds, scalar_out o) {
+        l.forward_backward(pol, s, q, r, ds, 1.0, false, o);
+      };
+  static constexpr bool update_flagged =
+      requires(const TeacherUpdate& u, const Policy& pol, flat_params<T, space>& t, const flat_params<T, space>& s,
+               const int* f) { u(pol, t, s, 0.5, f); };
+  static constexpr bool commit_flagged = requires(Target& x, const Policy& pol, const int* f) { x.commit(pol, f); };
+  /// One step's results in device memory (GPU).
+  struct step_slot {
+    double loss = 0, teacher_entropy = 0;  // summed over micro-batches, each weighted 1 / micro-batches
+    int loss_non_finite = 0;               // the loss is NaN or infinite
+    int skip = 0;                          // the loss or a gradient is: the updates are no-ops
+    int clipped = 0;                       // tensors clipped
+    int unused = 0;
+  };
+  /// What the host keeps of a slot: whose it is, and values a part returned to the host.
+  struct slot_host {
+    std::uint64_t ticket = ~std::uint64_t(0);
+    double loss = 0, teacher_entropy = 0;
+  };
+
+ public:
 
   method(typename Backbone::config_type bcfg, typename Head::config_type hcfg, Target target, Loss loss,
          TeacherUpdate update, train_config tc)
@@ -151,35 +210,56 @@ class method {
     st.weight_decay = sv.wd;
     st.momentum = sv.momentum;
     st.teacher_temp = sv.teacher_temp;
-    fill_zero(pol, grads_.data(), grads_.size());
     const double scale = 1.0 / double(micro.size());
     const bool freeze = sv.epoch < tc_.freeze_last_layer;
-    try {
-      for (std::size_t mi = 0; mi < micro.size(); ++mi) {
-        double ent = 0;
-        const double l = micro_step(pol, micro[mi], sv.teacher_temp, scale, freeze, ent,
-                                    std::uint64_t(iteration_) * micro.size() + mi);
-        st.loss += scale * l;
-        st.teacher_entropy += scale * ent;
+    if constexpr (!on_host) {
+      return device_step(pol, micro, st, scale, freeze);
+    } else {
+      fill_zero(pol, grads_.data(), grads_.size());
+      try {
+        for (std::size_t mi = 0; mi < micro.size(); ++mi) {
+          double ent = 0;
+          const double l = micro_step(pol, micro[mi], sv.teacher_temp, scale, freeze, ent,
+                                      std::uint64_t(iteration_) * micro.size() + mi);
+          st.loss += scale * l;
+          st.teacher_entropy += scale * ent;
+        }
+      } catch (const numeric_error&) {
+        return skip(pol, st, "non-finite loss");
       }
-    } catch (const numeric_error&) {
-      return skip(pol, st, "non-finite loss");
+      if (!all_finite(pol, grads_.data(), static_cast<std::int64_t>(grads_.size())))
+        return skip(pol, st, "non-finite gradient");
+      const auto d = diagnose(st.loss, st.teacher_entropy, head_.out_dim());
+      st.kl = d.kl;
+      st.ln_k = d.ln_k;
+      st.collapsed = d.collapsed;
+      const unsigned skip_flags = freeze ? unsigned(param_last_layer) : unsigned(param_none);
+      if (tc_.clip_grad > 0) st.clipped_tensors = optim::clip_gradients(pol, grads_, tc_.clip_grad);
+      opt_.step(pol, student_, grads_, sv.lr, sv.wd, skip_flags);
+      update_(pol, teacher_, student_, sv.momentum);
+      commit_target(pol);
+      ++iteration_;
+      return st;
     }
-    if (!all_finite(pol, grads_.data(), static_cast<std::int64_t>(grads_.size()))) return skip(pol, st, "non-finite gradient");
-    const auto d = diagnose(st.loss, st.teacher_entropy, head_.out_dim());
-    st.kl = d.kl;
-    st.ln_k = d.ln_k;
-    st.collapsed = d.collapsed;
-    const unsigned skip_flags = freeze ? unsigned(param_last_layer) : unsigned(param_none);
-    if (tc_.clip_grad > 0) st.clipped_tensors = optim::clip_gradients(pol, grads_, tc_.clip_grad);
-    opt_.step(pol, student_, grads_, sv.lr, sv.wd, skip_flags);
-    update_(pol, teacher_, student_, sv.momentum);
-    if constexpr (requires { target_.commit(pol); }) target_.commit(pol);
-    else target_.commit();
-    ++iteration_;
-    return st;
   }
 
+  /// Fills the device-dependent fields of a GPU step's stats (see step_stats): waits for that
+  /// step (one counted host wait). Nothing to do when st.ready() (always on the CPU). Throws
+  /// config_error when the step is more than step_result_slots steps old.
+  void read_stats(const Policy& pol, step_stats& st) {
+    if (st.ready()) return;
+    if constexpr (!on_host) {
+      const std::size_t slot = std::size_t(st.ticket % step_result_slots);
+      require<config_error>(slots_host_[slot].ticket == st.ticket, "method::read_stats: the results of step ",
+                            st.iteration, " are gone: the device keeps those of the last ", step_result_slots,
+                            " steps");
+      step_slot h;
+      std::memcpy(static_cast<void*>(&h), readback_.wait(slot, "method::read_stats"), sizeof h);
+      fill_stats(st, h, slots_host_[slot]);
+      if (st.skipped) (void)opt_.steps();  // AdamW's host step counts from the device's again
+    }
+    st.pending = false;
+  }
   /// Teacher logits [b, K] for inputs [b, in_dim] (row backbones; the method's own buffers).
   cview teacher_logits(const Policy& pol, host_view<const T> x)
     requires(!images)
@@ -268,6 +348,7 @@ class method {
         r_.input_n = n(ns * backbone_.in_dim());
       }
       p.add_bytes(r_.input_n * sizeof(T));
+      p.add_bytes(step_result_slots * sizeof(step_slot));  // the steps' results (GPU)
     }
     ws_ = decltype(ws_)(p);
     r_.saved = ws_.template take<T>(r_.saved_n, "saved activations");
@@ -282,7 +363,11 @@ class method {
     r_.row = ws_.template take<T>(n(ns), "row loss");
     r_.ent = ws_.template take<T>(n(nt), "teacher entropy");
     r_.dtok = ws_.template take<T>(r_.dtok_n, "d tokens");
-    if constexpr (!on_host) r_.input = ws_.template take<T>(r_.input_n, "input crops");
+    if constexpr (!on_host) {
+      r_.input = ws_.template take<T>(r_.input_n, "input crops");
+      r_.slots = ws_.template take<step_slot>(step_result_slots, "step results");
+      readback_ = typename readback_ring_for<space>::type(step_result_slots, sizeof(step_slot));
+    }
     max_rows_ = ns;
   }
 
@@ -364,8 +449,11 @@ class method {
     return as_space(stage(pol, x, rows));
   }
 
+  // One micro-batch: returns the loss and sets ent to the mean teacher entropy; on the GPU,
+  // with parts that have the in-place forms, both go to slot R instead (+= scale * value
+  // when accumulate, = otherwise) and the function returns 0 and sets ent to 0.
   double micro_step(const Policy& pol, const input_type& x, double tau, double scale, bool freeze, double& ent,
-                    std::uint64_t micro_index) {
+                    std::uint64_t micro_index, step_slot* R = nullptr, bool accumulate = false) {
     const std::int64_t b = batch_of(x), ns = crops() * b, nt = globals() * b;
     const std::int64_t D = backbone_.out_dim(), K = head_.out_dim();
     const input_type dx = stage(pol, x, ns);  // the input in the policy's memory (on the CPU: x itself)
@@ -390,10 +478,20 @@ class method {
     head_.forward(pol, P, cview(feat), logits, sh);
     // Targets and loss.
     view q{r_.q, {nt, K}, "teacher targets"};
-    ent = target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"});
+    if constexpr (!on_host && target_in_place) {
+      target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"},
+                      scalar_out{&R->teacher_entropy, scale, accumulate});
+      ent = 0;
+    } else {
+      ent = target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"});
+    }
     view ds{r_.ds, {ns, K}, "d student logits"};
-    const double l = loss_.forward_backward(pol, cview(logits), cview(q),
-                                            view{r_.row, {ns}, "row loss"}, ds, scale, false);
+    double l = 0;
+    if constexpr (!on_host && loss_in_place)
+      loss_.forward_backward(pol, cview(logits), cview(q), view{r_.row, {ns}, "row loss"}, ds, scale, false,
+                             scalar_out{&R->loss, scale, accumulate});
+    else
+      l = loss_.forward_backward(pol, cview(logits), cview(q), view{r_.row, {ns}, "row loss"}, ds, scale, false);
     // Backward (parameter gradients accumulate across micro-batches).
     view dfeat{r_.d_feat, {ns, D}, "d student features"};
     if constexpr (requires { head_.backward(pol, P, cview(feat), cview(sh), cview(ds), dfeat, grad_mode::write, G, scratch(), freeze); })
@@ -423,6 +521,89 @@ class method {
     ++iteration_;
     return st;
   }
+  void commit_target(const Policy& pol) {
+    if constexpr (requires { target_.commit(pol); }) target_.commit(pol);
+    else target_.commit();
+  }
+
+  // The GPU step (see the file comment): everything is queued on pol.stream, and the host
+  // waits only for a part that lacks a device form.
+  step_stats device_step(const Policy& pol, std::span<const input_type> micro, step_stats st, double scale,
+                         bool freeze) {
+    const std::size_t slot = std::size_t(ticket_ % step_result_slots);
+    step_slot* R = r_.slots + slot;
+    slot_host& H = slots_host_[slot];
+    H = slot_host{};
+    fill_zero(pol, R, 1);
+    fill_zero(pol, grads_.data(), grads_.size());
+    for (std::size_t mi = 0; mi < micro.size(); ++mi) {
+      double ent = 0, l = 0;
+      try {
+        l = micro_step(pol, micro[mi], st.teacher_temp, scale, freeze, ent,
+                       std::uint64_t(iteration_) * micro.size() + mi, R, mi > 0);
+      } catch (const numeric_error&) {  // a Loss that returns the loss found it not finite
+        return skip(pol, st, "non-finite loss");
+      }
+      if (!loss_in_place && !std::isfinite(l)) return skip(pol, st, "non-finite loss");
+      H.loss += scale * l;
+      H.teacher_entropy += scale * ent;
+    }
+    // The skip flag: a non-finite loss (checked here when it stayed on the device) or gradient.
+    if constexpr (loss_in_place) {
+      flag_non_finite(pol, static_cast<const double*>(&R->loss), 1, &R->loss_non_finite);
+      flag_non_finite(pol, static_cast<const double*>(&R->loss), 1, &R->skip);
+    }
+    flag_non_finite(pol, static_cast<const T*>(grads_.data()), static_cast<std::int64_t>(grads_.size()), &R->skip);
+    if constexpr (!(update_flagged && commit_flagged)) {
+      // A part that cannot read the flag on the device: the host decides (one wait).
+      step_slot h;
+      read_to_host(pol, &h, static_cast<const step_slot*>(R), 1, "method::step (a part without a skip-flag form)");
+      if (h.skip) {
+        fill_stats(st, h, H);
+        if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
+        else target_.discard();
+        ++iteration_;
+        return st;
+      }
+    }
+    const int* skip_flag = &R->skip;
+    const unsigned skip_tensors = freeze ? unsigned(param_last_layer) : unsigned(param_none);
+    if (tc_.clip_grad > 0) optim::clip_gradients(pol, grads_, tc_.clip_grad, param_none, &R->clipped);
+    opt_.step(pol, student_, grads_, st.lr, st.weight_decay, skip_tensors, skip_flag);
+    if constexpr (update_flagged) update_(pol, teacher_, student_, st.momentum, skip_flag);
+    else update_(pol, teacher_, student_, st.momentum);
+    if constexpr (commit_flagged) target_.commit(pol, skip_flag);
+    else commit_target(pol);
+    readback_.queue(pol, slot, R);  // the slot to its host mirror once the step has run (no wait)
+    H.ticket = ticket_;
+    st.ticket = ticket_++;
+    st.pending = true;
+    ++iteration_;
+    return st;
+  }
+
+  // The device-dependent fields of st from its slot h and the host's part of it.
+  void fill_stats(step_stats& st, const step_slot& h, const slot_host& H) const {
+    st.skipped = h.skip != 0;
+    st.clipped_tensors = 0;
+    st.kl = 0;
+    st.ln_k = 0;
+    st.collapsed = false;
+    if (st.skipped) {
+      st.skip_reason = h.loss_non_finite ? "non-finite loss" : "non-finite gradient";
+      st.loss = h.loss_non_finite ? 0.0 : h.loss + H.loss;
+      st.teacher_entropy = h.loss_non_finite ? 0.0 : h.teacher_entropy + H.teacher_entropy;
+      return;
+    }
+    st.skip_reason = "";
+    st.loss = h.loss + H.loss;  // one of the two is 0 (the part's form decides which)
+    st.teacher_entropy = h.teacher_entropy + H.teacher_entropy;
+    const auto d = diagnose(st.loss, st.teacher_entropy, head_.out_dim());
+    st.kl = d.kl;
+    st.ln_k = d.ln_k;
+    st.collapsed = d.collapsed;
+    st.clipped_tensors = h.clipped;
+  }
 
   train_config tc_;
   param_layout layout_;
@@ -439,6 +620,7 @@ class method {
     T *t_feat = nullptr, *t_logits = nullptr, *q = nullptr, *row = nullptr, *ent = nullptr;
     T* dtok = nullptr;
     T* input = nullptr;  // device copy of the host input (GPU only)
+    step_slot* slots = nullptr;  // the steps' results, a ring of step_result_slots (GPU only)
     std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0, input_n = 0;
   };
   std::size_t bsaved_ = 0;
@@ -448,6 +630,9 @@ class method {
   regions r_;
   std::int64_t max_rows_ = 0;
   std::int64_t iteration_ = 0;
+  std::uint64_t ticket_ = 0;                           // GPU steps so far (the slot ring's position)
+  std::array<slot_host, step_result_slots> slots_host_{};  // GPU only
+  typename readback_ring_for<space>::type readback_{};      // GPU: the slots' host mirrors and events
 };
 
 }  // namespace dino::ssl

@@ -11,6 +11,14 @@
 //     steps otherwise; says so when a step is skipped for a non-finite loss or gradient.
 // The loader must start where the method is (loader_config start_epoch / start_batch from
 // method.iteration()), which resume_position() computes.
+//
+// On the GPU a step's loss and the rest come back only when read (method::read_stats, one
+// host wait): the trainer reads each step's stats after it has launched the next step, so
+// the device always has a step queued, and writes that step's line then. A checkpoint is
+// saved after the lines of the steps it holds, and the line of the last step is written at
+// the end. With after_step set the stats are read at once (the callback sees the model
+// after that step). On the CPU the stats are filled at return and everything happens
+// right after each step, as it always has.
 #pragma once
 
 #include <chrono>
@@ -20,6 +28,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -83,12 +92,14 @@ run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& 
   const auto t0 = clock::now();
   auto last = t0;
   double recent_ips = 0;
-  while (m.iteration() < total) {
-    const double elapsed = std::chrono::duration<double>(clock::now() - t0).count();
-    if (rc.time_limit_s > 0 && elapsed >= rc.time_limit_s) break;
-    const double wait0 = loader.wait_seconds();
-    auto b = loader.next();
-    const ssl::step_stats st = m.step(pol, ssl::image_crops<float>{b.global, b.local});
+  struct launched {
+    ssl::step_stats st;
+    double loader_wait = 0;
+  };
+  // The step's line, progress and callback, once its stats are read.
+  auto report = [&](launched l) {
+    ssl::step_stats& st = l.st;
+    if constexpr (requires { m.read_stats(pol, st); }) m.read_stats(pol, st);
     const auto now = clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();
     last = now;
@@ -109,10 +120,9 @@ run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& 
                   "\"clipped_tensors\": %d, \"images_per_s\": %.4g, \"loader_wait_s\": %.4g}\n",
                   (long long)st.iteration, (long long)st.epoch, st.loss, st.lr, st.weight_decay, st.momentum,
                   st.teacher_temp, st.teacher_entropy, st.kl, st.ln_k, st.collapsed ? "true" : "false",
-                  st.skipped ? "true" : "false", st.skip_reason, st.clipped_tensors, ips,
-                  loader.wait_seconds() - wait0);
+                  st.skipped ? "true" : "false", st.skip_reason, st.clipped_tensors, ips, l.loader_wait);
     log << line;
-    const std::int64_t done = m.iteration();
+    const std::int64_t done = st.iteration + 1;
     const double eta = recent_ips > 0 ? double(total - done) * double(B) / recent_ips : NAN;
     if (bar) {
       const int width = 30, fill = int(double(width) * double(done) / double(total));
@@ -126,8 +136,25 @@ run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& 
                    recent_ips, detail::fmt_time(eta).c_str(), st.collapsed ? "  (loss at ln K: collapse?)" : "");
     }
     if (rc.after_step) rc.after_step(st);
-    if (rc.save_every > 0 && done % rc.save_every == 0 && done < total) save_checkpoint(ckpt, m, rc.seed);
+  };
+  std::optional<launched> pending;  // a GPU step whose stats are not read yet
+  while (m.iteration() < total) {
+    const double elapsed = std::chrono::duration<double>(clock::now() - t0).count();
+    if (rc.time_limit_s > 0 && elapsed >= rc.time_limit_s) break;
+    const double wait0 = loader.wait_seconds();
+    auto b = loader.next();
+    launched cur{m.step(pol, ssl::image_crops<float>{b.global, b.local}), 0.0};
+    cur.loader_wait = loader.wait_seconds() - wait0;
+    if (pending) report(*std::exchange(pending, std::nullopt));  // the previous step, while this one runs
+    if (cur.st.ready() || rc.after_step) report(cur);
+    else pending = cur;
+    const std::int64_t done = m.iteration();
+    if (rc.save_every > 0 && done % rc.save_every == 0 && done < total) {
+      if (pending) report(*std::exchange(pending, std::nullopt));
+      save_checkpoint(ckpt, m, rc.seed);
+    }
   }
+  if (pending) report(*std::exchange(pending, std::nullopt));
   if (bar) std::fprintf(stderr, "\n");
   log.flush();
   sum.wall_s = std::chrono::duration<double>(clock::now() - t0).count();

@@ -28,6 +28,15 @@ struct scalar_out {
   bool accumulate = false;
 };
 
+/// Where the host reads results that steps leave in a memory space (ssl::method's step
+/// results): nothing on the host, where they are read as they are made. policy/cuda/memory.cuh
+/// specialises it for device memory: a pinned host mirror and an event per slot, so that a
+/// read waits for its own step and not for the steps queued after it.
+template <class Space>
+struct readback_ring_for {
+  struct type {};
+};
+
 }  // namespace dino
 
 namespace dino::cpu {

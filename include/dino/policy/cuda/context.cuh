@@ -41,7 +41,7 @@ class context {
     return cuda_policy{stream_, lt_, ws_.data(), ws_.size(), tf32, flags_.data(), host_flags_};
   }
   cudaStream_t stream() const { return stream_; }
-  void synchronize() const { DINO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() const { host_wait(stream_, "context::synchronize"); }
 
  private:
   cudaStream_t stream_ = nullptr;

@@ -17,7 +17,7 @@
 //
 // Block reductions are CUB's (fixed order for a fixed block size) and warp sums a xor
 // butterfly, so results do not depend on the launch. Everything runs on pol.stream; only
-// the *_host forms and first_non_finite read back, through pol.flags / pol.host_flags
+// the *_host forms and first_non_finite read back (a counted cuda::host_wait), through pol.flags / pol.host_flags
 // (slot 2-3: one double; 4-7: first_non_finite; slot 0 belongs to all_finite).
 #pragma once
 
@@ -288,7 +288,7 @@ inline void launch_sum(const cuda_policy& pol, const T* x, std::int64_t n, bool 
 inline double read_double_slot(const cuda_policy& pol) {
   DINO_CUDA_CHECK(cudaMemcpyAsync(pol.host_flags + 2, pol.flags + 2, sizeof(double), cudaMemcpyDeviceToHost,
                                   pol.stream));
-  DINO_CUDA_CHECK(cudaStreamSynchronize(pol.stream));
+  host_wait(pol, "sum_to_host");
   double v;
   std::memcpy(&v, pol.host_flags + 2, sizeof(double));
   return v;
@@ -363,7 +363,7 @@ inline non_finite_at first_non_finite(const cuda_policy& pol, const T* x, std::i
   DINO_CUDA_LAUNCHED("first_non_finite value");
   DINO_CUDA_CHECK(cudaMemcpyAsync(pol.host_flags + 4, pol.flags + 4, 4 * sizeof(int), cudaMemcpyDeviceToHost,
                                   pol.stream));
-  DINO_CUDA_CHECK(cudaStreamSynchronize(pol.stream));
+  host_wait(pol, "first_non_finite");
   unsigned long long i;
   double v;
   std::memcpy(&i, pol.host_flags + 4, sizeof(i));

@@ -4,7 +4,9 @@
 // resize, never in a step. Every device allocation of the library goes through
 // device_allocate(), which counts them (device_allocations()): a test runs steps and checks
 // the count does not move. device_workspace is the bump allocator of core/workspace.hpp
-// over one device allocation, planned with the same workspace_plan.
+// over one device allocation, planned with the same workspace_plan. Device-to-host reads
+// that wait (to_host, view_to_host, assign_params to the host, read_to_host) go through the
+// counted host waits of policy.cuh.
 #pragma once
 
 #include <atomic>
@@ -17,6 +19,7 @@
 #include "dino/core/param_store.hpp"
 #include "dino/core/tensor.hpp"
 #include "dino/core/workspace.hpp"
+#include "dino/policy/cpu/reduce.hpp"
 #include "dino/policy/cuda/policy.cuh"
 
 namespace dino::cuda {
@@ -104,7 +107,7 @@ template <class T>
 inline void copy_on_device(cudaStream_t s, T* dst, const T* src, std::size_t n) {
   if (n) DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, s));
 }
-inline void synchronize(cudaStream_t s) { DINO_CUDA_CHECK(cudaStreamSynchronize(s)); }
+inline void synchronize(cudaStream_t s) { host_wait(s, "cuda::synchronize"); }
 
 /// A device copy of host data (allocates: for set-up and tests, not for a step).
 template <class T>
@@ -117,7 +120,7 @@ inline device_buffer<T> to_device(std::span<const T> host, const char* what = "t
 template <class T>
 inline std::vector<T> to_host(const T* device, std::size_t n) {
   std::vector<T> h(n);
-  if (n) DINO_CUDA_CHECK(cudaMemcpy(h.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost));
+  host_copy_wait(h.data(), device, n * sizeof(T), "cuda::to_host");
   return h;
 }
 
@@ -146,9 +149,64 @@ class device_workspace {
   std::size_t used_ = 0;
 };
 
+/// Results read back by the host some steps after they are made: `slots` slots of
+/// `slot_bytes`, each with a pinned host mirror and an event. queue() copies a slot's device
+/// bytes to its mirror on the stream and records the event (no wait); wait() waits for
+/// that event only (one counted host wait) and returns the mirror. Allocated at
+/// construction (pinned memory and events; no device memory).
+class readback_ring {
+ public:
+  readback_ring() = default;
+  readback_ring(std::size_t slots, std::size_t slot_bytes) : slot_bytes_(slot_bytes) {
+    if (slots == 0 || slot_bytes == 0) return;
+    DINO_CUDA_CHECK(cudaMallocHost(&host_, slots * slot_bytes));
+    events_.resize(slots, nullptr);
+    for (auto& e : events_) DINO_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  readback_ring(const readback_ring&) = delete;
+  readback_ring& operator=(const readback_ring&) = delete;
+  readback_ring(readback_ring&& o) noexcept { swap(o); }
+  readback_ring& operator=(readback_ring&& o) noexcept {
+    swap(o);
+    return *this;
+  }
+  ~readback_ring() {
+    for (auto e : events_)
+      if (e) (void)cudaEventDestroy(e);
+    if (host_) (void)cudaFreeHost(host_);
+  }
+  /// Copies slot i's bytes from `device` to its mirror on the policy's stream, then marks it.
+  void queue(const cuda_policy& pol, std::size_t i, const void* device) {
+    DINO_CUDA_CHECK(cudaMemcpyAsync(mirror(i), device, slot_bytes_, cudaMemcpyDeviceToHost, pol.stream));
+    DINO_CUDA_CHECK(cudaEventRecord(events_.at(i), pol.stream));
+  }
+  /// Waits for slot i's last queue() (one counted host wait); its bytes.
+  const void* wait(std::size_t i, const char* what) {
+    host_wait(events_.at(i), what);
+    return mirror(i);
+  }
+  std::size_t slots() const { return events_.size(); }
+
+ private:
+  void* mirror(std::size_t i) const { return static_cast<std::byte*>(host_) + i * slot_bytes_; }
+  void swap(readback_ring& o) noexcept {
+    std::swap(host_, o.host_);
+    std::swap(slot_bytes_, o.slot_bytes_);
+    events_.swap(o.events_);
+  }
+  void* host_ = nullptr;
+  std::size_t slot_bytes_ = 0;
+  std::vector<cudaEvent_t> events_;
+};
+
 }  // namespace dino::cuda
 
 namespace dino {
+template <>
+struct readback_ring_for<device_space> {
+  using type = cuda::readback_ring;
+};
+
 /// Device memory for flat_params<T, device_space> and the other space-generic owners.
 template <class T>
 struct storage_for<T, device_space> {
@@ -171,7 +229,7 @@ inline void assign_params(flat_params<T, device_space>& dst, const flat_params<T
 template <class T>
 inline void assign_params(flat_params<T>& dst, const flat_params<T, device_space>& src) {
   require<shape_error>(dst.size() == src.size(), "assign_params: sizes differ: ", src.size(), " vs ", dst.size());
-  if (src.size()) DINO_CUDA_CHECK(cudaMemcpy(dst.data(), src.data(), src.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  cuda::host_copy_wait(dst.data(), src.data(), src.size() * sizeof(T), "assign_params (to the host)");
 }
 template <class T>
 inline void assign_params(flat_params<T, device_space>& dst, const flat_params<T, device_space>& src) {
@@ -180,7 +238,7 @@ inline void assign_params(flat_params<T, device_space>& dst, const flat_params<T
 
 template <class T>
 inline void view_to_host(tensor_view<const T, device_space> v, T* dst) {
-  if (v.numel()) DINO_CUDA_CHECK(cudaMemcpy(dst, v.data, v.numel() * sizeof(T), cudaMemcpyDeviceToHost));
+  cuda::host_copy_wait(dst, v.data, std::size_t(v.numel()) * sizeof(T), "view_to_host");
 }
 template <class T>
 inline void view_from_host(tensor_view<T, device_space> v, const T* src) {
@@ -191,6 +249,13 @@ inline void view_from_host(tensor_view<T, device_space> v, const T* src) {
 template <class T>
 inline void fill_zero(const cuda_policy& pol, T* p, std::size_t n) {
   if (n) DINO_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(T), pol.stream));
+}
+/// Reads n device elements into host memory after everything queued on the policy's stream:
+/// one counted host wait (what names it).
+template <class T>
+inline void read_to_host(const cuda_policy& pol, T* host, const T* device, std::size_t n, const char* what) {
+  cuda::copy_to_host(pol.stream, host, device, n);
+  cuda::host_wait(pol, what);
 }
 /// Copies n host elements to the device on the policy's stream (the host memory must stay
 /// valid until the stream has read it: the trainer's loader keeps a batch until the next).

@@ -1,7 +1,7 @@
 // dino/policy/cuda/optim.cuh: the optimizer passes of the CUDA policy, twins of the CPU
 // loops of optim/adamw.hpp and optim/clip.hpp.
 //
-//   adamw_tensors(pol, entries, coeffs, p, g, m, v)
+//   adamw_tensors(pol, entries, coeffs, p, g, m, v[, device_steps])
 //       the AdamW update of every tensor whose coeffs[j].active is set (coefficients computed
 //       on the host by optim::adamw); tensors go 32 per launch, their offsets, sizes, first
 //       block and coefficients passed by value in the launch, so no table lives in device
@@ -9,6 +9,14 @@
 //       threads; padding between tensors is not touched. The element arithmetic is the
 //       CPU's, operation for operation, with round-to-nearest intrinsics (no FMA
 //       contraction), so fp32 results equal the CPU's scalar/SSE2 kernel.
+//       With device_steps (adamw_device_steps: the per-tensor step counts in device memory
+//       and a skip flag, an int in device memory or null): when *skip is set the launch
+//       changes nothing (counts included), so a step skipped for a non-finite loss is
+//       decided on the device. Otherwise the kernel takes the host's coefficients when the
+//       device count + 1 is the step the host assumed (every step but those after a skip
+//       the host has not read yet), and else recomputes the two bias corrections from the
+//       device count (lr / (1 - b1^t), sqrt(1 - b2^t), in double as on the host); a small
+//       kernel then advances the counts.
 //   clip_tensors(pol, entries, g, clip, skip[, clipped])
 //       utils.clip_gradients per tensor: a block per tensor (128 per launch) sums the squares
 //       of its gradient in double (CUB, fixed order), computes clip / (norm + 1e-6) and scales
@@ -55,19 +63,36 @@ struct adamw_batch {
   std::int64_t begin[capacity];
   std::int64_t end[capacity];
   std::int64_t first_block[capacity + 1];  // [count] = blocks of the launch
+  std::int64_t t_expected[capacity];       // the step count the host's coefficients are for
+  int entry[capacity];                     // the tensor's index in the layout
   cpu::adamw_coeffs<T> k[capacity];
   int count;
+};
+/// What adamw_tensors needs to keep the step counts on the device (see the file comment).
+struct adamw_device_steps {
+  std::int64_t* steps = nullptr;  ///< per-tensor step counts, device memory (null: host counts only)
+  const int* skip = nullptr;      ///< device int: nonzero skips the update (null: never)
+  double lr = 0, beta1 = 0.9, beta2 = 0.999;
 };
 static_assert(sizeof(adamw_batch<double>) <= 4000, "adamw_batch must fit the 4 KiB of kernel parameters");
 
 template <class T>
-__global__ void __launch_bounds__(adamw_threads) adamw_kernel(const adamw_batch<T> bt, T* p, const T* g, T* m, T* v) {
+__global__ void __launch_bounds__(adamw_threads)
+    adamw_kernel(const adamw_batch<T> bt, T* p, const T* g, T* m, T* v, adamw_device_steps ds) {
+  if (ds.skip && *ds.skip) return;  // a skipped step: nothing changes
   const std::int64_t blk = blockIdx.x;
   int j = 0;
   while (j + 1 < bt.count && bt.first_block[j + 1] <= blk) ++j;
   const std::int64_t base = bt.begin[j] + (blk - bt.first_block[j]) * adamw_block_elems;
   const std::int64_t end = bt.end[j];
-  const cpu::adamw_coeffs<T> k = bt.k[j];
+  cpu::adamw_coeffs<T> k = bt.k[j];
+  if (ds.steps) {
+    const std::int64_t t = ds.steps[bt.entry[j]] + 1;
+    if (t != bt.t_expected[j]) {  // the host's count ran ahead (a skip it has not read)
+      k.step_size = T(ds.lr / (1.0 - ::pow(ds.beta1, double(t))));
+      k.bc2_sqrt = T(::sqrt(1.0 - ::pow(ds.beta2, double(t))));
+    }
+  }
 #pragma unroll
   for (int u = 0; u < adamw_per_thread; ++u) {
     const std::int64_t i = base + u * adamw_threads + threadIdx.x;
@@ -83,6 +108,14 @@ __global__ void __launch_bounds__(adamw_threads) adamw_kernel(const adamw_batch<
     const T den = rn_add(rn_div(rn_sqrt(vi), k.bc2_sqrt), k.eps);
     p[i] = rn_sub(pi, rn_mul(k.step_size, rn_div(mi, den)));
   }
+}
+
+/// After the update: the device step counts of the launch's tensors advance (not when skipped).
+template <class T>
+__global__ void adamw_count_kernel(const adamw_batch<T> bt, adamw_device_steps ds) {
+  if (ds.skip && *ds.skip) return;
+  const int j = int(threadIdx.x);
+  if (j < bt.count) ++ds.steps[bt.entry[j]];
 }
 
 struct clip_batch {
@@ -122,9 +155,11 @@ __global__ void __launch_bounds__(clip_threads) clip_kernel(const clip_batch bt,
 }  // namespace optim_kernels
 
 /// AdamW over the active tensors of a flat buffer (see the file comment); no synchronisation.
+/// t_expected[j]: the step count coeffs[j] was computed for (read only with ds.steps).
 template <class T>
 inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>& entries,
-                          const std::vector<cpu::adamw_coeffs<T>>& coeffs, T* p, const T* g, T* m, T* v) {
+                          const std::vector<cpu::adamw_coeffs<T>>& coeffs, T* p, const T* g, T* m, T* v,
+                          optim_kernels::adamw_device_steps ds, const std::int64_t* t_expected) {
   require<shape_error>(coeffs.size() == entries.size(), "adamw_tensors: ", coeffs.size(), " coefficient sets for ",
                        entries.size(), " tensors");
   optim_kernels::adamw_batch<T> bt{};
@@ -133,22 +168,50 @@ inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>
     if (bt.count == 0) return;
     bt.first_block[bt.count] = blocks;
     require<shape_error>(blocks <= 0x7fffffffLL, "adamw_tensors: too many blocks (", blocks, ")");
-    optim_kernels::adamw_kernel<T><<<unsigned(blocks), optim_kernels::adamw_threads, 0, pol.stream>>>(bt, p, g, m, v);
-    DINO_CUDA_LAUNCHED("adamw_tensors");
+    if (blocks > 0) {  // (a launch of empty tensors only still counts their steps)
+      optim_kernels::adamw_kernel<T><<<unsigned(blocks), optim_kernels::adamw_threads, 0, pol.stream>>>(bt, p, g, m,
+                                                                                                         v, ds);
+      DINO_CUDA_LAUNCHED("adamw_tensors");
+    }
+    if (ds.steps) {
+      optim_kernels::adamw_count_kernel<T><<<1, optim_kernels::adamw_batch<T>::capacity, 0, pol.stream>>>(bt, ds);
+      DINO_CUDA_LAUNCHED("adamw_tensors (step counts)");
+    }
     bt.count = 0;
     blocks = 0;
   };
   for (std::size_t j = 0; j < entries.size(); ++j) {
-    if (!coeffs[j].active || entries[j].numel() == 0) continue;
+    // Empty tensors have no blocks; they stay in the batch when their step is counted here.
+    if (!coeffs[j].active || (entries[j].numel() == 0 && !ds.steps)) continue;
     const int c = bt.count;
     bt.begin[c] = std::int64_t(entries[j].offset);
     bt.end[c] = std::int64_t(entries[j].offset + entries[j].numel());
     bt.first_block[c] = blocks;
+    bt.t_expected[c] = t_expected ? t_expected[j] : 0;
+    bt.entry[c] = int(j);
     bt.k[c] = coeffs[j];
     blocks += (std::int64_t(entries[j].numel()) + optim_kernels::adamw_block_elems - 1) / optim_kernels::adamw_block_elems;
     if (++bt.count == optim_kernels::adamw_batch<T>::capacity) flush();
   }
   flush();
+}
+
+/// The form optim::adamw calls with device step counts (see the file comment): device_steps
+/// [entries] and skip in device memory; t_expected[j] the count the host assumed for tensor j.
+template <class T>
+inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>& entries,
+                          const std::vector<cpu::adamw_coeffs<T>>& coeffs, T* p, const T* g, T* m, T* v,
+                          std::int64_t* device_steps, const int* skip, double lr, double beta1, double beta2,
+                          const std::int64_t* t_expected) {
+  adamw_tensors(pol, entries, coeffs, p, g, m, v,
+                optim_kernels::adamw_device_steps{device_steps, skip, lr, beta1, beta2}, t_expected);
+}
+
+/// The same with the step counts on the host only and no skip flag.
+template <class T>
+inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>& entries,
+                          const std::vector<cpu::adamw_coeffs<T>>& coeffs, T* p, const T* g, T* m, T* v) {
+  adamw_tensors(pol, entries, coeffs, p, g, m, v, optim_kernels::adamw_device_steps{}, nullptr);
 }
 
 /// Per-tensor clipping of the trainable tensors not in `skip`; *clipped (device int) receives
@@ -180,7 +243,7 @@ inline int clip_tensors(const cuda_policy& pol, const std::vector<param_entry>& 
   loss_kernels::require_flags(pol, "clip_tensors");
   clip_tensors(pol, entries, g, clip, skip, pol.flags + 1);
   DINO_CUDA_CHECK(cudaMemcpyAsync(pol.host_flags + 1, pol.flags + 1, sizeof(int), cudaMemcpyDeviceToHost, pol.stream));
-  DINO_CUDA_CHECK(cudaStreamSynchronize(pol.stream));
+  host_wait(pol, "clip_tensors (count to the host)");
   return pol.host_flags[1];
 }
 

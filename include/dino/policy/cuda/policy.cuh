@@ -8,8 +8,14 @@
 // Every CUDA or cuBLAS status is checked and turned into dino::cuda_error naming the call,
 // the status and the file and line (DINO_CUDA_CHECK, DINO_CUBLAS_CHECK). Kernel launches are
 // checked with cudaGetLastError, which does not synchronise.
+//
+// Every host synchronisation of the library goes through cuda::host_wait (a stream) or
+// cuda::host_copy_wait (a synchronous device-to-host cudaMemcpy), which count them:
+// cuda::host_waits(), and cuda::last_host_wait() names the latest. A test runs steps and
+// checks the count does not move, as device_allocations() does for cudaMalloc.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -63,6 +69,48 @@ struct policy_traits<cuda_policy> {
   using memory_space = device_space;
   static constexpr bool is_host = false;
 };
+
+namespace cuda {
+namespace detail {
+inline std::atomic<std::uint64_t>& host_wait_counter() {
+  static std::atomic<std::uint64_t> n{0};
+  return n;
+}
+inline std::atomic<const char*>& last_host_wait_name() {
+  static std::atomic<const char*> w{""};
+  return w;
+}
+inline void count_host_wait(const char* what) {
+  ++host_wait_counter();
+  last_host_wait_name().store(what ? what : "");
+}
+}  // namespace detail
+
+/// Number of host synchronisations made by the library so far.
+inline std::uint64_t host_waits() { return detail::host_wait_counter().load(); }
+/// What the latest host synchronisation was for (a static string).
+inline const char* last_host_wait() { return detail::last_host_wait_name().load(); }
+
+/// Waits until `stream` has run everything queued on it: the one way the library
+/// synchronises with the host (counted; `what` names the reason, a static string).
+inline void host_wait(cudaStream_t stream, const char* what) {
+  detail::count_host_wait(what);
+  DINO_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+inline void host_wait(const cuda_policy& pol, const char* what) { host_wait(pol.stream, what); }
+/// Waits until the work recorded before `event` has run (counted as host_wait is).
+inline void host_wait(cudaEvent_t event, const char* what) {
+  detail::count_host_wait(what);
+  DINO_CUDA_CHECK(cudaEventSynchronize(event));
+}
+/// A synchronous device-to-host copy (cudaMemcpy: it waits for the device), counted as one
+/// host wait. For set-up, tests, logging and checkpoints, never inside a step.
+inline void host_copy_wait(void* dst, const void* src, std::size_t bytes, const char* what) {
+  if (!bytes) return;
+  detail::count_host_wait(what);
+  DINO_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+}  // namespace cuda
 
 /// Whether a CUDA device is present and usable (tests skip visibly without one).
 inline bool cuda_device_available() {

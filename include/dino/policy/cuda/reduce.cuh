@@ -2,8 +2,9 @@
 //
 // Sums accumulate in double whatever T is, as on the CPU. column_sums runs one block per 32
 // columns, 8 row groups reading coalesced rows, combined in shared memory in a fixed order,
-// so results do not depend on the launch. all_finite returns a bool to the host and
-// therefore synchronises the stream: it is the one host read of a step (see DESIGN §2).
+// so results do not depend on the launch. flag_non_finite leaves its answer in device
+// memory (the form a step uses: the skip decision stays on the device); all_finite returns
+// a bool to the host and therefore waits for the stream (a counted cuda::host_wait).
 #pragma once
 
 #include <cstdint>
@@ -67,7 +68,7 @@ inline bool all_finite(const cuda_policy& pol, const T* x, std::int64_t n) {
   DINO_CUDA_CHECK(cudaMemsetAsync(pol.flags, 0, sizeof(int), pol.stream));
   flag_non_finite(pol, x, n, pol.flags);
   DINO_CUDA_CHECK(cudaMemcpyAsync(pol.host_flags, pol.flags, sizeof(int), cudaMemcpyDeviceToHost, pol.stream));
-  DINO_CUDA_CHECK(cudaStreamSynchronize(pol.stream));
+  host_wait(pol, "all_finite");
   return pol.host_flags[0] == 0;
 }
 
@@ -76,4 +77,5 @@ inline bool all_finite(const cuda_policy& pol, const T* x, std::int64_t n) {
 namespace dino {
 using cuda::all_finite;
 using cuda::column_sums;
+using cuda::flag_non_finite;
 }  // namespace dino
