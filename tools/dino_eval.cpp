@@ -1,5 +1,6 @@
 // dino-eval: evaluations of a DINO ViT trained by dino-train (or any checkpoint with the
-// official names), on the CPU.
+// official names). The model runs on the CPU or, with --device cuda in a build with
+// DINO_ENABLE_CUDA, on the GPU; the k-NN classifier and the linear probe run on the CPU.
 //
 //   dino-eval knn       --run DIR [--data fashion-mnist ...]   weighted k-NN of the CLS features
 //   dino-eval linear    --run DIR                              linear probe on frozen CLS features
@@ -36,6 +37,9 @@
 #include <dino/data/image_ops.hpp>
 #include <dino/data/multicrop.hpp>
 #include <dino/dino.hpp>
+#if defined(DINO_WITH_CUDA)
+#include <dino/cuda.hpp>
+#endif
 #include <dino/eval/attention.hpp>
 #include <dino/eval/attention_png.hpp>
 #include <dino/eval/knn.hpp>
@@ -102,6 +106,8 @@ dino_cli::flags make_flags() {
       // common
       .add("out", "", "JSON result [default: <run or .>/knn.json, knn-random-init.json, knn-raw-pixels.json, linear*.json; <out-dir>/attention.json]")
       .add("threads", "2", "compute threads")
+      .add("device", "cpu", "where the model runs (features, attention): cpu, or cuda in a build with DINO_ENABLE_CUDA; k-NN and the linear probe run on the CPU")
+      .add("tf32", "false", "with --device cuda: fp32 GEMMs on TF32 tensor cores (default exact fp32)")
       .add("batch", "64", "images per forward pass");
   return f;
 }
@@ -272,6 +278,48 @@ struct model_t {
   dino::host_view<const float> view() const {
     return {params.data(), {std::int64_t(params.size())}, "parameters"};
   }
+};
+
+/// Where the model runs (--device, --tf32); the k-NN classifier and the linear probe use cpu().
+class model_device {
+ public:
+  explicit model_device(const dino_cli::flags& f)
+      : cpu_{int(f.integer("threads", 1))}, device_(f.str("device")), tf32_(f.boolean("tf32")) {
+#if defined(DINO_WITH_CUDA)
+    if (device_ != "cpu" && device_ != "cuda")
+      throw dino::config_error("dino-eval: --device must be cpu or cuda, got '" + device_ + "'");
+#else
+    if (device_ != "cpu")
+      throw dino::config_error("dino-eval: --device must be cpu (this build has no CUDA: configure with -DDINO_ENABLE_CUDA=ON), got '" +
+                               device_ + "'");
+#endif
+  }
+  const dino::cpu_policy& cpu() const { return cpu_; }
+  /// fn(policy, parameters): m's parameters in the policy's memory (uploaded once per model).
+  template <class Fn>
+  auto with(const model_t& m, Fn&& fn) {
+#if defined(DINO_WITH_CUDA)
+    if (device_ == "cuda") {
+      if (!ctx_) ctx_ = std::make_unique<dino::cuda::context>();
+      if (on_device_ != &m) {
+        params_ = dino::cuda::to_device(std::span<const float>(m.params.data(), m.params.size()), "ViT parameters");
+        on_device_ = &m;
+      }
+      return fn(ctx_->policy(tf32_), dino::device_view<const float>{params_.data(), {std::int64_t(params_.size())}, "parameters"});
+    }
+#endif
+    return fn(cpu_, m.view());
+  }
+
+ private:
+  dino::cpu_policy cpu_;
+  std::string device_;
+  bool tf32_;
+#if defined(DINO_WITH_CUDA)
+  std::unique_ptr<dino::cuda::context> ctx_;
+  dino::cuda::device_buffer<float> params_;
+  const model_t* on_device_ = nullptr;
+#endif
 };
 
 /// The architecture from a run.json.
@@ -527,56 +575,14 @@ std::vector<std::uint8_t> pixels_of(const D& ds, std::int64_t n, std::int64_t& d
 }
 
 /// CLS features [n, D * n_last] of the first n images (n_last > 1: the CLS tokens of the last
-/// n blocks, oldest first, as the reference's linear probe).
+/// n blocks, oldest first, as the reference's linear probe), on the model's device.
 template <class D>
-std::vector<float> features_of(const dino::cpu_policy& pol, const model_t& m, const D& ds, std::int64_t n,
-                               const data_opts& o, std::int64_t batch, std::int64_t n_last, const char* label,
-                               float* cls_attention = nullptr) {
-  const std::int64_t Dm = m.vit.out_dim();
-  std::vector<float> feats(std::size_t(n * Dm * n_last));
-  if (n_last == 1) {
-    dino::train::extract_features(pol, m.vit, m.view(), ds, n, o.mean, o.stdev, batch, feats.data(), cls_attention, label);
-    return feats;
-  }
-  const std::int64_t C = m.vit.config().in_chans;
-  if (ds.channels() != C)
-    throw dino::shape_error("dino-eval: the data has " + std::to_string(ds.channels()) + " channels, the model takes " +
-                            std::to_string(C));
-  dino::data::image img;
-  ds.load(0, img);
-  const std::int64_t H = img.height, W = img.width, chunk = std::min(batch, n);
-  auto pk = m.vit.make_pack<float>({{chunk, H, W}});
-  std::vector<float> x(std::size_t(chunk * C * H * W)), scratch(m.vit.infer_scratch_elems(pk)), cls(std::size_t(chunk * Dm)),
-      inter(std::size_t(n_last * pk.tokens * Dm));
-  for (std::int64_t b0 = 0; b0 < n; b0 += chunk) {
-    const std::int64_t cnt = std::min(chunk, n - b0);
-    if (cnt != pk.crops) {
-      pk = m.vit.make_pack<float>({{cnt, H, W}});
-      scratch.resize(m.vit.infer_scratch_elems(pk));
-    }
-    for (std::int64_t i = 0; i < cnt; ++i) {
-      ds.load(b0 + i, img);
-      if (img.height != H || img.width != W)
-        throw dino::shape_error("dino-eval: image " + std::to_string(b0 + i) + " differs in size from the first");
-      float* xi = x.data() + i * C * H * W;
-      for (std::int64_t c = 0; c < C; ++c)
-        for (std::int64_t p = 0; p < H * W; ++p)
-          xi[c * H * W + p] = (float(img.pixels[std::size_t(p * C + c)]) / 255.0f - o.mean[std::size_t(c)]) / o.stdev[std::size_t(c)];
-    }
-    const float* xs = x.data();
-    dino::nn::vit::infer_outputs<float> out{};
-    out.n_last = n_last;
-    out.intermediate = inter.data();
-    m.vit.infer(pol, m.view(), pk, std::span<const float* const>(&xs, 1), dino::host_view<float>{cls.data(), {cnt, Dm}, "features"},
-                dino::host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}, out);
-    for (std::int64_t i = 0; i < cnt; ++i)
-      for (std::int64_t l = 0; l < n_last; ++l) {
-        const float* src = inter.data() + (l * pk.tokens + pk.segs[std::size_t(i)].offset) * Dm;
-        std::copy(src, src + Dm, feats.begin() + ((b0 + i) * n_last + l) * Dm);
-      }
-    if (label) std::fprintf(stderr, "\r%s: %lld / %lld images", label, (long long)(b0 + cnt), (long long)n);
-  }
-  if (label) std::fprintf(stderr, "\n");
+std::vector<float> features_of(model_device& dev, const model_t& m, const D& ds, std::int64_t n, const data_opts& o,
+                               std::int64_t batch, std::int64_t n_last, const char* label, float* cls_attention = nullptr) {
+  std::vector<float> feats(std::size_t(n * m.vit.out_dim() * n_last));
+  dev.with(m, [&](const auto& pol, auto P) {
+    dino::train::extract_features(pol, m.vit, P, ds, n, o.mean, o.stdev, batch, feats.data(), cls_attention, label, n_last);
+  });
   return feats;
 }
 
@@ -592,7 +598,7 @@ struct feature_sets {
 };
 
 template <class Train, class Test>
-feature_sets make_features(const dino_cli::flags& f, const dino::cpu_policy& pol, const model_t* m, const Train& train_ds,
+feature_sets make_features(const dino_cli::flags& f, model_device& dev, const model_t* m, const Train& train_ds,
                            const Test& test_ds, std::int64_t n_last) {
   feature_sets s;
   const auto t0 = std::chrono::steady_clock::now();
@@ -610,8 +616,8 @@ feature_sets make_features(const dino_cli::flags& f, const dino::cpu_policy& pol
   if (m) {
     const std::int64_t batch = f.integer("batch", 1);
     const bool tty = ::isatty(2) != 0;  // a progress line on a terminal, a summary otherwise
-    s.train = features_of(pol, *m, train, s.N, s.opts, batch, n_last, tty ? "dino-eval: train features" : nullptr);
-    s.test = features_of(pol, *m, test, s.M, s.opts, batch, n_last, tty ? "dino-eval: test features" : nullptr);
+    s.train = features_of(dev, *m, train, s.N, s.opts, batch, n_last, tty ? "dino-eval: train features" : nullptr);
+    s.test = features_of(dev, *m, test, s.M, s.opts, batch, n_last, tty ? "dino-eval: test features" : nullptr);
     s.dim = m->vit.out_dim() * n_last;
   } else {
     std::int64_t d2 = 0;
@@ -656,7 +662,8 @@ std::string default_out(const dino_cli::flags& f, const model_info& info, const 
 // ---------------------------------------------------------------- modes
 
 int mode_knn(const dino_cli::flags& f) {
-  const dino::cpu_policy pol{int(f.integer("threads", 1))};
+  model_device dev(f);
+  const dino::cpu_policy& pol = dev.cpu();
   std::vector<int> ks;
   for (double k : dino_cli::number_list("k", f.str("k"))) {
     if (k < 1 || k != std::floor(k)) throw usage_error("--k values must be positive integers, got '" + f.str("k") + "'");
@@ -671,7 +678,7 @@ int mode_knn(const dino_cli::flags& f) {
   const auto model = load_model(f, info);
   const std::string out = default_out(f, info, "knn");
   return with_data(f, true, [&](const auto& train_ds, const auto& test_ds) {
-    const feature_sets s = make_features(f, pol, model.get(), train_ds, test_ds, 1);
+    const feature_sets s = make_features(f, dev, model.get(), train_ds, test_ds, 1);
     const auto t1 = std::chrono::steady_clock::now();
     const auto r = dino::eval::knn_classify(pol, s.train.data(), s.train_labels.data(), s.N, s.test.data(),
                                             s.test_labels.data(), s.M, s.dim, s.classes, ks, T);
@@ -730,7 +737,8 @@ int mode_knn(const dino_cli::flags& f) {
 }
 
 int mode_linear(const dino_cli::flags& f) {
-  const dino::cpu_policy pol{int(f.integer("threads", 1))};
+  model_device dev(f);
+  const dino::cpu_policy& pol = dev.cpu();
   dino::eval::linear_probe_config pc;
   pc.epochs = int(f.integer("probe-epochs", 1));
   pc.lr = f.num("probe-lr");
@@ -754,7 +762,7 @@ int mode_linear(const dino_cli::flags& f) {
                       std::to_string(model->vit.config().depth));
   const std::string out = default_out(f, info, "linear");
   return with_data(f, true, [&](const auto& train_ds, const auto& test_ds) {
-    const feature_sets s = make_features(f, pol, model.get(), train_ds, test_ds, model ? n_last : 1);
+    const feature_sets s = make_features(f, dev, model.get(), train_ds, test_ds, model ? n_last : 1);
     const auto t1 = std::chrono::steady_clock::now();
     const auto r = dino::eval::linear_probe(pol, s.train.data(), s.train_labels.data(), s.N, s.test.data(),
                                             s.test_labels.data(), s.M, s.dim, s.classes, pc);
@@ -787,7 +795,7 @@ int mode_linear(const dino_cli::flags& f) {
 }
 
 int mode_attention(const dino_cli::flags& f) {
-  const dino::cpu_policy pol{int(f.integer("threads", 1))};
+  model_device dev(f);
   if (f.boolean("raw-pixels")) throw usage_error("attention needs a model: --raw-pixels does not apply");
   const std::int64_t want = f.integer("images", 1);
   const double mass = f.num("mass");
@@ -822,7 +830,7 @@ int mode_attention(const dino_cli::flags& f) {
     const std::int64_t per = std::int64_t(heads) * (1 + gh * gw);
     std::vector<float> att(std::size_t(n * per));
     const auto t0 = std::chrono::steady_clock::now();
-    features_of(pol, *model, test, n, o, f.integer("batch", 1), 1, nullptr, att.data());
+    features_of(dev, *model, test, n, o, f.integer("batch", 1), 1, nullptr, att.data());
     const double feat_s = seconds_since(t0);
     // Gray images: the pixels themselves, or PIL's luma of RGB.
     std::vector<std::uint8_t> gray(std::size_t(n) * std::size_t(H * W));
