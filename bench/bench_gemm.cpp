@@ -1,0 +1,64 @@
+// bench_gemm: dino's fp32 GEMM (policy/cpu/gemm.hpp) on the products of the ViT benchmarks,
+// for each kernel this CPU runs (0 eigen, 1 avx2, 2 avx512; see gemm_kernels.hpp) and thread
+// count. Arguments: shape index (kShapes below), kernel, threads. Reports GFLOP/s (2 m n k
+// per product, decimal). A kernel the CPU lacks is skipped.
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dino/core/rng.hpp"
+#include "dino/policy/cpu/gemm.hpp"
+
+namespace {
+
+struct shape {
+  const char* name;
+  bool ta, tb;
+  std::int64_t m, n, k;
+};
+// ViT-S/16 at batch 8 (T = 8 x 197 tokens, D 384) and the SMALL step (10,240 student tokens,
+// D 192), forward (x W^T), input gradient (dy W) and weight gradient (dy^T x); attention.
+const shape kShapes[] = {
+    {"s16_qkv_fwd", false, true, 1576, 1152, 384},   {"s16_fc1_fwd", false, true, 1576, 1536, 384},
+    {"s16_fc2_fwd", false, true, 1576, 384, 1536},   {"s16_att_qk", false, true, 197, 197, 64},
+    {"s16_att_pv", false, false, 197, 64, 197},      {"small_fc1_fwd", false, true, 10240, 768, 192},
+    {"small_fc2_dx", false, false, 10240, 192, 768}, {"small_fc1_dw", true, false, 768, 192, 10240},
+    {"small_att_qk", false, true, 50, 50, 64},       {"small_att_local_qk", false, true, 10, 10, 64},
+};
+
+void BM_gemm(benchmark::State& state) {
+  const shape& s = kShapes[state.range(0)];
+  const auto kern = dino::cpu::gemm_kernel(state.range(1));
+  const int threads = int(state.range(2));
+  const auto saved = dino::cpu::gemm_active_kernel();
+  if (!dino::cpu::set_gemm_kernel(kern)) {
+    state.SkipWithError("kernel not supported by this CPU");
+    return;
+  }
+  std::vector<float> A(std::size_t(s.m * s.k)), B(std::size_t(s.k * s.n)), C(std::size_t(s.m * s.n));
+  dino::philox g(1);
+  for (auto& x : A) x = float(g.normal());
+  for (auto& x : B) x = float(g.normal());
+  const dino::cpu::gemm_desc d{s.ta, s.tb, s.m, s.n, s.k};
+  for (auto _ : state) {
+    dino::cpu::gemm(dino::cpu_policy{threads}, d, 1.0f, A.data(), B.data(), 0.0f, C.data());
+    benchmark::DoNotOptimize(C.data());
+    benchmark::ClobberMemory();
+  }
+  dino::cpu::set_gemm_kernel(saved);
+  state.SetLabel(std::string(s.name) + "/" + dino::cpu::gemm_kernel_name(kern));
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * double(s.m) * double(s.n) * double(s.k) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void gemm_args(benchmark::internal::Benchmark* b) {
+  for (int i = 0; i < int(sizeof kShapes / sizeof kShapes[0]); ++i)
+    for (int k : {0, 1, 2})
+      for (int t : {1, 2}) b->Args({i, k, t});
+}
+
+}  // namespace
+
+BENCHMARK(BM_gemm)->Apply(gemm_args)->ArgNames({"shape", "kernel", "threads"})->UseRealTime()->Unit(benchmark::kMicrosecond);
