@@ -34,6 +34,7 @@
 #include "dino/ssl/method.hpp"
 #include "dino/ssl/mse_loss.hpp"
 #include "dino/ssl/nt_xent.hpp"
+#include "dino/ssl/predictor.hpp"
 #include "dino/ssl/presets.hpp"
 #include "dino/ssl/schedules.hpp"
 #include "dino/ssl/sinkhorn.hpp"

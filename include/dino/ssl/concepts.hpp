@@ -71,11 +71,63 @@ concept distillation_loss = requires(const L& l, const Policy& pol, view_in<cons
   { l.forward_backward(pol, s, q, row_loss, ds, 1.0, false) } -> std::convertible_to<double>;
 };
 
+/// A loss that keeps running state (InfoNCE's queue), updated like the target's: observe(pol, t)
+/// after each micro-batch with the raw teacher rows, commit after the teacher update, discard
+/// when a step is skipped (each with the policy, or without).
+template <class L, class T = float, class Policy = cpu_policy>
+concept stateful_loss = distillation_loss<L, T, Policy> &&
+                        requires(L& l, const Policy& pol, view_in<const T, Policy> t) {
+                          l.observe(pol, t);
+                          requires requires { l.commit(pol); } || requires { l.commit(); };
+                          requires requires { l.discard(pol); } || requires { l.discard(); };
+                        };
+
+/// Whether a loss reads the teacher's rows: a loss with `static constexpr bool uses_teacher =
+/// false` (NT-Xent) makes the method skip the teacher forward, the targets and the teacher update.
+template <class L>
+inline constexpr bool uses_teacher_v = [] {
+  if constexpr (requires { L::uses_teacher; }) return bool(L::uses_teacher);
+  else return true;
+}();
+
 /// Updates the teacher's parameters from the student's after each optimizer step.
 template <class U, class T = float, class Policy = cpu_policy>
 concept teacher_update = requires(const U& u, const Policy& pol, flat_params<T, memory_space_t<Policy>>& t,
                                   const flat_params<T, memory_space_t<Policy>>& s) {
   u(pol, t, s, 0.5);
 };
+
+/// A teacher update that can also run over a range of the buffers (as views): the method uses
+/// it when a predictor's parameters, which the teacher does not follow, end the layout.
+template <class U, class T = float, class Policy = cpu_policy>
+concept ranged_teacher_update = teacher_update<U, T, Policy> &&
+                                requires(const U& u, const Policy& pol, view_in<T, Policy> t, view_in<const T, Policy> s) {
+                                  u(pol, t, s, 0.5, static_cast<const int*>(nullptr));
+                                };
+
+/// Whether the teacher shares the student's weights (`static constexpr bool shares_student =
+/// true`, no_teacher): the teacher forward then reads the student's parameters.
+template <class U>
+inline constexpr bool shares_student_v = [] {
+  if constexpr (requires { U::shares_student; }) return bool(U::shares_student);
+  else return false;
+}();
+
+/// Sizes known at compile time: a part may declare `static constexpr std::int64_t static_in_dim`
+/// and `static_out_dim` (fixed_dims in ssl/predictor.hpp adds them to any part); the method
+/// static_asserts that known sizes fit. dynamic_dim: decided at run time (the usual case).
+inline constexpr std::int64_t dynamic_dim = -1;
+template <class M>
+inline constexpr std::int64_t static_in_dim_v = [] {
+  if constexpr (requires { M::static_in_dim; }) return std::int64_t(M::static_in_dim);
+  else return dynamic_dim;
+}();
+template <class M>
+inline constexpr std::int64_t static_out_dim_v = [] {
+  if constexpr (requires { M::static_out_dim; }) return std::int64_t(M::static_out_dim);
+  else return dynamic_dim;
+}();
+/// Whether two sizes can match (equal, or one of them decided at run time).
+inline constexpr bool dims_fit(std::int64_t a, std::int64_t b) { return a == dynamic_dim || b == dynamic_dim || a == b; }
 
 }  // namespace dino::ssl

@@ -4,6 +4,10 @@
 // (the reference walks parameters(), so a frozen weight_g follows the student's). Student
 // and teacher share one param_layout, so this is one pass over contiguous memory.
 // copy_update: theta_t <- theta_s (the "no momentum" ablation).
+// no_teacher: no teacher of its own: the teacher shares the student's weights (the method's
+// teacher forward reads the student's parameters, with stop-gradient), nothing is updated.
+// Each also has a form over views (a range of the buffers), which the method uses when a
+// predictor's parameters, which the teacher does not follow, end the layout.
 //
 // Policy: for_each_chunk over a DINO_HD functor, so the same pass runs on the CPU (OpenMP
 // over ranges, SIMD inside) and on the GPU (a thread per small range, on the policy's
@@ -72,6 +76,11 @@ struct ema_update {
                   double momentum, const int* skip_flag = nullptr) const {
     ema(pol, teacher.all("teacher parameters"), student.all("student parameters"), momentum, skip_flag);
   }
+  template <class Policy, class T, class S>
+  void operator()(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double momentum,
+                  const int* skip_flag = nullptr) const {
+    ema(pol, teacher, student, momentum, skip_flag);
+  }
 };
 
 /// The teacher is a copy of the student after every step (no momentum).
@@ -91,6 +100,30 @@ struct copy_update {
                      kernels::copy_chunk<T>{teacher.data(), student.data(), skip_flag});
     }
   }
+  template <class Policy, class T, class S>
+  void operator()(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double,
+                  const int* skip_flag = nullptr) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_shape("copy_update", student, teacher.shape);
+    if constexpr (policy_traits<Policy>::is_host) {
+      if (skip_flag && *skip_flag) return;
+      for_each_chunk(pol, teacher.numel(), kernels::copy_chunk<T>{teacher.data, student.data, nullptr});
+    } else {
+      for_each_chunk(pol, teacher.numel(), kernels::copy_chunk<T>{teacher.data, student.data, skip_flag});
+    }
+  }
+};
+
+/// No teacher of its own (SimCLR's shared weights): the teacher forward, if the loss asks for
+/// one, reads the student's parameters; the teacher's buffer is never updated.
+struct no_teacher {
+  static constexpr const char* name = "none";
+  static constexpr bool shares_student = true;
+  template <class Policy, class T, class Space>
+  void operator()(const Policy&, flat_params<T, Space>&, const flat_params<T, Space>&, double,
+                  const int* = nullptr) const {}
+  template <class Policy, class T, class S>
+  void operator()(const Policy&, tensor_view<T, S>, tensor_view<const T, S>, double, const int* = nullptr) const {}
 };
 
 }  // namespace dino::ssl

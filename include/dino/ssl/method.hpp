@@ -1,6 +1,6 @@
 // dino/ssl/method.hpp: a self-distillation method assembled at compile time from its parts.
 //
-//   method<Backbone, Head, Target, Loss, TeacherUpdate, T, Policy>
+//   method<Backbone, Head, Target, Loss, TeacherUpdate, T, Policy, Predictor = no_predictor>
 //
 // Policy is cpu_policy (the default) or, with <dino/cuda.hpp>, cuda_policy: parameters,
 // gradients, optimizer state and every buffer then live in device memory, and step() takes
@@ -41,6 +41,19 @@
 // exact (optim/adamw.hpp). A step skipped for a non-finite loss reports loss and teacher
 // entropy 0 on the GPU (the CPU reports the micro-batches summed before the failing one).
 //
+// Optional parts and traits (each costs nothing when absent; the GPU step of DINO is unchanged):
+// - a stateful loss (concept stateful_loss: InfoNCE's queue) is observed, committed and
+//   discarded where the target is;
+// - a loss with uses_teacher = false (NT-Xent) skips the teacher forward, the targets, their
+//   observe and the teacher update;
+// - a TeacherUpdate with shares_student = true (no_teacher) makes the teacher forward read the
+//   student's parameters (shared weights, stop-gradient); copy_update makes the teacher the
+//   student after each step (no momentum);
+// - a Predictor (ssl/predictor.hpp) runs on the student after the head; its parameters
+//   ("predictor.*") end the layout and the teacher update covers the layout before them
+//   (the update's view form: ranged_teacher_update), so the teacher never follows them;
+// - the crop plan is the loss's: n_crops = n_global (2) is the two-crop plan, no local crops.
+//
 // Crops are rows of `crops` [n_crops * b, in_dim], crop-major (all images' crop 0, then
 // crop 1, ...), the first n_global crops being the global ones, as MultiCropWrapper orders them.
 #pragma once
@@ -62,6 +75,7 @@
 #include "dino/policy/cpu.hpp"
 #include "dino/ssl/concepts.hpp"
 #include "dino/ssl/diagnostics.hpp"
+#include "dino/ssl/predictor.hpp"
 #include "dino/ssl/schedules.hpp"
 
 namespace dino::ssl {
@@ -108,10 +122,14 @@ struct step_stats {
 };
 
 template <class Backbone, class Head, class Target, class Loss, class TeacherUpdate, class T = float,
-          class Policy = cpu_policy>
+          class Policy = cpu_policy, class Predictor = no_predictor>
 class method {
   static constexpr bool images = image_backbone<Backbone, T, Policy>;
   static constexpr bool on_host = std::is_same_v<memory_space_t<Policy>, host_space>;
+  static constexpr bool has_predictor = !std::is_same_v<Predictor, no_predictor>;
+  static constexpr bool with_teacher = uses_teacher_v<Loss>;
+  static constexpr bool loss_state = stateful_loss<Loss, T, Policy>;
+  static constexpr bool shared_teacher = shares_student_v<TeacherUpdate>;
   static_assert(network_module<Backbone, T, Policy> || images,
                 "dino::ssl::method: the Backbone satisfies neither dino::ssl::network_module nor "
                 "dino::ssl::image_backbone (see ssl/concepts.hpp)");
@@ -123,6 +141,20 @@ class method {
                 "dino::ssl::method: the Loss does not satisfy dino::ssl::distillation_loss (see ssl/concepts.hpp)");
   static_assert(teacher_update<TeacherUpdate, T, Policy>,
                 "dino::ssl::method: the TeacherUpdate does not satisfy dino::ssl::teacher_update (see ssl/concepts.hpp)");
+  static_assert(predictor_part<Predictor, T, Policy>,
+                "dino::ssl::method: the Predictor does not satisfy dino::ssl::network_module (see ssl/concepts.hpp)");
+  static_assert(!has_predictor || ranged_teacher_update<TeacherUpdate, T, Policy>,
+                "dino::ssl::method: with a Predictor, the TeacherUpdate needs the view form of "
+                "dino::ssl::ranged_teacher_update (the teacher must not follow the predictor)");
+  static_assert(dims_fit(static_out_dim_v<Backbone>, static_in_dim_v<Head>),
+                "dino::ssl::method: the Backbone's output size differs from the Head's input size "
+                "(static_out_dim != static_in_dim)");
+  static_assert(!has_predictor || dims_fit(static_out_dim_v<Head>, static_in_dim_v<Predictor>),
+                "dino::ssl::method: the Predictor's input size differs from the Head's output size "
+                "(Predictor::static_in_dim != Head::static_out_dim)");
+  static_assert(!has_predictor || dims_fit(static_out_dim_v<Head>, static_out_dim_v<Predictor>),
+                "dino::ssl::method: the Predictor's output size differs from the Head's output size "
+                "(the loss compares it with the teacher's head output)");
 
  public:
   using value_type = T;
@@ -132,6 +164,10 @@ class method {
   using cview = tensor_view<const T, space>;
   using backbone_type = Backbone;
   using head_type = Head;
+  using predictor_type = Predictor;
+  using target_type = Target;
+  using loss_type = Loss;
+  using update_type = TeacherUpdate;
   /// What step() takes per micro-batch: a crop-major matrix of rows, or image arrays.
   using input_type = std::conditional_t<images, image_crops<T>, host_view<const T>>;
   /// GPU: how many steps' results the device keeps for read_stats (a ring).
@@ -151,6 +187,8 @@ class method {
       requires(const TeacherUpdate& u, const Policy& pol, flat_params<T, space>& t, const flat_params<T, space>& s,
                const int* f) { u(pol, t, s, 0.5, f); };
   static constexpr bool commit_flagged = requires(Target& x, const Policy& pol, const int* f) { x.commit(pol, f); };
+  static constexpr bool loss_commit_flagged =
+      !stateful_loss<Loss, T, Policy> || requires(Loss& l, const Policy& pol, const int* f) { l.commit(pol, f); };
   /// One step's results in device memory (GPU).
   struct step_slot {
     double loss = 0, teacher_entropy = 0;  // summed over micro-batches, each weighted 1 / micro-batches
@@ -169,8 +207,22 @@ class method {
 
   method(typename Backbone::config_type bcfg, typename Head::config_type hcfg, Target target, Loss loss,
          TeacherUpdate update, train_config tc)
-      : tc_(tc), backbone_(bcfg, layout_, "backbone."), head_(hcfg, layout_, "head."), target_(std::move(target)),
-        loss_(std::move(loss)), update_(std::move(update)) {
+    requires(!has_predictor)
+      : method(std::move(bcfg), std::move(hcfg), typename Predictor::config_type{}, std::move(target), std::move(loss),
+               std::move(update), tc) {}
+  /// With a predictor: its configuration after the head's.
+  method(typename Backbone::config_type bcfg, typename Head::config_type hcfg, typename Predictor::config_type pcfg,
+         Target target, Loss loss, TeacherUpdate update, train_config tc)
+      : tc_(tc), backbone_(bcfg, layout_, "backbone."), head_(hcfg, layout_, "head."),
+        teacher_elems_(layout_.size()), predictor_(std::move(pcfg), layout_, "predictor."),
+        target_(std::move(target)), loss_(std::move(loss)), update_(std::move(update)) {
+    if constexpr (has_predictor) {
+      require<config_error>(predictor_.in_dim() == head_.out_dim(), "method: the predictor's input size ",
+                            predictor_.in_dim(), " differs from the head's output size ", head_.out_dim());
+      require<config_error>(predictor_.out_dim() == head_.out_dim(), "method: the predictor's output size ",
+                            predictor_.out_dim(), " differs from the head's output size ", head_.out_dim(),
+                            " (the loss compares it with the teacher's)");
+    }
     require<config_error>(backbone_.out_dim() == head_.in_dim(), "method: the backbone's output size ",
                           backbone_.out_dim(), " differs from the head's input size ", head_.in_dim());
     require<config_error>(head_.out_dim() == target_.out_dim(), "method: the head's output size (K = ", head_.out_dim(),
@@ -236,7 +288,7 @@ class method {
       const unsigned skip_flags = freeze ? unsigned(param_last_layer) : unsigned(param_none);
       if (tc_.clip_grad > 0) st.clipped_tensors = optim::clip_gradients(pol, grads_, tc_.clip_grad);
       opt_.step(pol, student_, grads_, sv.lr, sv.wd, skip_flags);
-      update_(pol, teacher_, student_, sv.momentum);
+      update_teacher(pol, sv.momentum);
       commit_target(pol);
       ++iteration_;
       return st;
@@ -274,6 +326,11 @@ class method {
   flat_params<T, space>& grads() { return grads_; }
   optim::adamw<T, space>& optimizer() { return opt_; }
   Target& target() { return target_; }
+  Loss& loss() { return loss_; }
+  const Predictor& predictor() const { return predictor_; }
+  /// Elements of the parameter buffers the teacher follows: the whole layout, or the part
+  /// before the predictor's parameters.
+  std::size_t teacher_elems() const { return has_predictor ? teacher_elems_ : student_.size(); }
   const Backbone& backbone() const { return backbone_; }
   const Head& head() const { return head_; }
   const Loss& loss() const { return loss_; }
@@ -329,6 +386,11 @@ class method {
     }
     r_.saved_n = bb_saved + head_.saved_elems(ns);
     r_.scratch_n = std::max({bb_scratch, head_.scratch_elems(ns), head_.scratch_elems(nt)});
+    if constexpr (has_predictor) {  // its saved activations after the head's; its output and d logits
+      r_.pred_saved_n = predictor_.saved_elems(ns);
+      r_.saved_n += r_.pred_saved_n;
+      r_.scratch_n = std::max(r_.scratch_n, predictor_.scratch_elems(ns));
+    }
     r_.dtok_n = 0;
     if constexpr (images) r_.dtok_n = static_cast<std::size_t>(student_pack_.tokens * D);
     bsaved_ = bb_saved;
@@ -338,6 +400,10 @@ class method {
     const std::size_t regions_elems[] = {r_.saved_n, r_.scratch_n, n(ns * D), n(ns * D), n(ns * K), n(ns * K),
                                          n(nt * D), n(nt * K), n(nt * K), n(ns), n(nt), r_.dtok_n};
     for (std::size_t elems : regions_elems) p.add_bytes(elems * sizeof(T));
+    if constexpr (has_predictor) {
+      p.add_bytes(n(ns * K) * sizeof(T));
+      p.add_bytes(n(ns * K) * sizeof(T));
+    }
     // Host input copied to the device (GPU only): the crops of one micro-batch.
     if constexpr (!on_host) {
       if constexpr (images) {
@@ -363,6 +429,10 @@ class method {
     r_.row = ws_.template take<T>(n(ns), "row loss");
     r_.ent = ws_.template take<T>(n(nt), "teacher entropy");
     r_.dtok = ws_.template take<T>(r_.dtok_n, "d tokens");
+    if constexpr (has_predictor) {
+      r_.p_out = ws_.template take<T>(n(ns * K), "predictor output");
+      r_.d_logits = ws_.template take<T>(n(ns * K), "d student head logits");
+    }
     if constexpr (!on_host) {
       r_.input = ws_.template take<T>(r_.input_n, "input crops");
       r_.slots = ws_.template take<step_slot>(step_result_slots, "step results");
@@ -372,6 +442,42 @@ class method {
   }
 
   view scratch() { return {r_.scratch, {std::int64_t(r_.scratch_n)}, "scratch"}; }
+  // The parameters the teacher forward reads: its own, or the student's (shared weights).
+  cview teacher_params() const {
+    if constexpr (shared_teacher) return cview{student_.data(), {std::int64_t(student_.size())}, "teacher parameters"};
+    else return cview{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+  }
+  // The teacher update after an optimizer step (none when the loss ignores the teacher).
+  void update_teacher(const Policy& pol, double momentum, const int* skip_flag = nullptr) {
+    if constexpr (!with_teacher) {
+      (void)pol, (void)momentum, (void)skip_flag;
+    } else if constexpr (has_predictor) {
+      const auto n = std::int64_t(teacher_elems_);
+      update_(pol, view{teacher_.data(), {n}, "teacher parameters"}, cview{student_.data(), {n}, "student parameters"},
+              momentum, skip_flag);
+    } else if constexpr (update_flagged) {
+      update_(pol, teacher_, student_, momentum, skip_flag);
+    } else {
+      update_(pol, teacher_, student_, momentum);
+    }
+  }
+  void commit_loss(const Policy& pol, const int* skip_flag = nullptr) {
+    if constexpr (loss_state) {
+      if constexpr (requires { loss_.commit(pol, skip_flag); }) loss_.commit(pol, skip_flag);
+      else if constexpr (requires { loss_.commit(pol); }) loss_.commit(pol);
+      else loss_.commit();
+    } else {
+      (void)pol, (void)skip_flag;
+    }
+  }
+  void discard_loss(const Policy& pol) {
+    if constexpr (loss_state) {
+      if constexpr (requires { loss_.discard(pol); }) loss_.discard(pol);
+      else loss_.discard();
+    } else {
+      (void)pol;
+    }
+  }
 
   // Teacher inference into r_.t_feat and r_.t_logits (rows: n_global * b crops).
   void run_teacher(const Policy& pol, cview x)
@@ -380,7 +486,7 @@ class method {
     const std::int64_t n = x.rows();
     require<shape_error>(n <= globals() * tc_.max_batch, "method: teacher input has ", n, " rows, more than planned (",
                          globals() * tc_.max_batch, ")");
-    cview P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    cview P = teacher_params();
     view f{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"};
     backbone_.infer(pol, P, x, f, scratch());
     teacher_head(pol, n);
@@ -389,14 +495,14 @@ class method {
     requires(images)
   {
     const std::int64_t n = teacher_pack_.crops;
-    cview P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    cview P = teacher_params();
     const T* sets[1] = {x.global};
     backbone_.infer(pol, P, teacher_pack_, std::span<const T* const>(sets, 1),
                     view{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"}, scratch());
     teacher_head(pol, n);
   }
   void teacher_head(const Policy& pol, std::int64_t n) {
-    cview P{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
+    cview P = teacher_params();
     head_.infer(pol, P, cview{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"},
                 view{r_.t_logits, {n, head_.out_dim()}, "teacher logits"}, scratch());
   }
@@ -457,9 +563,11 @@ class method {
     const std::int64_t b = batch_of(x), ns = crops() * b, nt = globals() * b;
     const std::int64_t D = backbone_.out_dim(), K = head_.out_dim();
     const input_type dx = stage(pol, x, ns);  // the input in the policy's memory (on the CPU: x itself)
-    // Teacher on the global crops.
-    if constexpr (images) run_teacher(pol, dx);
-    else run_teacher(pol, as_space(dx).slice_rows(0, nt));
+    // Teacher on the global crops (unless the loss ignores it).
+    if constexpr (with_teacher) {
+      if constexpr (images) run_teacher(pol, dx);
+      else run_teacher(pol, as_space(dx).slice_rows(0, nt));
+    }
     cview t{r_.t_logits, {nt, K}, "teacher logits"};
     // Student on all crops.
     cview P{student_.data(), {std::int64_t(student_.size())}, "student parameters"};
@@ -476,9 +584,18 @@ class method {
       backbone_.forward(pol, P, as_space(dx), feat, sb);
     }
     head_.forward(pol, P, cview(feat), logits, sh);
+    // The predictor (student only): the loss then sees its output.
+    view pred_saved{r_.saved + bsaved_ + head_.saved_elems(ns), {std::int64_t(r_.pred_saved_n)}, "predictor saved"};
+    view out = logits;
+    if constexpr (has_predictor) {
+      out = view{r_.p_out, {ns, K}, "predictor output"};
+      predictor_.forward(pol, P, cview(logits), out, pred_saved);
+    }
     // Targets and loss.
     view q{r_.q, {nt, K}, "teacher targets"};
-    if constexpr (!on_host && target_in_place) {
+    if constexpr (!with_teacher) {
+      ent = 0;  // no teacher: no targets (the loss does not read q)
+    } else if constexpr (!on_host && target_in_place) {
       target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"},
                       scalar_out{&R->teacher_entropy, scale, accumulate});
       ent = 0;
@@ -488,10 +605,15 @@ class method {
     view ds{r_.ds, {ns, K}, "d student logits"};
     double l = 0;
     if constexpr (!on_host && loss_in_place)
-      loss_.forward_backward(pol, cview(logits), cview(q), view{r_.row, {ns}, "row loss"}, ds, scale, false,
+      loss_.forward_backward(pol, cview(out), cview(q), view{r_.row, {ns}, "row loss"}, ds, scale, false,
                              scalar_out{&R->loss, scale, accumulate});
     else
-      l = loss_.forward_backward(pol, cview(logits), cview(q), view{r_.row, {ns}, "row loss"}, ds, scale, false);
+      l = loss_.forward_backward(pol, cview(out), cview(q), view{r_.row, {ns}, "row loss"}, ds, scale, false);
+    if constexpr (has_predictor) {  // d head output through the predictor (its gradients accumulate)
+      view dl{r_.d_logits, {ns, K}, "d student head logits"};
+      predictor_.backward(pol, P, cview(logits), cview(pred_saved), cview(ds), dl, grad_mode::write, G, scratch());
+      ds = dl;
+    }
     // Backward (parameter gradients accumulate across micro-batches).
     view dfeat{r_.d_feat, {ns, D}, "d student features"};
     if constexpr (requires { head_.backward(pol, P, cview(feat), cview(sh), cview(ds), dfeat, grad_mode::write, G, scratch(), freeze); })
@@ -508,13 +630,17 @@ class method {
       backbone_.backward(pol, P, as_space(dx), cview(sb), cview(dfeat), view{}, grad_mode::skip,
                          G, scratch());
     }
-    target_.observe(pol, t);
+    if constexpr (with_teacher) {
+      target_.observe(pol, t);
+      if constexpr (loss_state) loss_.observe(pol, t);
+    }
     return l;
   }
 
   step_stats skip(const Policy& pol, step_stats st, const char* why) {
     if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
     else target_.discard();
+    discard_loss(pol);
     fill_zero(pol, grads_.data(), grads_.size());
     st.skipped = true;
     st.skip_reason = why;
@@ -524,6 +650,7 @@ class method {
   void commit_target(const Policy& pol) {
     if constexpr (requires { target_.commit(pol); }) target_.commit(pol);
     else target_.commit();
+    commit_loss(pol);
   }
 
   // The GPU step (see the file comment): everything is queued on pol.stream, and the host
@@ -554,7 +681,7 @@ class method {
       flag_non_finite(pol, static_cast<const double*>(&R->loss), 1, &R->skip);
     }
     flag_non_finite(pol, static_cast<const T*>(grads_.data()), static_cast<std::int64_t>(grads_.size()), &R->skip);
-    if constexpr (!(update_flagged && commit_flagged)) {
+    if constexpr (!(update_flagged && commit_flagged && loss_commit_flagged)) {
       // A part that cannot read the flag on the device: the host decides (one wait).
       step_slot h;
       read_to_host(pol, &h, static_cast<const step_slot*>(R), 1, "method::step (a part without a skip-flag form)");
@@ -562,6 +689,7 @@ class method {
         fill_stats(st, h, H);
         if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
         else target_.discard();
+        discard_loss(pol);
         ++iteration_;
         return st;
       }
@@ -570,10 +698,13 @@ class method {
     const unsigned skip_tensors = freeze ? unsigned(param_last_layer) : unsigned(param_none);
     if (tc_.clip_grad > 0) optim::clip_gradients(pol, grads_, tc_.clip_grad, param_none, &R->clipped);
     opt_.step(pol, student_, grads_, st.lr, st.weight_decay, skip_tensors, skip_flag);
-    if constexpr (update_flagged) update_(pol, teacher_, student_, st.momentum, skip_flag);
-    else update_(pol, teacher_, student_, st.momentum);
-    if constexpr (commit_flagged) target_.commit(pol, skip_flag);
-    else commit_target(pol);
+    update_teacher(pol, st.momentum, skip_flag);
+    if constexpr (commit_flagged) {
+      target_.commit(pol, skip_flag);
+      commit_loss(pol, skip_flag);
+    } else {
+      commit_target(pol);
+    }
     readback_.queue(pol, slot, R);  // the slot to its host mirror once the step has run (no wait)
     H.ticket = ticket_;
     st.ticket = ticket_++;
@@ -609,6 +740,8 @@ class method {
   param_layout layout_;
   Backbone backbone_;
   Head head_;
+  std::size_t teacher_elems_ = 0;  // parameters before the predictor's (the layout's size after the head)
+  [[no_unique_address]] Predictor predictor_;
   Target target_;
   Loss loss_;
   TeacherUpdate update_;
@@ -621,7 +754,8 @@ class method {
     T* dtok = nullptr;
     T* input = nullptr;  // device copy of the host input (GPU only)
     step_slot* slots = nullptr;  // the steps' results, a ring of step_result_slots (GPU only)
-    std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0, input_n = 0;
+    T *p_out = nullptr, *d_logits = nullptr;  // the predictor's output, d head output (with a predictor)
+    std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0, input_n = 0, pred_saved_n = 0;
   };
   std::size_t bsaved_ = 0;
   struct no_pack {};

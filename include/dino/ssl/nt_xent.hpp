@@ -46,6 +46,8 @@ struct nt_xent_config {
 template <class T>
 class nt_xent {
  public:
+  /// The method skips the teacher forward, the targets and the teacher update (ssl/concepts.hpp).
+  static constexpr bool uses_teacher = false;
   nt_xent() = default;
   explicit nt_xent(nt_xent_config c) : cfg_(c) {
     detail::crop_pairs::check("nt_xent", c.n_crops, c.n_global);
