@@ -135,6 +135,19 @@ using fixed_ok = ssl::method<nn::mlp, ssl::fixed_dims<ssl::dino_head, 32, 64>, s
                              ssl::fixed_dims<ssl::mlp_predictor, 64, 64>>;
 static_assert(sizeof(fixed_ok) > 0);
 
+// The example of docs/api.md ("A part and a preset of one's own").
+struct half_ema {
+  template <class Policy, class T, class S>
+  void operator()(const Policy& pol, dino::flat_params<T, S>& t, const dino::flat_params<T, S>& s, double m,
+                  const int* skip = nullptr) const {
+    dino::ssl::ema_update{}(pol, t, s, m * m, skip);
+  }
+};
+template <class Backbone, class T = float, class Policy = dino::cpu_policy>
+using my_method = dino::ssl::method<Backbone, dino::ssl::dino_head, dino::ssl::sinkhorn_knopp<T>,
+                                    dino::ssl::mse_distillation, half_ema, T, Policy>;
+static_assert(ssl::teacher_update<half_ema> && sizeof(my_method<nn::mlp>) > 0);
+
 TEST_CASE("preset names and defaults") {
   CHECK(ssl::preset_names.size() == 10);
   CHECK(ssl::preset_defaults("dino").local_crops == 8);
