@@ -107,7 +107,8 @@ TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e
       auto& dst = cr < ng ? glob : loc;
       dst.insert(dst.end(), t.f32.begin(), t.f32.end());
     }
-    const auto st = m.step(pol, dino::ssl::image_crops<float>{glob.data(), loc.data()});
+    auto st = m.step(pol, dino::ssl::image_crops<float>{glob.data(), loc.data()});
+    m.read_stats(pol, st);  // a GPU step's results stay on the device until read
     if (s == 0) allocs_after_first = dino::cuda::device_allocations();
     REQUIRE_FALSE(st.skipped);
     const double loss_err = std::abs(st.loss - g.scalar(sp + "loss")) / std::abs(g.scalar(sp + "loss"));
@@ -172,7 +173,8 @@ TEST_CASE("GPU: a row-backbone DINO method follows the CPU one; checkpoints move
     const auto x = random_vector<float>(std::size_t(rows * 12), 100 + s);
     const dino::host_view<const float> xv{x.data(), {rows, 12}, "crops"};
     const auto a = cpu_m.step(cpu_policy{1}, xv);
-    const auto b = gpu_m.step(gpu().policy(), xv);
+    auto b = gpu_m.step(gpu().policy(), xv);
+    gpu_m.read_stats(gpu().policy(), b);
     CHECK(b.skipped == a.skipped);
     CHECK(std::abs(b.loss - a.loss) <= 1e-4 * std::abs(a.loss));
     CHECK(std::abs(b.teacher_entropy - a.teacher_entropy) <= 1e-4 * std::abs(a.teacher_entropy) + 1e-6);
@@ -298,7 +300,8 @@ TEST_CASE("GPU: 300 DINO steps on synthetic clusters: the loss falls, no collaps
   for (int it = 0; it < 300; ++it) {
     auto x = data.crops(B, 6, std::uint64_t(it));
     const dino::host_view<const float> xv{x.data(), {6 * B, kIn}, "crops"};
-    const auto st = gpu_m.step(pol, xv);
+    auto st = gpu_m.step(pol, xv);
+    gpu_m.read_stats(pol, st);
     const auto sc = cpu_m.step(cpu_policy{2}, xv);
     REQUIRE_FALSE(st.skipped);
     REQUIRE(std::isfinite(st.loss));
