@@ -425,6 +425,7 @@ TEST_CASE("GPU: row-backbone steps neither allocate nor wait; their stats, read 
   for (int s = 0; s < 10; ++s) {
     later.push_back(later_m.step(pol, xv(s)));
     CHECK_FALSE(later.back().ready());
+    CHECK(std::isnan(later.back().loss));  // unread results are NaN, never a plausible number
   }
   const work_counts after;
   INFO("the last host wait: ", dino::cuda::last_host_wait());

@@ -60,6 +60,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -106,7 +107,8 @@ struct train_config {
 
 /// What one optimizer step did. iteration, epoch and the schedule values are known at once;
 /// on the GPU the others (loss, teacher_entropy, kl, ln_k, collapsed, skipped, skip_reason,
-/// clipped_tensors) stay on the device until method::read_stats fills them (ready()).
+/// clipped_tensors) stay on the device until method::read_stats fills them (ready()); until
+/// then the numbers are NaN and clipped_tensors is -1.
 struct step_stats {
   std::int64_t iteration = 0, epoch = 0;
   double loss = 0, teacher_entropy = 0, kl = 0, ln_k = 0;
@@ -710,6 +712,9 @@ class method {
     H.ticket = ticket_;
     st.ticket = ticket_++;
     st.pending = true;
+    // Not known yet: NaN, so that a caller who forgets read_stats sees no plausible value.
+    st.loss = st.teacher_entropy = st.kl = st.ln_k = std::numeric_limits<double>::quiet_NaN();
+    st.clipped_tensors = -1;
     ++iteration_;
     return st;
   }
