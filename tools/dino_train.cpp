@@ -14,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <dino/data/cifar.hpp>
@@ -40,13 +41,13 @@ dino_cli::flags make_flags() {
       .add("method", "dino", "the method (ssl/presets.hpp): dino, dino_no_momentum, dino_two_crops, dino_predictor; "
            "dino_sinkhorn, dino_mse, byol, mocov2, swav_like, simclr exist in the library but not here yet; "
            "--device cuda: dino only")
-      .add("predictor-hidden", "4096", "with --method dino_predictor: the predictor's hidden size")
+      .add("predictor-hidden", "4096", "with --method dino_predictor or byol: the predictor's hidden size")
       .add("output", "dino-run", "output folder: log.jsonl, checkpoint.safetensors, run.json")
       .add("resume", "false", "continue from <output>/checkpoint.safetensors")
       .add("arch", "", "vit_tiny, vit_small, vit_base (224 px), vit_small28, vit_tiny28 (28 px, 1 channel) [default: vit_small28 for 28-px data, else vit_small]")
       .add("patch", "0", "patch size (0: the preset's: 16, or 4 for the 28-px presets)")
       .add("drop-path", "0.1", "stochastic depth rate of the student's last block")
-      .add("out-dim", "65536", "K, the DINO head's output dimension")
+      .add("out-dim", "65536", "K, the head's output dimension (the preset's when not given: 256 byol, 128 mocov2 and simclr, 3000 swav_like)")
       .add("head-hidden", "2048", "the DINO head's hidden size")
       .add("head-bottleneck", "256", "the DINO head's bottleneck size")
       .add("norm-last-layer", "true", "keep the head's weight-norm g fixed at 1")
@@ -149,13 +150,8 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   return 0;
 }
 
-// The presets dino-train runs: those whose whole state train/checkpoint.hpp saves (parameters,
-// optimizer and a center). The others need their target's or loss's state in the checkpoint
-// (InfoNCE's queue) or nothing there at all (stateless targets): not wired yet. On a GPU only
-// dino: the variant parts have no CUDA twins.
-bool cpu_method(const std::string& m) {
-  return m == "dino" || m == "dino_no_momentum" || m == "dino_two_crops" || m == "dino_predictor";
-}
+// Every preset runs on the CPU (train/checkpoint.hpp saves a center or a queue where the
+// method has one); on a GPU only dino: the variant parts have no CUDA twins yet.
 void check_method(const std::string& m, const std::string& device) {
   bool known = false;
   for (auto n : dino::ssl::preset_names) known = known || n == m;
@@ -167,11 +163,6 @@ void check_method(const std::string& m, const std::string& device) {
   if (device == "cuda" && m != "dino")
     throw dino::config_error("dino-train: --method " + m +
                              " is not available with --device cuda: its parts have no CUDA twins yet (only dino)");
-  if (!cpu_method(m))
-    throw dino::config_error("dino-train: --method " + m +
-                             " is not available in dino-train yet: its state is not what the checkpoint "
-                             "(train/checkpoint.hpp) holds; it exists in the library (ssl/presets.hpp, make_" + m +
-                             "). dino-train runs dino, dino_no_momentum, dino_two_crops, dino_predictor");
 }
 
 // The method named by --method on the CPU policy.
@@ -188,6 +179,18 @@ int train_cpu(const dino::cpu_policy& pol, const dino_cli::flags& f, const Datas
     return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_two_crops<vit>(vc, vc.embed_dim, c); });
   if (m == "dino_predictor")
     return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_predictor<vit>(vc, vc.embed_dim, c); });
+  if (m == "dino_sinkhorn")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_sinkhorn<vit>(vc, vc.embed_dim, c); });
+  if (m == "dino_mse")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_mse<vit>(vc, vc.embed_dim, c); });
+  if (m == "byol")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_byol<vit>(vc, vc.embed_dim, c); });
+  if (m == "mocov2")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_mocov2<vit>(vc, vc.embed_dim, c); });
+  if (m == "swav_like")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_swav_like<vit>(vc, vc.embed_dim, c); });
+  if (m == "simclr")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_simclr<vit>(vc, vc.embed_dim, c); });
   return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino<vit>(vc, vc.embed_dim, c); });
 }
 
@@ -217,15 +220,23 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
 
   const std::uint64_t seed = std::uint64_t(f.integer("seed"));
   const std::int64_t B = f.integer("batch-size", 1);
-  dino::ssl::dino_config c;
-  c.head.out_dim = f.integer("out-dim", 1);
+  // The preset's own defaults (BYOL's, MoCo v2's, SimCLR's and SwAV's output sizes,
+  // predictor width, teacher momentum and temperature), then the flags given.
+  dino::ssl::dino_config c = dino::ssl::preset_defaults(method);
+  const auto given_or = [&](const char* k, auto preset) {
+    using V = decltype(preset);
+    if (!f.has(k)) return preset;
+    if constexpr (std::is_integral_v<V>) return V(f.integer(k, 1));
+    else return V(f.num(k));
+  };
+  c.head.out_dim = given_or("out-dim", c.head.out_dim);
   c.head.hidden_dim = f.integer("head-hidden", 1);
   c.head.bottleneck_dim = f.integer("head-bottleneck", 1);
   c.head.norm_last_layer = f.boolean("norm-last-layer");
   c.local_crops = mc.n_local;
   c.student_temp = f.num("student-temp");
   c.center_momentum = f.num("center-momentum");
-  c.predictor_hidden = f.integer("predictor-hidden", 1);
+  c.predictor_hidden = given_or("predictor-hidden", c.predictor_hidden);
   auto& t = c.train;
   t.max_batch = B;
   t.seed = seed;
@@ -241,9 +252,9 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   s.warmup_epochs = f.integer("warmup-epochs");
   s.weight_decay = f.num("weight-decay");
   s.weight_decay_end = f.num("weight-decay-end");
-  s.momentum_teacher = f.num("momentum-teacher");
-  s.teacher_temp = f.num("teacher-temp");
-  s.warmup_teacher_temp = f.num("warmup-teacher-temp");
+  s.momentum_teacher = given_or("momentum-teacher", s.momentum_teacher);
+  s.teacher_temp = given_or("teacher-temp", s.teacher_temp);
+  s.warmup_teacher_temp = given_or("warmup-teacher-temp", s.warmup_teacher_temp);
   s.warmup_teacher_temp_epochs = f.integer("warmup-teacher-temp-epochs");
   if (s.iters_per_epoch < 1)
     throw dino::config_error("dino-train: " + std::to_string(ds.size()) + " images make no batch of " + std::to_string(B));

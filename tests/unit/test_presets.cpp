@@ -6,11 +6,13 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include <dino/dino.hpp>
+#include <dino/train/checkpoint.hpp>
 
 #include "gradcheck.hpp"
 
@@ -334,4 +336,54 @@ TEST_CASE("a stateful loss: the InfoNCE queue is committed after a step and left
   CHECK(m.loss().head() == 2 * kB);
   CHECK(m.loss().pending_rows() == 0);
   CHECK(same_range(q.data(), m.loss().queue().data, q.size()));
+}
+
+namespace {
+// n steps of m on the synthetic crops of steps [first, first + n).
+template <class M>
+void run_steps(M& m, const synthetic& data, int n_crops, int first, int n) {
+  for (int s = first; s < first + n; ++s) {
+    auto x = data.crops(kB, n_crops, std::uint64_t(s));
+    REQUIRE_FALSE(m.step(cpu_policy{2}, host_view<const float>{x.data(), {n_crops * kB, kIn}, "crops"}).skipped);
+  }
+}
+template <class M>
+void check_resume(const char* preset, M a, M b, M c) {
+  CAPTURE(preset);
+  const auto cfg = small(preset, 20);
+  const int nc = n_crops_of(cfg, preset);
+  synthetic data(3);
+  const std::string path = std::filesystem::temp_directory_path() / (std::string("dino_resume_") + preset + ".safetensors");
+  run_steps(a, data, nc, 0, 3);
+  train::save_checkpoint(path, a, 0);
+  train::restore_checkpoint(path, b);  // a fresh method continues from the file...
+  run_steps(a, data, nc, 3, 2);
+  run_steps(b, data, nc, 3, 2);
+  CHECK(same_range(a.student().data(), b.student().data(), a.student().size()));  // ...bit for bit
+  CHECK(same_range(a.teacher().data(), b.teacher().data(), a.teacher().size()));
+  if constexpr (train::has_queue<M>) {
+    CHECK(a.loss().head() == b.loss().head());
+    CHECK(same_range(a.loss().queue().data, b.loss().queue().data, std::size_t(a.loss().queue().numel())));
+  }
+  // A file of another method is refused and changes nothing.
+  const std::vector<float> before(c.student().data(), c.student().data() + c.student().size());
+  auto dino = ssl::make_dino<nn::mlp>(backbone_config(), 32, small("dino", 20));
+  const std::string other = path + ".dino.safetensors";
+  train::save_checkpoint(other, dino, 0);
+  if constexpr (train::has_queue<M>) CHECK_THROWS_AS(train::restore_checkpoint(other, c), io_error);
+  CHECK(same_range(before.data(), c.student().data(), before.size()));
+  std::filesystem::remove(path);
+  std::filesystem::remove(path + ".json");
+  std::filesystem::remove(other);
+  std::filesystem::remove(other + ".json");
+}
+}  // namespace
+
+TEST_CASE("checkpoints hold each preset's state: resume continues bit for bit (InfoNCE queue, no center)") {
+  const auto mk_moco = [] { return ssl::make_mocov2<nn::mlp>(backbone_config(), 32, small("mocov2", 20)); };
+  check_resume("mocov2", mk_moco(), mk_moco(), mk_moco());
+  const auto mk_sk = [] { return ssl::make_dino_sinkhorn<nn::mlp>(backbone_config(), 32, small("dino_sinkhorn", 20)); };
+  check_resume("dino_sinkhorn", mk_sk(), mk_sk(), mk_sk());
+  const auto mk_sim = [] { return ssl::make_simclr<nn::mlp>(backbone_config(), 32, small("simclr", 20)); };
+  check_resume("simclr", mk_sim(), mk_sim(), mk_sim());
 }

@@ -4,8 +4,10 @@
 // reference's checkpoint.pth (dino-spec §4.8) where it has them:
 //   student.<name>, teacher.<name>          parameters ("student.backbone.blocks.0...")
 //   optimizer.exp_avg.<name>, optimizer.exp_avg_sq.<name>   AdamW moments
-//   dino_loss.center                         the center [1, K] (centering targets)
-// and its metadata the scalars: "iteration" (the next step), "seed", "adamw_steps" (one
+//   dino_loss.center                         the center [1, K] (centering targets only)
+//   loss.queue                               the key queue [size, dim] (InfoNCE only; its
+//                                            "queued,head" in the metadata "loss_queue")
+// (a stateless target or loss adds nothing) and its metadata the scalars: "iteration" (the next step), "seed", "adamw_steps" (one
 // count per tensor, comma-separated, in layout order), "format" = "dino-train-1". The file
 // is written atomically, so a crash never leaves a half-written checkpoint in place of a
 // good one; a small JSON beside it repeats the scalars for people (not read back).
@@ -15,9 +17,11 @@
 // by (seed, step), as they are in this library.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -75,6 +79,18 @@ class host_params {
 };
 }  // namespace detail
 
+/// A method whose target keeps a center (saved as dino_loss.center), and one whose loss keeps
+/// a queue of keys (saved as loss.queue, with "queued,head" in the metadata).
+template <class Method>
+concept has_center = requires(Method& m) { m.target().center(); };
+template <class Method>
+concept has_queue = requires(Method& m) {
+  m.loss().queue();
+  m.loss().queued();
+  m.loss().head();
+  m.loss().set_state(std::int64_t{}, std::int64_t{});
+};
+
 /// Writes `path` (atomically) and `path` + ".json" with the method's state (from host or
 /// device memory alike: device buffers are copied to the host first).
 template <class Method>
@@ -87,10 +103,19 @@ void save_checkpoint(const std::string& path, Method& m, std::uint64_t seed, con
   detail::add_all(entries, "teacher.", teacher.get());
   detail::add_all(entries, "optimizer.exp_avg.", m1.get());
   detail::add_all(entries, "optimizer.exp_avg_sq.", m2.get());
-  auto c = m.target().center();
-  std::vector<float> center(static_cast<std::size_t>(c.numel()));
-  view_to_host(tensor_view<const float, S>(c), center.data());
-  entries.push_back({"dino_loss.center", {1, c.numel()}, center.data()});
+  std::vector<float> center;
+  if constexpr (has_center<Method>) {  // targets with a running state (centering)
+    auto c = m.target().center();
+    center.resize(static_cast<std::size_t>(c.numel()));
+    view_to_host(tensor_view<const float, S>(c), center.data());
+    entries.push_back({"dino_loss.center", {1, c.numel()}, center.data()});
+  }
+  std::string queue_meta;
+  if constexpr (has_queue<Method>) {  // losses with a queue of keys (InfoNCE)
+    auto q = m.loss().queue();
+    entries.push_back({"loss.queue", {q.rows(), q.cols()}, q.data});
+    queue_meta = std::to_string(m.loss().queued()) + "," + std::to_string(m.loss().head());
+  }
   std::string steps;
   for (auto s : m.optimizer().steps()) {
     if (!steps.empty()) steps += ',';
@@ -100,6 +125,7 @@ void save_checkpoint(const std::string& path, Method& m, std::uint64_t seed, con
                         {"iteration", std::to_string(m.iteration())},
                         {"seed", std::to_string(seed)},
                         {"adamw_steps", steps}};
+  if constexpr (has_queue<Method>) meta["loss_queue"] = queue_meta;
   io::write_safetensors(path, entries, meta);
   std::ostringstream js;
   js << "{\"checkpoint\": \"" << path << "\", \"iteration\": " << m.iteration() << ", \"seed\": " << seed
@@ -144,11 +170,34 @@ checkpoint_info restore_checkpoint(const std::string& path, Method& m) {
   if (steps.size() != m.optimizer().steps().size())
     throw io_error("checkpoint: " + path + ": " + std::to_string(steps.size()) + " AdamW step counts for " +
                    std::to_string(m.optimizer().steps().size()) + " tensors");
-  const auto* ct = f.find("dino_loss.center");
-  auto c = m.target().center();
-  if (!ct || ct->numel() != c.numel())
-    throw io_error("checkpoint: " + path + ": dino_loss.center missing or not of " + std::to_string(c.numel()) +
-                   " values");
+  const io::tensor_info* ct = nullptr;
+  if constexpr (has_center<Method>) {
+    ct = f.find("dino_loss.center");
+    auto c = m.target().center();
+    if (!ct || ct->numel() != c.numel())
+      throw io_error("checkpoint: " + path + ": dino_loss.center missing or not of " + std::to_string(c.numel()) +
+                     " values");
+  }
+  const io::tensor_info* qt = nullptr;
+  std::int64_t queued = 0, head = 0;
+  if constexpr (has_queue<Method>) {
+    auto q = m.loss().queue();
+    qt = f.find("loss.queue");
+    if (!qt || qt->shape != std::vector<std::int64_t>{q.rows(), q.cols()})
+      throw io_error("checkpoint: " + path + ": loss.queue missing or not of shape " + q.shape.str());
+    const std::string& qm = get("loss_queue");
+    const auto comma = qm.find(',');
+    try {
+      if (comma == std::string::npos) throw std::invalid_argument(qm);
+      queued = std::stoll(qm.substr(0, comma));
+      head = std::stoll(qm.substr(comma + 1));
+    } catch (const std::logic_error&) {
+      throw io_error("checkpoint: " + path + ": unreadable loss_queue '" + qm + "' (expected queued,head)");
+    }
+    if (queued < 0 || queued > q.rows() || head < 0 || head >= std::max<std::int64_t>(q.rows(), 1))
+      throw io_error("checkpoint: " + path + ": loss_queue " + qm + " does not fit a queue of " +
+                     std::to_string(q.rows()) + " rows");
+  }
   using S = typename Method::space;
   detail::host_params<float, S> student(m.student()), teacher(m.teacher()), m1(m.optimizer().exp_avg()),
       m2(m.optimizer().exp_avg_sq());
@@ -162,9 +211,16 @@ checkpoint_info restore_checkpoint(const std::string& path, Method& m) {
   teacher.store();
   m1.store();
   m2.store();
-  std::vector<float> center(static_cast<std::size_t>(c.numel()));
-  f.to_float(*ct, center.data());
-  view_from_host(c, center.data());
+  if constexpr (has_center<Method>) {
+    auto c = m.target().center();
+    std::vector<float> center(static_cast<std::size_t>(c.numel()));
+    f.to_float(*ct, center.data());
+    view_from_host(c, center.data());
+  }
+  if constexpr (has_queue<Method>) {
+    f.to_float(*qt, m.loss().queue().data);
+    m.loss().set_state(queued, head);
+  }
   m.optimizer().steps() = steps;
   m.set_iteration(info.iteration);
   return info;
