@@ -38,9 +38,8 @@ dino_cli::flags make_flags() {
   dino_cli::flags f("dino-train", "--data KIND [--data-path PATH] --output DIR [options]");
   f.add("data", "fashion-mnist", "data set kind: fashion-mnist, mnist (IDX files), cifar10, cifar100, folder (one sub-folder per class)")
       .add("data-path", "", "folder of the data set files [default for fashion-mnist: /usr/share/datasets/fashion-mnist]")
-      .add("method", "dino", "the method (ssl/presets.hpp): dino, dino_no_momentum, dino_two_crops, dino_predictor; "
-           "dino_sinkhorn, dino_mse, byol, mocov2, swav_like, simclr exist in the library but not here yet; "
-           "--device cuda: dino only")
+      .add("method", "dino", "the method (ssl/presets.hpp): dino, dino_no_momentum, dino_sinkhorn, dino_two_crops, "
+           "dino_mse, dino_predictor, byol, mocov2, swav_like, simclr; --device cuda: dino only")
       .add("predictor-hidden", "4096", "with --method dino_predictor or byol: the predictor's hidden size")
       .add("output", "dino-run", "output folder: log.jsonl, checkpoint.safetensors, run.json")
       .add("resume", "false", "continue from <output>/checkpoint.safetensors")
