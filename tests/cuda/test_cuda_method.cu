@@ -13,7 +13,7 @@
 #include <dino/nn/vit.hpp>
 #include <dino/train/checkpoint.hpp>
 
-#include "golden.hpp"
+#include "golden_vit.hpp"
 
 using namespace dino_test;
 using dino::cpu_policy;
@@ -31,51 +31,15 @@ double golden_error(const float* actual, const dino_golden::tensor& t) {
   return e.rel_norm;
 }
 
-dino::nn::vit_config vit_config_of(const dino_golden::tensor& t) {
-  const auto& c = t.values;
-  REQUIRE(c.size() == 10);
-  dino::nn::vit_config v;
-  v.embed_dim = std::int64_t(c[0]);
-  v.depth = std::int64_t(c[1]);
-  v.heads = std::int64_t(c[2]);
-  v.mlp_ratio = c[3] / c[0];
-  v.patch = std::int64_t(c[4]);
-  v.in_chans = std::int64_t(c[5]);
-  v.img_size = std::int64_t(c[6]);
-  v.qkv_bias = c[7] != 0;
-  v.ln_eps = c[8];
-  v.drop_path_rate = c[9];
-  return v;
-}
-
 }  // namespace
 
 TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e-4") {
   const dino_golden::file g(std::string(DINO_GOLDEN_DIR) + "/vit_e2e.bin");
   const cuda_policy pol = gpu().policy(false);
-  const dino::nn::vit_config vc = vit_config_of(g["config"]);
-  const auto& hp = g["hyper"].values;
-  REQUIRE(hp.size() == 15);
-  const std::int64_t B = std::int64_t(hp[0]), ng = std::int64_t(hp[1]), nl = std::int64_t(hp[2]);
-  const std::int64_t Gs = std::int64_t(hp[3]), Ls = std::int64_t(hp[4]);
-  const int steps = int(hp[10]);
-  dino::ssl::dino_config c;
-  c.head.out_dim = std::int64_t(hp[5]);
-  c.head.hidden_dim = std::int64_t(hp[6]);
-  c.head.bottleneck_dim = std::int64_t(hp[7]);
-  c.head.nlayers = int(hp[8]);
-  c.head.norm_last_layer = hp[9] != 0;
-  c.local_crops = int(nl);
-  c.student_temp = hp[11];
-  c.center_momentum = hp[12];
-  c.train.clip_grad = hp[13];
-  c.train.freeze_last_layer = std::int64_t(hp[14]);
-  c.train.max_batch = B;
-  c.train.crops = {Gs, Ls};
-  auto& sc = c.train.schedule;
-  sc.epochs = steps;
-  sc.iters_per_epoch = 1;
-  sc.batch_size = 256;
+  const dino_golden::e2e_run run = dino_golden::e2e_setup(g);
+  const dino::nn::vit_config& vc = run.vc;
+  const int steps = run.steps;
+  const dino::ssl::dino_config& c = run.c;
   auto m = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
   dino::ssl::dino_schedules sch;
   sch.lr = g["lr"].values;
@@ -90,7 +54,7 @@ TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e
   dino::assign_params(m.student(), init);
   dino::assign_params(m.teacher(), init);
 
-  const std::int64_t C = vc.in_chans, K = c.head.out_dim;
+  const std::int64_t K = c.head.out_dim;
   std::vector<float> glob, loc;
   flat_params<float> host(m.layout());
   std::uint64_t allocs_after_first = 0;
@@ -98,15 +62,7 @@ TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e
   for (int s = 0; s < steps; ++s) {
     CAPTURE(s);
     const std::string sp = "step" + std::to_string(s) + "/";
-    glob.clear();
-    loc.clear();
-    for (std::int64_t cr = 0; cr < ng + nl; ++cr) {
-      const auto& t = g[sp + "crop" + std::to_string(cr)];
-      const std::int64_t sz = cr < ng ? Gs : Ls;
-      REQUIRE(t.numel() == B * C * sz * sz);
-      auto& dst = cr < ng ? glob : loc;
-      dst.insert(dst.end(), t.f32.begin(), t.f32.end());
-    }
+    dino_golden::e2e_crops(g, run, s, glob, loc);
     auto st = m.step(pol, dino::ssl::image_crops<float>{glob.data(), loc.data()});
     m.read_stats(pol, st);  // a GPU step's results stay on the device until read
     if (s == 0) allocs_after_first = dino::cuda::device_allocations();

@@ -46,8 +46,10 @@
 #include <dino/nn/vit.hpp>
 
 #include "golden.hpp"
+#include "golden_vit.hpp"
 
 using dino_golden::load_params;
+using dino_golden::vit_config_of;
 
 namespace {
 
@@ -126,26 +128,6 @@ void check_masked(worst& w, const std::string& what, const float* actual, const 
   CHECK(key <= kKeyBiasAbs);
 }
 
-
-/// config (f64 [10]) = [D, depth, heads, mlp_hidden, patch, in_chans, img_size, qkv_bias, ln_eps, drop_path_rate]
-dino::nn::vit_config vit_config_of(const dino_golden::tensor& t) {
-  const auto& c = t.values;
-  REQUIRE(c.size() == 10);
-  dino::nn::vit_config v;
-  v.embed_dim = std::int64_t(c[0]);
-  v.depth = std::int64_t(c[1]);
-  v.heads = std::int64_t(c[2]);
-  v.mlp_ratio = c[3] / c[0];
-  v.patch = std::int64_t(c[4]);
-  v.in_chans = std::int64_t(c[5]);
-  v.img_size = std::int64_t(c[6]);
-  v.qkv_bias = c[7] != 0;
-  v.ln_eps = c[8];
-  v.drop_path_rate = c[9];
-  REQUIRE(v.mlp_hidden() == std::int64_t(c[3]));
-  REQUIRE(v.drop_path_rate == 0.0);  // the golden run has DropPath off
-  return v;
-}
 
 double dot(const float* a, const float* b, std::size_t n) {
   double s = 0;
@@ -398,38 +380,16 @@ TEST_CASE("golden ViT: a two-resolution multi-crop pack (vit_pack.bin)") {
 TEST_CASE("golden ViT: 10 DINO iterations (vit_e2e.bin)") {
   const dino_golden::file g(golden_path("vit_e2e.bin"));
   const cpu_policy pol{2};
-  const dino::nn::vit_config vc = vit_config_of(g["config"]);
-  // hyper = [B, n_global, n_local, global, local, K, hidden, bottleneck, nlayers, norm_last_layer,
-  //          steps, tau_s, center momentum, clip, freeze_last_layer]
-  const auto& hp = g["hyper"].values;
-  REQUIRE(hp.size() == 15);
-  const std::int64_t B = std::int64_t(hp[0]), ng = std::int64_t(hp[1]), nl = std::int64_t(hp[2]);
-  const std::int64_t Gs = std::int64_t(hp[3]), Ls = std::int64_t(hp[4]);
-  const int steps = int(hp[10]);
-  REQUIRE(ng == 2);  // make_dino's loss has 2 global crops
-
-  dino::ssl::dino_config c;
-  c.head.out_dim = std::int64_t(hp[5]);
-  c.head.hidden_dim = std::int64_t(hp[6]);
-  c.head.bottleneck_dim = std::int64_t(hp[7]);
-  c.head.nlayers = int(hp[8]);
-  c.head.norm_last_layer = hp[9] != 0;
-  c.local_crops = int(nl);
-  c.student_temp = hp[11];
-  c.center_momentum = hp[12];
-  c.train.clip_grad = hp[13];
-  c.train.freeze_last_layer = std::int64_t(hp[14]);  // epochs; one iteration per epoch here
-  c.train.max_batch = B;
-  c.train.crops = {Gs, Ls};
-  c.train.seed = 0;
+  const dino_golden::e2e_run run = dino_golden::e2e_setup(g);
+  const dino::nn::vit_config& vc = run.vc;
+  const std::int64_t B = run.B, ng = run.ng, nl = run.nl, Gs = run.Gs, Ls = run.Ls;
+  const int steps = run.steps;
+  dino::ssl::dino_config c = run.c;
   // The schedules of the file: lr = cosine_scheduler(1e-3, 1e-4, 10, 1, warmup_epochs=2,
   // start_warmup_value=1e-4) (batch 256: lr * batch / 256 = lr), wd cosine 0.04 -> 0.4,
   // momentum cosine 0.9 -> 1, tau_t 0.04. schedule_config reproduces all but the lr warm-up's
   // start (the reference's main_dino warms up from 0), so the explicit tables replace them below.
   auto& sc = c.train.schedule;
-  sc.epochs = steps;
-  sc.iters_per_epoch = 1;
-  sc.batch_size = 256;
   sc.lr = 1e-3;
   sc.min_lr = 1e-4;
   sc.warmup_epochs = 2;
@@ -471,23 +431,13 @@ TEST_CASE("golden ViT: 10 DINO iterations (vit_e2e.bin)") {
   load_params(g, "init/student.", m.teacher());
   CHECK(!layout.at("head.last_layer.weight_g").trainable());  // norm_last_layer: g frozen
 
-  const std::int64_t D = vc.embed_dim, K = c.head.out_dim, C = vc.in_chans;
+  const std::int64_t D = vc.embed_dim, K = c.head.out_dim;
   const std::int64_t nt = ng * B, ns = (ng + nl) * B;
   const std::size_t key_lo = std::size_t(D), key_hi = std::size_t(2 * D);
   auto is_qkv_bias = [](const std::string& name) {
     return name.size() > 14 && name.compare(name.size() - 14, 14, ".attn.qkv.bias") == 0;
   };
-  auto crops_of = [&](int s, std::vector<float>& glob, std::vector<float>& loc) {
-    glob.clear();
-    loc.clear();
-    for (std::int64_t cr = 0; cr < ng + nl; ++cr) {
-      const dino_golden::tensor& t = g["step" + std::to_string(s) + "/crop" + std::to_string(cr)];
-      const std::int64_t sz = cr < ng ? Gs : Ls;
-      REQUIRE(t.numel() == B * C * sz * sz);
-      auto& dst = cr < ng ? glob : loc;
-      dst.insert(dst.end(), t.f32.begin(), t.f32.end());
-    }
-  };
+  auto crops_of = [&](int s, std::vector<float>& glob, std::vector<float>& loc) { dino_golden::e2e_crops(g, run, s, glob, loc); };
 
   // ---- step 0 outside the method, with its parts: logits, dlogits, raw gradients ----------
   {
