@@ -103,10 +103,11 @@ inline void gelu_range(const T* a, T* y, std::int64_t n) {
       _mm_store_ps(t, detail::gelu_ps(_mm_load_ps(t)));
       for (std::int64_t j = i; j < n; ++j) y[j] = t[j - i];
     }
-    return;
-  }
+  } else
 #endif
-  for (std::int64_t i = 0; i < n; ++i) y[i] = math::gelu(a[i]);
+  {
+    for (std::int64_t i = 0; i < n; ++i) y[i] = math::gelu(a[i]);
+  }
 }
 
 /// da[i] (=|+=) dy[i] * gelu'(a[i]) for i in [0, n); da may alias dy.
@@ -134,12 +135,13 @@ inline void gelu_backward_range(const T* a, const T* dy, T* da, std::int64_t n, 
         da[j] = accumulate ? da[j] + v : v;
       }
     }
-    return;
-  }
+  } else
 #endif
-  for (std::int64_t i = 0; i < n; ++i) {
-    const T v = dy[i] * math::gelu_grad(a[i]);
-    da[i] = accumulate ? da[i] + v : v;
+  {
+    for (std::int64_t i = 0; i < n; ++i) {
+      const T v = dy[i] * math::gelu_grad(a[i]);
+      da[i] = accumulate ? da[i] + v : v;
+    }
   }
 }
 
