@@ -69,7 +69,15 @@ TEST_CASE("cuda gemm with beta = 0 never reads C") {
 }
 
 TEST_CASE("cuda column_sums matches the CPU, written and accumulated") {
-  for (auto [rows, cols] : {std::pair{1, 1}, std::pair{3, 31}, std::pair{257, 33}, std::pair{1000, 384}, std::pair{8, 4099}}) {
+  // Rows above 256 are summed in chunks (partial sums in the policy's scratch, then added in
+  // chunk order); a policy without scratch sums them in one stage.
+  auto no_scratch = gpu().policy();
+  no_scratch.scratch = nullptr;
+  no_scratch.scratch_bytes = 0;
+  auto small_scratch = gpu().policy();
+  small_scratch.scratch_bytes = 3 * 384 * sizeof(double);  // at most 3 chunks of 384 columns
+  for (auto [rows, cols] : {std::pair{1, 1}, std::pair{3, 31}, std::pair{257, 33}, std::pair{1000, 384},
+                            std::pair{8, 4099}, std::pair{20000, 97}}) {
     CAPTURE(rows);
     CAPTURE(cols);
     auto x = random_vector<float>(std::size_t(rows) * cols, 7);
@@ -77,9 +85,11 @@ TEST_CASE("cuda column_sums matches the CPU, written and accumulated") {
     for (bool acc : {false, true}) {
       auto ref = out;
       dino::cpu::column_sums(cpu_policy{1}, x.data(), rows, cols, ref.data(), acc);
-      auto dx = upload(x), dout = upload(out);
-      dino::column_sums(gpu().policy(), dx.data(), rows, cols, dout.data(), acc);
-      DINO_CHECK_CLOSE(download(dout), ref, 1e-6);
+      for (const auto& pol : {gpu().policy(), no_scratch, small_scratch}) {
+        auto dx = upload(x), dout = upload(out);
+        dino::column_sums(pol, dx.data(), rows, cols, dout.data(), acc);
+        DINO_CHECK_CLOSE(download(dout), ref, 1e-6);
+      }
     }
   }
 }

@@ -86,11 +86,37 @@ TEST_CASE("cuda linear matches the CPU: bias on and off, input gradient written,
   }
 }
 
+TEST_CASE("cuda linear at a ViT block's sizes: the bias epilogue and the chunked bias gradient match the CPU") {
+  const auto pol = gpu().policy();
+  const std::int64_t n = 3200, in = 192, out = 576;  // 64 crops of 50 tokens, qkv of d 192
+  param_layout L;
+  nn::linear lin({in, out, true}, L, "qkv.");
+  auto P = random_vector<float>(L.size(), 31, -0.5, 0.5);
+  const auto x = random_vector<float>(std::size_t(n * in), 32);
+  std::vector<float> y(std::size_t(n * out));
+  lin.forward(cpu, hc(P, {len(P)}), hc(x, {n, in}), hv(y, {n, out}));
+  auto dP = upload(P), dx = upload(x);
+  dc::device_buffer<float> dy(y.size());
+  lin.forward(pol, dcv(dP, {len(P)}), dcv(dx, {n, in}), dv(dy, {n, out}));
+  DINO_CHECK_CLOSE(download(dy), y, 1e-5);
+  const auto g = random_vector<float>(y.size(), 33);
+  std::vector<float> G(P.size(), 0.0f), gx(x.size());
+  lin.backward(cpu, hc(P, {len(P)}), hc(x, {n, in}), hc(g, {n, out}), hv(gx, {n, in}), grad_mode::write,
+               hv(G, {len(G)}));
+  auto dg = upload(g);
+  dc::device_buffer<float> dG(G.size(), true), dgx(gx.size());
+  lin.backward(pol, dcv(dP, {len(P)}), dcv(dx, {n, in}), dcv(dg, {n, out}), dv(dgx, {n, in}), grad_mode::write,
+               dv(dG, {len(G)}));
+  DINO_CHECK_CLOSE(download(dG), G, 1e-5);
+  DINO_CHECK_CLOSE(download(dgx), gx, 1e-5);
+}
+
 TEST_CASE("cuda layer_norm matches the CPU: outputs, saved statistics, input and parameter gradients") {
   const auto pol = gpu().policy();
-  for (std::int64_t D : {192, 37, 64}) {
+  // n 133: one chunk of rows for the parameter gradients; 3001: 12 chunks and their sum.
+  for (auto [D, n] : {std::pair<std::int64_t, std::int64_t>{192, 133}, {37, 133}, {64, 133}, {96, 3001}}) {
     CAPTURE(D);
-    const std::int64_t n = 133;
+    CAPTURE(n);
     param_layout L;
     nn::layer_norm ln({D, 1e-6}, L, "norm.");
     auto P = random_vector<float>(L.size(), 21, 0.5, 1.5);  // weights and biases away from zero

@@ -4,8 +4,8 @@
 // backward: dW += dy^T x,  db += sum_rows dy  (parameter gradients always accumulate)
 //           dx (=|+=|skip, by grad_mode) = dy W
 // Parameters and gradients are flat buffers laid out by the param_layout the layer
-// registered in; the layer keeps only offsets. Any policy with gemm, column_sums and
-// broadcast_rows (CPU, CUDA); all views in the policy's memory space.
+// registered in; the layer keeps only offsets. Any policy with gemm, gemm_bias_rows and
+// column_sums (CPU, CUDA); all views in the policy's memory space.
 #pragma once
 
 #include <cstdint>
@@ -54,10 +54,7 @@ class linear {
     const std::int64_t n = x.rows();
     gemm_desc d{false, true, n, cfg_.out, cfg_.in};
     if (cfg_.bias) {
-      // y = b (every row), then y += x W^T: one pass over y before the GEMM instead of the
-      // GEMM's own zeroing of y (beta = 0) and a bias pass after it.
-      broadcast_rows(pol, P.data + b_, y.data, n, cfg_.out);
-      gemm(pol, d, T(1), x.data, P.data + w_, T(1), y.data);
+      gemm_bias_rows(pol, d, x.data, P.data + w_, P.data + b_, y.data);  // y = x W^T + b
     } else {
       gemm(pol, d, T(1), x.data, P.data + w_, T(0), y.data);
     }

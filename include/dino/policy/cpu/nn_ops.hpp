@@ -2,6 +2,7 @@
 // policy/cuda/nn_ops.cuh, found from the policy argument).
 //
 //   broadcast_rows(pol, b, y, rows, cols)      y[r, :] = b                       (bias rows)
+//   gemm_bias_rows(pol, d, A, B, bias, C)      C = A op(B) + bias per row        (nn::linear)
 //   copy_elements(pol, src, dst, n)            dst[0, n) = src[0, n)
 //   layer_norm_rows(pol, x, w, b, y, stats, rows, D, eps)
 //       y = LN(x) per row (math/layernorm.hpp); stats [rows, 2] = (mean, rstd) unless null
@@ -17,6 +18,7 @@
 #include <cstdint>
 
 #include "dino/math/layernorm.hpp"
+#include "dino/policy/cpu/gemm.hpp"
 #include "dino/policy/cpu/parallel.hpp"
 
 namespace dino::cpu {
@@ -27,6 +29,17 @@ inline void broadcast_rows(const cpu_policy& pol, const T* b, T* y, std::int64_t
     T* yr = y + r * cols;
     for (std::int64_t j = 0; j < cols; ++j) yr[j] = b[j];
   });
+}
+
+/// C[m, n] = A op(B) + bias per row (d.batch 1): the bias rows first, then the GEMM adds to
+/// them (one pass over C before the GEMM instead of a bias pass after it). Twin of the CUDA
+/// form, which adds the bias in cuBLASLt's epilogue.
+template <class T>
+inline void gemm_bias_rows(const cpu_policy& pol, const gemm_desc& d, const T* A, const T* B, const T* bias, T* C) {
+  require<shape_error>(d.batch == 1, "gemm_bias_rows: one product only, got batch=", d.batch);
+  require<shape_error>(d.ldc == 0 || d.ldc == d.n, "gemm_bias_rows: C must be packed (ldc ", d.ldc, ", n ", d.n, ")");
+  broadcast_rows(pol, bias, C, d.m, d.n);
+  gemm(pol, d, T(1), A, B, T(1), C);
 }
 
 template <class T>
@@ -83,6 +96,7 @@ inline void layer_norm_param_grads(const cpu_policy& pol, const T* x, const T* d
 namespace dino {
 using cpu::broadcast_rows;
 using cpu::copy_elements;
+using cpu::gemm_bias_rows;
 using cpu::layer_norm_param_grads;
 using cpu::layer_norm_rows;
 using cpu::layer_norm_rows_backward;

@@ -7,6 +7,8 @@
 // keeps its own transpose flag. beta == 0 never reads C. fp32 runs on exact fp32 arithmetic
 // unless pol.tf32 asks for TF32 tensor cores; double runs in double.
 //
+//   gemm_bias_rows(pol, d, A, B, bias, C)   C = A op(B) + bias per row (cuBLASLt's bias epilogue)
+//
 // Descriptors and the chosen algorithm are cached per shape (host memory, made the first
 // time a shape is seen, so a step's GEMMs allocate nothing after the first step).
 #pragma once
@@ -31,12 +33,14 @@ struct lt_plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  bool found = false;  // false only for a bias-epilogue plan cuBLASLt has no algorithm for
 };
 
-// Key: handle, workspace size, dtype, TF32, transposes, sizes, leading dims, batch and strides.
+// Key: handle, workspace size, dtype, TF32, transposes, sizes, leading dims, batch and
+// strides, bias epilogue.
 using lt_key = std::tuple<void*, std::size_t, int, bool, bool, bool, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                          std::int64_t>;
+                          std::int64_t, bool>;
 
 inline std::map<lt_key, lt_plan>& lt_cache() {
   static std::map<lt_key, lt_plan> cache;  // plans live as long as the program
@@ -55,13 +59,15 @@ inline void set_batch(cublasLtMatrixLayout_t l, std::int64_t batch, std::int64_t
       cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
 }
 
+// bias: the plan adds a bias per row of the row-major C (CUBLASLT_EPILOGUE_BIAS over the rows
+// of the column-major C^T); its pointer is set on the descriptor before each call.
 template <class T>
 inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::int64_t lda, std::int64_t ldb,
-                               std::int64_t ldc) {
+                               std::int64_t ldc, bool bias = false) {
   constexpr bool dbl = std::is_same_v<T, double>;
   const bool tf32 = !dbl && pol.tf32;
   const lt_key key{pol.lt, pol.gemm_workspace_bytes, dbl ? 1 : 0, tf32, d.trans_a, d.trans_b, d.m, d.n, d.k, lda,
-                   ldb, ldc, d.batch, d.stride_a, d.stride_b, d.stride_c};
+                   ldb, ldc, d.batch, d.stride_a, d.stride_b, d.stride_c, bias};
   std::lock_guard<std::mutex> lock(lt_mutex());
   auto& cache = lt_cache();
   if (auto it = cache.find(key); it != cache.end()) return it->second;
@@ -74,6 +80,10 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   const cublasOperation_t ta = d.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, tb = d.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  if (bias) {
+    const cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+    DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
+  }
   // Stored column-major shapes: B's memory is [n, k] (or [k, n] when transposed), A's [k, m] (or [m, k]).
   DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, dt, d.trans_b ? d.k : d.n, d.trans_b ? d.n : d.k, ldb));
   DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, dt, d.trans_a ? d.m : d.k, d.trans_a ? d.k : d.m, lda));
@@ -91,10 +101,12 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   int found = 0;
   const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(pol.lt, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
   cublasLtMatmulPreferenceDestroy(pref);
+  if (bias && (s != CUBLAS_STATUS_SUCCESS || found == 0)) return cache.emplace(key, p).first->second;  // found: false
   if (s != CUBLAS_STATUS_SUCCESS || found == 0)
     throw cuda_error(::dino::detail::concat("cuBLASLt: no algorithm for gemm m=", d.m, " n=", d.n, " k=", d.k,
                                             " batch=", d.batch, " (status ", int(s), ")"));
   p.algo = result.algo;
+  p.found = true;
   return cache.emplace(key, p).first->second;
 }
 
@@ -108,6 +120,16 @@ struct scale_chunk {
       T& x = c[(i / cols) * ld + i % cols];
       x = beta == T(0) ? T(0) : beta * x;
     }
+  }
+};
+
+template <class T>
+struct bias_rows_fn {  // C[r, c] = bias[c] over the m x n block of C
+  const T* bias;
+  T* c;
+  std::int64_t cols, ld;
+  DINO_HD void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) c[(i / cols) * ld + i % cols] = bias[i % cols];
   }
 };
 
@@ -133,8 +155,37 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
                                    pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
 }
 
+/// C[m, n] = A op(B) + bias (the same bias row added to every row of C; d.batch 1), with the
+/// bias added in cuBLASLt's epilogue: one pass over C instead of a bias pass and a GEMM that
+/// reads C back. Where cuBLASLt has no bias-epilogue algorithm for the shape and type, the
+/// bias rows are written first and the GEMM adds to them (the CPU's order).
+template <class T>
+inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* A, const T* B, const T* bias, T* C) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "dino::cuda::gemm_bias_rows: float or double");
+  require<shape_error>(d.batch == 1, "gemm_bias_rows: one product only, got batch=", d.batch);
+  require<shape_error>(d.m >= 0 && d.n >= 0 && d.k >= 0, "gemm_bias_rows: invalid sizes m=", d.m, " n=", d.n,
+                       " k=", d.k);
+  if (d.m == 0 || d.n == 0) return;
+  const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k);
+  const std::int64_t ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
+  const std::int64_t ldc = d.ldc ? d.ldc : d.n;
+  if (d.k > 0) {
+    const detail::lt_plan& p = detail::plan_for<T>(pol, d, lda, ldb, ldc, true);
+    if (p.found) {
+      DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+      const T one(1), zero(0);
+      DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, B, p.a, A, p.b, &zero, C, p.c, C, p.c, &p.algo,
+                                       pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+      return;
+    }
+  }
+  for_each_chunk(pol, d.m * d.n, detail::bias_rows_fn<T>{bias, C, d.n, ldc});
+  gemm(pol, d, T(1), A, B, T(1), C);
+}
+
 }  // namespace dino::cuda
 
 namespace dino {
 using cuda::gemm;
+using cuda::gemm_bias_rows;
 }  // namespace dino

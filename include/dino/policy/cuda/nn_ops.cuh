@@ -8,8 +8,9 @@
 //                                              double by a fixed butterfly (deterministic),
 //                                              then y in T as math::layernorm_row
 //   layer_norm_rows_backward                   a warp per row, both row sums in double
-//   layer_norm_param_grads                     a block per 32 columns, 8 row groups summed in
-//                                              double and combined in a fixed order (+=)
+//   layer_norm_param_grads                     a block per 32 columns and chunk of rows (as
+//                                              column_sums), 8 row groups summed in double and
+//                                              combined in a fixed order (+=)
 //   upload_shared(pol, host, bytes, what)      one counted device allocation holding a copy of
 //                                              host bytes (set-up: synchronises; the tables of
 //                                              a ViT pack), freed with the last owner
@@ -23,6 +24,7 @@
 #include "dino/policy/cuda/memory.cuh"
 #include "dino/policy/cuda/parallel.cuh"
 #include "dino/policy/cuda/policy.cuh"
+#include "dino/policy/cuda/reduce.cuh"
 
 namespace dino::cuda {
 
@@ -120,15 +122,19 @@ __global__ void layer_norm_rows_backward_kernel(const T* x, const T* w, const T*
   }
 }
 
-// blockDim (32, 8): column blockIdx.x * 32 + threadIdx.x, rows threadIdx.y, +8, ...
+// blockDim (32, 8), grid (column blocks, row chunks): column blockIdx.x * 32 + threadIdx.x,
+// rows of chunk blockIdx.y (split_rows) threadIdx.y, +8, ... With one chunk it adds to gw and
+// gb; else it writes the chunk's partial sums to part[y * D + c] (w) and
+// part[(chunks + y) * D + c] (b), which sum_chunks then adds in chunk order.
 template <class T>
 __global__ void layer_norm_param_grads_kernel(const T* x, const T* dy, const T* stats, std::int64_t rows,
-                                              std::int64_t D, T* gw, T* gb) {
+                                              std::int64_t D, std::int64_t per, T* gw, T* gb, double* part) {
   __shared__ double pw[8][33], pb[8][33];
   const std::int64_t c = std::int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const std::int64_t r0 = std::int64_t(blockIdx.y) * per, r1 = r0 + per < rows ? r0 + per : rows;
   double aw = 0, ab = 0;
   if (c < D)
-    for (std::int64_t r = threadIdx.y; r < rows; r += 8) {
+    for (std::int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
       const double d = static_cast<double>(dy[r * D + c]);
       const double xh = (static_cast<double>(x[r * D + c]) - static_cast<double>(stats[2 * r])) *
                         static_cast<double>(stats[2 * r + 1]);
@@ -144,8 +150,13 @@ __global__ void layer_norm_param_grads_kernel(const T* x, const T* dy, const T* 
       sw += pw[g][threadIdx.x];
       sb += pb[g][threadIdx.x];
     }
-    gw[c] = static_cast<T>(gw[c] + sw);
-    gb[c] = static_cast<T>(gb[c] + sb);
+    if (part) {
+      part[std::int64_t(blockIdx.y) * D + c] = sw;
+      part[(std::int64_t(gridDim.y) + blockIdx.y) * D + c] = sb;
+    } else {
+      gw[c] = static_cast<T>(gw[c] + sw);
+      gb[c] = static_cast<T>(gb[c] + sb);
+    }
   }
 }
 
@@ -198,9 +209,16 @@ template <class T>
 inline void layer_norm_param_grads(const cuda_policy& pol, const T* x, const T* dy, const T* stats, std::int64_t rows,
                                    std::int64_t D, T* gw, T* gb) {
   if (D <= 0) return;
-  const unsigned blocks = static_cast<unsigned>((D + 31) / 32);
-  detail::layer_norm_param_grads_kernel<<<blocks, dim3(32, 8), 0, pol.stream>>>(x, dy, stats, rows, D, gw, gb);
+  const detail::row_split sp = detail::split_rows(pol, rows, D, 2);
+  double* part = sp.chunks > 1 ? static_cast<double*>(pol.scratch) : nullptr;
+  const dim3 grid(static_cast<unsigned>((D + 31) / 32), static_cast<unsigned>(sp.chunks));
+  detail::layer_norm_param_grads_kernel<<<grid, dim3(32, 8), 0, pol.stream>>>(x, dy, stats, rows, D, sp.per, gw, gb,
+                                                                             part);
   DINO_CUDA_LAUNCHED("layer_norm_param_grads");
+  if (part) {
+    detail::sum_chunks(pol, static_cast<const double*>(part), sp.chunks, D, gw, true);
+    detail::sum_chunks(pol, static_cast<const double*>(part + sp.chunks * D), sp.chunks, D, gb, true);
+  }
 }
 
 /// A device copy of `bytes` host bytes in one counted allocation, shared by its owners.

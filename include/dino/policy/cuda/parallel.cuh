@@ -5,8 +5,8 @@
 // it holds device pointers and sizes, never references to host objects).
 //   for_each_row(pol, rows, f)        f(r) for every r in [0, rows): one thread per row
 //   for_each_row_cyclic(pol, rows, f) the same (the CPU's dealing order does not matter here)
-//   for_each_chunk(pol, n, f)         f(b, e) over ranges covering [0, n), one small range
-//                                     per thread, consecutive threads on consecutive ranges
+//   for_each_chunk(pol, n, f)         f(b, e) over ranges covering [0, n), one element per
+//                                     range, consecutive threads on consecutive elements
 // Kernels go to pol.stream and return at once (no synchronisation). Row functors that
 // would gain from a warp or block per row (LayerNorm, softmax over K) have their own kernels.
 #pragma once
@@ -53,12 +53,13 @@ template <class F>
 inline void for_each_row_cyclic(const cuda_policy& pol, std::int64_t rows, F f) {
   for_each_row(pol, rows, f);
 }
-/// Ranges of 4 elements: enough for the functor's inner loop to stay simple, small enough
-/// for the whole GPU to take part in a pass over a flat parameter buffer.
+/// Ranges of one element: consecutive threads of a warp touch consecutive elements, so every
+/// load and store of an element-wise functor is coalesced (ranges of 4 made each warp
+/// instruction span four times the cache lines it used).
 template <class F>
 inline void for_each_chunk(const cuda_policy& pol, std::int64_t n, F f) {
   if (n <= 0) return;
-  constexpr std::int64_t per = 4;
+  constexpr std::int64_t per = 1;
   detail::chunks_kernel<<<detail::grid_for((n + per - 1) / per), detail::threads_per_block, 0, pol.stream>>>(n, per, f);
   DINO_CUDA_LAUNCHED("for_each_chunk");
 }

@@ -62,6 +62,12 @@ struct cuda_policy {
   bool tf32 = false;  ///< fp32 GEMMs on TF32 tensor cores (false: exact fp32, the reference)
   int* flags = nullptr;       ///< 16 device ints for results read back by the host (all_finite)
   int* host_flags = nullptr;  ///< their pinned host mirror
+  /// Device scratch for the partial sums of multi-block reductions (column sums, LayerNorm
+  /// parameter gradients, clipping norms). Stream-ordered: an operation uses it only between
+  /// its own kernels on `stream`. Null: those reductions run in one stage (slower, same sums
+  /// up to the order of double additions).
+  void* scratch = nullptr;
+  std::size_t scratch_bytes = 0;
 };
 
 template <>
