@@ -27,7 +27,9 @@
 // max_memory_allocated counts the tensors of its caching allocator.
 //
 // Usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16] [--precision fp32|tf32]
-//                        [--batch N] [--reps R] [--warmup W]
+//                        [--batch N] [--reps R] [--warmup W] [--profile N]
+// --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
+// and the GPU time per operation, largest first ("profile ..." lines).
 // Output: one line per workload and precision,
 //   dino <workload> precision=<fp32|tf32> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
 // Exits 77 when there is no CUDA device.
@@ -54,6 +56,7 @@ struct options {
   std::int64_t batch = 0;  // 0: each workload's own
   std::string only;
   std::string precision;  // empty: both
+  int profile = 0;        // > 0: after timing, that many more calls under a cuda::op_profile
 };
 
 struct timing {
@@ -140,6 +143,31 @@ void emit(const std::string& workload, bool tf32, std::int64_t batch, const timi
   std::fflush(stdout);
 }
 
+// --profile N: N more calls of f under a cuda::op_profile, then the GPU time per operation
+// (per call), largest first, down to 1 % of the total:
+//   profile <workload> precision=<p> op="<name>" ms_per_call=... launches_per_call=... share=...%
+template <class F>
+void profile_calls(const dino::cuda::context& ctx, const std::string& workload, bool tf32, const options& o, F&& f) {
+  if (o.profile <= 0) return;
+  dino::cuda::op_profile prof(ctx.stream());
+  prof.start();
+  for (int i = 0; i < o.profile; ++i) f();
+  prof.stop();
+  const auto rows = prof.summary();
+  double total = 0;
+  for (const auto& r : rows) total += r.ms;
+  const double k = 1.0 / o.profile;
+  std::printf("profile %s precision=%s total_gpu_ms_per_call=%.3f ops_per_call=%.1f dropped=%zu\n", workload.c_str(),
+              tf32 ? "tf32" : "fp32", total * k, double(prof.marks()) * k, prof.dropped());
+  for (const auto& r : rows) {
+    if (r.ms < 0.01 * total) break;
+    std::printf("profile %s precision=%s op=\"%s\" ms_per_call=%.3f launches_per_call=%.1f share=%.1f%%\n",
+                workload.c_str(), tf32 ? "tf32" : "fp32", r.name.c_str(), r.ms * k, double(r.count) * k,
+                100.0 * r.ms / total);
+  }
+  std::fflush(stdout);
+}
+
 // ------------------------------------------------------------------ training steps
 struct train_spec {
   const char* name;
@@ -188,17 +216,17 @@ void bench_train(const dino::cuda::context& ctx, train_spec s, bool tf32, const 
   ctx.synchronize();
   mem.sample();
   int next = 0;
-  long skipped = 0;
-  double loss = 0;
-  const timing t = time_steps(ctx, o, mem, [&] {
-    const auto st = m.step(pol, sets[next]);
+  dino::ssl::step_stats last;
+  const auto step = [&] {
+    last = m.step(pol, sets[next]);
     next ^= 1;
-    loss = st.loss;
-    skipped += st.skipped ? 1 : 0;
-  });
+  };
+  const timing t = time_steps(ctx, o, mem, step);
+  m.read_stats(pol, last);  // the last timed step's loss (a GPU step's stats are read later)
   emit(s.name, tf32, s.batch, t, mem, o,
-       " loss=" + fmt("%.4f", loss) + " skipped=" + std::to_string(skipped) +
+       " loss=" + fmt("%.4f", last.loss) + " skipped=" + std::to_string(last.skipped ? 1 : 0) +
            " workspace_MiB=" + fmt("%.1f", double(m.workspace_bytes()) / double(1 << 20)));
+  profile_calls(ctx, s.name, tf32, o, step);
 }
 
 // ------------------------------------------------------------------ inference
@@ -226,14 +254,16 @@ void bench_infer(const dino::cuda::context& ctx, bool tf32, const options& o) {
   ctx.synchronize();
   mem.sample();
   const float* sets[1] = {img.data()};
-  const timing t = time_steps(ctx, o, mem, [&] {
+  const auto call = [&] {
     v.infer(pol, dino::device_view<const float>{dP.data(), {std::int64_t(dP.size())}, "P"}, pk,
             std::span<const float* const>(sets, 1), dino::device_view<float>{y.data(), {batch, v.out_dim()}, "y"},
             dino::device_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"});
-  });
+  };
+  const timing t = time_steps(ctx, o, mem, call);
   const std::vector<float> out = dino::cuda::to_host(y.data(), 4);
   emit("infer_vits16", tf32, batch, t, mem, o,
        " y0=" + fmt("%.5f", out[0]) + " scratch_MiB=" + fmt("%.1f", double(scratch.size() * 4) / double(1 << 20)));
+  profile_calls(ctx, "infer_vits16", tf32, o, call);
 }
 
 
@@ -284,7 +314,7 @@ int main(int argc, char** argv) {
   options o;
   const char* usage =
       "usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32] "
-      "[--batch N] [--reps R] [--warmup W]\n";
+      "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto val = [&](const char* name) -> const char* {
@@ -298,6 +328,7 @@ int main(int argc, char** argv) {
     else if (const char* v = val("--batch")) o.batch = std::max(1, std::atoi(v));
     else if (const char* v = val("--only")) o.only = v;
     else if (const char* v = val("--precision")) o.precision = v;
+    else if (const char* v = val("--profile")) o.profile = std::max(0, std::atoi(v));
     else {
       std::fprintf(stderr, "%s", usage);
       return 2;

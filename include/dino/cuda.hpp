@@ -17,4 +17,5 @@
 #include "dino/policy/cuda/optim.cuh"
 #include "dino/policy/cuda/parallel.cuh"
 #include "dino/policy/cuda/policy.cuh"
+#include "dino/policy/cuda/profile.cuh"
 #include "dino/policy/cuda/reduce.cuh"

@@ -4,7 +4,10 @@
 // (1, 2, 37, 197), with unused rows between segments and with probability/CLS blocks in
 // reverse order (the layouts that split launches), in float and double; for head dims 1, 10,
 // 24, 48 and 100 (the padded paths: HD 32, 32, 32, 64, 128) on 2 x 17 + 4 x 5 tokens, one
-// 197-token segment and odd lengths; head dim 129 is refused.
+// 197-token segment and odd lengths; head dim 129 is refused. With a TF32 policy, the
+// tensor-core forward (float, head dims 32/64/128, segments up to 256 tokens) on the same
+// packs and on 256/257-token segments, within 5e-3 (TF32 keeps 10 mantissa bits: about 5e-4
+// per rounded operand; scores of 64-term dot products of values in [-2, 2]).
 //
 // Bounds, normwise (max |gpu - cpu| / max |cpu|, cuda_test_support.cuh), per quantity:
 //   fp32    out, probs, CLS rows, dqkv, dS (scratch): 1e-5 each. Measured on the CPU, a float
@@ -102,10 +105,16 @@ std::vector<T> nan_vector(std::size_t n) {
   return std::vector<T>(n, std::numeric_limits<T>::quiet_NaN());
 }
 
+// tf32: the policy asks for TF32, so the forward of float packs with head dims 32/64/128 and
+// segments of at most 256 tokens runs on tensor cores (bound fwd_tf32_bound for out, P and
+// the CLS rows); the backward is the same kernel either way.
+constexpr double fwd_tf32_bound = 5e-3;
+
 template <class T>
-void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uint64_t seed) {
+void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uint64_t seed, bool tf32 = false) {
   constexpr bool fp32 = std::is_same_v<T, float>;
   const double bound = fp32 ? 1e-5 : 1e-12;  // normwise, every quantity
+  const double fwd_bound = tf32 ? fwd_tf32_bound : bound;
   const std::int64_t Tn = p.tokens;
   const auto qkv = random_vector<T>(std::size_t(Tn * 3 * D), seed, -2.0, 2.0);
   const auto dout = random_vector<T>(std::size_t(Tn * D), seed + 1);
@@ -123,7 +132,7 @@ void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uin
   auto d_out = upload(nan_vector<T>(out.size())), d_probs = upload(nan_vector<T>(p.probs)),
        d_cls = upload(nan_vector<T>(std::max<std::size_t>(p.cls, 1)));
   auto d_dqkv = upload(nan_vector<T>(dqkv.size())), d_scratch = upload(nan_vector<T>(std::max<std::size_t>(p.probs, 1)));
-  const dino::cuda_policy pol = gpu().policy();  // the first gpu() makes the context: count after it
+  const dino::cuda_policy pol = gpu().policy(tf32);  // the first gpu() makes the context: count after it
   const auto allocs = dino::cuda::device_allocations();
   probe::forward_like_vit(pol, heads, D, p.segs, p.poff, static_cast<const T*>(d_qkv.data()), d_out.data(),
                           d_probs.data(), d_cls.data(), p.cls_off.data());
@@ -135,17 +144,17 @@ void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uin
 
   {
     INFO("out");
-    DINO_CHECK_CLOSE(segment_rows(download(d_out), p, D), segment_rows(out, p, D), bound);
+    DINO_CHECK_CLOSE(segment_rows(download(d_out), p, D), segment_rows(out, p, D), fwd_bound);
   }
   {
     INFO("probs");
-    DINO_CHECK_CLOSE(download(d_probs), probs, bound);
+    DINO_CHECK_CLOSE(download(d_probs), probs, fwd_bound);
   }
   {
     INFO("CLS rows");
     auto g = download(d_cls);
     g.resize(p.cls);
-    DINO_CHECK_CLOSE(g, cls, bound);
+    DINO_CHECK_CLOSE(g, cls, fwd_bound);
   }
   {
     INFO("dqkv");
@@ -238,6 +247,58 @@ TEST_CASE("cuda attention in double with a padded head dim (10) matches the CPU 
   const std::int64_t heads = 3, D = 30;
   check_attention<double>(make_pack({17, 17, 5, 5, 5, 5}, heads), heads, D, 600);
   check_attention<double>(make_pack({197}, heads), heads, D, 601);
+}
+
+TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 rounding, other shapes on the fp32 path") {
+  const std::vector<std::vector<std::int64_t>> packs = {
+      {197}, {17, 17, 17, 5, 5, 5, 5, 5}, {1}, {2}, {37}, {1, 2, 37, 197}, {256}, {257}, {63, 64, 65}};
+  std::uint64_t seed = 700;
+  for (const auto& hc : head_cases)
+    for (const auto& lengths : packs) {
+      CAPTURE(hc.D / hc.heads);
+      CAPTURE(lengths.size());
+      CAPTURE(lengths.front());
+      check_attention<float>(make_pack(lengths, hc.heads), hc.heads, hc.D, seed++, true);
+    }
+  check_attention<float>(make_pack({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, true);  // gaps
+  check_attention<float>(make_pack({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, true);       // reversed
+  check_attention<float>(make_pack({17, 5, 5}, 3, 0, false), 3, 30, seed++, true);         // padded: fp32 path
+  check_attention<double>(make_pack({37, 3}, 3), 3, 192, seed++, true);                     // double: fp64 path
+
+  {  // qkv one float past a 16-byte boundary: the kernel stages element by element
+    const std::int64_t heads = 3, D = 192;
+    const pack p = make_pack({50, 10, 10}, heads);
+    const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 798, -2.0, 2.0);
+    std::vector<float> out(std::size_t(p.tokens * D)), probs(p.probs);
+    dino::nn::attention_forward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data());
+    std::vector<float> shifted(qkv.size() + 1, 0.0f);
+    std::copy(qkv.begin(), qkv.end(), shifted.begin() + 1);
+    auto d_shift = upload(shifted);
+    auto d_out = upload(nan_vector<float>(out.size())), d_probs = upload(nan_vector<float>(p.probs));
+    probe::train_forward_like_vit(gpu().policy(true), heads, D, p.segs, p.poff, d_shift.data() + 1, d_out.data(),
+                                  d_probs.data());
+    DINO_CHECK_CLOSE(download(d_out), out, fwd_tf32_bound);
+    DINO_CHECK_CLOSE(download(d_probs), probs, fwd_tf32_bound);
+  }
+
+  // The tensor-core path is the one that ran: its output is not the fp32 kernel's bit for bit
+  // (TF32 rounds the operands), and it is close to it.
+  const std::int64_t heads = 6, D = 384;
+  const pack p = make_pack({197, 197, 37}, heads);
+  const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 799, -2.0, 2.0);
+  auto d_qkv = upload(qkv);
+  std::vector<std::vector<float>> outs;
+  for (bool tf32 : {false, true}) {
+    auto d_out = upload(nan_vector<float>(std::size_t(p.tokens * D))), d_probs = upload(nan_vector<float>(p.probs));
+    probe::train_forward_like_vit(gpu().policy(tf32), heads, D, p.segs, p.poff, d_qkv.data(), d_out.data(),
+                                  d_probs.data());
+    outs.push_back(download(d_out));
+  }
+  double diff = 0;
+  for (std::size_t i = 0; i < outs[0].size(); ++i) diff = std::max(diff, double(std::fabs(outs[0][i] - outs[1][i])));
+  MESSAGE("TF32 against fp32 attention output, max |difference|: " << diff);
+  CHECK(diff > 0.0);
+  DINO_CHECK_CLOSE(outs[1], outs[0], fwd_tf32_bound);
 }
 
 TEST_CASE("cuda attention refuses head dims over 128") {

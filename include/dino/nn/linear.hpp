@@ -60,6 +60,21 @@ class linear {
     }
   }
 
+  /// y = x W^T + b + residual (residual [N, out], not y): on the GPU the residual is read by
+  /// the GEMM (no pass of its own); on the CPU it is added after, as a separate add would.
+  template <class Policy, class T, class S>
+  void forward_residual(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x,
+                        tensor_view<const T, S> residual, tensor_view<T, S> y) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_matrix("linear forward", x, cfg_.in);
+    check_shape("linear forward", y, {x.rows(), cfg_.out});
+    check_shape("linear forward (residual)", residual, {x.rows(), cfg_.out});
+    require<config_error>(cfg_.bias, "linear forward_residual: the layer has no bias");
+    require<shape_error>(residual.data != y.data, "linear forward_residual: the residual must not be the output");
+    gemm_bias_rows(pol, gemm_desc{false, true, x.rows(), cfg_.out, cfg_.in}, x.data, P.data + w_, P.data + b_, y.data,
+                   residual.data);
+  }
+
   template <class Policy, class T, class S>
   void backward(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<const T, S> dy,
                 tensor_view<T, S> dx, grad_mode mode, tensor_view<T, S> G) const {

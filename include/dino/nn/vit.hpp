@@ -554,13 +554,11 @@ class vit {
       attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, qkv, o, probs,
                         last ? out.cls_attention : static_cast<T*>(nullptr), pk.cls_attn_off.data());
       // x_mid = x + proj(o), into xb
-      blk.proj.forward(pol, P, cv(o, D, "attn"), hv(xb, D, "x_mid"));
-      add_inplace(pol, xb, xa, TD);
+      blk.proj.forward_residual(pol, P, cv(o, D, "attn"), cv(xa, D, "x"), hv(xb, D, "x_mid"));
       blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
       blk.fc1.forward(pol, P, cv(a, D, "ln2"), hv(h, H, "fc1"));
       gelu_forward(pol, tensor_view<const T, S>{h, {Tn, H}, "fc1"}, tensor_view<T, S>{h, {Tn, H}, "gelu"});
-      blk.fc2.forward(pol, P, cv(h, H, "gelu"), hv(xa, D, "x"));
-      add_inplace(pol, xa, xb, TD);  // x_out = x_mid + mlp, back in xa
+      blk.fc2.forward_residual(pol, P, cv(h, H, "gelu"), cv(xb, D, "x_mid"), hv(xa, D, "x"));  // x_mid + mlp
       if (out.intermediate && l >= cfg_.depth - out.n_last) {
         T* dst = out.intermediate + static_cast<std::size_t>(l - (cfg_.depth - out.n_last)) * TD;
         norm_.forward(pol, P, cv(xa, D, "x"), hv(dst, D, "intermediate"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
@@ -727,11 +725,6 @@ class vit {
   static const segment* segs_of(const Policy&, const vit_pack<T>& pk) {
     if constexpr (policy_traits<Policy>::is_host) return pk.segs.data();
     else return pk.device.segs;
-  }
-
-  template <class Policy, class T>
-  static void add_inplace(const Policy& pol, T* x, const T* y, std::size_t n) {
-    for_each_chunk(pol, static_cast<std::int64_t>(n), detail::add_to_fn<T>{x, y});
   }
 
   // dst = src scaled per crop by scale[crop] (drop path).

@@ -2,7 +2,7 @@
 // policy/cuda/nn_ops.cuh, found from the policy argument).
 //
 //   broadcast_rows(pol, b, y, rows, cols)      y[r, :] = b                       (bias rows)
-//   gemm_bias_rows(pol, d, A, B, bias, C)      C = A op(B) + bias per row        (nn::linear)
+//   gemm_bias_rows(pol, d, A, B, bias, C[, R]) C = A op(B) + bias per row (+ R)  (nn::linear)
 //   copy_elements(pol, src, dst, n)            dst[0, n) = src[0, n)
 //   layer_norm_rows(pol, x, w, b, y, stats, rows, D, eps)
 //       y = LN(x) per row (math/layernorm.hpp); stats [rows, 2] = (mean, rstd) unless null
@@ -34,12 +34,21 @@ inline void broadcast_rows(const cpu_policy& pol, const T* b, T* y, std::int64_t
 /// C[m, n] = A op(B) + bias per row (d.batch 1): the bias rows first, then the GEMM adds to
 /// them (one pass over C before the GEMM instead of a bias pass after it). Twin of the CUDA
 /// form, which adds the bias in cuBLASLt's epilogue.
+/// With residual (packed [m, n], not C): then C += residual, a pass of its own, so the sums
+/// round as (x W^T + b) + residual, the reference's order.
 template <class T>
-inline void gemm_bias_rows(const cpu_policy& pol, const gemm_desc& d, const T* A, const T* B, const T* bias, T* C) {
+inline void gemm_bias_rows(const cpu_policy& pol, const gemm_desc& d, const T* A, const T* B, const T* bias, T* C,
+                           const T* residual = nullptr) {
   require<shape_error>(d.batch == 1, "gemm_bias_rows: one product only, got batch=", d.batch);
   require<shape_error>(d.ldc == 0 || d.ldc == d.n, "gemm_bias_rows: C must be packed (ldc ", d.ldc, ", n ", d.n, ")");
   broadcast_rows(pol, bias, C, d.m, d.n);
   gemm(pol, d, T(1), A, B, T(1), C);
+  if (residual)
+    for_each_row(pol, d.m, [&](std::int64_t r) {
+      T* cr = C + r * d.n;
+      const T* rr = residual + r * d.n;
+      for (std::int64_t j = 0; j < d.n; ++j) cr[j] += rr[j];
+    });
 }
 
 template <class T>

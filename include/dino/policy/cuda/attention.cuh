@@ -45,13 +45,20 @@
 // Shared memory: forward (65 * HD + 33 * 32) * 32 elements, backward columns
 // (2 * HD + 66) * 32; above 48 KiB (double with HD 64/128) the kernel is opted in to more.
 // A row whose scores hold a NaN or +inf, or are all -inf, becomes NaN, as on the CPU.
-// The arithmetic is plain fp32 (double) FMA; a later bf16 flash-attention replaces this.
+// The arithmetic is plain fp32 (double) FMA, except where the policy asks for TF32
+// (pol.tf32, float, head dim 32, 64 or 128, segments of at most 256 tokens): the forward
+// then runs Q K^T and P V on TF32 tensor cores with fp32 accumulation and an exact fp32
+// softmax (forward_tc_kernel; the same contract, results within TF32 rounding). The backward
+// stays on the CUDA cores.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#include <mma.h>
 
 #include "dino/nn/attention.hpp"  // segment, attention_probs_elems, detail::probs_offsets
 #include "dino/policy/cuda/policy.cuh"
@@ -420,6 +427,169 @@ __global__ void __launch_bounds__(threads) backward_cols_kernel(group<T> g) {
   }
 }
 
+// ---- TF32 tensor-core forward (float, head dim 32, 64 or 128, n <= tc::max_n, pol.tf32) ----
+// One block of 4 warps per (segment, head, 64 queries); warp w owns queries 16w..16w+15 of
+// the tile. Its Q rows stay in registers as TF32 fragments; S = Q K^T for the whole segment
+// goes to the warp's rows of shared memory one 16-key tile at a time (wmma m16n16k8, fp32
+// accumulation); the softmax is exact (max, exp, sum over the row, as the fp32 kernel) and
+// writes P (and the CLS row); O = P V accumulates in fp32 fragments over 8-key steps. Keys
+// and values are staged 64 rows at a time (few block-wide synchronisations per segment)
+// with zeros past n; padded query rows and key columns hold zeros, so they add nothing.
+namespace tc {
+inline constexpr int qrows = 64;    ///< queries per block
+inline constexpr int kt = 16;       ///< keys per wmma tile (S columns are padded to a multiple)
+inline constexpr int ks = 64;       ///< keys per staged tile
+inline constexpr int max_n = 256;   ///< longest segment on this path (S rows in shared memory)
+constexpr int ld_kv(int hd) { return hd + 4; }
+inline int ld_s(std::int64_t n) { return int((n + kt - 1) / kt * kt) + 4; }
+/// Floats of a warp's region: its S rows, later its O staging (16 rows of ld_kv).
+inline int warp_floats(std::int64_t n, int hd) { return 16 * std::max(ld_s(n), ld_kv(hd)); }
+inline std::size_t smem_bytes(std::int64_t n, int hd) {
+  return sizeof(float) * std::size_t(ks * ld_kv(hd) + warps * warp_floats(n, hd));
+}
+}  // namespace tc
+
+template <int HD>
+__global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int lds, int wfl, bool vec) {
+  using namespace nvcuda;
+  using frag_a = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using frag_bc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using frag_br = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  constexpr int LK = tc::ld_kv(HD), F = HD / 8, OC = HD / 16;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  float* sKV = reinterpret_cast<float*>(smem_raw);  // [64][LK]  key tile, then value tile
+  float* sW = sKV + tc::ks * LK;                     // warps x wfl: Q staging first, then S / O rows
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * tc::qrows, h = blockIdx.y;
+  const std::int64_t n = g.n, ld = 3 * g.D;
+  const float* Qb = g.qkv + (g.row0 + seg * n) * ld + h * HD;
+  const float* Kb = Qb + g.D;
+  const float* Vb = Qb + 2 * g.D;
+  float* P = g.probs + g.poff0 + (seg * g.heads + h) * n * n;
+  float* cls = g.cls ? g.cls + g.cls0 + (seg * g.heads + h) * n : nullptr;
+  // rows [first, first + rows) of a Q, K or V head into shared memory, zeros past n; in float4
+  // when qkv and its row length allow (vec, decided on the host), else element by element
+  const auto stage = [&](float* dst, int stride, const float* src, std::int64_t first, int rows) {
+    if (vec) {
+      constexpr int V4 = HD / 4;
+      for (int idx = threadIdx.x; idx < rows * V4; idx += threads) {
+        const int r = idx / V4, d = (idx % V4) * 4;
+        const std::int64_t i = first + r;
+        const float4 v = i < n ? *reinterpret_cast<const float4*>(src + i * ld + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+        *reinterpret_cast<float4*>(dst + r * stride + d) = v;
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < rows * HD; idx += threads) {
+        const int r = idx / HD, d = idx % HD;
+        const std::int64_t i = first + r;
+        dst[r * stride + d] = i < n ? src[i * ld + d] : 0.0f;
+      }
+    }
+  };
+  const auto to_tf32 = [](auto& f) {
+#pragma unroll
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+  };
+
+  stage(sW, LK, Qb, q0, tc::qrows);  // [64][LK] across the warps' regions (64 * LK <= 4 * wfl)
+  __syncthreads();
+  frag_a qf[F];
+#pragma unroll
+  for (int f = 0; f < F; ++f) {
+    wmma::load_matrix_sync(qf[f], sW + (w * 16) * LK + f * 8, LK);
+    to_tf32(qf[f]);
+  }
+  float* Sw = sW + w * wfl;  // this warp's S rows [16][lds]
+  const int npad = int((n + tc::kt - 1) / tc::kt) * tc::kt;  // S columns: keys padded to 16
+  const int nst = int((n + tc::ks - 1) / tc::ks);             // staged tiles of 64 keys
+  for (int kb = 0; kb < nst; ++kb) {
+    __syncthreads();  // Q staging read (first time), previous key tile read
+    stage(sKV, LK, Kb, std::int64_t(kb) * tc::ks, tc::ks);
+    __syncthreads();
+    for (int sub = 0; sub < tc::ks / tc::kt && kb * tc::ks + sub * tc::kt < npad; ++sub) {
+      frag_acc acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int f = 0; f < F; ++f) {
+        frag_bc kf;  // K^T: element (d, j) at sKV[(16 sub + j) * LK + d]
+        wmma::load_matrix_sync(kf, sKV + sub * tc::kt * LK + f * 8, LK);
+        to_tf32(kf);
+        wmma::mma_sync(acc, qf[f], kf, acc);
+      }
+      wmma::store_matrix_sync(Sw + kb * tc::ks + sub * tc::kt, acc, lds, wmma::mem_row_major);
+    }
+  }
+  __syncwarp();
+  // softmax of the warp's 16 rows (lanes over columns); padded rows and columns become 0
+  for (int r = 0; r < 16; ++r) {
+    const std::int64_t i = q0 + w * 16 + r;
+    float* row = Sw + r * lds;
+    if (i >= n) {
+      for (int j = lane; j < npad; j += 32) row[j] = 0.0f;
+      continue;
+    }
+    float m = -INFINITY;
+    bool bad = false;
+    for (int j = lane; j < n; j += 32) {
+      const float v = row[j] * g.scale;
+      row[j] = v;
+      bad = bad || !(v < INFINITY);
+      m = v > m ? v : m;
+    }
+    m = warp_max(m);
+    bad = __any_sync(full_mask, bad) || m == -INFINITY;
+    float sum = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+      const float e = bad ? 0.0f : ::expf(row[j] - m);
+      row[j] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    for (int j = lane; j < npad; j += 32) {
+      float p = 0.0f;
+      if (j < n) {
+        p = bad ? NAN : row[j] / sum;
+        P[i * n + j] = p;
+        if (cls && i == 0) cls[j] = p;
+      }
+      row[j] = p;
+    }
+  }
+  __syncwarp();
+  // O = P V
+  frag_acc o[OC];
+#pragma unroll
+  for (int c = 0; c < OC; ++c) wmma::fill_fragment(o[c], 0.0f);
+  for (int kb = 0; kb < nst; ++kb) {
+    __syncthreads();  // previous value (or key) tile read
+    stage(sKV, LK, Vb, std::int64_t(kb) * tc::ks, tc::ks);
+    __syncthreads();
+    for (int kk = 0; kk < tc::ks / 8 && kb * tc::ks + kk * 8 < npad; ++kk) {
+      frag_a pf;
+      wmma::load_matrix_sync(pf, Sw + kb * tc::ks + kk * 8, lds);
+      to_tf32(pf);
+#pragma unroll
+      for (int c = 0; c < OC; ++c) {
+        frag_br vf;  // V rows kk*8.., columns c*16..
+        wmma::load_matrix_sync(vf, sKV + kk * 8 * LK + c * 16, LK);
+        to_tf32(vf);
+        wmma::mma_sync(o[c], pf, vf, o[c]);
+      }
+    }
+  }
+  __syncwarp();  // the warp's P rows are read: its region takes O
+#pragma unroll
+  for (int c = 0; c < OC; ++c) wmma::store_matrix_sync(Sw + c * 16, o[c], LK, wmma::mem_row_major);
+  __syncwarp();
+  float* Ob = g.out + (g.row0 + seg * n) * g.D + h * HD;
+  for (int idx = lane; idx < 16 * HD; idx += 32) {
+    const int r = idx / HD, d = idx % HD;
+    const std::int64_t i = q0 + w * 16 + r;
+    if (i < n) Ob[i * g.D + d] = Sw[r * LK + d];
+  }
+}
+
 /// Launches kernel over a group's (segment, tile) x head grid with `smem` bytes of dynamic
 /// shared memory (opting in above the 48 KiB default).
 template <class T, class K>
@@ -497,6 +667,24 @@ inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<seg
     g.row0 = segs[a].offset;
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = g.cls ? cls_offsets[a] : 0;
+    if constexpr (std::is_same_v<T, float> && !Padded) {
+      if (pol.tf32 && g.n <= tc::max_n) {  // TF32 tensor cores (see forward_tc_kernel)
+        g.tiles = (g.n + tc::qrows - 1) / tc::qrows;
+        const std::size_t smem = tc::smem_bytes(g.n, HD);
+        const int lds = tc::ld_s(g.n), wfl = tc::warp_floats(g.n, HD);
+        const std::int64_t blocks = count * g.tiles;
+        require<shape_error>(blocks <= 0x7fffffffLL && g.heads <= 65535, "attention_forward: too many blocks (", blocks,
+                             " x ", g.heads, ")");
+        if (smem > 48 * 1024)
+          DINO_CUDA_CHECK(
+              cudaFuncSetAttribute(forward_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 && g.D % 4 == 0;
+        forward_tc_kernel<HD>
+            <<<dim3(unsigned(blocks), unsigned(g.heads)), threads, smem, pol.stream>>>(g, lds, wfl, vec);
+        DINO_CUDA_LAUNCHED("attention_forward (TF32 tensor cores)");
+        return;
+      }
+    }
     g.tiles = (g.n + tile - 1) / tile;
     launch(pol, forward_kernel<T, HD, Padded>, g, count, forward_smem<T>(HD), "attention_forward");
   });

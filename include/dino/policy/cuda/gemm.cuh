@@ -7,7 +7,8 @@
 // keeps its own transpose flag. beta == 0 never reads C. fp32 runs on exact fp32 arithmetic
 // unless pol.tf32 asks for TF32 tensor cores; double runs in double.
 //
-//   gemm_bias_rows(pol, d, A, B, bias, C)   C = A op(B) + bias per row (cuBLASLt's bias epilogue)
+//   gemm_bias_rows(pol, d, A, B, bias, C[, R])  C = A op(B) + bias per row (+ R): cuBLASLt's bias
+//                                           epilogue, R read as the GEMM's C operand
 //
 // Descriptors and the chosen algorithm are cached per shape (host memory, made the first
 // time a shape is seen, so a step's GEMMs allocate nothing after the first step).
@@ -133,6 +134,16 @@ struct bias_rows_fn {  // C[r, c] = bias[c] over the m x n block of C
   }
 };
 
+template <class T>
+struct add_rows_fn {  // C[r, c] += R[r, c] (R packed [m, n])
+  const T* r;
+  T* c;
+  std::int64_t cols, ld;
+  DINO_HD void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) c[(i / cols) * ld + i % cols] += r[i];
+  }
+};
+
 }  // namespace detail
 
 /// Runs the (batched) product described by d on pol.stream (no synchronisation).
@@ -153,14 +164,18 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
   const detail::lt_plan& p = detail::plan_for<T>(pol, d, lda, ldb, ldc);
   DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                    pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+  detail::profile_mark(d.batch > 1 ? "gemm (batched)" : "gemm");
 }
 
 /// C[m, n] = A op(B) + bias (the same bias row added to every row of C; d.batch 1), with the
 /// bias added in cuBLASLt's epilogue: one pass over C instead of a bias pass and a GEMM that
 /// reads C back. Where cuBLASLt has no bias-epilogue algorithm for the shape and type, the
 /// bias rows are written first and the GEMM adds to them (the CPU's order).
+/// With residual (a packed [m, n] matrix, not C): C = A op(B) + bias + residual, the residual
+/// read by the GEMM as its C operand (beta 1) and C written as its D.
 template <class T>
-inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* A, const T* B, const T* bias, T* C) {
+inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* A, const T* B, const T* bias, T* C,
+                           const T* residual = nullptr) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "dino::cuda::gemm_bias_rows: float or double");
   require<shape_error>(d.batch == 1, "gemm_bias_rows: one product only, got batch=", d.batch);
   require<shape_error>(d.m >= 0 && d.n >= 0 && d.k >= 0, "gemm_bias_rows: invalid sizes m=", d.m, " n=", d.n,
@@ -173,14 +188,16 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
     const detail::lt_plan& p = detail::plan_for<T>(pol, d, lda, ldb, ldc, true);
     if (p.found) {
       DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-      const T one(1), zero(0);
-      DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, B, p.a, A, p.b, &zero, C, p.c, C, p.c, &p.algo,
-                                       pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+      const T one(1), beta(residual ? 1 : 0);
+      DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, B, p.a, A, p.b, &beta, residual ? residual : C, p.c, C,
+                                       p.c, &p.algo, pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+      detail::profile_mark(residual ? "gemm + bias epilogue + residual" : "gemm + bias epilogue");
       return;
     }
   }
   for_each_chunk(pol, d.m * d.n, detail::bias_rows_fn<T>{bias, C, d.n, ldc});
   gemm(pol, d, T(1), A, B, T(1), C);
+  if (residual) for_each_chunk(pol, d.m * d.n, detail::add_rows_fn<T>{residual, C, d.n, ldc});
 }
 
 }  // namespace dino::cuda

@@ -46,10 +46,30 @@ inline void check(cublasStatus_t s, const char* what, const char* file, int line
 
 }  // namespace dino
 
+namespace dino::cuda::detail {
+/// The per-thread hook of cuda::op_profile (policy/cuda/profile.cuh): when set, every
+/// operation of the library marks its name after queuing its work.
+struct profile_hook {
+  void (*mark)(void* self, const char* name) = nullptr;
+  void* self = nullptr;
+};
+inline profile_hook& active_profile() {
+  static thread_local profile_hook h;
+  return h;
+}
+inline void profile_mark(const char* name) {
+  const profile_hook& h = active_profile();
+  if (h.mark) h.mark(h.self, name);
+}
+}  // namespace dino::cuda::detail
+
 #define DINO_CUDA_CHECK(call) ::dino::cuda::detail::check((call), #call, __FILE__, __LINE__)
 #define DINO_CUBLAS_CHECK(call) ::dino::cuda::detail::check((call), #call, __FILE__, __LINE__)
-/// After a kernel launch: reports a bad launch configuration without synchronising.
-#define DINO_CUDA_LAUNCHED(name) ::dino::cuda::detail::check(cudaGetLastError(), name, __FILE__, __LINE__)
+/// After a kernel launch: reports a bad launch configuration without synchronising, and
+/// marks the operation for an active cuda::op_profile.
+#define DINO_CUDA_LAUNCHED(name)                                                   \
+  (::dino::cuda::detail::check(cudaGetLastError(), name, __FILE__, __LINE__),      \
+   ::dino::cuda::detail::profile_mark(name))
 
 namespace dino {
 
