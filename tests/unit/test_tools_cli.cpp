@@ -189,6 +189,29 @@ TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
   CHECK(png_size((runp / "knn.png").string()) == std::pair<int, int>{1000, 600});
 }
 
+TEST_CASE("dino-train --method dino_attention_mask and its --mask-ratio") {
+  const fs::path data = fs::path(kDir) / "data_mask", runp = fs::path(kDir) / "run_mask";
+  fs::remove_all(data);
+  fs::remove_all(runp);
+  fs::create_directories(data);
+  write_split(data, "train", 32, 3);
+  write_split(data, "t10k", 8, 4);
+  const std::string args = " --data mnist --data-path " + data.string() +
+                           " --arch vit_tiny28 --out-dim 32 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
+                           " --batch-size 16 --warmup-epochs 0 --threads 2 --epochs 1 --output " + runp.string();
+  auto r = train(args + " --method dino_attention_mask --mask-ratio 0.5");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(lines((runp / "log.jsonl").string()) == 2);
+  CHECK(slurp((runp / "run.json").string()).find("\"method\": \"dino_attention_mask\"") != std::string::npos);
+  r = train(args + " --method dino_attention_mask --mask-ratio 1");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--mask-ratio must be in [0, 1), got 1") != std::string::npos);
+  r = train(args + " --method dino --mask-ratio 0.5");
+  CHECK(r.code == 2);
+  CHECK(r.err.find("--mask-ratio applies to --method dino_attention_mask only") != std::string::npos);
+}
+
 TEST_CASE("dino-eval refuses bad input with exit code 1 or 2 and a message") {
   auto r = eval("");
   CHECK(r.code == 2);
