@@ -88,6 +88,17 @@ std::pair<int, int> png_size(const std::string& path) {
   return {be(16), be(20)};
 }
 
+// A fresh data folder kDir/<name> of train and t10k splits, and an empty run folder kDir/<run>.
+fs::path fresh_data(const std::string& name, const std::string& run, int n_train, int n_test, std::uint32_t seed) {
+  const fs::path data = fs::path(kDir) / name;
+  fs::remove_all(data);
+  fs::remove_all(fs::path(kDir) / run);
+  fs::create_directories(data);
+  write_split(data, "train", n_train, seed);
+  write_split(data, "t10k", n_test, seed + 1);
+  return data;
+}
+
 std::size_t lines(const std::string& path) {
   std::size_t n = 0;
   for (char c : slurp(path)) n += c == '\n';
@@ -96,12 +107,7 @@ std::size_t lines(const std::string& path) {
 }  // namespace
 
 TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
-  const fs::path data = fs::path(kDir) / "data", runp = fs::path(kDir) / "run";
-  fs::remove_all(data);
-  fs::remove_all(runp);
-  fs::create_directories(data);
-  write_split(data, "train", 64, 1);
-  write_split(data, "t10k", 32, 2);
+  const fs::path data = fresh_data("data", "run", 64, 32, 1), runp = fs::path(kDir) / "run";
   const std::string run_dir = runp.string(), data_flags = " --data mnist --data-path " + data.string();
   const std::string model = " --arch vit_tiny28 --out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
                             " --batch-size 16 --warmup-epochs 0 --threads 2 --log-every 1 --output " + run_dir;
@@ -190,12 +196,7 @@ TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
 }
 
 TEST_CASE("dino-train --method dino_attention_mask and its --mask-ratio") {
-  const fs::path data = fs::path(kDir) / "data_mask", runp = fs::path(kDir) / "run_mask";
-  fs::remove_all(data);
-  fs::remove_all(runp);
-  fs::create_directories(data);
-  write_split(data, "train", 32, 3);
-  write_split(data, "t10k", 8, 4);
+  const fs::path data = fresh_data("data_mask", "run_mask", 32, 8, 3), runp = fs::path(kDir) / "run_mask";
   const std::string args = " --data mnist --data-path " + data.string() +
                            " --arch vit_tiny28 --out-dim 32 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
                            " --batch-size 16 --warmup-epochs 0 --threads 2 --epochs 1 --output " + runp.string();

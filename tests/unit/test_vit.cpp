@@ -40,6 +40,18 @@ void perturb(flat_params<T>& P, std::uint64_t seed, double scale) {
     for (std::size_t i = 0; i < e.numel(); ++i) P.data()[e.offset + i] += T(noise[i]);
   }
 }
+
+// The tiny ViT with its parameters initialised (seed) and perturbed (seed + 1) by N(0, 0.3^2).
+template <class T>
+struct tiny_model {
+  param_layout L;
+  nn::vit v;
+  flat_params<T> P;
+  tiny_model(double drop, std::uint64_t seed) : v(tiny(drop), L), P(L) {
+    nn::initialize(P, seed);
+    perturb(P, seed + 1, 0.3);
+  }
+};
 }  // namespace
 
 TEST_CASE("vit: parameter names, shapes, flags and presets") {
@@ -105,11 +117,11 @@ TEST_CASE("vit: every gradient against central differences (two resolutions, Dro
     const bool masked = variant == 2;
     CAPTURE(drop);
     CAPTURE(masked);
-    param_layout L;
-    nn::vit v(tiny(drop), L);
-    flat_params<double> P(L), G(L);
-    nn::initialize(P, 3);
-    perturb(P, 4, 0.3);
+    tiny_model<double> m(drop, 3);
+    const param_layout& L = m.L;
+    const nn::vit& v = m.v;
+    flat_params<double>& P = m.P;
+    flat_params<double> G(L);
     // set 0: 2 crops of 8 x 8 (the stored 4 x 4 grid); set 1: 3 crops of 4 x 6 (2 x 3, resized);
     // masked: set 0 keeps 9 of 16 patches, set 1 4 of 6 (each crop its own)
     auto pk = masked ? v.make_pack<double>({{2, 8, 8, 9}, {3, 4, 6, 4}}) : v.make_pack<double>({{2, 8, 8}, {3, 4, 6}});
@@ -155,11 +167,9 @@ TEST_CASE("vit: every gradient against central differences (two resolutions, Dro
 }
 
 TEST_CASE("vit: inference equals the training forward without DropPath; optional outputs") {
-  param_layout L;
-  nn::vit v(tiny(0.0), L);
-  flat_params<float> P(L);
-  nn::initialize(P, 9);
-  perturb(P, 10, 0.3);
+  tiny_model<float> m(0.0, 9);
+  const nn::vit& v = m.v;
+  const flat_params<float>& P = m.P;
   auto pk = v.make_pack<float>({{2, 8, 8}, {2, 6, 4}});
   std::vector<float> img0(2 * 2 * 64), img1(2 * 2 * 24);
   fill_normal(img0, 12);
@@ -195,12 +205,10 @@ TEST_CASE("vit: inference equals the training forward without DropPath; optional
 TEST_CASE("vit: a crop set that keeps some patches equals the ViT on the shortened patch sequence") {
   // With zero position embeddings a token does not know where its patch was: the kept patches
   // of an 8 x 8 crop, laid side by side as a 2 x 2k strip, must give the same tokens.
-  param_layout L;
-  nn::vit v(tiny(0.0), L);
-  flat_params<double> P(L);
-  nn::initialize(P, 21);
-  perturb(P, 22, 0.3);
-  const auto& pe = L.at("pos_embed");
+  tiny_model<double> m(0.0, 21);
+  const nn::vit& v = m.v;
+  flat_params<double>& P = m.P;
+  const auto& pe = m.L.at("pos_embed");
   std::fill(P.data() + pe.offset, P.data() + pe.offset + pe.numel(), 0.0);
   const std::int64_t C = 2, D = 8, k = 5;
   std::vector<double> img(2 * C * 64), strip(2 * C * 2 * 2 * k);

@@ -35,7 +35,6 @@ another implementation cannot flip the choice), the masked forward with keep = e
 against forward_tokens, the masked forward against the full sequence with the dropped keys
 masked out of every attention (equal on the kept tokens), and float32 against float64.
 """
-import argparse
 import math
 import os
 import sys
@@ -45,7 +44,7 @@ import torch
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_objective import f64, write_golden  # noqa: E402
+from gen_objective import f64, golden_main, write_golden  # noqa: E402
 from gen_vit import VIT, make_vit, named, vit_config  # noqa: E402
 
 
@@ -171,20 +170,16 @@ def gen_case(prefix, seed, B, H, W, ratio, model, model64):
     return T
 
 
-def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.normpath(os.path.join(here, "..", "data")))
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    print("torch", torch.__version__, "numpy", np.__version__)
+def gen(out_dir):
     model, model64 = make_vit(), make_vit(torch.float64)
     T = [("config", vit_config())] + named("param/", model) + gen_select()
     T += gen_case("a/", 31, 3, 16, 16, 0.3, model, model64)
     T += gen_case("b/", 32, 2, 12, 12, 0.5, model, model64)
-    write_golden(os.path.join(args.out, "attention_mask.bin"), T)
+    write_golden(os.path.join(out_dir, "attention_mask.bin"), T)
+
+
+def main():
+    golden_main(gen)
 
 
 if __name__ == "__main__":
