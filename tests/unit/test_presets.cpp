@@ -6,8 +6,10 @@
 // patches; ratio 0 is DINO bit for bit).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <filesystem>
 #include <limits>
 #include <string>
@@ -151,6 +153,29 @@ template <class Backbone, class T = float, class Policy = dino::cpu_policy>
 using my_method = dino::ssl::method<Backbone, dino::ssl::dino_head, dino::ssl::sinkhorn_knopp<T>,
                                     dino::ssl::mse_distillation, half_ema, T, Policy>;
 static_assert(ssl::teacher_update<half_ema> && sizeof(my_method<nn::mlp>) > 0);
+
+// The example of docs/api.md ("Student masks"): a mask of one's own assembles.
+struct random_mask {  // keeps half of the patches, drawn anew each call
+  std::uint64_t calls = 0;
+  std::int64_t kept(std::int64_t n) const { return std::max<std::int64_t>(1, n / 2); }
+  void select(const dino::cpu_policy&, dino::host_view<const float> a, std::int64_t, std::int64_t n,
+              std::int64_t* keep) {
+    std::vector<std::int64_t> idx(static_cast<std::size_t>(n));  // (a real part keeps this as scratch)
+    for (std::int64_t c = 0; c < a.rows(); ++c) {
+      std::iota(idx.begin(), idx.end(), 0);
+      dino::philox g(7, calls++);
+      for (std::int64_t i = n - 1; i > 0; --i) std::swap(idx[std::size_t(i)], idx[g.next_u32() % std::uint32_t(i + 1)]);
+      std::sort(idx.begin(), idx.begin() + kept(n));
+      std::copy(idx.begin(), idx.begin() + kept(n), keep + c * kept(n));
+    }
+  }
+};
+using my_masked = dino::ssl::method<dino::nn::vit, dino::ssl::dino_head, dino::ssl::centering<float>,
+                                    dino::ssl::cross_entropy_distillation, dino::ssl::ema_update, float,
+                                    dino::cpu_policy, dino::ssl::no_predictor, random_mask>;
+static_assert(ssl::student_mask_part<random_mask> && ssl::student_mask_part<ssl::attention_mask> &&
+              ssl::student_mask_part<ssl::no_student_mask> && !ssl::student_mask_part<half_ema>);
+static_assert(sizeof(my_masked) > 0);
 
 TEST_CASE("preset names and defaults") {
   CHECK(ssl::preset_names.size() == 11);
