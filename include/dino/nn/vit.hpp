@@ -807,11 +807,15 @@ class vit {
       const std::int64_t h0 = cs.height / p, w0 = cs.width / p, np = h0 * w0, nk = pk.set_kept[si];
       const std::int64_t n = cs.count * nk;
       const std::int64_t* keep = pk.keep[si].empty() ? nullptr : pk.keep[si].data();
-      // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order (a masked set: its kept patches)
-      if (keep)
-        for_each_row(pol, cs.count, detail::unfold_kept_fn<T>{images[si], u, keep, C, cs.height, cs.width, p, w0, nk, K});
-      else
-        unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
+      // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order (a masked set, CPU only: its kept patches)
+      if constexpr (policy_traits<Policy>::is_host) {
+        if (keep)
+          for_each_row(pol, cs.count, detail::unfold_kept_fn<T>{images[si], u, keep, C, cs.height, cs.width, p, w0, nk, K});
+        else
+          unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
+      } else {
+        unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);  // upload() refuses masked packs
+      }
       gemm(pol, gemm_desc{false, true, n, D, K}, T(1), static_cast<const T*>(u), Wp, T(0), tmp);
       const std::int64_t first = pk.set_first[si];
       if constexpr (policy_traits<Policy>::is_host) {
