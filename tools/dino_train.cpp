@@ -39,8 +39,10 @@ dino_cli::flags make_flags() {
   f.add("data", "fashion-mnist", "data set kind: fashion-mnist, mnist (IDX files), cifar10, cifar100, folder (one sub-folder per class)")
       .add("data-path", "", "folder of the data set files [default for fashion-mnist: /usr/share/datasets/fashion-mnist]")
       .add("method", "dino", "the method (ssl/presets.hpp): dino, dino_no_momentum, dino_sinkhorn, dino_two_crops, "
-           "dino_mse, dino_predictor, byol, mocov2, swav_like, simclr; --device cuda: dino only")
+           "dino_mse, dino_predictor, byol, mocov2, swav_like, simclr, dino_attention_mask; --device cuda: dino only")
       .add("predictor-hidden", "4096", "with --method dino_predictor or byol: the predictor's hidden size")
+      .add("mask-ratio", "0.3", "with --method dino_attention_mask: the fraction of each global crop's patches, those "
+           "the teacher's CLS attention ranks lowest, that the student does not see; in [0, 1)")
       .add("output", "dino-run", "output folder: log.jsonl, checkpoint.safetensors, run.json")
       .add("resume", "false", "continue from <output>/checkpoint.safetensors")
       .add("arch", "", "vit_tiny, vit_small, vit_base (224 px), vit_small28, vit_tiny28 (28 px, 1 channel) [default: vit_small28 for 28-px data, else vit_small]")
@@ -159,6 +161,9 @@ void check_method(const std::string& m, const std::string& device) {
     for (auto n : dino::ssl::preset_names) names += (names.empty() ? "" : ", ") + std::string(n);
     throw dino_cli::usage_error("unknown --method '" + m + "' (presets: " + names + ")");
   }
+  if (device == "cuda" && m == "dino_attention_mask")
+    throw dino::config_error("dino-train: --method dino_attention_mask is CPU only for now (the student's masked "
+                             "view has no CUDA path yet): use --device cpu");
   if (device == "cuda" && m != "dino")
     throw dino::config_error("dino-train: --method " + m +
                              " is not available with --device cuda: its parts have no CUDA twins yet (only dino)");
@@ -190,6 +195,9 @@ int train_cpu(const dino::cpu_policy& pol, const dino_cli::flags& f, const Datas
     return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_swav_like<vit>(vc, vc.embed_dim, c); });
   if (m == "simclr")
     return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_simclr<vit>(vc, vc.embed_dim, c); });
+  if (m == "dino_attention_mask")
+    return train_on(pol, f, ds, vc, mc, c, seed, B,
+                    [&] { return ssl::make_dino_attention_mask<vit>(vc, vc.embed_dim, c); });
   return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino<vit>(vc, vc.embed_dim, c); });
 }
 
@@ -236,6 +244,11 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   c.student_temp = f.num("student-temp");
   c.center_momentum = f.num("center-momentum");
   c.predictor_hidden = given_or("predictor-hidden", c.predictor_hidden);
+  if (f.has("mask-ratio") && method != "dino_attention_mask")
+    throw dino_cli::usage_error("--mask-ratio applies to --method dino_attention_mask only");
+  c.mask_ratio = given_or("mask-ratio", c.mask_ratio);
+  if (!(c.mask_ratio >= 0 && c.mask_ratio < 1))
+    throw dino::config_error("dino-train: --mask-ratio must be in [0, 1), got " + f.str("mask-ratio"));
   auto& t = c.train;
   t.max_batch = B;
   t.seed = seed;

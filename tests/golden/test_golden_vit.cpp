@@ -15,6 +15,11 @@
 //                        The images get no gradient in the library, so dx is not checked.
 //   vit_pack.bin         2 global (16 x 16) + 3 local (8 x 8) crops of 2 images in one pack,
 //                        crop-major: features and gradients.
+//   attention_mask.bin   (gen_attention_mask.py) the student's masked view: ssl::attention_mask's
+//                        selection from CLS attention rows (ties included; exact), and the ViT on
+//                        a pack whose crops keep only the selected patches (a/ the stored grid,
+//                        b/ an interpolated 3 x 3 grid): the teacher's CLS attention, the kept
+//                        indices, CLS and tokens of the shorter sequences, every gradient.
 //   vit_e2e.bin          10 DINO iterations (ssl::method with the ViT, DINO head, centering,
 //                        multi-crop loss, AdamW with groups, per-tensor clipping, the last layer
 //                        frozen for 3 epochs, EMA teacher) with the reference's explicit
@@ -44,6 +49,7 @@
 
 #include <dino/dino.hpp>
 #include <dino/nn/vit.hpp>
+#include <dino/ssl/student_mask.hpp>
 
 #include "golden.hpp"
 #include "golden_vit.hpp"
@@ -572,5 +578,73 @@ TEST_CASE("golden ViT: 10 DINO iterations (vit_e2e.bin)") {
         }
       }
     }
+  }
+}
+
+TEST_CASE("golden: attention-conditioned masking: the selection and the ViT on the kept patches (attention_mask.bin)") {
+  const dino_golden::file g(golden_path("attention_mask.bin"));
+  const cpu_policy pol{2};
+  // the selection on the reference's rows (ties: the lower patch index wins): exact
+  {
+    const auto& hp = g["select/hyper"].values;
+    const auto& a = g["select/attn"];
+    const std::int64_t heads = std::int64_t(hp[2]), N = std::int64_t(hp[3]), crops = a.dims[0];
+    for (const auto& [key, ratio] : {std::pair{"select/keep_a", hp[0]}, std::pair{"select/keep_b", hp[1]}}) {
+      CAPTURE(key);
+      dino::ssl::attention_mask m({ratio});
+      const std::int64_t k = m.kept(N);
+      REQUIRE(g[key].numel() == crops * k);
+      std::vector<std::int64_t> keep(std::size_t(crops * k), -1);
+      m.select(pol, host_view<const float>{a.f32.data(), {crops, heads * (1 + N)}, "attention"}, heads, N, keep.data());
+      for (std::size_t i = 0; i < keep.size(); ++i) CHECK(double(keep[i]) == g[key].values[i]);
+    }
+  }
+  const dino::nn::vit_config vc = vit_config_of(g["config"]);
+  param_layout L;
+  dino::nn::vit v(vc, L);
+  flat_params<float> P(L), G(L);
+  load_params(g, "param/", P);
+  const host_view<const float> Pv{P.data(), {std::int64_t(P.size())}, "P"};
+  const std::int64_t D = vc.embed_dim;
+  for (const std::string prefix : {"a/", "b/"}) {
+    CAPTURE(prefix);
+    worst w("attention mask " + prefix);
+    const auto& x = g[prefix + "x"];
+    const std::int64_t B = x.dims[0], H = x.dims[2], W = x.dims[3], N = (H / vc.patch) * (W / vc.patch);
+    const float* imgs[1] = {x.f32.data()};
+    // the teacher: inference on the full crops with the last block's CLS attention
+    auto full = v.make_pack<float>({{B, H, W}});
+    std::vector<float> y(std::size_t(B * D)), attn(v.cls_attention_elems(full)), scratch(v.infer_scratch_elems(full));
+    dino::nn::vit::infer_outputs<float> out;
+    out.cls_attention = attn.data();
+    v.infer(pol, Pv, full, std::span<const float* const>(imgs, 1), host_view<float>{y.data(), {B, D}, "y"},
+            host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}, out);
+    check_close(w, "teacher CLS attention", attn.data(), attn.size(), g[prefix + "attn_cls"], kTolFwd);
+    // the selection from the library's own attention rows equals the reference's
+    dino::ssl::attention_mask mask({g[prefix + "hyper"].values[0]});
+    const std::int64_t k = mask.kept(N);
+    REQUIRE(g[prefix + "keep"].numel() == B * k);
+    auto pk = v.make_pack<float>({{B, H, W, k}});
+    REQUIRE(pk.tokens == B * (1 + k));
+    mask.select(pol, host_view<const float>{attn.data(), {B, vc.heads * (1 + N)}, "attention"}, vc.heads, N,
+                pk.keep[0].data());
+    for (std::size_t i = 0; i < pk.keep[0].size(); ++i) CHECK(double(pk.keep[0][i]) == g[prefix + "keep"].values[i]);
+    // the student: training forward and backward on the kept patches
+    const std::int64_t Tn = pk.tokens;
+    std::vector<float> saved(v.saved_elems(pk)), s2(v.scratch_elems(pk)), dtok(std::size_t(Tn * D));
+    v.forward(pol, Pv, pk, std::span<const float* const>(imgs, 1), host_view<float>{y.data(), {B, D}, "y"},
+              host_view<float>{saved.data(), {std::int64_t(saved.size())}, "saved"});
+    check_close(w, "cls", y.data(), y.size(), g[prefix + "cls"], kTolFwd);
+    const host_view<const float> sv{saved.data(), {std::int64_t(saved.size())}, "saved"};
+    check_close(w, "tokens", v.saved_tokens(pk, sv), std::size_t(Tn * D), g[prefix + "tokens"], kTolFwd);
+    const auto& R = g[prefix + "R"];
+    const auto& R2 = g[prefix + "R2"];
+    v.scatter_cls_grad(pk, R.f32.data(), dtok.data());
+    for (std::size_t i = 0; i < dtok.size(); ++i) dtok[i] += R2.f32[i];
+    G.fill_zero();
+    v.backward(pol, Pv, pk, sv, host_view<const float>{dtok.data(), {Tn, D}, "dtok"},
+               host_view<float>{G.data(), {std::int64_t(G.size())}, "G"},
+               host_view<float>{s2.data(), {std::int64_t(s2.size())}, "scratch"});
+    check_grads(w, g, prefix + "grad/", G, "grad ", kTolGrad);
   }
 }

@@ -1,11 +1,15 @@
 // The presets of ssl/presets.hpp: each trains on synthetic clusters (an MLP backbone; two on
-// a tiny ViT) for 200 steps without a non-finite value; and the method's optional parts
-// checked directly: copy / no teacher, a loss that ignores the teacher, the predictor (trained,
-// not followed by the teacher), the two-crop plan and a stateful loss (InfoNCE's queue).
+// a tiny ViT; dino_attention_mask on a tiny ViT only) for 200 steps without a non-finite value;
+// and the method's optional parts checked directly: copy / no teacher, a loss that ignores the
+// teacher, the predictor (trained, not followed by the teacher), the two-crop plan, a stateful
+// loss (InfoNCE's queue) and the StudentMask (the teacher's attention picks the student's
+// patches; ratio 0 is DINO bit for bit).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <filesystem>
 #include <limits>
 #include <string>
@@ -150,8 +154,33 @@ using my_method = dino::ssl::method<Backbone, dino::ssl::dino_head, dino::ssl::s
                                     dino::ssl::mse_distillation, half_ema, T, Policy>;
 static_assert(ssl::teacher_update<half_ema> && sizeof(my_method<nn::mlp>) > 0);
 
+// The example of docs/api.md ("Student masks"): a mask of one's own assembles.
+struct random_mask {  // keeps half of the patches, drawn anew each call
+  std::uint64_t calls = 0;
+  std::int64_t kept(std::int64_t n) const { return std::max<std::int64_t>(1, n / 2); }
+  void select(const dino::cpu_policy&, dino::host_view<const float> a, std::int64_t, std::int64_t n,
+              std::int64_t* keep) {
+    std::vector<std::int64_t> idx(static_cast<std::size_t>(n));  // (a real part keeps this as scratch)
+    for (std::int64_t c = 0; c < a.rows(); ++c) {
+      std::iota(idx.begin(), idx.end(), 0);
+      dino::philox g(7, calls++);
+      for (std::int64_t i = n - 1; i > 0; --i) std::swap(idx[std::size_t(i)], idx[g.next_u32() % std::uint32_t(i + 1)]);
+      std::sort(idx.begin(), idx.begin() + kept(n));
+      std::copy(idx.begin(), idx.begin() + kept(n), keep + c * kept(n));
+    }
+  }
+};
+using my_masked = dino::ssl::method<dino::nn::vit, dino::ssl::dino_head, dino::ssl::centering<float>,
+                                    dino::ssl::cross_entropy_distillation, dino::ssl::ema_update, float,
+                                    dino::cpu_policy, dino::ssl::no_predictor, random_mask>;
+static_assert(ssl::student_mask_part<random_mask> && ssl::student_mask_part<ssl::attention_mask> &&
+              ssl::student_mask_part<ssl::no_student_mask> && !ssl::student_mask_part<half_ema>);
+static_assert(sizeof(my_masked) > 0);
+
 TEST_CASE("preset names and defaults") {
-  CHECK(ssl::preset_names.size() == 10);
+  CHECK(ssl::preset_names.size() == 11);
+  CHECK(ssl::preset_defaults("dino_attention_mask").mask_ratio == 0.3);
+  CHECK(ssl::preset_defaults("dino_attention_mask").local_crops == 8);
   CHECK(ssl::preset_defaults("dino").local_crops == 8);
   CHECK(ssl::preset_defaults("byol").local_crops == 0);
   CHECK(ssl::preset_defaults("mocov2").info_nce_temperature == 0.2);
@@ -386,4 +415,96 @@ TEST_CASE("checkpoints hold each preset's state: resume continues bit for bit (I
   check_resume("dino_sinkhorn", mk_sk(), mk_sk(), mk_sk());
   const auto mk_sim = [] { return ssl::make_simclr<nn::mlp>(backbone_config(), 32, small("simclr", 20)); };
   check_resume("simclr", mk_sim(), mk_sim(), mk_sim());
+}
+
+// ---- the StudentMask: attention-conditioned masking of the student's global crops -------------
+
+namespace {
+nn::vit_config mask_vit() { return nn::vit_config{8, 2, 1, 8, 2, 2, 4.0, true, 1e-6, 0.1}; }  // 4 x 4 patches
+ssl::dino_config mask_config(double ratio, std::int64_t steps) {
+  auto c = small("dino_attention_mask", steps);
+  c.local_crops = 2;
+  c.mask_ratio = ratio;
+  c.train.max_batch = 2;
+  c.train.schedule.batch_size = 2;
+  c.train.crops = {8, 4};
+  return c;
+}
+struct vit_crops {
+  std::vector<float> g = std::vector<float>(2 * 2 * 64), l = std::vector<float>(2 * 2 * 16);
+  ssl::image_crops<float> at(std::uint64_t step) {
+    dino_test::fill_normal(g, 400 + step);
+    dino_test::fill_normal(l, 500 + step);
+    return {g.data(), l.data()};
+  }
+};
+}  // namespace
+
+TEST_CASE("dino_attention_mask trains a tiny ViT 200 steps without a non-finite value") {
+  auto m = ssl::make_dino_attention_mask<nn::vit>(mask_vit(), 8, mask_config(0.3, 200));
+  CHECK(m.masked_patches() == 16);
+  CHECK(m.mask().kept(16) == 12);  // floor(0.3 * 16) = 4 patches dropped
+  const cpu_policy pol{2};
+  vit_crops data;
+  for (int it = 0; it < 200; ++it) {
+    auto st = m.step(pol, data.at(std::uint64_t(it)));
+    REQUIRE_MESSAGE(!st.skipped, "step ", it, ": ", st.skip_reason);
+    REQUIRE_MESSAGE(std::isfinite(st.loss), "step ", it);
+    REQUIRE(std::isfinite(st.teacher_entropy));
+  }
+  CHECK(all_finite_params(m.student()));
+  CHECK(all_finite_params(m.teacher()));
+  CHECK(m.kept_patches().size() == 2 * 2 * 12);
+}
+
+TEST_CASE("the StudentMask: the teacher's CLS attention picks each global crop's kept patches") {
+  auto m = ssl::make_dino_attention_mask<nn::vit>(mask_vit(), 8, mask_config(0.5, 20));
+  const cpu_policy pol{2};
+  vit_crops data;
+  // the same teacher, by hand: inference on the global crops with the CLS attention, then the selection
+  param_layout L;
+  nn::vit v(mask_vit(), L, "backbone.");
+  auto pk = v.make_pack<float>({{4, 8, 8}});
+  for (int it = 0; it < 3; ++it) {
+    std::vector<float> teacher(m.teacher().data(), m.teacher().data() + m.teacher().size());
+    const auto x = data.at(std::uint64_t(it));
+    REQUIRE_FALSE(m.step(pol, x).skipped);
+    std::vector<float> y(4 * 8), attn(v.cls_attention_elems(pk)), scratch(v.infer_scratch_elems(pk));
+    nn::vit::infer_outputs<float> out;
+    out.cls_attention = attn.data();
+    const float* imgs[1] = {x.global};
+    v.infer(pol, host_view<const float>{teacher.data(), {std::int64_t(teacher.size())}, "teacher"}, pk,
+            std::span<const float* const>(imgs, 1), host_view<float>{y.data(), {4, 8}, "y"},
+            host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}, out);
+    ssl::attention_mask sel({0.5});
+    std::vector<std::int64_t> keep(4 * 8);
+    sel.select(pol, host_view<const float>{attn.data(), {4, 2 * 17}, "attention"}, 2, 16, keep.data());
+    const auto got = m.kept_patches();
+    REQUIRE(got.size() == keep.size());
+    CHECK(std::equal(keep.begin(), keep.end(), got.begin()));
+  }
+  CHECK_THROWS_WITH_AS(ssl::make_dino_attention_mask<nn::vit>(mask_vit(), 8, mask_config(1.0, 20)),
+                       doctest::Contains("ratio must be in [0, 1)"), config_error);
+  CHECK_THROWS_AS(ssl::make_dino_attention_mask<nn::vit>(mask_vit(), 8, mask_config(-0.5, 20)), config_error);
+}
+
+TEST_CASE("the StudentMask at ratio 0 is DINO bit for bit") {
+  auto a = ssl::make_dino_attention_mask<nn::vit>(mask_vit(), 8, mask_config(0.0, 20));
+  auto b = ssl::make_dino<nn::vit>(mask_vit(), 8, mask_config(0.0, 20));
+  auto c = ssl::make_dino_attention_mask<nn::vit>(mask_vit(), 8, mask_config(0.3, 20));
+  CHECK(a.masked_patches() == 0);
+  CHECK(a.kept_patches().empty());
+  const cpu_policy pol{2};
+  vit_crops data;
+  for (int it = 0; it < 5; ++it) {
+    const auto x = data.at(std::uint64_t(it));
+    const auto sa = a.step(pol, x), sb = b.step(pol, x);
+    c.step(pol, x);
+    CHECK(std::memcmp(&sa.loss, &sb.loss, sizeof(double)) == 0);
+    CHECK(std::memcmp(&sa.teacher_entropy, &sb.teacher_entropy, sizeof(double)) == 0);
+  }
+  CHECK(same_range(a.student().data(), b.student().data(), a.student().size()));
+  CHECK(same_range(a.teacher().data(), b.teacher().data(), a.teacher().size()));
+  CHECK(same_range(a.grads().data(), b.grads().data(), a.grads().size()));
+  CHECK_FALSE(same_range(c.student().data(), b.student().data(), b.student().size()));  // masking changes the run
 }

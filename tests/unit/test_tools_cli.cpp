@@ -88,6 +88,17 @@ std::pair<int, int> png_size(const std::string& path) {
   return {be(16), be(20)};
 }
 
+// A fresh data folder kDir/<name> of train and t10k splits, and an empty run folder kDir/<run>.
+fs::path fresh_data(const std::string& name, const std::string& run, int n_train, int n_test, std::uint32_t seed) {
+  const fs::path data = fs::path(kDir) / name;
+  fs::remove_all(data);
+  fs::remove_all(fs::path(kDir) / run);
+  fs::create_directories(data);
+  write_split(data, "train", n_train, seed);
+  write_split(data, "t10k", n_test, seed + 1);
+  return data;
+}
+
 std::size_t lines(const std::string& path) {
   std::size_t n = 0;
   for (char c : slurp(path)) n += c == '\n';
@@ -96,12 +107,7 @@ std::size_t lines(const std::string& path) {
 }  // namespace
 
 TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
-  const fs::path data = fs::path(kDir) / "data", runp = fs::path(kDir) / "run";
-  fs::remove_all(data);
-  fs::remove_all(runp);
-  fs::create_directories(data);
-  write_split(data, "train", 64, 1);
-  write_split(data, "t10k", 32, 2);
+  const fs::path data = fresh_data("data", "run", 64, 32, 1), runp = fs::path(kDir) / "run";
   const std::string run_dir = runp.string(), data_flags = " --data mnist --data-path " + data.string();
   const std::string model = " --arch vit_tiny28 --out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
                             " --batch-size 16 --warmup-epochs 0 --threads 2 --log-every 1 --output " + run_dir;
@@ -187,6 +193,24 @@ TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
   REQUIRE(r.code == 0);
   CHECK(png_size((runp / "loss.png").string()) == std::pair<int, int>{1000, 600});
   CHECK(png_size((runp / "knn.png").string()) == std::pair<int, int>{1000, 600});
+}
+
+TEST_CASE("dino-train --method dino_attention_mask and its --mask-ratio") {
+  const fs::path data = fresh_data("data_mask", "run_mask", 32, 8, 3), runp = fs::path(kDir) / "run_mask";
+  const std::string args = " --data mnist --data-path " + data.string() +
+                           " --arch vit_tiny28 --out-dim 32 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
+                           " --batch-size 16 --warmup-epochs 0 --threads 2 --epochs 1 --output " + runp.string();
+  auto r = train(args + " --method dino_attention_mask --mask-ratio 0.5");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(lines((runp / "log.jsonl").string()) == 2);
+  CHECK(slurp((runp / "run.json").string()).find("\"method\": \"dino_attention_mask\"") != std::string::npos);
+  r = train(args + " --method dino_attention_mask --mask-ratio 1");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--mask-ratio must be in [0, 1), got 1") != std::string::npos);
+  r = train(args + " --method dino --mask-ratio 0.5");
+  CHECK(r.code == 2);
+  CHECK(r.err.find("--mask-ratio applies to --method dino_attention_mask only") != std::string::npos);
 }
 
 TEST_CASE("dino-eval refuses bad input with exit code 1 or 2 and a message") {

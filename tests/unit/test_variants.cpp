@@ -1,7 +1,8 @@
 // The variant parts (dino-spec §8): the Sinkhorn-Knopp, sharpen-only and raw teacher targets,
 // and the MSE, InfoNCE (with its queue) and NT-Xent losses. Each is checked against a direct
 // double-precision restatement of its formula, its gradient against central finite
-// differences of that restatement, and its edge cases and errors.
+// differences of that restatement, and its edge cases and errors. The attention_mask's patch
+// selection against brute force (its masked ViT path: test_vit.cpp and test_golden_vit.cpp).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <dino/ssl/mse_loss.hpp>
 #include <dino/ssl/nt_xent.hpp>
 #include <dino/ssl/sinkhorn.hpp>
+#include <dino/ssl/student_mask.hpp>
 #include <dino/ssl/targets.hpp>
 
 #include "gradcheck.hpp"
@@ -658,4 +660,66 @@ TEST_CASE("the variant parts assemble into ssl::method and train (today's method
   SUBCASE("NT-Xent (the teacher runs but is not read)") {
     train_a_few_steps(ssl::raw_target<float>({K}), ssl::nt_xent<float>({2, 2, 0.1}), 2);
   }
+}
+
+// ---- attention_mask (ssl/student_mask.hpp) ----------------------------------------------------
+
+namespace {
+// The kept patches by brute force: every pair of patches compared, a patch kept when fewer than
+// k patches rank before it (higher summed attention, or equal and a lower index).
+std::vector<std::int64_t> kept_brute(const std::vector<float>& a, std::int64_t heads, std::int64_t n, std::int64_t k) {
+  std::vector<std::int64_t> out;
+  for (std::size_t c = 0; c < a.size() / std::size_t(heads * (1 + n)); ++c) {
+    std::vector<double> s(std::size_t(n), 0.0);
+    for (std::int64_t j = 0; j < n; ++j)
+      for (std::int64_t h = 0; h < heads; ++h) s[std::size_t(j)] += a[c * std::size_t(heads * (1 + n)) + std::size_t(h * (1 + n) + 1 + j)];
+    for (std::int64_t j = 0; j < n; ++j) {
+      std::int64_t before = 0;
+      for (std::int64_t i = 0; i < n; ++i)
+        before += s[std::size_t(i)] > s[std::size_t(j)] || (s[std::size_t(i)] == s[std::size_t(j)] && i < j);
+      if (before < k) out.push_back(j);
+    }
+  }
+  return out;
+}
+}  // namespace
+
+TEST_CASE("attention_mask: the rounding rule, the selection against brute force, ties, NaN, errors") {
+  // kept(N) = max(1, N - floor(ratio N + 1e-9))
+  CHECK(ssl::attention_mask({0.0}).kept(49) == 49);
+  CHECK(ssl::attention_mask({0.3}).kept(10) == 7);   // 0.3 * 10 = 3.0000000000000004
+  CHECK(ssl::attention_mask({0.29}).kept(100) == 71);  // 0.29 * 100 = 28.999999999999996
+  CHECK(ssl::attention_mask({0.3}).kept(49) == 35);
+  CHECK(ssl::attention_mask({0.5}).kept(9) == 5);
+  CHECK(ssl::attention_mask({0.99}).kept(3) == 1);
+  CHECK(ssl::attention_mask({0.999999}).kept(1) == 1);
+  CHECK(ssl::attention_mask().config().ratio == 0.3);
+  for (double bad : {-0.1, 1.0, 1.5, std::nan("")})
+    CHECK_THROWS_WITH_AS(ssl::attention_mask({bad}), doctest::Contains("attention_mask: ratio must be in [0, 1)"),
+                         config_error);
+  const cpu_policy pol{1};
+  for (std::int64_t n : {1, 5, 16, 49}) {
+    for (double ratio : {0.0, 0.25, 0.3, 0.5, 0.9}) {
+      CAPTURE(n);
+      CAPTURE(ratio);
+      const std::int64_t heads = 3, crops = 4;
+      std::vector<float> a(std::size_t(crops * heads * (1 + n)));
+      dino_test::fill_normal(a, std::uint64_t(n * 100 + std::int64_t(ratio * 10)));
+      for (auto& x : a) x = std::round(x * 4) / 4;  // coarse values: many ties
+      for (std::int64_t j = 0; j <= n; ++j) a[std::size_t(heads * (1 + n) + j)] = 0.5f;  // crop 1, head 0: flat
+      ssl::attention_mask m({ratio});
+      const std::int64_t k = m.kept(n);
+      std::vector<std::int64_t> keep(std::size_t(crops * k), -1);
+      m.select(pol, host_view<const float>{a.data(), {crops, heads * (1 + n)}, "attention"}, heads, n, keep.data());
+      CHECK(keep == kept_brute(a, heads, n, k));
+    }
+  }
+  // every score equal: the lowest indices; a NaN score ranks last
+  std::vector<float> a(2 * 7, 0.125f);
+  a[2] = std::nanf("");
+  std::vector<std::int64_t> keep(3);
+  ssl::attention_mask m({0.5});
+  m.select(pol, host_view<const float>{a.data(), {1, 2 * 7}, "attention"}, 2, 6, keep.data());
+  CHECK(keep == std::vector<std::int64_t>{0, 2, 3});  // patch 1 (column 2) is NaN
+  CHECK_THROWS_AS(m.select(pol, host_view<const float>{a.data(), {1, 14}, "attention"}, 2, 5, keep.data()), shape_error);
 }

@@ -1,7 +1,8 @@
 // The Vision Transformer over packed multi-crop batches: every parameter gradient against
 // central differences in double (a pack of two resolutions, one of them non-square and
-// interpolated, DropPath on), inference against the training forward, the optional outputs,
-// the position-grid resize, presets and errors.
+// interpolated, DropPath on; and the same with token dropping, crops that keep some of their
+// patches), inference against the training forward, the optional outputs, a masked pack
+// against the shortened patch sequence, the position-grid resize, presets and errors.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -39,6 +40,18 @@ void perturb(flat_params<T>& P, std::uint64_t seed, double scale) {
     for (std::size_t i = 0; i < e.numel(); ++i) P.data()[e.offset + i] += T(noise[i]);
   }
 }
+
+// The tiny ViT with its parameters initialised (seed) and perturbed (seed + 1) by N(0, 0.3^2).
+template <class T>
+struct tiny_model {
+  param_layout L;
+  nn::vit v;
+  flat_params<T> P;
+  tiny_model(double drop, std::uint64_t seed) : v(tiny(drop), L), P(L) {
+    nn::initialize(P, seed);
+    perturb(P, seed + 1, 0.3);
+  }
+};
 }  // namespace
 
 TEST_CASE("vit: parameter names, shapes, flags and presets") {
@@ -98,16 +111,25 @@ TEST_CASE("position grid resize: PyTorch's bicubic with the +0.1 scale offset") 
   for (double v : out) CHECK(v == doctest::Approx(0.7));
 }
 
-TEST_CASE("vit: every gradient against central differences (two resolutions, DropPath)") {
-  for (double drop : {0.0, 0.5}) {
+TEST_CASE("vit: every gradient against central differences (two resolutions, DropPath, dropped tokens)") {
+  for (int variant : {0, 1, 2}) {
+    const double drop = variant ? 0.5 : 0.0;
+    const bool masked = variant == 2;
     CAPTURE(drop);
-    param_layout L;
-    nn::vit v(tiny(drop), L);
-    flat_params<double> P(L), G(L);
-    nn::initialize(P, 3);
-    perturb(P, 4, 0.3);
-    // set 0: 2 crops of 8 x 8 (the stored 4 x 4 grid); set 1: 3 crops of 4 x 6 (2 x 3, resized)
-    auto pk = v.make_pack<double>({{2, 8, 8}, {3, 4, 6}});
+    CAPTURE(masked);
+    tiny_model<double> m(drop, 3);
+    const param_layout& L = m.L;
+    const nn::vit& v = m.v;
+    flat_params<double>& P = m.P;
+    flat_params<double> G(L);
+    // set 0: 2 crops of 8 x 8 (the stored 4 x 4 grid); set 1: 3 crops of 4 x 6 (2 x 3, resized);
+    // masked: set 0 keeps 9 of 16 patches, set 1 4 of 6 (each crop its own)
+    auto pk = masked ? v.make_pack<double>({{2, 8, 8, 9}, {3, 4, 6, 4}}) : v.make_pack<double>({{2, 8, 8}, {3, 4, 6}});
+    if (masked) {
+      pk.keep[0] = {0, 2, 3, 5, 7, 8, 11, 13, 15, /**/ 1, 4, 5, 6, 9, 10, 12, 14, 15};
+      pk.keep[1] = {0, 1, 3, 5, /**/ 1, 2, 3, 4, /**/ 0, 2, 4, 5};
+      CHECK(pk.tokens == 2 * 10 + 3 * 5);
+    }
     std::vector<double> img0(2 * 2 * 8 * 8), img1(3 * 2 * 4 * 6);
     fill_normal(img0, 5);
     fill_normal(img1, 6);
@@ -145,11 +167,9 @@ TEST_CASE("vit: every gradient against central differences (two resolutions, Dro
 }
 
 TEST_CASE("vit: inference equals the training forward without DropPath; optional outputs") {
-  param_layout L;
-  nn::vit v(tiny(0.0), L);
-  flat_params<float> P(L);
-  nn::initialize(P, 9);
-  perturb(P, 10, 0.3);
+  tiny_model<float> m(0.0, 9);
+  const nn::vit& v = m.v;
+  const flat_params<float>& P = m.P;
   auto pk = v.make_pack<float>({{2, 8, 8}, {2, 6, 4}});
   std::vector<float> img0(2 * 2 * 64), img1(2 * 2 * 24);
   fill_normal(img0, 12);
@@ -180,6 +200,49 @@ TEST_CASE("vit: inference equals the training forward without DropPath; optional
   CHECK_THROWS_AS(v.infer(pol, Pv, pk, std::span<const float* const>(imgs, 1), host_view<float>{y2.data(), {n, D}, "y"},
                           host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}),
                   shape_error);
+}
+
+TEST_CASE("vit: a crop set that keeps some patches equals the ViT on the shortened patch sequence") {
+  // With zero position embeddings a token does not know where its patch was: the kept patches
+  // of an 8 x 8 crop, laid side by side as a 2 x 2k strip, must give the same tokens.
+  tiny_model<double> m(0.0, 21);
+  const nn::vit& v = m.v;
+  flat_params<double>& P = m.P;
+  const auto& pe = m.L.at("pos_embed");
+  std::fill(P.data() + pe.offset, P.data() + pe.offset + pe.numel(), 0.0);
+  const std::int64_t C = 2, D = 8, k = 5;
+  std::vector<double> img(2 * C * 64), strip(2 * C * 2 * 2 * k);
+  fill_normal(img, 23);
+  auto pk = v.make_pack<double>({{2, 8, 8, k}});
+  pk.keep[0] = {1, 2, 6, 9, 15, /**/ 0, 3, 4, 10, 14};
+  for (std::int64_t c = 0; c < 2; ++c)
+    for (std::int64_t t = 0; t < k; ++t) {
+      const std::int64_t patch = pk.keep[0][std::size_t(c * k + t)], i = patch / 4, j = patch % 4;
+      for (std::int64_t ch = 0; ch < C; ++ch)
+        for (std::int64_t di = 0; di < 2; ++di)
+          for (std::int64_t dj = 0; dj < 2; ++dj)
+            strip[std::size_t(((c * C + ch) * 2 + di) * 2 * k + t * 2 + dj)] =
+                img[std::size_t(((c * C + ch) * 8 + i * 2 + di) * 8 + j * 2 + dj)];
+    }
+  auto ref = v.make_pack<double>({{2, 2, 2 * k}});
+  REQUIRE(ref.tokens == pk.tokens);
+  const cpu_policy pol{2};
+  host_view<const double> Pv{P.data(), {std::int64_t(P.size())}, "P"};
+  auto run = [&](const nn::vit_pack<double>& p, const double* x, std::vector<double>& tok) {
+    std::vector<double> y(2 * D), saved(v.saved_elems(p));
+    const double* imgs[1] = {x};
+    v.forward(pol, Pv, p, std::span<const double* const>(imgs, 1), host_view<double>{y.data(), {2, D}, "y"},
+              host_view<double>{saved.data(), {std::int64_t(saved.size())}, "saved"});
+    const double* t = v.saved_tokens(p, host_view<const double>{saved.data(), {std::int64_t(saved.size())}, "s"});
+    tok.assign(t, t + p.tokens * D);
+  };
+  std::vector<double> a, b;
+  run(pk, img.data(), a);
+  run(ref, strip.data(), b);
+  CHECK(rel_error(a, b) < 1e-13);
+  // the kept-patch table is checked when the pack is made
+  CHECK_THROWS_AS(v.make_pack<double>({{2, 8, 8, 17}}), shape_error);
+  CHECK(v.make_pack<double>({{2, 8, 8, 16}}).keep[0].empty());  // every patch kept: not masked
 }
 
 TEST_CASE("DINO with a ViT backbone: packed student, global-only teacher, steps run") {

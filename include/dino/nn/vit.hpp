@@ -11,6 +11,14 @@
 // per-token operation (LayerNorm, the qkv/proj/fc GEMMs, GELU) runs once over the whole
 // pack; attention runs per segment.
 //
+// Token dropping (the student's masked view, ssl/student_mask.hpp): a crop set with
+// crop_set::keep = k (0 < k < patches) keeps k patches of each of its crops, those listed in
+// vit_pack::keep[set] ([count, k], ascending per crop; the identity's first k until the
+// caller writes it). Their segments are 1 + k rows: only the kept patches are unfolded and
+// embedded, each with its own position row, and every block runs on the shorter sequence; the
+// backward scatters the position gradient back to the kept rows. CPU only (upload() refuses
+// such a pack).
+//
 // Parameters, with the official state_dict names (prefix + ...): patch_embed.proj.weight
 // [D, C, p, p], patch_embed.proj.bias, cls_token [1, 1, D], pos_embed [1, N0 + 1, D],
 // blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight, bias},
@@ -81,6 +89,7 @@ constexpr vit_config vit_small28(std::int64_t patch = 4) { return {28, patch, 1,
 /// One resolution of a pack: `count` images of height x width pixels.
 struct crop_set {
   std::int64_t count = 0, height = 0, width = 0;
+  std::int64_t keep = 0;  ///< patches kept per crop: 0 (or every patch) keeps all; which ones: vit_pack::keep
 };
 
 /// The token layout of a pack of crop sets, planned once (allocates; a step does not).
@@ -89,7 +98,9 @@ struct vit_pack {
   std::vector<crop_set> sets;
   std::vector<segment> segs;              ///< one per crop, in output order
   std::vector<std::int64_t> set_of;       ///< set index of each crop
-  std::vector<std::int64_t> set_patches;  ///< patches per crop of each set
+  std::vector<std::int64_t> set_patches;  ///< patches per crop of each set (its position grid)
+  std::vector<std::int64_t> set_kept;     ///< patches kept per crop of each set (= set_patches unless masked)
+  std::vector<std::vector<std::int64_t>> keep;  ///< per set: [count, kept] kept patch indices, ascending per crop (masked sets; else empty)
   std::vector<std::int64_t> set_first;    ///< first crop of each set
   std::vector<pos_resize<T>> resize;      ///< position grid resize per set
   std::vector<std::size_t> probs_off;     ///< attention probability offsets per segment
@@ -109,6 +120,16 @@ struct vit_pack {
 
 namespace detail {
 // ---- functors of the ViT's glue, run by the policy's runners (host and device) ----------
+// row [C p p] (=) patch (i, j) of one image im [C, H, W], in the conv weight's order
+template <class T>
+DINO_HD inline void unfold_patch(const T* im, T* row, std::int64_t C, std::int64_t H, std::int64_t W, std::int64_t p,
+                                 std::int64_t i, std::int64_t j) {
+  for (std::int64_t ch = 0; ch < C; ++ch)
+    for (std::int64_t di = 0; di < p; ++di) {
+      const T* src = im + (ch * H + i * p + di) * W + j * p;
+      for (std::int64_t dj = 0; dj < p; ++dj) row[(ch * p + di) * p + dj] = src[dj];
+    }
+}
 template <class T>
 struct unfold_rows_fn {  // one (crop, patch row) per call: the CPU's loop
   const T* img;
@@ -117,13 +138,20 @@ struct unfold_rows_fn {  // one (crop, patch row) per call: the CPU's loop
   DINO_HD void operator()(std::int64_t ci) const {
     const std::int64_t c = ci / h0, i = ci % h0;
     const T* im = img + c * C * H * W;
-    for (std::int64_t j = 0; j < w0; ++j) {
-      T* row = u + ((c * np) + i * w0 + j) * K;
-      for (std::int64_t ch = 0; ch < C; ++ch)
-        for (std::int64_t di = 0; di < p; ++di) {
-          const T* src = im + (ch * H + i * p + di) * W + j * p;
-          for (std::int64_t dj = 0; dj < p; ++dj) row[(ch * p + di) * p + dj] = src[dj];
-        }
+    for (std::int64_t j = 0; j < w0; ++j) unfold_patch(im, u + ((c * np) + i * w0 + j) * K, C, H, W, p, i, j);
+  }
+};
+template <class T>
+struct unfold_kept_fn {  // CPU: one crop's kept patches per call (row c * nk + k: patch keep[c * nk + k])
+  const T* img;
+  T* u;
+  const std::int64_t* keep;
+  std::int64_t C, H, W, p, w0, nk, K;
+  void operator()(std::int64_t c) const {
+    const T* im = img + c * C * H * W;
+    for (std::int64_t k = 0; k < nk; ++k) {
+      const std::int64_t t = keep[c * nk + k];
+      unfold_patch(im, u + (c * nk + k) * K, C, H, W, p, t / w0, t % w0);
     }
   }
 };
@@ -142,17 +170,18 @@ struct unfold_elems_fn {  // one element of the unfolded matrix [count * np, K] 
   }
 };
 template <class T>
-struct embed_crop_fn {  // CPU: one crop of a set per call
+struct embed_crop_fn {  // CPU: one crop of a set per call (np: its patch tokens; keep: their grid rows, or null)
   const segment* segs;
   std::int64_t first, np, D;
   T* x;
   const T *tmp, *pr, *cls, *pe, *bp;
+  const std::int64_t* keep;
   DINO_HD void operator()(std::int64_t c) const {
     T* xs = x + segs[first + c].offset * D;
     for (std::int64_t d = 0; d < D; ++d) xs[d] = cls[d] + pe[d];
     for (std::int64_t t = 0; t < np; ++t) {
       const T* e = tmp + (c * np + t) * D;
-      const T* ps = pr + t * D;
+      const T* ps = pr + (keep ? keep[c * np + t] : t) * D;
       T* xt = xs + (1 + t) * D;
       for (std::int64_t d = 0; d < D; ++d) xt[d] = e[d] + bp[d] + ps[d];
     }
@@ -371,16 +400,24 @@ class vit {
       require<shape_error>(s.height % p == 0 && s.width % p == 0, "vit pack: crop set ", si, ": ", s.height, " x ",
                            s.width, " pixels is not a multiple of the patch size ", p);
       const std::int64_t h0 = s.height / p, w0 = s.width / p, np = h0 * w0;
+      require<shape_error>(s.keep >= 0 && s.keep <= np, "vit pack: crop set ", si, " keeps ", s.keep,
+                           " patches of ", np);
+      const std::int64_t nk = s.keep > 0 ? s.keep : np;  // patch tokens per crop
       pk.set_patches.push_back(np);
+      pk.set_kept.push_back(nk);
+      pk.keep.emplace_back();
+      if (nk < np)  // the first nk patches of each crop until the caller writes the table
+        for (std::int64_t c = 0; c < s.count; ++c)
+          for (std::int64_t t = 0; t < nk; ++t) pk.keep.back().push_back(t);
       pk.set_first.push_back(pk.crops);
       pk.resize.emplace_back(cfg_.grid(), h0, w0);
-      pk.max_set_patches = std::max(pk.max_set_patches, s.count * np);
+      pk.max_set_patches = std::max(pk.max_set_patches, s.count * nk);
       for (std::int64_t c = 0; c < s.count; ++c) {
-        pk.segs.push_back({pk.tokens, 1 + np});
+        pk.segs.push_back({pk.tokens, 1 + nk});
         pk.set_of.push_back(static_cast<std::int64_t>(si));
         pk.cls_attn_off.push_back(0);
-        pk.tokens += 1 + np;
-        pk.patches += np;
+        pk.tokens += 1 + nk;
+        pk.patches += nk;
         ++pk.crops;
       }
     }
@@ -408,6 +445,9 @@ class vit {
   template <class Policy, class T>
   void upload(const Policy& pol, vit_pack<T>& pk) const {
     if constexpr (!policy_traits<Policy>::is_host) {
+      for (std::size_t si = 0; si < pk.keep.size(); ++si)
+        require<config_error>(pk.keep[si].empty(), "vit: crop set ", si, " drops patches (crop_set::keep): masked "
+                                                   "packs are CPU only for now");
       std::vector<std::byte> blob;
       const auto put = [&blob](const void* src, std::size_t bytes) {
         const std::size_t off = (blob.size() + 15) / 16 * 16;
@@ -757,14 +797,24 @@ class vit {
     T* pr = pos;
     for (std::size_t si = 0; si < pk.sets.size(); ++si) {
       const crop_set& cs = pk.sets[si];
-      const std::int64_t h0 = cs.height / p, w0 = cs.width / p, np = h0 * w0, n = cs.count * np;
-      // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order
-      unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
+      const std::int64_t h0 = cs.height / p, w0 = cs.width / p, np = h0 * w0, nk = pk.set_kept[si];
+      const std::int64_t n = cs.count * nk;
+      const std::int64_t* keep = pk.keep[si].empty() ? nullptr : pk.keep[si].data();
+      // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order (a masked set, CPU only: its kept patches)
+      if constexpr (policy_traits<Policy>::is_host) {
+        if (keep)
+          for_each_row(pol, cs.count, detail::unfold_kept_fn<T>{images[si], u, keep, C, cs.height, cs.width, p, w0, nk, K});
+        else
+          unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
+      } else {
+        unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);  // upload() refuses masked packs
+      }
       gemm(pol, gemm_desc{false, true, n, D, K}, T(1), static_cast<const T*>(u), Wp, T(0), tmp);
       const std::int64_t first = pk.set_first[si];
       if constexpr (policy_traits<Policy>::is_host) {
         pk.resize[si].forward(pe + D, pr, D);
-        for_each_row(pol, cs.count, detail::embed_crop_fn<T>{pk.segs.data(), first, np, D, x, tmp, pr, cls, pe, bp});
+        for_each_row(pol, cs.count,
+                     detail::embed_crop_fn<T>{pk.segs.data(), first, nk, D, x, tmp, pr, cls, pe, bp, keep});
       } else {
         pos_resize_forward(pol, pk.device.resize[si], pe + D, pr, D);
         // a set's crops are consecutive segments of 1 + np rows (make_pack)
@@ -786,7 +836,7 @@ class vit {
     const T* u = unfold;
     for (std::size_t si = 0; si < pk.sets.size(); ++si) {
       const crop_set& cs = pk.sets[si];
-      const std::int64_t np = pk.set_patches[si], n = cs.count * np, first = pk.set_first[si];
+      const std::int64_t np = pk.set_patches[si], nk = pk.set_kept[si], n = cs.count * nk, first = pk.set_first[si];
       T* dpos = tmp + n * D;
       if constexpr (policy_traits<Policy>::is_host) {
         // gather the patch-token gradients of this set into tmp [n, D]; sum the CLS rows
@@ -796,13 +846,19 @@ class vit {
             gcls[d] += xs[d];
             gpos[d] += xs[d];
           }
-          for (std::int64_t t = 0; t < np; ++t)
-            for (std::int64_t d = 0; d < D; ++d) tmp[(c * np + t) * D + d] = xs[(1 + t) * D + d];
+          for (std::int64_t t = 0; t < nk; ++t)
+            for (std::int64_t d = 0; d < D; ++d) tmp[(c * nk + t) * D + d] = xs[(1 + t) * D + d];
         }
-        // position grid: sum over the set's crops, then back through the resize
+        // position grid: sum over the set's crops (a masked set: into its kept rows), then back through the resize
         for (std::int64_t t = 0; t < np * D; ++t) dpos[t] = T(0);
-        for (std::int64_t c = 0; c < cs.count; ++c)
-          for (std::int64_t t = 0; t < np * D; ++t) dpos[t] += tmp[c * np * D + t];
+        if (pk.keep[si].empty()) {
+          for (std::int64_t c = 0; c < cs.count; ++c)
+            for (std::int64_t t = 0; t < np * D; ++t) dpos[t] += tmp[c * np * D + t];
+        } else {
+          const std::int64_t* keep = pk.keep[si].data();
+          for (std::int64_t r = 0; r < n; ++r)
+            for (std::int64_t d = 0; d < D; ++d) dpos[keep[r] * D + d] += tmp[r * D + d];
+        }
         pk.resize[si].backward(dpos, gpos + D, D);
       } else {
         // the same sums, each column (or element) in the CPU's order of crops

@@ -1,6 +1,7 @@
 // dino/ssl/method.hpp: a self-distillation method assembled at compile time from its parts.
 //
-//   method<Backbone, Head, Target, Loss, TeacherUpdate, T, Policy, Predictor = no_predictor>
+//   method<Backbone, Head, Target, Loss, TeacherUpdate, T, Policy, Predictor = no_predictor,
+//          StudentMask = no_student_mask>
 //
 // Policy is cpu_policy (the default) or, with <dino/cuda.hpp>, cuda_policy: parameters,
 // gradients, optimizer state and every buffer then live in device memory, and step() takes
@@ -52,7 +53,13 @@
 // - a Predictor (ssl/predictor.hpp) runs on the student after the head; its parameters
 //   ("predictor.*") end the layout and the teacher update covers the layout before them
 //   (the update's view form: ranged_teacher_update), so the teacher never follows them;
-// - the crop plan is the loss's: n_crops = n_global (2) is the two-crop plan, no local crops.
+// - the crop plan is the loss's: n_crops = n_global (2) is the two-crop plan, no local crops;
+// - a StudentMask (ssl/student_mask.hpp; image backbones, CPU only, a loss that uses the
+//   teacher) masks the student's view of each global crop: the teacher forward also returns
+//   its last-block CLS attention, the mask picks each global crop's kept patches from it, and
+//   the student's global crops run as shorter segments of the kept patches only (nn/vit.hpp,
+//   crop_set::keep). Local crops are not masked. A mask that keeps every patch (kept(N) = N)
+//   changes nothing: the method is then plain DINO, bit for bit.
 //
 // Crops are rows of `crops` [n_crops * b, in_dim], crop-major (all images' crop 0, then
 // crop 1, ...), the first n_global crops being the global ones, as MultiCropWrapper orders them.
@@ -78,6 +85,7 @@
 #include "dino/ssl/diagnostics.hpp"
 #include "dino/ssl/predictor.hpp"
 #include "dino/ssl/schedules.hpp"
+#include "dino/ssl/student_mask.hpp"
 
 namespace dino::ssl {
 
@@ -124,7 +132,7 @@ struct step_stats {
 };
 
 template <class Backbone, class Head, class Target, class Loss, class TeacherUpdate, class T = float,
-          class Policy = cpu_policy, class Predictor = no_predictor>
+          class Policy = cpu_policy, class Predictor = no_predictor, class StudentMask = no_student_mask>
 class method {
   static constexpr bool images = image_backbone<Backbone, T, Policy>;
   static constexpr bool on_host = std::is_same_v<memory_space_t<Policy>, host_space>;
@@ -132,6 +140,7 @@ class method {
   static constexpr bool with_teacher = uses_teacher_v<Loss>;
   static constexpr bool loss_state = stateful_loss<Loss, T, Policy>;
   static constexpr bool shared_teacher = shares_student_v<TeacherUpdate>;
+  static constexpr bool has_mask = !std::is_same_v<StudentMask, no_student_mask>;
   static_assert(network_module<Backbone, T, Policy> || images,
                 "dino::ssl::method: the Backbone satisfies neither dino::ssl::network_module nor "
                 "dino::ssl::image_backbone (see ssl/concepts.hpp)");
@@ -148,6 +157,13 @@ class method {
   static_assert(!has_predictor || ranged_teacher_update<TeacherUpdate, T, Policy>,
                 "dino::ssl::method: with a Predictor, the TeacherUpdate needs the view form of "
                 "dino::ssl::ranged_teacher_update (the teacher must not follow the predictor)");
+  static_assert(!has_mask || (images && on_host),
+                "dino::ssl::method: a StudentMask needs an image backbone (nn::vit) and the CPU policy (masked "
+                "packs have no CUDA path yet)");
+  static_assert(!has_mask || with_teacher,
+                "dino::ssl::method: a StudentMask ranks patches by the teacher's attention: the Loss must use the teacher");
+  static_assert(student_mask_part<StudentMask, T, Policy>,
+                "dino::ssl::method: the StudentMask does not satisfy dino::ssl::student_mask_part (see ssl/student_mask.hpp)");
   static_assert(dims_fit(static_out_dim_v<Backbone>, static_in_dim_v<Head>),
                 "dino::ssl::method: the Backbone's output size differs from the Head's input size "
                 "(static_out_dim != static_in_dim)");
@@ -170,6 +186,7 @@ class method {
   using target_type = Target;
   using loss_type = Loss;
   using update_type = TeacherUpdate;
+  using mask_type = StudentMask;
   /// What step() takes per micro-batch: a crop-major matrix of rows, or image arrays.
   using input_type = std::conditional_t<images, image_crops<T>, host_view<const T>>;
   /// GPU: how many steps' results the device keeps for read_stats (a ring).
@@ -207,17 +224,18 @@ class method {
 
  public:
 
+  /// The StudentMask, when the method has one, comes last.
   method(typename Backbone::config_type bcfg, typename Head::config_type hcfg, Target target, Loss loss,
-         TeacherUpdate update, train_config tc)
+         TeacherUpdate update, train_config tc, StudentMask mask = StudentMask{})
     requires(!has_predictor)
       : method(std::move(bcfg), std::move(hcfg), typename Predictor::config_type{}, std::move(target), std::move(loss),
-               std::move(update), tc) {}
+               std::move(update), tc, std::move(mask)) {}
   /// With a predictor: its configuration after the head's.
   method(typename Backbone::config_type bcfg, typename Head::config_type hcfg, typename Predictor::config_type pcfg,
-         Target target, Loss loss, TeacherUpdate update, train_config tc)
+         Target target, Loss loss, TeacherUpdate update, train_config tc, StudentMask mask = StudentMask{})
       : tc_(tc), backbone_(bcfg, layout_, "backbone."), head_(hcfg, layout_, "head."),
         teacher_elems_(layout_.size()), predictor_(std::move(pcfg), layout_, "predictor."),
-        target_(std::move(target)), loss_(std::move(loss)), update_(std::move(update)) {
+        target_(std::move(target)), loss_(std::move(loss)), update_(std::move(update)), mask_(std::move(mask)) {
     if constexpr (has_predictor) {
       require<config_error>(predictor_.in_dim() == head_.out_dim(), "method: the predictor's input size ",
                             predictor_.in_dim(), " differs from the head's output size ", head_.out_dim());
@@ -331,6 +349,17 @@ class method {
   Target& target() { return target_; }
   Loss& loss() { return loss_; }
   const Predictor& predictor() const { return predictor_; }
+  const StudentMask& mask() const { return mask_; }
+  /// Patches of a global crop when the student's view is masked (0: nothing is masked).
+  std::int64_t masked_patches() const { return mask_patches_; }
+  /// The patches the student kept of each global crop in the last micro-batch: [n_global *
+  /// max_batch, kept], crop-major, ascending per crop (empty when nothing is masked).
+  std::span<const std::int64_t> kept_patches() const {
+    if constexpr (has_mask) {
+      if (mask_patches_) return student_pack_.keep[0];
+    }
+    return {};
+  }
   /// Elements of the parameter buffers the teacher follows: the whole layout, or the part
   /// before the predictor's parameters.
   std::size_t teacher_elems() const { return has_predictor ? teacher_elems_ : student_.size(); }
@@ -372,9 +401,16 @@ class method {
     std::size_t bb_saved = 0, bb_scratch = 0;
     if constexpr (images) {
       const auto& cp = tc_.crops;
-      student_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size}});
-      if (ns > nt) student_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size},
-                                                                    {ns - nt, cp.local_size, cp.local_size}});
+      nn::crop_set global{nt, cp.global_size, cp.global_size};
+      if constexpr (has_mask) {  // the student's global crops keep mask_.kept(N) patches each
+        const std::int64_t p = backbone_.config().patch, np = (cp.global_size / p) * (cp.global_size / p);
+        const std::int64_t k = mask_.kept(np);
+        require<config_error>(k >= 1 && k <= np, "method: the StudentMask keeps ", k, " of ", np,
+                              " patches (it must keep 1 to ", np, ")");
+        if (k < np) global.keep = k, mask_patches_ = np;
+      }
+      student_pack_ = backbone_.template make_pack<T>({global});
+      if (ns > nt) student_pack_ = backbone_.template make_pack<T>({global, {ns - nt, cp.local_size, cp.local_size}});
       teacher_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size}});
       if constexpr (!on_host) {  // the packs' tables in device memory (set-up: the default stream)
         backbone_.upload(Policy{}, student_pack_);
@@ -407,6 +443,10 @@ class method {
       p.add_bytes(n(ns * K) * sizeof(T));
       p.add_bytes(n(ns * K) * sizeof(T));
     }
+    if constexpr (has_mask) {  // the teacher's CLS attention rows (when something is masked)
+      r_.cls_attn_n = mask_patches_ ? backbone_.cls_attention_elems(teacher_pack_) : 0;
+      p.add_bytes(r_.cls_attn_n * sizeof(T));
+    }
     // Host input copied to the device (GPU only): the crops of one micro-batch.
     if constexpr (!on_host) {
       if constexpr (images) {
@@ -436,6 +476,8 @@ class method {
       r_.p_out = ws_.template take<T>(n(ns * K), "predictor output");
       r_.d_logits = ws_.template take<T>(n(ns * K), "d student head logits");
     }
+    if constexpr (has_mask)
+      if (r_.cls_attn_n) r_.cls_attn = ws_.template take<T>(r_.cls_attn_n, "teacher CLS attention");
     if constexpr (!on_host) {
       r_.input = ws_.template take<T>(r_.input_n, "input crops");
       r_.slots = ws_.template take<step_slot>(step_result_slots, "step results");
@@ -500,9 +542,22 @@ class method {
     const std::int64_t n = teacher_pack_.crops;
     cview P = teacher_params();
     const T* sets[1] = {x.global};
-    backbone_.infer(pol, P, teacher_pack_, std::span<const T* const>(sets, 1),
-                    view{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"}, scratch());
+    const view feat{r_.t_feat, {n, backbone_.out_dim()}, "teacher features"};
+    if constexpr (has_mask) {  // with the last block's CLS attention (null: nothing is masked)
+      typename Backbone::template infer_outputs<T> out{};
+      out.cls_attention = r_.cls_attn;
+      backbone_.infer(pol, P, teacher_pack_, std::span<const T* const>(sets, 1), feat, scratch(), out);
+    } else {
+      backbone_.infer(pol, P, teacher_pack_, std::span<const T* const>(sets, 1), feat, scratch());
+    }
     teacher_head(pol, n);
+  }
+  // The student's kept patches of each global crop from the teacher's CLS attention.
+  void select_patches(const Policy& pol) {
+    if (!mask_patches_) return;
+    const std::int64_t H = backbone_.config().heads, N = mask_patches_;
+    mask_.select(pol, cview{r_.cls_attn, {teacher_pack_.crops, H * (1 + N)}, "teacher CLS attention"}, H, N,
+                 student_pack_.keep[0].data());
   }
   void teacher_head(const Policy& pol, std::int64_t n) {
     cview P = teacher_params();
@@ -570,6 +625,7 @@ class method {
     if constexpr (with_teacher) {
       if constexpr (images) run_teacher(pol, dx);
       else run_teacher(pol, as_space(dx).slice_rows(0, nt));
+      if constexpr (has_mask) select_patches(pol);
     }
     cview t{r_.t_logits, {nt, K}, "teacher logits"};
     // Student on all crops.
@@ -751,6 +807,8 @@ class method {
   Target target_;
   Loss loss_;
   TeacherUpdate update_;
+  [[no_unique_address]] StudentMask mask_;
+  std::int64_t mask_patches_ = 0;  // N of a global crop when the student's view is masked, else 0
   dino_schedules sched_;
   flat_params<T, space> student_, teacher_, grads_;
   optim::adamw<T, space> opt_;
@@ -761,7 +819,8 @@ class method {
     T* input = nullptr;  // device copy of the host input (GPU only)
     step_slot* slots = nullptr;  // the steps' results, a ring of step_result_slots (GPU only)
     T *p_out = nullptr, *d_logits = nullptr;  // the predictor's output, d head output (with a predictor)
-    std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0, input_n = 0, pred_saved_n = 0;
+    T* cls_attn = nullptr;  // the teacher's last-block CLS attention (with a StudentMask that masks)
+    std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0, input_n = 0, pred_saved_n = 0, cls_attn_n = 0;
   };
   std::size_t bsaved_ = 0;
   struct no_pack {};

@@ -11,6 +11,12 @@
 //   mocov2            mocov2_method                        raw outputs     InfoNCE+queue   EMA      -         2
 //   swav_like         swav_like_method                     Sinkhorn-Knopp  cross-entropy   copy     -         multi
 //   simclr            simclr_method                        (none)          NT-Xent         none     -         2
+//   dino_attention_mask dino_attention_mask_method         centering       cross-entropy   EMA      -         multi
+//
+// dino_attention_mask is DINO with an attention_mask StudentMask (ssl/student_mask.hpp): the
+// student's view of each global crop drops the fraction dino_config::mask_ratio (0.3 by
+// default) of its patches that the teacher's CLS attention ranks lowest. It needs an image
+// backbone (nn::vit). Ratio 0 is DINO, bit for bit.
 //
 // Every preset has the DINO head as its projector. make_<preset>(backbone config, backbone
 // output size, dino_config) builds one; preset_defaults(name) gives a dino_config with the
@@ -34,6 +40,7 @@
 #include "dino/ssl/nt_xent.hpp"
 #include "dino/ssl/predictor.hpp"
 #include "dino/ssl/sinkhorn.hpp"
+#include "dino/ssl/student_mask.hpp"
 #include "dino/ssl/targets.hpp"
 
 namespace dino::ssl {
@@ -63,6 +70,9 @@ template <class Backbone, class T = float, class Policy = cpu_policy>
 using swav_like_method = method<Backbone, dino_head, sinkhorn_knopp<T>, cross_entropy_distillation, copy_update, T, Policy>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
 using simclr_method = method<Backbone, dino_head, raw_target<T>, nt_xent<T>, no_teacher, T, Policy>;
+template <class Backbone, class T = float, class Policy = cpu_policy>
+using dino_attention_mask_method = method<Backbone, dino_head, center_of<Policy, T>, cross_entropy_distillation,
+                                          ema_update, T, Policy, no_predictor, attention_mask>;
 
 /// Hyper-parameters of a run beyond the backbone (reference defaults, dino-spec §3, §4.9),
 /// with those of the variants after `train`.
@@ -77,12 +87,16 @@ struct dino_config {
   std::int64_t queue_size = 65536;       ///< MoCo's negatives (the queue holds queue_size x K values)
   double info_nce_temperature = 0.2;     ///< MoCo v2
   double nt_xent_temperature = 0.1;      ///< SimCLR
+  /// dino_attention_mask: the fraction of each global crop's patches hidden from the student,
+  /// in [0, 1). 0.3 hides the least-attended background of a centred object while the
+  /// student keeps most of the crop (7 x 7 patches: 14 dropped, 35 kept).
+  double mask_ratio = 0.3;
 };
 
 /// The preset names, as dino-train --method takes them.
-inline constexpr std::array<std::string_view, 10> preset_names = {
+inline constexpr std::array<std::string_view, 11> preset_names = {
     "dino", "dino_no_momentum", "dino_sinkhorn", "dino_two_crops", "dino_mse",
-    "dino_predictor", "byol", "mocov2", "swav_like", "simclr"};
+    "dino_predictor", "byol", "mocov2", "swav_like", "simclr", "dino_attention_mask"};
 
 /// Whether a preset uses the two-crop plan (2 global crops, no local ones).
 inline bool two_crop_preset(std::string_view name) {
@@ -116,13 +130,13 @@ namespace detail {
 inline int preset_crops(const dino_config& c, bool two) { return two ? 2 : 2 + c.local_crops; }
 template <class M, class Target, class Loss, class Update>
 M make_preset(typename M::backbone_type::config_type backbone, std::int64_t backbone_out_dim, dino_config c,
-              Target target, Loss loss, Update update) {
+              Target target, Loss loss, Update update, typename M::mask_type mask = {}) {
   c.head.in_dim = backbone_out_dim;
   if constexpr (std::is_same_v<typename M::predictor_type, no_predictor>)
-    return M(backbone, c.head, std::move(target), std::move(loss), update, c.train);
+    return M(backbone, c.head, std::move(target), std::move(loss), update, c.train, std::move(mask));
   else
     return M(backbone, c.head, predictor_config(c.head.out_dim, c.predictor_hidden), std::move(target),
-             std::move(loss), update, c.train);
+             std::move(loss), update, c.train, std::move(mask));
 }
 }  // namespace detail
 
@@ -200,6 +214,16 @@ inline simclr_method<Backbone, T, Policy> make_simclr(typename Backbone::config_
                                                                  raw_target<T>({c.head.out_dim}),
                                                                  nt_xent<T>({2, 2, c.nt_xent_temperature}),
                                                                  no_teacher{});
+}
+/// DINO whose student sees each global crop without its c.mask_ratio least-attended patches
+/// (config_error for a ratio outside [0, 1)); image backbones only.
+template <class Backbone, class T = float, class Policy = cpu_policy>
+inline dino_attention_mask_method<Backbone, T, Policy> make_dino_attention_mask(
+    typename Backbone::config_type backbone, std::int64_t backbone_out_dim, dino_config c) {
+  return detail::make_preset<dino_attention_mask_method<Backbone, T, Policy>>(
+      backbone, backbone_out_dim, c, center_of<Policy, T>({c.head.out_dim, c.center_momentum}),
+      cross_entropy_distillation({detail::preset_crops(c, false), 2, c.student_temp}), ema_update{},
+      attention_mask({c.mask_ratio}));
 }
 
 }  // namespace dino::ssl

@@ -362,7 +362,9 @@ def gen_adamw(out_dir):
     write_golden(os.path.join(out_dir, "adamw.bin"), tensors)
 
 
-def main():
+def golden_main(*gens):
+    """The generators' command line: --out DIR (default tests/golden/data), one thread, float32;
+    then each gen(out_dir) in turn."""
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.normpath(os.path.join(here, "..", "data")))
@@ -371,11 +373,12 @@ def main():
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float32)
     print("torch", torch.__version__, "numpy", np.__version__)
-    gen_head(args.out)
-    gen_loss(args.out)
-    gen_ema(args.out)
-    gen_schedules(args.out)
-    gen_adamw(args.out)
+    for gen in gens:
+        gen(args.out)
+
+
+def main():
+    golden_main(gen_head, gen_loss, gen_ema, gen_schedules, gen_adamw)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ unless said otherwise, torch.manual_seed fixed. Each reference restates the offi
 Entries per case: `hyper` (float64), inputs, `loss` (scalar), `dstudent` (d loss / d student
 rows, autograd), and for sk `targets`; for infonce `queue` and `new_queue`.
 """
-import argparse
 import os
 import sys
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_objective import write_golden  # noqa: E402
+from gen_objective import golden_main, write_golden  # noqa: E402
 
 
 # ---- DINOv2: dinov2/loss/dino_clstoken_loss.py, world_size 1 ----------------------------
@@ -218,15 +217,7 @@ def gen(out):
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.normpath(os.path.join(here, "..", "data")))
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    print("torch", torch.__version__, "numpy", np.__version__)
-    gen(args.out)
+    golden_main(gen)
 
 
 if __name__ == "__main__":

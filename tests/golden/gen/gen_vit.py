@@ -34,7 +34,6 @@ implementation of the documented semantics, the grid sizes, the no-interpolation
 ViT forward against a numpy float64 forward, float32 gradients against float64, the
 multi-crop packing against per-crop calls, and the float32 training run against float64.
 """
-import argparse
 import math
 import os
 import sys
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_objective import (DINOHead, cancel_gradients_last_layer, clip_gradients,  # noqa: E402
-                           cosine_scheduler, f64, get_params_groups, write_golden)
+                           cosine_scheduler, f64, get_params_groups, golden_main, write_golden)
 
 # ----------------------------------------------------------------------------- reference ViT
 # vision_transformer.py (dino-spec section 1), the parts the factories use: qkv_bias True,
@@ -673,17 +672,7 @@ def gen_e2e(out_dir):
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.normpath(os.path.join(here, "..", "data")))
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    print("torch", torch.__version__, "numpy", np.__version__)
-    gen_model(args.out)
-    gen_pack(args.out)
-    gen_e2e(args.out)
+    golden_main(gen_model, gen_pack, gen_e2e)
 
 
 if __name__ == "__main__":
