@@ -7,7 +7,8 @@
 // 197-token segment and odd lengths; head dim 129 is refused. With a TF32 policy, the
 // tensor-core forward (float, head dims 32/64/128, segments up to 256 tokens) on the same
 // packs and on 256/257-token segments, within 5e-3 (TF32 keeps 10 mantissa bits: about 5e-4
-// per rounded operand; scores of 64-term dot products of values in [-2, 2]).
+// per rounded operand; scores of 64-term dot products of values in [-2, 2]); its backward
+// (dP, dQ, dK, dV on tensor cores too) within 1e-2 on dqkv and dS.
 //
 // Bounds, normwise (max |gpu - cpu| / max |cpu|, cuda_test_support.cuh), per quantity:
 //   fp32    out, probs, CLS rows, dqkv, dS (scratch): 1e-5 each. Measured on the CPU, a float
@@ -109,12 +110,18 @@ std::vector<T> nan_vector(std::size_t n) {
 // segments of at most 256 tokens runs on tensor cores (bound fwd_tf32_bound for out, P and
 // the CLS rows); the backward is the same kernel either way.
 constexpr double fwd_tf32_bound = 5e-3;
+constexpr double bwd_tf32_bound = 1e-2;  // dS and dqkv: one more TF32 product after dP
+
+struct errors {
+  double out = 0, probs = 0, dqkv = 0, ds = 0;
+};
 
 template <class T>
-void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uint64_t seed, bool tf32 = false) {
+errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uint64_t seed, bool tf32 = false) {
   constexpr bool fp32 = std::is_same_v<T, float>;
   const double bound = fp32 ? 1e-5 : 1e-12;  // normwise, every quantity
-  const double fwd_bound = tf32 ? fwd_tf32_bound : bound;
+  const double fwd_bound = tf32 ? fwd_tf32_bound : bound, bwd_bound = tf32 ? bwd_tf32_bound : bound;
+  errors e;
   const std::int64_t Tn = p.tokens;
   const auto qkv = random_vector<T>(std::size_t(Tn * 3 * D), seed, -2.0, 2.0);
   const auto dout = random_vector<T>(std::size_t(Tn * D), seed + 1);
@@ -144,10 +151,12 @@ void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uin
 
   {
     INFO("out");
+    e.out = max_rel_error(segment_rows(download(d_out), p, D), segment_rows(out, p, D));
     DINO_CHECK_CLOSE(segment_rows(download(d_out), p, D), segment_rows(out, p, D), fwd_bound);
   }
   {
     INFO("probs");
+    e.probs = max_rel_error(download(d_probs), probs);
     DINO_CHECK_CLOSE(download(d_probs), probs, fwd_bound);
   }
   {
@@ -158,14 +167,17 @@ void check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uin
   }
   {
     INFO("dqkv");
-    DINO_CHECK_CLOSE(segment_rows(download(d_dqkv), p, 3 * D), segment_rows(dqkv, p, 3 * D), bound);
+    e.dqkv = max_rel_error(segment_rows(download(d_dqkv), p, 3 * D), segment_rows(dqkv, p, 3 * D));
+    DINO_CHECK_CLOSE(segment_rows(download(d_dqkv), p, 3 * D), segment_rows(dqkv, p, 3 * D), bwd_bound);
   }
   {
     INFO("scratch holds dS");
     auto g = download(d_scratch);
     g.resize(p.probs);
-    DINO_CHECK_CLOSE(g, dP, bound);
+    e.ds = max_rel_error(g, dP);
+    DINO_CHECK_CLOSE(g, dP, bwd_bound);
   }
+  return e;
 }
 
 struct head_case {
@@ -258,7 +270,10 @@ TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 roundin
       CAPTURE(hc.D / hc.heads);
       CAPTURE(lengths.size());
       CAPTURE(lengths.front());
-      check_attention<float>(make_pack(lengths, hc.heads), hc.heads, hc.D, seed++, true);
+      const errors e = check_attention<float>(make_pack(lengths, hc.heads), hc.heads, hc.D, seed++, true);
+      if (lengths.size() == 1 && lengths[0] == 197)
+        MESSAGE("TF32, one segment of 197, head dim " << hc.D / hc.heads << ": normwise errors out " << e.out
+                                                      << ", P " << e.probs << ", dqkv " << e.dqkv << ", dS " << e.ds);
     }
   check_attention<float>(make_pack({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, true);  // gaps
   check_attention<float>(make_pack({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, true);       // reversed

@@ -49,7 +49,8 @@
 // (pol.tf32, float, head dim 32, 64 or 128, segments of at most 256 tokens): the forward
 // then runs Q K^T and P V on TF32 tensor cores with fp32 accumulation and an exact fp32
 // softmax (forward_tc_kernel; the same contract, results within TF32 rounding). The backward
-// stays on the CUDA cores.
+// runs on tensor cores too under the same conditions (backward_rows_tc_kernel and
+// backward_cols_tc_kernel: dP, dQ, dK and dV on TF32, dS in fp32).
 #pragma once
 
 #include <algorithm>
@@ -449,6 +450,34 @@ inline std::size_t smem_bytes(std::int64_t n, int hd) {
 }
 }  // namespace tc
 
+// rows [first, first + rows) of a head's columns of src (row stride ld) into dst (row stride
+// stride), zeros at and past row n; float4 when vec (decided on the host).
+template <int HD>
+__device__ __forceinline__ void tc_stage(float* dst, int stride, const float* src, std::int64_t ld, std::int64_t first,
+                                         int rows, std::int64_t n, bool vec) {
+  if (vec) {
+    constexpr int V4 = HD / 4;
+    for (int idx = threadIdx.x; idx < rows * V4; idx += threads) {
+      const int r = idx / V4, d = (idx % V4) * 4;
+      const std::int64_t i = first + r;
+      const float4 v = i < n ? *reinterpret_cast<const float4*>(src + i * ld + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+      *reinterpret_cast<float4*>(dst + r * stride + d) = v;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < rows * HD; idx += threads) {
+      const int r = idx / HD, d = idx % HD;
+      const std::int64_t i = first + r;
+      dst[r * stride + d] = i < n ? src[i * ld + d] : 0.0f;
+    }
+  }
+}
+
+template <class Frag>
+__device__ __forceinline__ void tc_round(Frag& f) {
+#pragma unroll
+  for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+}
+
 template <int HD>
 __global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int lds, int wfl, bool vec) {
   using namespace nvcuda;
@@ -468,44 +497,20 @@ __global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int
   const float* Vb = Qb + 2 * g.D;
   float* P = g.probs + g.poff0 + (seg * g.heads + h) * n * n;
   float* cls = g.cls ? g.cls + g.cls0 + (seg * g.heads + h) * n : nullptr;
-  // rows [first, first + rows) of a Q, K or V head into shared memory, zeros past n; in float4
-  // when qkv and its row length allow (vec, decided on the host), else element by element
-  const auto stage = [&](float* dst, int stride, const float* src, std::int64_t first, int rows) {
-    if (vec) {
-      constexpr int V4 = HD / 4;
-      for (int idx = threadIdx.x; idx < rows * V4; idx += threads) {
-        const int r = idx / V4, d = (idx % V4) * 4;
-        const std::int64_t i = first + r;
-        const float4 v = i < n ? *reinterpret_cast<const float4*>(src + i * ld + d) : make_float4(0.f, 0.f, 0.f, 0.f);
-        *reinterpret_cast<float4*>(dst + r * stride + d) = v;
-      }
-    } else {
-      for (int idx = threadIdx.x; idx < rows * HD; idx += threads) {
-        const int r = idx / HD, d = idx % HD;
-        const std::int64_t i = first + r;
-        dst[r * stride + d] = i < n ? src[i * ld + d] : 0.0f;
-      }
-    }
-  };
-  const auto to_tf32 = [](auto& f) {
-#pragma unroll
-    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
-  };
-
-  stage(sW, LK, Qb, q0, tc::qrows);  // [64][LK] across the warps' regions (64 * LK <= 4 * wfl)
+  tc_stage<HD>(sW, LK, Qb, ld, q0, tc::qrows, n, vec);  // [64][LK] across the warps' regions (64 * LK <= 4 * wfl)
   __syncthreads();
   frag_a qf[F];
 #pragma unroll
   for (int f = 0; f < F; ++f) {
     wmma::load_matrix_sync(qf[f], sW + (w * 16) * LK + f * 8, LK);
-    to_tf32(qf[f]);
+    tc_round(qf[f]);
   }
   float* Sw = sW + w * wfl;  // this warp's S rows [16][lds]
   const int npad = int((n + tc::kt - 1) / tc::kt) * tc::kt;  // S columns: keys padded to 16
   const int nst = int((n + tc::ks - 1) / tc::ks);             // staged tiles of 64 keys
   for (int kb = 0; kb < nst; ++kb) {
     __syncthreads();  // Q staging read (first time), previous key tile read
-    stage(sKV, LK, Kb, std::int64_t(kb) * tc::ks, tc::ks);
+    tc_stage<HD>(sKV, LK, Kb, ld, std::int64_t(kb) * tc::ks, tc::ks, n, vec);
     __syncthreads();
     for (int sub = 0; sub < tc::ks / tc::kt && kb * tc::ks + sub * tc::kt < npad; ++sub) {
       frag_acc acc;
@@ -514,7 +519,7 @@ __global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int
       for (int f = 0; f < F; ++f) {
         frag_bc kf;  // K^T: element (d, j) at sKV[(16 sub + j) * LK + d]
         wmma::load_matrix_sync(kf, sKV + sub * tc::kt * LK + f * 8, LK);
-        to_tf32(kf);
+        tc_round(kf);
         wmma::mma_sync(acc, qf[f], kf, acc);
       }
       wmma::store_matrix_sync(Sw + kb * tc::ks + sub * tc::kt, acc, lds, wmma::mem_row_major);
@@ -563,17 +568,17 @@ __global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int
   for (int c = 0; c < OC; ++c) wmma::fill_fragment(o[c], 0.0f);
   for (int kb = 0; kb < nst; ++kb) {
     __syncthreads();  // previous value (or key) tile read
-    stage(sKV, LK, Vb, std::int64_t(kb) * tc::ks, tc::ks);
+    tc_stage<HD>(sKV, LK, Vb, ld, std::int64_t(kb) * tc::ks, tc::ks, n, vec);
     __syncthreads();
     for (int kk = 0; kk < tc::ks / 8 && kb * tc::ks + kk * 8 < npad; ++kk) {
       frag_a pf;
       wmma::load_matrix_sync(pf, Sw + kb * tc::ks + kk * 8, lds);
-      to_tf32(pf);
+      tc_round(pf);
 #pragma unroll
       for (int c = 0; c < OC; ++c) {
         frag_br vf;  // V rows kk*8.., columns c*16..
         wmma::load_matrix_sync(vf, sKV + kk * 8 * LK + c * 16, LK);
-        to_tf32(vf);
+        tc_round(vf);
         wmma::mma_sync(o[c], pf, vf, o[c]);
       }
     }
@@ -587,6 +592,202 @@ __global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int
     const int r = idx / HD, d = idx % HD;
     const std::int64_t i = q0 + w * 16 + r;
     if (i < n) Ob[i * g.D + d] = Sw[r * LK + d];
+  }
+}
+
+// ---- TF32 tensor-core backward (the same conditions as the forward) ----
+// rows:    one block of 4 warps per (segment, head, 64 queries), as the forward: dP = dO V^T
+//          into the warp's rows of shared memory (16-key wmma tiles), dot_i = sum_j dP_ij P_ij
+//          and dS = P o (dP - dot) in fp32 (written to the dS scratch, as the fp32 kernel),
+//          then dQ = dS K * scale.
+// columns: one block per (segment, head, 64 keys); warp w owns keys 16w..16w+15. For each 64
+//          queries, Q, dO and the [64 x 64] blocks of dS and P are staged; dK += dS^T Q and
+//          dV += P^T dO on tensor cores (dS^T and P^T read as column-major fragments).
+namespace tc {
+constexpr int ld_blk = ks + 4;  ///< row stride of a staged [64 x 64] block of dS or P
+inline std::size_t cols_smem_bytes(int hd) {
+  return sizeof(float) * std::size_t(2 * ks * ld_kv(hd) + 2 * ks * ld_blk);
+}
+}  // namespace tc
+
+template <int HD>
+__global__ void __launch_bounds__(threads) backward_rows_tc_kernel(group<float> g, int lds, int wfl, bool vec) {
+  using namespace nvcuda;
+  using frag_a = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using frag_bc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using frag_br = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  constexpr int LK = tc::ld_kv(HD), F = HD / 8, OC = HD / 16;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  float* sKV = reinterpret_cast<float*>(smem_raw);  // [64][LK]  V tile, then K tile
+  float* sW = sKV + tc::ks * LK;                     // warps x wfl: dO staging, then dP / dS rows, then dQ
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * tc::qrows, h = blockIdx.y;
+  const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
+  const float* Kb = g.qkv + first * ld + g.D + h * HD;
+  const float* Vb = Kb + g.D;
+  const float* dOb = g.dout + first * g.D + h * HD;
+  const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
+  const float* P = g.probs + blk;
+  float* S = g.ds + blk;
+
+  tc_stage<HD>(sW, LK, dOb, g.D, q0, tc::qrows, n, vec);
+  __syncthreads();
+  frag_a af[F];
+#pragma unroll
+  for (int f = 0; f < F; ++f) {
+    wmma::load_matrix_sync(af[f], sW + (w * 16) * LK + f * 8, LK);
+    tc_round(af[f]);
+  }
+  float* Sw = sW + w * wfl;
+  const int npad = int((n + tc::kt - 1) / tc::kt) * tc::kt;
+  const int nst = int((n + tc::ks - 1) / tc::ks);
+  for (int kb = 0; kb < nst; ++kb) {  // dP = dO V^T
+    __syncthreads();
+    tc_stage<HD>(sKV, LK, Vb, ld, std::int64_t(kb) * tc::ks, tc::ks, n, vec);
+    __syncthreads();
+    for (int sub = 0; sub < tc::ks / tc::kt && kb * tc::ks + sub * tc::kt < npad; ++sub) {
+      frag_acc acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int f = 0; f < F; ++f) {
+        frag_bc vf;
+        wmma::load_matrix_sync(vf, sKV + sub * tc::kt * LK + f * 8, LK);
+        tc_round(vf);
+        wmma::mma_sync(acc, af[f], vf, acc);
+      }
+      wmma::store_matrix_sync(Sw + kb * tc::ks + sub * tc::kt, acc, lds, wmma::mem_row_major);
+    }
+  }
+  __syncwarp();
+  for (int r = 0; r < 16; ++r) {  // dS = P o (dP - rowsum(dP o P)), into S and the warp's rows
+    const std::int64_t i = q0 + w * 16 + r;
+    float* row = Sw + r * lds;
+    if (i >= n) {
+      for (int j = lane; j < npad; j += 32) row[j] = 0.0f;
+      continue;
+    }
+    float dot = 0.0f;
+    for (int j = lane; j < n; j += 32) dot += row[j] * P[i * n + j];
+    dot = warp_sum(dot);
+    for (int j = lane; j < npad; j += 32) {
+      float ds = 0.0f;
+      if (j < n) {
+        ds = P[i * n + j] * (row[j] - dot);
+        S[i * n + j] = ds;
+      }
+      row[j] = ds;
+    }
+  }
+  __syncwarp();
+  frag_acc dq[OC];  // dQ = dS K
+#pragma unroll
+  for (int c = 0; c < OC; ++c) wmma::fill_fragment(dq[c], 0.0f);
+  for (int kb = 0; kb < nst; ++kb) {
+    __syncthreads();
+    tc_stage<HD>(sKV, LK, Kb, ld, std::int64_t(kb) * tc::ks, tc::ks, n, vec);
+    __syncthreads();
+    for (int kk = 0; kk < tc::ks / 8 && kb * tc::ks + kk * 8 < npad; ++kk) {
+      frag_a sf;
+      wmma::load_matrix_sync(sf, Sw + kb * tc::ks + kk * 8, lds);
+      tc_round(sf);
+#pragma unroll
+      for (int c = 0; c < OC; ++c) {
+        frag_br kf;
+        wmma::load_matrix_sync(kf, sKV + kk * 8 * LK + c * 16, LK);
+        tc_round(kf);
+        wmma::mma_sync(dq[c], sf, kf, dq[c]);
+      }
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int c = 0; c < OC; ++c) wmma::store_matrix_sync(Sw + c * 16, dq[c], LK, wmma::mem_row_major);
+  __syncwarp();
+  float* dQb = g.dqkv + first * ld + h * HD;
+  for (int idx = lane; idx < 16 * HD; idx += 32) {
+    const int r = idx / HD, d = idx % HD;
+    const std::int64_t i = q0 + w * 16 + r;
+    if (i < n) dQb[i * ld + d] = Sw[r * LK + d] * g.scale;
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(threads) backward_cols_tc_kernel(group<float> g, bool vec) {
+  using namespace nvcuda;
+  using frag_ac = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using frag_br = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  constexpr int LK = tc::ld_kv(HD), OC = HD / 16, LP = tc::ld_blk;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  float* sQ = reinterpret_cast<float*>(smem_raw);  // [64][LK] queries of the stage
+  float* sO = sQ + tc::ks * LK;                     // [64][LK] their dO
+  float* sS = sO + tc::ks * LK;                     // [64 queries][LP] dS of the block's keys
+  float* sP = sS + tc::ks * LP;                     // [64 queries][LP] P
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const std::int64_t seg = blockIdx.x / g.tiles, k0 = (blockIdx.x % g.tiles) * tc::ks, h = blockIdx.y;
+  const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
+  const float* Qb = g.qkv + first * ld + h * HD;
+  const float* dOb = g.dout + first * g.D + h * HD;
+  const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
+  const float* P = g.probs + blk;
+  const float* S = g.ds + blk;
+  frag_acc dk[OC], dv[OC];
+#pragma unroll
+  for (int c = 0; c < OC; ++c) {
+    wmma::fill_fragment(dk[c], 0.0f);
+    wmma::fill_fragment(dv[c], 0.0f);
+  }
+  const int nq = int((n + tc::ks - 1) / tc::ks);
+  for (int qs = 0; qs < nq; ++qs) {
+    const std::int64_t i0 = std::int64_t(qs) * tc::ks;
+    __syncthreads();
+    tc_stage<HD>(sQ, LK, Qb, ld, i0, tc::ks, n, vec);
+    tc_stage<HD>(sO, LK, dOb, g.D, i0, tc::ks, n, vec);
+    for (int idx = threadIdx.x; idx < tc::ks * tc::ks; idx += threads) {
+      const int r = idx / tc::ks, c = idx % tc::ks;
+      const std::int64_t i = i0 + r, j = k0 + c;
+      const bool in = i < n && j < n;
+      sS[r * LP + c] = in ? S[i * n + j] : 0.0f;
+      sP[r * LP + c] = in ? P[i * n + j] : 0.0f;
+    }
+    __syncthreads();
+    for (int kk = 0; kk < tc::ks / 8 && i0 + kk * 8 < n; ++kk) {
+      frag_ac sf, pf;  // (key r, query c) at [(8 kk + c) * LP + 16 w + r]
+      wmma::load_matrix_sync(sf, sS + kk * 8 * LP + w * 16, LP);
+      wmma::load_matrix_sync(pf, sP + kk * 8 * LP + w * 16, LP);
+      tc_round(sf);
+      tc_round(pf);
+#pragma unroll
+      for (int c = 0; c < OC; ++c) {
+        frag_br qf, of;
+        wmma::load_matrix_sync(qf, sQ + kk * 8 * LK + c * 16, LK);
+        wmma::load_matrix_sync(of, sO + kk * 8 * LK + c * 16, LK);
+        tc_round(qf);
+        tc_round(of);
+        wmma::mma_sync(dk[c], sf, qf, dk[c]);
+        wmma::mma_sync(dv[c], pf, of, dv[c]);
+      }
+    }
+  }
+  __syncthreads();  // the staged tiles are read: warp w's 16 rows of sQ and sO take dK and dV
+  float* kst = sQ + w * 16 * LK;
+  float* vst = sO + w * 16 * LK;
+#pragma unroll
+  for (int c = 0; c < OC; ++c) {
+    wmma::store_matrix_sync(kst + c * 16, dk[c], LK, wmma::mem_row_major);
+    wmma::store_matrix_sync(vst + c * 16, dv[c], LK, wmma::mem_row_major);
+  }
+  __syncwarp();
+  float* dKb = g.dqkv + first * ld + g.D + h * HD;
+  float* dVb = dKb + g.D;
+  for (int idx = lane; idx < 16 * HD; idx += 32) {
+    const int r = idx / HD, d = idx % HD;
+    const std::int64_t j = k0 + w * 16 + r;
+    if (j < n) {
+      dKb[j * ld + d] = kst[r * LK + d] * g.scale;
+      dVb[j * ld + d] = vst[r * LK + d];
+    }
   }
 }
 
@@ -698,6 +899,30 @@ inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<se
     g.row0 = segs[a].offset;
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = 0;
+    if constexpr (std::is_same_v<T, float> && !Padded) {
+      if (pol.tf32 && g.n <= tc::max_n) {  // TF32 tensor cores (see backward_rows_tc_kernel)
+        const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 &&
+                         reinterpret_cast<std::uintptr_t>(g.dout) % 16 == 0 && g.D % 4 == 0;
+        g.tiles = (g.n + tc::qrows - 1) / tc::qrows;
+        const std::size_t rs = tc::smem_bytes(g.n, HD), cs = tc::cols_smem_bytes(HD);
+        const int lds = tc::ld_s(g.n), wfl = tc::warp_floats(g.n, HD);
+        const std::int64_t blocks = count * g.tiles;
+        require<shape_error>(blocks <= 0x7fffffffLL && g.heads <= 65535, "attention_backward: too many blocks (",
+                             blocks, " x ", g.heads, ")");
+        if (rs > 48 * 1024)
+          DINO_CUDA_CHECK(
+              cudaFuncSetAttribute(backward_rows_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(rs)));
+        if (cs > 48 * 1024)
+          DINO_CUDA_CHECK(
+              cudaFuncSetAttribute(backward_cols_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cs)));
+        const dim3 grid(unsigned(blocks), unsigned(g.heads));  // 64 queries, then 64 keys, per block
+        backward_rows_tc_kernel<HD><<<grid, threads, rs, pol.stream>>>(g, lds, wfl, vec);
+        DINO_CUDA_LAUNCHED("attention_backward (rows, TF32 tensor cores)");
+        backward_cols_tc_kernel<HD><<<grid, threads, cs, pol.stream>>>(g, vec);
+        DINO_CUDA_LAUNCHED("attention_backward (columns, TF32 tensor cores)");
+        return;
+      }
+    }
     g.tiles = (g.n + tile - 1) / tile;
     launch(pol, backward_rows_kernel<T, HD, Padded>, g, count, backward_rows_smem<T>(HD), "attention_backward (rows)");
     launch(pol, backward_cols_kernel<T, HD, Padded>, g, count, backward_cols_smem<T>(HD), "attention_backward (columns)");
