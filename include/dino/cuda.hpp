@@ -18,3 +18,4 @@
 #include "dino/policy/cuda/parallel.cuh"
 #include "dino/policy/cuda/policy.cuh"
 #include "dino/policy/cuda/reduce.cuh"
+#include "dino/policy/cuda/variants.cuh"
