@@ -66,10 +66,12 @@ struct info_nce_config {
 };
 
 template <class T, class Space = host_space>
-class info_nce {
+class info_nce : public detail::pair_loss_forms<info_nce<T, Space>> {
   static constexpr bool on_host = std::is_same_v<Space, host_space>;
+  friend struct detail::pair_loss_forms<info_nce>;
 
  public:
+  static constexpr const char* backward_name = "info_nce backward";
   using space = Space;
   info_nce() = default;
   explicit info_nce(info_nce_config c) : cfg_(c) {
@@ -90,38 +92,6 @@ class info_nce {
   }
   const info_nce_config& config() const { return cfg_; }
   int n_terms() const { return detail::crop_pairs::n_terms(cfg_.n_crops, cfg_.n_global); }
-
-  // ---- the loss --------------------------------------------------------------------------
-
-  /// The loss; row_loss [n_crops * B] receives each student row's summed pair losses.
-  template <class Policy, class S>
-  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                 tensor_view<T, S> row_loss) const {
-    return run(pol, s, q, row_loss, nullptr, 0.0, false);
-  }
-  /// The loss left in the policy's memory (GPU; no read-back).
-  template <class Policy, class S>
-    requires(!policy_traits<Policy>::is_host)
-  void forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
-               scalar_out loss) const {
-    run(pol, s, q, row_loss, nullptr, 0.0, false, &loss);
-  }
-  /// The loss, and ds (=|+=) dloss * d loss / d s.
-  template <class Policy, class S>
-  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
-    check_shape("info_nce backward", ds, s.shape);
-    return run(pol, s, q, row_loss, ds.data, dloss, accumulate);
-  }
-  /// The same with the loss left in the policy's memory (GPU; no read-back, no wait).
-  template <class Policy, class S>
-    requires(!policy_traits<Policy>::is_host)
-  void forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                        tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate,
-                        scalar_out loss) const {
-    check_shape("info_nce backward", ds, s.shape);
-    run(pol, s, q, row_loss, ds.data, dloss, accumulate, &loss);
-  }
 
   // ---- the queue -------------------------------------------------------------------------
 
@@ -303,7 +273,7 @@ class info_nce {
 
   template <class Policy, class S>
   double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
-             T* ds, double dloss, bool accumulate, const scalar_out* out = nullptr) const {
+             T* ds, double dloss, bool accumulate, const scalar_out* out) const {
     DINO_CHECK_SPACE(Policy, S);
     static_assert(std::is_same_v<S, Space>, "info_nce: the rows are not in the queue's memory space");
     const int V = cfg_.n_crops, G = cfg_.n_global;

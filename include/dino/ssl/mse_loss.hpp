@@ -38,47 +38,20 @@ struct mse_config {
   int n_global = 2;  ///< crops that have teacher rows (the first n_global)
 };
 
-class mse_distillation {
+class mse_distillation : public detail::pair_loss_forms<mse_distillation> {
+  friend struct detail::pair_loss_forms<mse_distillation>;
+
  public:
+  static constexpr const char* backward_name = "mse_distillation backward";
   mse_distillation() = default;
   explicit mse_distillation(mse_config c) : cfg_(c) { detail::crop_pairs::check("mse_distillation", c.n_crops, c.n_global); }
   const mse_config& config() const { return cfg_; }
   int n_terms() const { return detail::crop_pairs::n_terms(cfg_.n_crops, cfg_.n_global); }
 
-  /// The loss; row_loss [n_crops * B] receives each student row's summed pair losses.
-  template <class Policy, class T, class S>
-  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                 tensor_view<T, S> row_loss) const {
-    return run(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false);
-  }
-  /// The loss left in the policy's memory (GPU; no read-back).
-  template <class Policy, class T, class S>
-    requires(!policy_traits<Policy>::is_host)
-  void forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
-               scalar_out loss) const {
-    run(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false, &loss);
-  }
-  /// The loss, and ds (=|+=) dloss * d loss / d s.
-  template <class Policy, class T, class S>
-  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
-    check_shape("mse_distillation backward", ds, s.shape);
-    return run(pol, s, q, row_loss, ds.data, dloss, accumulate);
-  }
-  /// The same with the loss left in the policy's memory (GPU; no read-back, no wait).
-  template <class Policy, class T, class S>
-    requires(!policy_traits<Policy>::is_host)
-  void forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                        tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate,
-                        scalar_out loss) const {
-    check_shape("mse_distillation backward", ds, s.shape);
-    run(pol, s, q, row_loss, ds.data, dloss, accumulate, &loss);
-  }
-
  private:
   template <class Policy, class T, class S>
   double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
-             T* ds, double dloss, bool accumulate, const scalar_out* out = nullptr) const {
+             T* ds, double dloss, bool accumulate, const scalar_out* out) const {
     DINO_CHECK_SPACE(Policy, S);
     const int V = cfg_.n_crops, G = cfg_.n_global;
     const std::int64_t B = detail::pair_batch("mse_distillation", V, G, s, q, true);

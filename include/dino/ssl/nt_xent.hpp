@@ -50,10 +50,12 @@ struct nt_xent_config {
 };
 
 template <class T, class Space = host_space>
-class nt_xent {
+class nt_xent : public detail::pair_loss_forms<nt_xent<T, Space>> {
   static constexpr bool on_host = std::is_same_v<Space, host_space>;
+  friend struct detail::pair_loss_forms<nt_xent>;
 
  public:
+  static constexpr const char* backward_name = "nt_xent backward";
   using space = Space;
   /// The method skips the teacher forward, the targets and the teacher update (ssl/concepts.hpp).
   static constexpr bool uses_teacher = false;
@@ -69,38 +71,6 @@ class nt_xent {
   const nt_xent_config& config() const { return cfg_; }
   int n_terms() const { return detail::crop_pairs::n_terms(cfg_.n_crops, cfg_.n_global); }
 
-  /// The loss; row_loss [n_crops * B] receives each anchor row's summed terms. q is not read.
-  template <class Policy, class S>
-  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                 tensor_view<T, S> row_loss) const {
-    (void)q;
-    return run(pol, s, row_loss, nullptr, 0.0, false);
-  }
-  /// The loss left in the policy's memory (GPU; no read-back).
-  template <class Policy, class S>
-    requires(!policy_traits<Policy>::is_host)
-  void forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S>, tensor_view<T, S> row_loss,
-               scalar_out loss) const {
-    run(pol, s, row_loss, nullptr, 0.0, false, &loss);
-  }
-  /// The loss, and ds (=|+=) dloss * d loss / d s for every row. q is not read.
-  template <class Policy, class S>
-  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
-    (void)q;
-    check_shape("nt_xent backward", ds, s.shape);
-    return run(pol, s, row_loss, ds.data, dloss, accumulate);
-  }
-  /// The same with the loss left in the policy's memory (GPU; no read-back, no wait).
-  template <class Policy, class S>
-    requires(!policy_traits<Policy>::is_host)
-  void forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S>,
-                        tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate,
-                        scalar_out loss) const {
-    check_shape("nt_xent backward", ds, s.shape);
-    run(pol, s, row_loss, ds.data, dloss, accumulate, &loss);
-  }
-
  private:
   void grow_scratch(std::int64_t N, std::int64_t K) const {
     const auto n = [](std::int64_t v) { return static_cast<std::size_t>(v); };
@@ -110,9 +80,10 @@ class nt_xent {
     detail::grow(stats_d_, n(2 * N));
   }
 
+  // q (the teacher rows) is not read.
   template <class Policy, class S>
-  double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<T, S> row_loss, T* ds, double dloss,
-             bool accumulate, const scalar_out* out = nullptr) const {
+  double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S>, tensor_view<T, S> row_loss, T* ds,
+             double dloss, bool accumulate, const scalar_out* out) const {
     DINO_CHECK_SPACE(Policy, S);
     static_assert(std::is_same_v<S, Space>, "nt_xent: the rows are not in the scratch's memory space");
     const int V = cfg_.n_crops, G = cfg_.n_global;

@@ -52,7 +52,7 @@ struct sinkhorn_config {
 };
 
 template <class T, class Space = host_space>
-class sinkhorn_knopp {
+class sinkhorn_knopp : public detail::no_running_state {
   static constexpr bool on_host = std::is_same_v<Space, host_space>;
 
  public:
@@ -99,13 +99,6 @@ class sinkhorn_knopp {
     else device_targets(pol, t, tau, q, row_entropy);
     sum_to(pol, static_cast<const T*>(row_entropy.data), t.rows(), double(t.rows()), mean_entropy);
   }
-
-  template <class Policy, class S>
-  void observe(const Policy&, tensor_view<const T, S>) {}
-  void commit() {}
-  void discard() {}
-  template <class Policy>
-  void commit(const Policy&, const int*) {}
 
  private:
   template <class Policy, class S>

@@ -35,7 +35,7 @@ struct stateless_target_config {
 
 namespace detail {
 template <class T, bool Raw>
-class stateless_target {
+class stateless_target : public no_running_state {
  public:
   stateless_target() = default;
   explicit stateless_target(stateless_target_config c) : cfg_(c) {
@@ -64,13 +64,6 @@ class stateless_target {
     run(pol, t, tau, q, row_entropy);
     sum_to(pol, static_cast<const T*>(row_entropy.data), t.rows(), double(t.rows()), mean_entropy);
   }
-
-  template <class Policy, class S>
-  void observe(const Policy&, tensor_view<const T, S>) {}
-  void commit() {}
-  void discard() {}
-  template <class Policy>
-  void commit(const Policy&, const int*) {}
 
  private:
   template <class Policy, class S>

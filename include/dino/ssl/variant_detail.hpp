@@ -9,6 +9,9 @@
 //   (host memory / either space);
 // - loss_total: a pair loss from its row losses on either policy (returned, or left in device
 //   memory as a scalar_out);
+// - no_running_state: the observe / commit / discard of a target without state;
+// - pair_loss_forms: forward and forward_backward of a pair loss over its run(), returning the
+//   loss or (GPU) leaving it in device memory;
 // - grow: the device scratch of a part, planned by reserve() (a method calls it at
 //   construction) or grown on first use.
 #pragma once
@@ -160,6 +163,57 @@ struct no_scratch {
 template <class U, class Space>
 using scratch_for = std::conditional_t<std::is_same_v<Space, host_space>, no_scratch<U>,
                                        typename storage_for<U, Space>::type>;
+
+/// The running-state hooks of a teacher target that keeps none: nothing to observe, commit
+/// (with or without the skip flag) or discard.
+struct no_running_state {
+  template <class Policy, class View>
+  void observe(const Policy&, View) {}
+  void commit() {}
+  void discard() {}
+  template <class Policy>
+  void commit(const Policy&, const int*) {}
+};
+
+/// The public forms of a pair loss (mse_distillation, info_nce, nt_xent) over the loss's
+/// run(pol, s, q, row_loss, ds, dloss, accumulate, out) and its backward_name:
+///   forward(pol, s, q, row_loss)                       the loss; row_loss [n_crops * B] gets
+///                                                      each student row's summed terms
+///   forward_backward(pol, s, q, row_loss, ds, dloss, accumulate)
+///                                                      the loss, and ds (=|+=) dloss * d loss / d s
+/// and on the GPU the same with a last scalar_out argument: the loss left in device memory
+/// (*value (=|+=) weight * loss), nothing read back, nothing waited for.
+template <class Derived>
+struct pair_loss_forms {
+  template <class Policy, class T, class S>
+  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                 tensor_view<T, S> row_loss) const {
+    return self().run(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false, nullptr);
+  }
+  template <class Policy, class T, class S>
+    requires(!policy_traits<Policy>::is_host)
+  void forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
+               scalar_out loss) const {
+    self().run(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false, &loss);
+  }
+  template <class Policy, class T, class S>
+  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
+    check_shape(Derived::backward_name, ds, s.shape);
+    return self().run(pol, s, q, row_loss, ds.data, dloss, accumulate, nullptr);
+  }
+  template <class Policy, class T, class S>
+    requires(!policy_traits<Policy>::is_host)
+  void forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
+                        tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate,
+                        scalar_out loss) const {
+    check_shape(Derived::backward_name, ds, s.shape);
+    self().run(pol, s, q, row_loss, ds.data, dloss, accumulate, &loss);
+  }
+
+ private:
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
 
 /// Storage of at least n elements (reallocated, contents lost, when smaller).
 template <class Storage>

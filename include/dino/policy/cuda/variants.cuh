@@ -29,6 +29,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "dino/policy/cuda/loss.cuh"
 #include "dino/policy/pair_rows.hpp"
@@ -39,6 +40,7 @@ namespace dino::cuda {
 
 namespace variant_kernels {
 
+using loss_kernels::block_max;
 using loss_kernels::block_sum;
 using loss_kernels::row_reduce_storage;
 using loss_kernels::warp_rows_grid;
@@ -46,18 +48,6 @@ using loss_kernels::warp_rows_threads;
 using loss_kernels::warp_sum;
 
 inline constexpr double l2_eps = 1e-12;  // F.normalize's eps (ssl/variant_detail.hpp)
-
-/// The block-wide max of a double, returned to every thread.
-template <int Threads>
-__device__ __forceinline__ double block_max_d(double x, typename cub::BlockReduce<double, Threads>::TempStorage& tmp,
-                                              double& shared) {
-  const double m = cub::BlockReduce<double, Threads>(tmp).Reduce(x, ::cuda::maximum<>{});
-  if (threadIdx.x == 0) shared = m;
-  __syncthreads();
-  const double r = shared;
-  __syncthreads();
-  return r;
-}
 
 // ---- Sinkhorn-Knopp -------------------------------------------------------------------------
 
@@ -260,7 +250,7 @@ __global__ void __launch_bounds__(Threads)
   const double sinv = stats[2 * r + 1];
   double mx = -INFINITY;
   for (std::int64_t j = threadIdx.x; j < M; j += Threads) mx = fmax(mx, double(Lr[j]));
-  mx = block_max_d<Threads>(mx, sm.tmp.d, sm.d_shared);
+  mx = block_max<double, Threads>(mx, sm.tmp.d, sm.d_shared);
   double pos[8], qinv[8];
   for (int i = 0; i < G; ++i) {
     if (i == v) continue;
@@ -306,7 +296,7 @@ __global__ void __launch_bounds__(Threads) nt_xent_kernel(pair_rows_desc<T> d, T
   double mx = -INFINITY;
   for (std::int64_t k = threadIdx.x; k < N; k += Threads)
     if (k != a) mx = fmax(mx, double(Sa[k]));
-  mx = block_max_d<Threads>(mx, sm.tmp.d, sm.d_shared);
+  mx = block_max<double, Threads>(mx, sm.tmp.d, sm.d_shared);
   double z = 0;
   for (std::int64_t k = threadIdx.x; k < N; k += Threads)
     if (k != a) z += ::exp(double(Sa[k]) - mx);
@@ -370,6 +360,24 @@ inline unsigned grid_of(std::int64_t work) { return std::min(detail::grid_for(wo
 
 }  // namespace variant_kernels
 
+namespace variant_kernels {
+/// Calls launch(std::integral_constant<int, Threads>) with the block size of a block-per-row
+/// kernel: 256 threads, or 1024 for rows of 8192 or more elements.
+template <class F>
+inline void by_width(std::int64_t width, F launch) {
+  if (width >= 8192) launch(std::integral_constant<int, 1024>{});
+  else launch(std::integral_constant<int, 256>{});
+}
+/// The student rows of d (0: nothing to do), checked for the row kernels.
+template <class T>
+inline std::int64_t pair_rows(const pair_rows_desc<T>& d, const char* who) {
+  const std::int64_t rows = std::int64_t(d.n_crops) * d.B;
+  require<shape_error>(rows <= INT_MAX && d.K > 0 && d.n_global >= 1 && d.n_global <= 8, who,
+                       ": unsupported shape (", rows, " rows, K = ", d.K, ", ", d.n_global, " global crops)");
+  return rows > 0 ? rows : 0;
+}
+}  // namespace variant_kernels
+
 /// Sinkhorn-Knopp targets (see the file comment); r [K] and c [R] are double scratch.
 template <class T>
 inline void sinkhorn_rows(const cuda_policy& pol, const T* t, T* q, T* entropy, double* r, double* c, std::int64_t R,
@@ -380,17 +388,14 @@ inline void sinkhorn_rows(const cuda_policy& pol, const T* t, T* q, T* entropy, 
   const unsigned cols = unsigned((K + 255) / 256);
   vk::sinkhorn_max_kernel<<<cols, 256, 0, pol.stream>>>(t, r, R, K, inv_tau);
   vk::sinkhorn_exp_kernel<<<vk::grid_of(R * K), 256, 0, pol.stream>>>(t, r, q, R, K, inv_tau);
-  for (int it = 0; it < iterations; ++it) {
-    vk::sinkhorn_row_scale_kernel<<<cols, 256, 0, pol.stream>>>(q, it == 0 ? nullptr : c, r, R, K);
-    if (K >= 8192)
-      vk::sinkhorn_col_scale_kernel<T, 1024><<<unsigned(R), 1024, 0, pol.stream>>>(q, r, c, R, K);
-    else
-      vk::sinkhorn_col_scale_kernel<T, 256><<<unsigned(R), 256, 0, pol.stream>>>(q, r, c, R, K);
-  }
-  if (K >= 8192)
-    vk::sinkhorn_finish_kernel<T, 1024><<<unsigned(R), 1024, 0, pol.stream>>>(q, r, c, entropy, R, K);
-  else
-    vk::sinkhorn_finish_kernel<T, 256><<<unsigned(R), 256, 0, pol.stream>>>(q, r, c, entropy, R, K);
+  vk::by_width(K, [&](auto threads) {
+    constexpr int n = decltype(threads)::value;
+    for (int it = 0; it < iterations; ++it) {
+      vk::sinkhorn_row_scale_kernel<<<cols, 256, 0, pol.stream>>>(q, it == 0 ? nullptr : c, r, R, K);
+      vk::sinkhorn_col_scale_kernel<T, n><<<unsigned(R), n, 0, pol.stream>>>(q, r, c, R, K);
+    }
+    vk::sinkhorn_finish_kernel<T, n><<<unsigned(R), n, 0, pol.stream>>>(q, r, c, entropy, R, K);
+  });
   DINO_CUDA_LAUNCHED("sinkhorn_rows");
 }
 
@@ -407,8 +412,8 @@ inline void l2_rows_stats(const cuda_policy& pol, const T* x, T* y, double* stat
 template <class T>
 inline void l2_grad_rows(const cuda_policy& pol, const pair_rows_desc<T>& d, const double* stats, const T* g,
                          const double* pos_coef) {
-  const std::int64_t rows = std::int64_t(d.n_crops) * d.B;
-  if (rows <= 0) return;
+  const std::int64_t rows = variant_kernels::pair_rows(d, "l2_grad_rows");
+  if (!rows) return;
   variant_kernels::l2_grad_rows_kernel<<<variant_kernels::warp_rows_grid(rows), variant_kernels::warp_rows_threads, 0,
                                          pol.stream>>>(d, stats, g, pos_coef);
   DINO_CUDA_LAUNCHED("l2_grad_rows");
@@ -416,41 +421,35 @@ inline void l2_grad_rows(const cuda_policy& pol, const pair_rows_desc<T>& d, con
 
 template <class T>
 inline void mse_rows(const cuda_policy& pol, const pair_rows_desc<T>& d) {
-  const std::int64_t rows = std::int64_t(d.n_crops) * d.B;
-  if (rows <= 0) return;
-  require<shape_error>(rows <= INT_MAX && d.K > 0 && d.n_global >= 1 && d.n_global <= 8, "mse_rows: unsupported shape (",
-                       rows, " rows, K = ", d.K, ")");
-  if (d.K >= 8192)
-    variant_kernels::mse_kernel<T, 1024><<<unsigned(rows), 1024, 0, pol.stream>>>(d);
-  else
-    variant_kernels::mse_kernel<T, 256><<<unsigned(rows), 256, 0, pol.stream>>>(d);
+  const std::int64_t rows = variant_kernels::pair_rows(d, "mse_rows");
+  if (!rows) return;
+  variant_kernels::by_width(d.K, [&](auto threads) {
+    constexpr int n = decltype(threads)::value;
+    variant_kernels::mse_kernel<T, n><<<unsigned(rows), n, 0, pol.stream>>>(d);
+  });
   DINO_CUDA_LAUNCHED("mse_rows");
 }
 
 template <class T>
 inline void info_nce_rows(const cuda_policy& pol, const pair_rows_desc<T>& d, const double* stats, T* L,
                           const std::int64_t* queued, std::int64_t Q, double* pos_coef) {
-  const std::int64_t rows = std::int64_t(d.n_crops) * d.B;
-  if (rows <= 0) return;
-  require<shape_error>(rows <= INT_MAX && d.K > 0 && d.n_global >= 1 && d.n_global <= 8,
-                       "info_nce_rows: unsupported shape (", rows, " rows, K = ", d.K, ")");
-  if (Q >= 8192)
-    variant_kernels::info_nce_kernel<T, 1024><<<unsigned(rows), 1024, 0, pol.stream>>>(d, stats, L, queued, Q, pos_coef);
-  else
-    variant_kernels::info_nce_kernel<T, 256><<<unsigned(rows), 256, 0, pol.stream>>>(d, stats, L, queued, Q, pos_coef);
+  const std::int64_t rows = variant_kernels::pair_rows(d, "info_nce_rows");
+  if (!rows) return;
+  variant_kernels::by_width(Q, [&](auto threads) {
+    constexpr int n = decltype(threads)::value;
+    variant_kernels::info_nce_kernel<T, n><<<unsigned(rows), n, 0, pol.stream>>>(d, stats, L, queued, Q, pos_coef);
+  });
   DINO_CUDA_LAUNCHED("info_nce_rows");
 }
 
 template <class T>
 inline void nt_xent_rows(const cuda_policy& pol, const pair_rows_desc<T>& d, T* S) {
-  const std::int64_t rows = std::int64_t(d.n_crops) * d.B;
-  if (rows <= 0) return;
-  require<shape_error>(rows <= INT_MAX && d.n_global >= 1 && d.n_global <= 8, "nt_xent_rows: unsupported shape (",
-                       rows, " rows)");
-  if (rows >= 8192)
-    variant_kernels::nt_xent_kernel<T, 1024><<<unsigned(rows), 1024, 0, pol.stream>>>(d, S);
-  else
-    variant_kernels::nt_xent_kernel<T, 256><<<unsigned(rows), 256, 0, pol.stream>>>(d, S);
+  const std::int64_t rows = variant_kernels::pair_rows(d, "nt_xent_rows");
+  if (!rows) return;
+  variant_kernels::by_width(rows, [&](auto threads) {
+    constexpr int n = decltype(threads)::value;
+    variant_kernels::nt_xent_kernel<T, n><<<unsigned(rows), n, 0, pol.stream>>>(d, S);
+  });
   DINO_CUDA_LAUNCHED("nt_xent_rows");
 }
 
