@@ -39,7 +39,8 @@ dino_cli::flags make_flags() {
   f.add("data", "fashion-mnist", "data set kind: fashion-mnist, mnist (IDX files), cifar10, cifar100, folder (one sub-folder per class)")
       .add("data-path", "", "folder of the data set files [default for fashion-mnist: /usr/share/datasets/fashion-mnist]")
       .add("method", "dino", "the method (ssl/presets.hpp): dino, dino_no_momentum, dino_sinkhorn, dino_two_crops, "
-           "dino_mse, dino_predictor, byol, mocov2, swav_like, simclr, dino_attention_mask; --device cuda: dino only")
+           "dino_mse, dino_predictor, byol, mocov2, swav_like, simclr, dino_attention_mask (each on --device cpu or "
+           "cuda, except dino_attention_mask: cpu only)")
       .add("predictor-hidden", "4096", "with --method dino_predictor or byol: the predictor's hidden size")
       .add("mask-ratio", "0.3", "with --method dino_attention_mask: the fraction of each global crop's patches, those "
            "the teacher's CLS attention ranks lowest, that the student does not see; in [0, 1)")
@@ -151,9 +152,9 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   return 0;
 }
 
-// Every preset runs on the CPU (train/checkpoint.hpp saves a center or a queue where the
-// method has one); on a GPU only dino: the variant parts have no CUDA twins yet.
-void check_method(const std::string& m, const std::string& device) {
+// Every preset runs on the CPU and, in a CUDA build, on the GPU (train/checkpoint.hpp saves
+// a center or a queue where the method has one, from host or device memory).
+void check_method(const std::string& m) {
   bool known = false;
   for (auto n : dino::ssl::preset_names) known = known || n == m;
   if (!known) {
@@ -164,47 +165,52 @@ void check_method(const std::string& m, const std::string& device) {
   if (device == "cuda" && m == "dino_attention_mask")
     throw dino::config_error("dino-train: --method dino_attention_mask is CPU only for now (the student's masked "
                              "view has no CUDA path yet): use --device cpu");
-  if (device == "cuda" && m != "dino")
-    throw dino::config_error("dino-train: --method " + m +
-                             " is not available with --device cuda: its parts have no CUDA twins yet (only dino)");
 }
 
-// The method named by --method on the CPU policy.
-template <class Dataset>
-int train_cpu(const dino::cpu_policy& pol, const dino_cli::flags& f, const Dataset& ds, const dino::nn::vit_config& vc,
-              const dino::data::multicrop_config& mc, const dino::ssl::dino_config& c, std::uint64_t seed,
-              std::int64_t B) {
+// The method named by --method on the policy (cpu_policy, or cuda_policy with --device cuda).
+template <class Policy, class Dataset>
+int train_method(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, const dino::nn::vit_config& vc,
+                 const dino::data::multicrop_config& mc, const dino::ssl::dino_config& c, std::uint64_t seed,
+                 std::int64_t B) {
   using dino::nn::vit;
   namespace ssl = dino::ssl;
+  using P = Policy;
   const std::string m = f.str("method");
   if (m == "dino_no_momentum")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_no_momentum<vit>(vc, vc.embed_dim, c); });
-  if (m == "dino_two_crops")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_two_crops<vit>(vc, vc.embed_dim, c); });
-  if (m == "dino_predictor")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_predictor<vit>(vc, vc.embed_dim, c); });
-  if (m == "dino_sinkhorn")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_sinkhorn<vit>(vc, vc.embed_dim, c); });
-  if (m == "dino_mse")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_mse<vit>(vc, vc.embed_dim, c); });
-  if (m == "byol")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_byol<vit>(vc, vc.embed_dim, c); });
-  if (m == "mocov2")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_mocov2<vit>(vc, vc.embed_dim, c); });
-  if (m == "swav_like")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_swav_like<vit>(vc, vc.embed_dim, c); });
-  if (m == "simclr")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_simclr<vit>(vc, vc.embed_dim, c); });
-  if (m == "dino_attention_mask")
     return train_on(pol, f, ds, vc, mc, c, seed, B,
-                    [&] { return ssl::make_dino_attention_mask<vit>(vc, vc.embed_dim, c); });
-  return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino<vit>(vc, vc.embed_dim, c); });
+                    [&] { return ssl::make_dino_no_momentum<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "dino_two_crops")
+    return train_on(pol, f, ds, vc, mc, c, seed, B,
+                    [&] { return ssl::make_dino_two_crops<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "dino_predictor")
+    return train_on(pol, f, ds, vc, mc, c, seed, B,
+                    [&] { return ssl::make_dino_predictor<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "dino_sinkhorn")
+    return train_on(pol, f, ds, vc, mc, c, seed, B,
+                    [&] { return ssl::make_dino_sinkhorn<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "dino_mse")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_mse<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "byol")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_byol<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "mocov2")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_mocov2<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "swav_like")
+    return train_on(pol, f, ds, vc, mc, c, seed, B,
+                    [&] { return ssl::make_swav_like<vit, float, P>(vc, vc.embed_dim, c); });
+  if (m == "simclr")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_simclr<vit, float, P>(vc, vc.embed_dim, c); });
+  if constexpr (dino::policy_traits<P>::is_host) {  // the masked student view is CPU only (check_method)
+    if (m == "dino_attention_mask")
+      return train_on(pol, f, ds, vc, mc, c, seed, B,
+                      [&] { return ssl::make_dino_attention_mask<vit, float, P>(vc, vc.embed_dim, c); });
+  }
+  return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino<vit, float, P>(vc, vc.embed_dim, c); });
 }
 
 template <class Dataset>
 int train(const dino_cli::flags& f, const Dataset& ds) {
   const std::string method = f.str("method");
-  check_method(method, f.str("device"));
+  check_method(method);
   const bool small = dino_tools::is_small_images(ds);
   dino::nn::vit_config vc = dino_tools::arch(f.str("arch").empty() ? (small ? "vit_small28" : "vit_small") : f.str("arch"),
                                              f.integer("patch"));
@@ -272,14 +278,11 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
     throw dino::config_error("dino-train: " + std::to_string(ds.size()) + " images make no batch of " + std::to_string(B));
 
   const std::string device = f.str("device");
-  if (device == "cpu") return train_cpu(dino::cpu_policy{int(f.integer("threads", 1))}, f, ds, vc, mc, c, seed, B);
+  if (device == "cpu") return train_method(dino::cpu_policy{int(f.integer("threads", 1))}, f, ds, vc, mc, c, seed, B);
 #if defined(DINO_WITH_CUDA)
   if (device == "cuda") {
     dino::cuda::context ctx;
-    const auto pol = ctx.policy(f.boolean("tf32"));
-    using P = std::remove_cvref_t<decltype(pol)>;
-    return train_on(pol, f, ds, vc, mc, c, seed, B,
-                    [&] { return dino::ssl::make_dino<dino::nn::vit, float, P>(vc, vc.embed_dim, c); });
+    return train_method(ctx.policy(f.boolean("tf32")), f, ds, vc, mc, c, seed, B);
   }
   throw dino::config_error("dino-train: --device must be cpu or cuda, got '" + device + "'");
 #else

@@ -19,3 +19,4 @@
 #include "dino/policy/cuda/policy.cuh"
 #include "dino/policy/cuda/profile.cuh"
 #include "dino/policy/cuda/reduce.cuh"
+#include "dino/policy/cuda/variants.cuh"

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <dino/cuda.hpp>
@@ -37,6 +38,35 @@ template <class T>
 std::vector<T> download(const dino::cuda::device_buffer<T>& d) {
   dino::cuda::synchronize(gpu().stream());
   return dino::cuda::to_host(d.data(), d.size());
+}
+
+/// A host copy of n device elements, after the test stream's work.
+template <class T>
+std::vector<T> to_host_vec(const T* d, std::size_t n) {
+  dino::cuda::synchronize(gpu().stream());
+  return dino::cuda::to_host(d, n);
+}
+template <class T, class S>
+std::vector<std::remove_const_t<T>> to_host_vec(dino::tensor_view<T, S> v) {
+  return to_host_vec<std::remove_const_t<T>>(v.data, static_cast<std::size_t>(v.numel()));
+}
+
+/// Zeroed device buffers are made with cudaMemset on the legacy stream, which a non-blocking
+/// stream does not wait for: finish them before the test's stream uses them.
+inline void settle() { DINO_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+inline double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+template <class T>
+double max_abs(const std::vector<T>& a) {
+  double m = 0;
+  for (auto x : a) m = std::max(m, std::abs(double(x)));
+  return m;
+}
+/// Entropies H = sum q (lse - z) carry the fp32 rounding of lse (a float of size |z|max +
+/// ln K) in absolute terms, on the CPU as on the GPU: a flipped last bit of lse moves H by
+/// ulp(lse). The bound is 1e-6 (about 8 ulp) of that scale, plus 1e-6 of H itself.
+inline double entropy_bound(double z_max, std::int64_t K, double h_max) {
+  return 1e-6 * (z_max + std::log(double(K)) + h_max);
 }
 
 /// Normwise relative error max_i |a_i - b_i| / max_i |b_i| (the GPU against its CPU twin).

@@ -29,15 +29,6 @@ namespace {
 const cpu_policy cpu{2};
 
 template <class T>
-std::vector<T> to_host_vec(const T* d, std::size_t n) {
-  dino::cuda::synchronize(gpu().stream());
-  return dino::cuda::to_host(d, n);
-}
-template <class T, class S>
-std::vector<T> to_host_vec(dino::tensor_view<T, S> v) {
-  return to_host_vec<std::remove_const_t<T>>(v.data, static_cast<std::size_t>(v.numel()));
-}
-template <class T>
 void upload_into(dino::flat_params<T, device_space>& d, const dino::flat_params<T>& h) {
   REQUIRE(d.size() == h.size());
   dino::cuda::synchronize(gpu().stream());
@@ -51,7 +42,6 @@ template <class T>
 std::vector<T> flat_host(const dino::flat_params<T, device_space>& d) {
   return to_host_vec(d.data(), d.size());
 }
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
 template <class T>
 double max_abs_diff(const std::vector<T>& a, const std::vector<T>& b) {
   REQUIRE(a.size() == b.size());
@@ -62,22 +52,6 @@ double max_abs_diff(const std::vector<T>& a, const std::vector<T>& b) {
   }
   return worst;
 }
-/// Entropies H = sum q (lse - z) carry the fp32 rounding of lse (a float of size |z|max +
-/// ln K) in absolute terms, on the CPU as on the GPU: a flipped last bit of lse moves H by
-/// ulp(lse). The bound is 1e-6 (about 8 ulp) of that scale, plus 1e-6 of H itself.
-double entropy_bound(double z_max, std::int64_t K, double h_max) {
-  return 1e-6 * (z_max + std::log(double(K)) + h_max);
-}
-template <class T>
-double max_abs(const std::vector<T>& a) {
-  double m = 0;
-  for (auto x : a) m = std::max(m, std::abs(double(x)));
-  return m;
-}
-
-/// Zeroed device buffers are made with cudaMemset on the legacy stream, which a non-blocking
-/// stream does not wait for: finish them before the test's stream uses them.
-void settle() { DINO_CUDA_CHECK(cudaDeviceSynchronize()); }
 
 }  // namespace
 

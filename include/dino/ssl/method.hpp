@@ -484,6 +484,9 @@ class method {
       readback_ = typename readback_ring_for<space>::type(step_result_slots, sizeof(step_slot));
     }
     max_rows_ = ns;
+    // The parts' own scratch (on the GPU device memory, planned here and never in a step).
+    if constexpr (requires { target_.reserve(nt, K); }) target_.reserve(nt, K);
+    if constexpr (requires { loss_.reserve(ns, K); }) loss_.reserve(ns, K);
   }
 
   view scratch() { return {r_.scratch, {std::int64_t(r_.scratch_n)}, "scratch"}; }

@@ -18,7 +18,9 @@
 //   ds_{v,b} = -2 dloss / (n_terms B) (Q - (s^ . Q) s^) / ||s_{v,b}||     (Q / 1e-12 when ||s|| <= 1e-12)
 //
 // row_loss [n_crops * B] receives each student row's sum over its partners. Work is in
-// double per row, rows in parallel. Stateless. CPU only for now (no CUDA twin yet).
+// double per row, rows in parallel. Stateless. On the GPU (cuda_policy, views in device
+// memory) a block per student row does the same in double (mse_rows, policy/cuda/variants.cuh);
+// the forms taking a scalar_out leave the loss in device memory and read nothing back.
 #pragma once
 
 #include <cmath>
@@ -36,38 +38,38 @@ struct mse_config {
   int n_global = 2;  ///< crops that have teacher rows (the first n_global)
 };
 
-class mse_distillation {
+class mse_distillation : public detail::pair_loss_forms<mse_distillation> {
+  friend struct detail::pair_loss_forms<mse_distillation>;
+
  public:
+  static constexpr const char* backward_name = "mse_distillation backward";
   mse_distillation() = default;
   explicit mse_distillation(mse_config c) : cfg_(c) { detail::crop_pairs::check("mse_distillation", c.n_crops, c.n_global); }
   const mse_config& config() const { return cfg_; }
   int n_terms() const { return detail::crop_pairs::n_terms(cfg_.n_crops, cfg_.n_global); }
 
-  /// The loss; row_loss [n_crops * B] receives each student row's summed pair losses.
-  template <class Policy, class T, class S>
-  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                 tensor_view<T, S> row_loss) const {
-    return run(pol, s, q, row_loss, static_cast<T*>(nullptr), 0.0, false);
-  }
-  /// The loss, and ds (=|+=) dloss * d loss / d s.
-  template <class Policy, class T, class S>
-  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
-    check_shape("mse_distillation backward", ds, s.shape);
-    return run(pol, s, q, row_loss, ds.data, dloss, accumulate);
-  }
-
  private:
   template <class Policy, class T, class S>
   double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
-             T* ds, double dloss, bool accumulate) const {
+             T* ds, double dloss, bool accumulate, const scalar_out* out) const {
     DINO_CHECK_SPACE(Policy, S);
-    static_assert(detail::host_only_v<S>, "dino::ssl::mse_distillation: CPU only (no CUDA twin yet)");
     const int V = cfg_.n_crops, G = cfg_.n_global;
     const std::int64_t B = detail::pair_batch("mse_distillation", V, G, s, q, true);
     check_shape("mse_distillation", row_loss, {s.rows()});
     const std::int64_t K = s.shape[1];
     const double scale = -2.0 * dloss / (double(n_terms()) * double(B));
+    if constexpr (!policy_traits<Policy>::is_host) {
+      mse_rows(pol, pair_rows_desc<T>{s.data, q.data, row_loss.data, ds, B, K, V, G, scale, 1.0, accumulate});
+      return detail::loss_total(pol, "mse_distillation", row_loss, double(n_terms()) * double(B), out, {s, q});
+    } else {
+      (void)out;
+      return host_run(pol, s, q, row_loss, ds, accumulate, B, K, scale);
+    }
+  }
+  template <class Policy, class T, class S>
+  double host_run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q, tensor_view<T, S> row_loss,
+                  T* ds, bool accumulate, std::int64_t B, std::int64_t K, double scale) const {
+    const int G = cfg_.n_global;
     for_each_row(pol, s.rows(), [&](std::int64_t row) {
       const int v = int(row / B);
       const std::int64_t b = row % B;

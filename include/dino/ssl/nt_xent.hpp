@@ -21,13 +21,19 @@
 // q (the teacher rows the concept passes) is not read: a method using NT-Xent needs no
 // teacher forward (see docs/api.md, "Variant parts"). Two GEMMs per call in T (the policy's
 // gemm: z^ z^T and (dS + dS^T) z^); the row work is in double. Scratch [N, N] and [N, K]
-// grows on first use, so one instance must not run two forwards at once.
-// CPU only for now (no CUDA twin yet).
+// grows on first use (reserve(N) plans it on the GPU; the method calls it at construction),
+// so one instance must not run two forwards at once.
+//
+// nt_xent<T, Space>: Space holds the scratch. On the GPU (device_space, cuda_policy) the two
+// GEMMs run through cuBLASLt and the row work is a block per anchor in double, dS + dS^T a
+// thread per pair, the normalisation's backward a warp per row (policy/cuda/variants.cuh);
+// the forms taking a scalar_out leave the loss in device memory and read nothing back.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dino/core/error.hpp"
@@ -43,9 +49,14 @@ struct nt_xent_config {
   double temperature = 0.1;  ///< tau
 };
 
-template <class T>
-class nt_xent {
+template <class T, class Space = host_space>
+class nt_xent : public detail::pair_loss_forms<nt_xent<T, Space>> {
+  static constexpr bool on_host = std::is_same_v<Space, host_space>;
+  friend struct detail::pair_loss_forms<nt_xent>;
+
  public:
+  static constexpr const char* backward_name = "nt_xent backward";
+  using space = Space;
   /// The method skips the teacher forward, the targets and the teacher update (ssl/concepts.hpp).
   static constexpr bool uses_teacher = false;
   nt_xent() = default;
@@ -53,34 +64,74 @@ class nt_xent {
     detail::crop_pairs::check("nt_xent", c.n_crops, c.n_global);
     require<config_error>(c.temperature > 0, "nt_xent: temperature must be positive, got ", c.temperature);
   }
+  /// Plans the scratch for N rows (device memory; nothing on the host).
+  void reserve(std::int64_t N, std::int64_t K) const {
+    if constexpr (!on_host) grow_scratch(N, K);
+  }
   const nt_xent_config& config() const { return cfg_; }
   int n_terms() const { return detail::crop_pairs::n_terms(cfg_.n_crops, cfg_.n_global); }
 
-  /// The loss; row_loss [n_crops * B] receives each anchor row's summed terms. q is not read.
-  template <class Policy, class S>
-  double forward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                 tensor_view<T, S> row_loss) const {
-    (void)q;
-    return run(pol, s, row_loss, nullptr, 0.0, false);
-  }
-  /// The loss, and ds (=|+=) dloss * d loss / d s for every row. q is not read.
-  template <class Policy, class S>
-  double forward_backward(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S> q,
-                          tensor_view<T, S> row_loss, tensor_view<T, S> ds, double dloss, bool accumulate) const {
-    (void)q;
-    check_shape("nt_xent backward", ds, s.shape);
-    return run(pol, s, row_loss, ds.data, dloss, accumulate);
+ private:
+  void grow_scratch(std::int64_t N, std::int64_t K) const {
+    const auto n = [](std::int64_t v) { return static_cast<std::size_t>(v); };
+    detail::grow(zhat_d_, n(N * K));
+    detail::grow(sim_d_, n(N * N));
+    detail::grow(dz_d_, n(N * K));
+    detail::grow(stats_d_, n(2 * N));
   }
 
- private:
+  // q (the teacher rows) is not read.
   template <class Policy, class S>
-  double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<T, S> row_loss, T* ds, double dloss,
-             bool accumulate) const {
+  double run(const Policy& pol, tensor_view<const T, S> s, tensor_view<const T, S>, tensor_view<T, S> row_loss, T* ds,
+             double dloss, bool accumulate, const scalar_out* out) const {
     DINO_CHECK_SPACE(Policy, S);
-    static_assert(detail::host_only_v<S>, "dino::ssl::nt_xent: CPU only (no CUDA twin yet)");
+    static_assert(std::is_same_v<S, Space>, "nt_xent: the rows are not in the scratch's memory space");
     const int V = cfg_.n_crops, G = cfg_.n_global;
     const std::int64_t B = detail::pair_batch("nt_xent", V, G, s, tensor_view<const T, S>{}, false);
     check_shape("nt_xent", row_loss, {s.rows()});
+    if constexpr (!on_host) {
+      return device_run(pol, s, row_loss, ds, dloss, accumulate, out, B);
+    } else {
+      (void)out;
+      return host_run(pol, s, row_loss, ds, dloss, accumulate, B);
+    }
+  }
+  // The GPU's run: the same steps as host_run's.
+  template <class Policy, class S>
+  double device_run(const Policy& pol, tensor_view<const T, S> s, tensor_view<T, S> row_loss, T* ds, double dloss,
+                    bool accumulate, const scalar_out* out, std::int64_t B) const {
+    const std::int64_t K = s.shape[1], N = s.rows();
+    const double inv_tau = 1.0 / cfg_.temperature, divisor = double(n_terms()) * double(B);
+    grow_scratch(N, K);
+    l2_rows_stats(pol, s.data, zhat_d_.data(), stats_d_.data(), N, K);
+    const T* zhat = zhat_d_.data();
+    gemm_desc d;
+    d.trans_b = true;
+    d.m = N;
+    d.n = N;
+    d.k = K;
+    gemm(pol, d, T(inv_tau), zhat, zhat, T(0), sim_d_.data());
+    const pair_rows_desc<T> pd{s.data, nullptr, row_loss.data, ds, B, K, cfg_.n_crops, cfg_.n_global,
+                               dloss / divisor, inv_tau, accumulate};
+    nt_xent_rows(pol, pd, sim_d_.data());
+    const double loss = detail::loss_total(pol, "nt_xent", row_loss, divisor, out, {s});
+    if (ds) {
+      symmetrize_sum(pol, sim_d_.data(), N);
+      gemm_desc g;
+      g.m = N;
+      g.n = K;
+      g.k = N;
+      gemm(pol, g, T(inv_tau), static_cast<const T*>(sim_d_.data()), zhat, T(0), dz_d_.data());
+      l2_grad_rows(pol, pd, static_cast<const double*>(stats_d_.data()), static_cast<const T*>(dz_d_.data()),
+                   static_cast<const double*>(nullptr));
+    }
+    return loss;
+  }
+
+  template <class Policy, class S>
+  double host_run(const Policy& pol, tensor_view<const T, S> s, tensor_view<T, S> row_loss, T* ds, double dloss,
+                  bool accumulate, std::int64_t B) const {
+    const int G = cfg_.n_global;
     const std::int64_t K = s.shape[1], N = s.rows();
     const double inv_tau = 1.0 / cfg_.temperature;
     const double c = dloss / (double(n_terms()) * double(B));
@@ -165,6 +216,8 @@ class nt_xent {
   nt_xent_config cfg_{};
   mutable std::vector<T> zhat_, sim_, dz_;
   mutable std::vector<detail::l2_stats> znorm_;
+  mutable detail::scratch_for<T, Space> zhat_d_, sim_d_, dz_d_;  // device scratch (GPU only)
+  mutable detail::scratch_for<double, Space> stats_d_;
 };
 
 }  // namespace dino::ssl

@@ -22,8 +22,9 @@
 // output size, dino_config) builds one; preset_defaults(name) gives a dino_config with the
 // reference-like defaults of that preset (the DINO ones, with BYOL's, MoCo v2's and SimCLR's
 // output sizes, predictor width, queue, temperatures and momentum where they differ). The
-// two-crop presets do not read c.local_crops. All but dino, dino_no_momentum, dino_two_crops
-// and dino_predictor use parts that are CPU only for now (no CUDA twins).
+// two-crop presets do not read c.local_crops. Every preset runs on either policy: the parts
+// with state or scratch (centering, Sinkhorn-Knopp, InfoNCE's queue, NT-Xent) take the
+// policy's memory space (docs/cuda.md).
 #pragma once
 
 #include <array>
@@ -47,6 +48,12 @@ namespace dino::ssl {
 
 template <class Policy, class T>
 using center_of = centering<T, memory_space_t<Policy>>;
+template <class Policy, class T>
+using sinkhorn_of = sinkhorn_knopp<T, memory_space_t<Policy>>;
+template <class Policy, class T>
+using info_nce_of = info_nce<T, memory_space_t<Policy>>;
+template <class Policy, class T>
+using nt_xent_of = nt_xent<T, memory_space_t<Policy>>;
 
 template <class Backbone, class T = float, class Policy = cpu_policy>
 using dino_method = method<Backbone, dino_head, center_of<Policy, T>, cross_entropy_distillation, ema_update, T, Policy>;
@@ -54,7 +61,7 @@ template <class Backbone, class T = float, class Policy = cpu_policy>
 using dino_no_momentum_method =
     method<Backbone, dino_head, center_of<Policy, T>, cross_entropy_distillation, copy_update, T, Policy>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
-using dino_sinkhorn_method = method<Backbone, dino_head, sinkhorn_knopp<T>, cross_entropy_distillation, ema_update, T, Policy>;
+using dino_sinkhorn_method = method<Backbone, dino_head, sinkhorn_of<Policy, T>, cross_entropy_distillation, ema_update, T, Policy>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
 using dino_two_crops_method = dino_method<Backbone, T, Policy>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
@@ -65,11 +72,11 @@ using dino_predictor_method =
 template <class Backbone, class T = float, class Policy = cpu_policy>
 using byol_method = method<Backbone, dino_head, raw_target<T>, mse_distillation, ema_update, T, Policy, mlp_predictor>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
-using mocov2_method = method<Backbone, dino_head, raw_target<T>, info_nce<T>, ema_update, T, Policy>;
+using mocov2_method = method<Backbone, dino_head, raw_target<T>, info_nce_of<Policy, T>, ema_update, T, Policy>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
-using swav_like_method = method<Backbone, dino_head, sinkhorn_knopp<T>, cross_entropy_distillation, copy_update, T, Policy>;
+using swav_like_method = method<Backbone, dino_head, sinkhorn_of<Policy, T>, cross_entropy_distillation, copy_update, T, Policy>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
-using simclr_method = method<Backbone, dino_head, raw_target<T>, nt_xent<T>, no_teacher, T, Policy>;
+using simclr_method = method<Backbone, dino_head, raw_target<T>, nt_xent_of<Policy, T>, no_teacher, T, Policy>;
 template <class Backbone, class T = float, class Policy = cpu_policy>
 using dino_attention_mask_method = method<Backbone, dino_head, center_of<Policy, T>, cross_entropy_distillation,
                                           ema_update, T, Policy, no_predictor, attention_mask>;
@@ -159,7 +166,7 @@ template <class Backbone, class T = float, class Policy = cpu_policy>
 inline dino_sinkhorn_method<Backbone, T, Policy> make_dino_sinkhorn(typename Backbone::config_type backbone,
                                                                     std::int64_t backbone_out_dim, dino_config c) {
   return detail::make_preset<dino_sinkhorn_method<Backbone, T, Policy>>(
-      backbone, backbone_out_dim, c, sinkhorn_knopp<T>({c.head.out_dim, c.sinkhorn_iterations}),
+      backbone, backbone_out_dim, c, sinkhorn_of<Policy, T>({c.head.out_dim, c.sinkhorn_iterations}),
       cross_entropy_distillation({detail::preset_crops(c, false), 2, c.student_temp}), ema_update{});
 }
 template <class Backbone, class T = float, class Policy = cpu_policy>
@@ -194,7 +201,7 @@ inline byol_method<Backbone, T, Policy> make_byol(typename Backbone::config_type
 template <class Backbone, class T = float, class Policy = cpu_policy>
 inline mocov2_method<Backbone, T, Policy> make_mocov2(typename Backbone::config_type backbone,
                                                       std::int64_t backbone_out_dim, dino_config c) {
-  info_nce<T> loss({2, 2, c.head.out_dim, c.queue_size, c.info_nce_temperature});
+  info_nce_of<Policy, T> loss({2, 2, c.head.out_dim, c.queue_size, c.info_nce_temperature});
   loss.fill_random(c.train.seed);
   return detail::make_preset<mocov2_method<Backbone, T, Policy>>(backbone, backbone_out_dim, c,
                                                                  raw_target<T>({c.head.out_dim}), std::move(loss),
@@ -204,7 +211,7 @@ template <class Backbone, class T = float, class Policy = cpu_policy>
 inline swav_like_method<Backbone, T, Policy> make_swav_like(typename Backbone::config_type backbone,
                                                             std::int64_t backbone_out_dim, dino_config c) {
   return detail::make_preset<swav_like_method<Backbone, T, Policy>>(
-      backbone, backbone_out_dim, c, sinkhorn_knopp<T>({c.head.out_dim, c.sinkhorn_iterations}),
+      backbone, backbone_out_dim, c, sinkhorn_of<Policy, T>({c.head.out_dim, c.sinkhorn_iterations}),
       cross_entropy_distillation({detail::preset_crops(c, false), 2, c.student_temp}), copy_update{});
 }
 template <class Backbone, class T = float, class Policy = cpu_policy>
@@ -212,7 +219,7 @@ inline simclr_method<Backbone, T, Policy> make_simclr(typename Backbone::config_
                                                       std::int64_t backbone_out_dim, dino_config c) {
   return detail::make_preset<simclr_method<Backbone, T, Policy>>(backbone, backbone_out_dim, c,
                                                                  raw_target<T>({c.head.out_dim}),
-                                                                 nt_xent<T>({2, 2, c.nt_xent_temperature}),
+                                                                 nt_xent_of<Policy, T>({2, 2, c.nt_xent_temperature}),
                                                                  no_teacher{});
 }
 /// DINO whose student sees each global crop without its c.mask_ratio least-attended patches

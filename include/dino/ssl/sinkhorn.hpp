@@ -18,19 +18,27 @@
 // A sample whose every exp(t / tau - m) underflows to 0 cannot be normalised: numeric_error.
 //
 // No running state: observe / commit / discard do nothing. targets() returns the mean
-// entropy of the rows of q. Scratch (r, c: K + R doubles) is held by the object and grows on
-// first use, so one instance must not run targets() from two threads at once.
+// entropy of the rows of q (the scalar_out form leaves it in the policy's memory). Scratch
+// (r, c: K + R doubles) is held by the object, in Space, and grows on first use (reserve(R)
+// plans it: the method calls it at construction), so one instance must not run targets()
+// from two threads at once.
 // Micro-batches are normalised each on their own (DINOv2 all-reduces the sums over GPUs;
 // gradient accumulation here does not gather rows across micro-batches).
 //
-// CPU only for now (host memory; a static_assert says so): the CUDA twin is not written.
+// sinkhorn_knopp<T, Space>: Space is host_space (the CPU loops below) or device_space (the
+// kernels of policy/cuda/variants.cuh: the same arithmetic in double, a thread per prototype
+// summing the samples in order, a block per sample). On the GPU non-finite or unnormalisable
+// rows are not reported by the scalar_out form: they make q, hence the loss, NaN, and the
+// method skips the step; the form returning a double throws numeric_error as on the CPU.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "dino/core/buffer.hpp"
 #include "dino/core/error.hpp"
 #include "dino/core/tensor.hpp"
 #include "dino/policy/cpu.hpp"
@@ -43,13 +51,21 @@ struct sinkhorn_config {
   int iterations = 3;            ///< DINOv2's n_iterations
 };
 
-template <class T>
-class sinkhorn_knopp {
+template <class T, class Space = host_space>
+class sinkhorn_knopp : public detail::no_running_state {
+  static constexpr bool on_host = std::is_same_v<Space, host_space>;
+
  public:
+  using space = Space;
   sinkhorn_knopp() = default;
   explicit sinkhorn_knopp(sinkhorn_config c) : cfg_(c) {
     require<config_error>(c.out_dim > 0, "sinkhorn_knopp: out_dim must be positive, got ", c.out_dim);
     require<config_error>(c.iterations >= 1, "sinkhorn_knopp: need at least 1 iteration, got ", c.iterations);
+    if constexpr (!on_host) r_d_.resize(static_cast<std::size_t>(c.out_dim));
+  }
+  /// Plans the scratch for R rows of K (device memory; nothing on the host).
+  void reserve(std::int64_t R, std::int64_t /*K*/) {
+    if constexpr (!on_host) detail::grow(c_d_, static_cast<std::size_t>(R));
   }
   std::int64_t out_dim() const { return cfg_.out_dim; }
   const sinkhorn_config& config() const { return cfg_; }
@@ -59,14 +75,54 @@ class sinkhorn_knopp {
   template <class Policy, class S>
   double targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
                  tensor_view<T, S> row_entropy) const {
+    check(pol, t, tau, q, row_entropy);
+    if constexpr (policy_traits<Policy>::is_host) {
+      return host_targets(pol, t, tau, q, row_entropy);
+    } else {
+      device_targets(pol, t, tau, q, row_entropy);
+      const double h = sum_to_host(pol, static_cast<const T*>(row_entropy.data), t.rows(), double(t.rows()));
+      if (!std::isfinite(h)) {
+        if (!all_finite(pol, t.data, t.numel())) detail::report_non_finite(pol, "sinkhorn_knopp targets", {t});
+        throw numeric_error(dino::detail::concat("sinkhorn_knopp targets: a sample of ", t.name,
+                                                 " cannot be normalised (tau = ", tau, " is too small for these logits)"));
+      }
+      return h;
+    }
+  }
+  /// The same, leaving the mean entropy in the policy's memory: *mean_entropy.value (=|+=)
+  /// weight * mean entropy. Reads nothing back on the GPU.
+  template <class Policy, class S>
+  void targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+               tensor_view<T, S> row_entropy, scalar_out mean_entropy) const {
+    check(pol, t, tau, q, row_entropy);
+    if constexpr (policy_traits<Policy>::is_host) host_targets(pol, t, tau, q, row_entropy);
+    else device_targets(pol, t, tau, q, row_entropy);
+    sum_to(pol, static_cast<const T*>(row_entropy.data), t.rows(), double(t.rows()), mean_entropy);
+  }
+
+ private:
+  template <class Policy, class S>
+  void check(const Policy&, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+             tensor_view<T, S> row_entropy) const {
     DINO_CHECK_SPACE(Policy, S);
-    static_assert(detail::host_only_v<S>, "dino::ssl::sinkhorn_knopp: CPU only (no CUDA twin yet)");
+    static_assert(std::is_same_v<S, Space>, "sinkhorn_knopp::targets: the logits are not in the target's memory space");
     check_matrix("sinkhorn_knopp targets", t, cfg_.out_dim);
     check_shape("sinkhorn_knopp targets", q, t.shape);
     check_shape("sinkhorn_knopp targets", row_entropy, {t.rows()});
     require<config_error>(tau > 0, "sinkhorn_knopp targets: teacher temperature must be positive, got ", tau);
+    require<shape_error>(t.rows() > 0, "sinkhorn_knopp targets: ", t.name, " has no rows");
+  }
+  template <class Policy, class S>
+  void device_targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+                      tensor_view<T, S> row_entropy) const {
+    detail::grow(c_d_, static_cast<std::size_t>(t.rows()));
+    sinkhorn_rows(pol, t.data, q.data, row_entropy.data, r_d_.data(), c_d_.data(), t.rows(), cfg_.out_dim, 1.0 / tau,
+                  cfg_.iterations);
+  }
+  template <class Policy, class S>
+  double host_targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+                      tensor_view<T, S> row_entropy) const {
     const std::int64_t R = t.rows(), K = cfg_.out_dim;
-    require<shape_error>(R > 0, "sinkhorn_knopp targets: ", t.name, " has no rows");
     const double inv_tau = 1.0 / tau;
     r_.assign(static_cast<std::size_t>(K), 0.0);
     c_.assign(static_cast<std::size_t>(R), 1.0);
@@ -132,12 +188,6 @@ class sinkhorn_knopp {
     return h / dR;
   }
 
-  template <class Policy, class S>
-  void observe(const Policy&, tensor_view<const T, S>) {}
-  void commit() {}
-  void discard() {}
-
- private:
   /// Throws numeric_error at the first non-finite logit; returns when there is none.
   template <class S>
   static void report_non_finite(tensor_view<const T, S> t) {
@@ -150,6 +200,7 @@ class sinkhorn_knopp {
 
   sinkhorn_config cfg_{};
   mutable std::vector<double> r_, c_;
+  mutable detail::scratch_for<double, Space> r_d_, c_d_;  // device scratch (r [K], c [R])
 };
 
 }  // namespace dino::ssl

@@ -12,7 +12,10 @@
 // itself; for raw_target it is a diagnostic only (q holds logits, not a distribution), which
 // keeps the method's collapse flag (entropy near ln K) meaningful.
 //
-// CPU only for now (host memory; a static_assert says so): the CUDA twins are not written.
+// Any policy: softmax_targets (policy/cpu/softmax_rows.hpp, policy/cuda/loss.cuh), then for
+// raw_target a copy of t into q on the policy (for_each_chunk). The form returning a double
+// reads the mean entropy back (on the GPU: one wait); the scalar_out form leaves it in the
+// policy's memory. commit(pol, skip_flag) does nothing, as commit() does.
 #pragma once
 
 #include <algorithm>
@@ -21,6 +24,7 @@
 #include "dino/core/error.hpp"
 #include "dino/core/tensor.hpp"
 #include "dino/policy/cpu.hpp"
+#include "dino/ssl/ema.hpp"
 #include "dino/ssl/variant_detail.hpp"
 
 namespace dino::ssl {
@@ -31,7 +35,7 @@ struct stateless_target_config {
 
 namespace detail {
 template <class T, bool Raw>
-class stateless_target {
+class stateless_target : public no_running_state {
  public:
   stateless_target() = default;
   explicit stateless_target(stateless_target_config c) : cfg_(c) {
@@ -43,8 +47,29 @@ class stateless_target {
   template <class Policy, class S>
   double targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
                  tensor_view<T, S> row_entropy) const {
+    run(pol, t, tau, q, row_entropy);
+    const std::int64_t R = t.rows();
+    if constexpr (policy_traits<Policy>::is_host) {
+      double h = 0;
+      for (std::int64_t r = 0; r < R; ++r) h += double(row_entropy.data[r]);
+      return h / double(R);
+    } else {
+      return sum_to_host(pol, static_cast<const T*>(row_entropy.data), R, double(R));
+    }
+  }
+  /// The same, leaving the mean entropy in the policy's memory (*value (=|+=) weight * mean).
+  template <class Policy, class S>
+  void targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+               tensor_view<T, S> row_entropy, scalar_out mean_entropy) const {
+    run(pol, t, tau, q, row_entropy);
+    sum_to(pol, static_cast<const T*>(row_entropy.data), t.rows(), double(t.rows()), mean_entropy);
+  }
+
+ private:
+  template <class Policy, class S>
+  void run(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+           tensor_view<T, S> row_entropy) const {
     DINO_CHECK_SPACE(Policy, S);
-    static_assert(host_only_v<S>, "dino::ssl::sharpen_only / raw_target: CPU only (no CUDA twin yet)");
     check_matrix(who(), t, cfg_.out_dim);
     check_shape(who(), q, t.shape);
     check_shape(who(), row_entropy, {t.rows()});
@@ -52,18 +77,11 @@ class stateless_target {
     const std::int64_t R = t.rows(), K = cfg_.out_dim;
     // softmax(t / tau) into q: q is the target (sharpen_only) or scratch overwritten by t.
     softmax_targets(pol, t.data, static_cast<const T*>(nullptr), q.data, row_entropy.data, R, K, T(1.0 / tau));
-    if constexpr (Raw) std::copy(t.data, t.data + R * K, q.data);
-    double h = 0;
-    for (std::int64_t r = 0; r < R; ++r) h += double(row_entropy.data[r]);
-    return h / double(R);
+    if constexpr (Raw) {
+      if constexpr (policy_traits<Policy>::is_host) std::copy(t.data, t.data + R * K, q.data);
+      else for_each_chunk(pol, R * K, kernels::copy_chunk<T>{q.data, t.data, nullptr});
+    }
   }
-
-  template <class Policy, class S>
-  void observe(const Policy&, tensor_view<const T, S>) {}
-  void commit() {}
-  void discard() {}
-
- private:
   static const char* who() { return Raw ? "raw_target" : "sharpen_only"; }
   stateless_target_config cfg_{};
 };

@@ -111,9 +111,12 @@ void save_checkpoint(const std::string& path, Method& m, std::uint64_t seed, con
     entries.push_back({"dino_loss.center", {1, c.numel()}, center.data()});
   }
   std::string queue_meta;
-  if constexpr (has_queue<Method>) {  // losses with a queue of keys (InfoNCE)
+  std::vector<float> queue;
+  if constexpr (has_queue<Method>) {  // losses with a queue of keys (InfoNCE), in host or device memory
     auto q = m.loss().queue();
-    entries.push_back({"loss.queue", {q.rows(), q.cols()}, q.data});
+    queue.resize(static_cast<std::size_t>(q.numel()));
+    view_to_host(tensor_view<const float, S>(q), queue.data());
+    entries.push_back({"loss.queue", {q.rows(), q.cols()}, queue.data()});
     queue_meta = std::to_string(m.loss().queued()) + "," + std::to_string(m.loss().head());
   }
   std::string steps;
@@ -218,7 +221,10 @@ checkpoint_info restore_checkpoint(const std::string& path, Method& m) {
     view_from_host(c, center.data());
   }
   if constexpr (has_queue<Method>) {
-    f.to_float(*qt, m.loss().queue().data);
+    auto q = m.loss().queue();
+    std::vector<float> keys(static_cast<std::size_t>(q.numel()));
+    f.to_float(*qt, keys.data());
+    view_from_host(q, keys.data());
     m.loss().set_state(queued, head);
   }
   m.optimizer().steps() = steps;
