@@ -60,8 +60,10 @@ dino_cli::flags make_flags() {
       .add("global-scale", "0.4,1.0", "RandomResizedCrop scale range of the global crops")
       .add("local-scale", "0.05,0.4", "RandomResizedCrop scale range of the local crops")
       .add("epochs", "100", "training epochs")
-      .add("batch-size", "64", "images per step")
-      .add("lr", "5e-4", "learning rate for batch 256 (scaled by batch-size / 256), reached after the warm-up")
+      .add("batch-size", "64", "images per loader batch: per step, or per micro-batch with --accumulate")
+      .add("accumulate", "1", "loader batches (micro-batches) per optimizer step: the step sees batch-size x N images "
+           "(the lr scales with it), an epoch has floor(floor(images / batch-size) / N) steps")
+      .add("lr", "5e-4", "learning rate for batch 256 (scaled by batch-size x accumulate / 256), reached after the warm-up")
       .add("min-lr", "1e-6", "final learning rate of the cosine schedule")
       .add("warmup-epochs", "10", "linear learning-rate warm-up")
       .add("weight-decay", "0.04", "initial weight decay")
@@ -96,7 +98,7 @@ std::vector<double> pair_of(const std::string& flag, const std::string& s) {
 template <class Policy, class Dataset, class Make>
 int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, const dino::nn::vit_config& vc,
              const dino::data::multicrop_config& mc, dino::ssl::dino_config c, std::uint64_t seed, std::int64_t B,
-             Make make) {
+             std::int64_t N, Make make) {
   const auto& s = c.train.schedule;
   auto model = make();
   const std::string out = f.str("output"), ckpt = out + "/checkpoint.safetensors";
@@ -109,7 +111,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
                                "; give the same seed (and the same options) to continue it");
     std::fprintf(stderr, "dino-train: resuming %s at step %lld\n", ckpt.c_str(), (long long)info.iteration);
   }
-  const auto [e0, b0] = dino::train::resume_position(model.iteration(), s.iters_per_epoch);
+  const auto [e0, b0] = dino::train::resume_position(model.iteration(), ds.size() / B, N);
   dino::data::loader_config lc;
   lc.batch_size = B;
   lc.threads = int(f.integer("loader-threads", 1));
@@ -121,9 +123,10 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
 
   std::fprintf(stderr,
                "dino-train: %lld images, ViT D %lld depth %lld heads %lld patch %lld, %zu parameters; K %lld; crops 2 x %d + "
-               "%d x %d; batch %lld; %lld epochs x %lld steps\n",
+               "%d x %d; batch %lld (%lld x --accumulate %lld); %lld epochs x %lld steps\n",
                (long long)ds.size(), (long long)vc.embed_dim, (long long)vc.depth, (long long)vc.heads, (long long)vc.patch,
-               model.layout().numel(), (long long)c.head.out_dim, mc.global_size, mc.n_local, mc.local_size, (long long)B,
+               model.layout().numel(), (long long)c.head.out_dim, mc.global_size, mc.n_local, mc.local_size, (long long)(B * N),
+               (long long)B, (long long)N,
                (long long)s.epochs, (long long)s.iters_per_epoch);
   dino::train::run_config rc;
   rc.out_dir = out;
@@ -131,6 +134,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   rc.time_limit_s = f.num("time-limit") * 60.0;
   rc.log_every = f.integer("log-every");
   rc.seed = run_seed;
+  rc.accumulate = N;
   const auto sum = dino::train::run(pol, model, loader, rc);
   const double step_s = sum.steps ? sum.wall_s / double(sum.steps) : 0;
   std::fprintf(stderr,
@@ -143,7 +147,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   std::ofstream js(out + "/run.json");
   js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
      << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
-     << "}, \"method\": \"" << f.str("method") << "\", \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B << ", \"epochs\": " << s.epochs
+     << "}, \"method\": \"" << f.str("method") << "\", \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B << ", \"accumulate\": " << N << ", \"epochs\": " << s.epochs
      << ", \"steps_per_epoch\": " << s.iters_per_epoch << ", \"seed\": " << seed << ", \"steps_run\": " << sum.steps
      << ", \"next_step\": " << model.iteration() << ", \"wall_s\": " << sum.wall_s << ", \"images_per_s\": "
      << sum.images_per_s << ", \"step_s\": " << step_s << ", \"loader_wait_fraction\": "
@@ -154,7 +158,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
 
 // Every preset runs on the CPU and, in a CUDA build, on the GPU (train/checkpoint.hpp saves
 // a center or a queue where the method has one, from host or device memory).
-void check_method(const std::string& m) {
+void check_method(const std::string& m, const std::string& device) {
   bool known = false;
   for (auto n : dino::ssl::preset_names) known = known || n == m;
   if (!known) {
@@ -171,46 +175,46 @@ void check_method(const std::string& m) {
 template <class Policy, class Dataset>
 int train_method(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, const dino::nn::vit_config& vc,
                  const dino::data::multicrop_config& mc, const dino::ssl::dino_config& c, std::uint64_t seed,
-                 std::int64_t B) {
+                 std::int64_t B, std::int64_t N) {
   using dino::nn::vit;
   namespace ssl = dino::ssl;
   using P = Policy;
   const std::string m = f.str("method");
   if (m == "dino_no_momentum")
-    return train_on(pol, f, ds, vc, mc, c, seed, B,
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N,
                     [&] { return ssl::make_dino_no_momentum<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "dino_two_crops")
-    return train_on(pol, f, ds, vc, mc, c, seed, B,
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N,
                     [&] { return ssl::make_dino_two_crops<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "dino_predictor")
-    return train_on(pol, f, ds, vc, mc, c, seed, B,
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N,
                     [&] { return ssl::make_dino_predictor<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "dino_sinkhorn")
-    return train_on(pol, f, ds, vc, mc, c, seed, B,
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N,
                     [&] { return ssl::make_dino_sinkhorn<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "dino_mse")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino_mse<vit, float, P>(vc, vc.embed_dim, c); });
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N, [&] { return ssl::make_dino_mse<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "byol")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_byol<vit, float, P>(vc, vc.embed_dim, c); });
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N, [&] { return ssl::make_byol<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "mocov2")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_mocov2<vit, float, P>(vc, vc.embed_dim, c); });
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N, [&] { return ssl::make_mocov2<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "swav_like")
-    return train_on(pol, f, ds, vc, mc, c, seed, B,
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N,
                     [&] { return ssl::make_swav_like<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "simclr")
-    return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_simclr<vit, float, P>(vc, vc.embed_dim, c); });
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N, [&] { return ssl::make_simclr<vit, float, P>(vc, vc.embed_dim, c); });
   if constexpr (dino::policy_traits<P>::is_host) {  // the masked student view is CPU only (check_method)
     if (m == "dino_attention_mask")
-      return train_on(pol, f, ds, vc, mc, c, seed, B,
+      return train_on(pol, f, ds, vc, mc, c, seed, B, N,
                       [&] { return ssl::make_dino_attention_mask<vit, float, P>(vc, vc.embed_dim, c); });
   }
-  return train_on(pol, f, ds, vc, mc, c, seed, B, [&] { return ssl::make_dino<vit, float, P>(vc, vc.embed_dim, c); });
+  return train_on(pol, f, ds, vc, mc, c, seed, B, N, [&] { return ssl::make_dino<vit, float, P>(vc, vc.embed_dim, c); });
 }
 
 template <class Dataset>
 int train(const dino_cli::flags& f, const Dataset& ds) {
   const std::string method = f.str("method");
-  check_method(method);
+  check_method(method, f.str("device"));
   const bool small = dino_tools::is_small_images(ds);
   dino::nn::vit_config vc = dino_tools::arch(f.str("arch").empty() ? (small ? "vit_small28" : "vit_small") : f.str("arch"),
                                              f.integer("patch"));
@@ -232,7 +236,7 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   if (ds.channels() == 1 && mc.mean.size() != 1) mc.mean = {0.5f}, mc.std = {0.5f};
 
   const std::uint64_t seed = std::uint64_t(f.integer("seed"));
-  const std::int64_t B = f.integer("batch-size", 1);
+  const std::int64_t B = f.integer("batch-size", 1), N = f.integer("accumulate", 1);
   // The preset's own defaults (BYOL's, MoCo v2's, SimCLR's and SwAV's output sizes,
   // predictor width, teacher momentum and temperature), then the flags given.
   dino::ssl::dino_config c = dino::ssl::preset_defaults(method);
@@ -263,8 +267,14 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   t.freeze_last_layer = f.integer("freeze-last-layer");
   auto& s = t.schedule;
   s.epochs = f.integer("epochs", 1);
-  s.iters_per_epoch = ds.size() / B;
-  s.batch_size = B;
+  if (ds.size() / B < 1)
+    throw dino::config_error("dino-train: " + std::to_string(ds.size()) + " images make no batch of " + std::to_string(B));
+  if (N > ds.size() / B)
+    throw dino::config_error("dino-train: --accumulate " + std::to_string(N) + " is larger than the " +
+                             std::to_string(ds.size() / B) + " batches of " + std::to_string(B) +
+                             " images in an epoch of " + std::to_string(ds.size()) + " images");
+  s.iters_per_epoch = dino::train::steps_per_epoch(ds.size() / B, N);  // optimizer steps
+  s.batch_size = B * N;  // the effective batch, for the lr scaling
   s.lr = f.num("lr");
   s.min_lr = f.num("min-lr");
   s.warmup_epochs = f.integer("warmup-epochs");
@@ -274,15 +284,13 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   s.teacher_temp = given_or("teacher-temp", s.teacher_temp);
   s.warmup_teacher_temp = given_or("warmup-teacher-temp", s.warmup_teacher_temp);
   s.warmup_teacher_temp_epochs = f.integer("warmup-teacher-temp-epochs");
-  if (s.iters_per_epoch < 1)
-    throw dino::config_error("dino-train: " + std::to_string(ds.size()) + " images make no batch of " + std::to_string(B));
 
   const std::string device = f.str("device");
-  if (device == "cpu") return train_method(dino::cpu_policy{int(f.integer("threads", 1))}, f, ds, vc, mc, c, seed, B);
+  if (device == "cpu") return train_method(dino::cpu_policy{int(f.integer("threads", 1))}, f, ds, vc, mc, c, seed, B, N);
 #if defined(DINO_WITH_CUDA)
   if (device == "cuda") {
     dino::cuda::context ctx;
-    return train_method(ctx.policy(f.boolean("tf32")), f, ds, vc, mc, c, seed, B);
+    return train_method(ctx.policy(f.boolean("tf32")), f, ds, vc, mc, c, seed, B, N);
   }
   throw dino::config_error("dino-train: --device must be cpu or cuda, got '" + device + "'");
 #else

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "shapes.hpp"
+
 namespace {
 namespace fs = std::filesystem;
 const std::string kDir = DINO_TEST_TMP_DIR;
@@ -41,31 +43,14 @@ void put_be32(std::vector<std::uint8_t>& b, std::uint32_t v) {
   for (int s = 24; s >= 0; s -= 8) b.push_back(std::uint8_t(v >> s));
 }
 
-// n images of class i % 4: a filled square, a horizontal bar, a vertical bar or a frame, at a
-// random offset with random brightness, on black; IDX files as fashion_mnist() reads them.
+// n images of the four shape classes (shapes.hpp) as IDX files, as fashion_mnist() reads them.
 void write_split(const fs::path& dir, const std::string& stem, int n, std::uint32_t seed) {
+  const dino_test::shape_set s = dino_test::shape_images(n, seed);
   std::vector<std::uint8_t> img, lab;
   put_be32(img, 2051), put_be32(img, std::uint32_t(n)), put_be32(img, 28), put_be32(img, 28);
   put_be32(lab, 2049), put_be32(lab, std::uint32_t(n));
-  std::uint32_t r = seed;
-  auto rnd = [&](int m) {
-    r = r * 1664525u + 1013904223u;
-    return int((r >> 8) % std::uint32_t(m));
-  };
-  for (int i = 0; i < n; ++i) {
-    const int c = i % 4, ox = rnd(6) - 3, oy = rnd(6) - 3, v = 150 + rnd(100);
-    lab.push_back(std::uint8_t(c));
-    for (int y = 0; y < 28; ++y)
-      for (int x = 0; x < 28; ++x) {
-        const int X = x - ox, Y = y - oy;
-        bool on = false;
-        if (c == 0) on = X >= 8 && X < 20 && Y >= 8 && Y < 20;
-        if (c == 1) on = X >= 3 && X < 25 && Y >= 11 && Y < 17;
-        if (c == 2) on = Y >= 3 && Y < 25 && X >= 11 && X < 17;
-        if (c == 3) on = X >= 5 && X < 23 && Y >= 5 && Y < 23 && !(X >= 9 && X < 19 && Y >= 9 && Y < 19);
-        img.push_back(std::uint8_t(on ? v : rnd(4)));
-      }
-  }
+  img.insert(img.end(), s.pixels.begin(), s.pixels.end());
+  for (int c : s.labels) lab.push_back(std::uint8_t(c));
   std::ofstream(dir / (stem + "-images-idx3-ubyte"), std::ios::binary).write(reinterpret_cast<const char*>(img.data()), std::streamsize(img.size()));
   std::ofstream(dir / (stem + "-labels-idx1-ubyte"), std::ios::binary).write(reinterpret_cast<const char*>(lab.data()), std::streamsize(lab.size()));
 }
@@ -243,4 +228,42 @@ TEST_CASE("dino-eval refuses bad input with exit code 1 or 2 and a message") {
   CHECK(r.code == 0);
   for (const char* flag : {"--run", "--checkpoint", "--random-init", "--raw-pixels", "--test-samples", "--images", "--out-dir"})
     CHECK(r.out.find(flag) != std::string::npos);
+}
+
+TEST_CASE("dino-train --accumulate: micro-batches per step, schedules in steps, resume, bad values") {
+  const fs::path data = fs::path(kDir) / "data-accumulate", runp = fs::path(kDir) / "run-accumulate";
+  fs::remove_all(data);
+  fs::remove_all(runp);
+  fs::create_directories(data);
+  write_split(data, "train", 72, 3);
+  const std::string flags = " --data mnist --data-path " + data.string() +
+                            " --arch vit_tiny28 --out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
+                            " --batch-size 8 --accumulate 2 --warmup-epochs 0 --threads 2 --log-every 1 --output " +
+                            runp.string();
+  // 72 images: 9 batches of 8 an epoch, 4 steps of 16 images (the 9th batch is not used).
+  auto r = train(flags + " --epochs 1");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.err.find("batch 16 (8 x --accumulate 2); 1 epochs x 4 steps") != std::string::npos);
+  CHECK(lines((runp / "log.jsonl").string()) == 4);
+  std::string js = slurp((runp / "run.json").string());
+  CHECK(json_num(js, "batch_size") == 8);
+  CHECK(json_num(js, "accumulate") == 2);
+  CHECK(json_num(js, "steps_per_epoch") == 4);
+  r = train(flags + " --epochs 2 --resume");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.err.find("resuming") != std::string::npos);
+  CHECK(lines((runp / "log.jsonl").string()) == 8);
+  CHECK(json_num(slurp((runp / "run.json").string()), "next_step") == 8);
+
+  r = train(flags + " --epochs 1 --accumulate 0");
+  CHECK(r.code == 2);
+  CHECK(r.err.find("--accumulate must be an integer >= 1") != std::string::npos);
+  r = train(flags + " --epochs 1 --accumulate 10");
+  CHECK(r.code == 1);
+  CHECK(r.err.find("--accumulate 10 is larger than the 9 batches of 8 images") != std::string::npos);
+  r = train("--help");
+  CHECK(r.code == 0);
+  CHECK(r.out.find("--accumulate") != std::string::npos);
 }

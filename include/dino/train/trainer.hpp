@@ -12,6 +12,16 @@
 // The loader must start where the method is (loader_config start_epoch / start_batch from
 // method.iteration()), which resume_position() computes.
 //
+// Gradient accumulation: with run_config::accumulate = N > 1 each optimizer step takes N
+// consecutive loader batches as its micro-batches (method::step over a span: the losses scaled
+// by 1 / N, one clip, AdamW, teacher and center update), so the step sees N x batch images.
+// The micro-batches of a step come from one loader epoch: an epoch gives
+// floor(batches_per_epoch / N) steps and its last batches_per_epoch % N batches are not used
+// (drop_last at the level of steps), so epochs and resume positions stay aligned. The loader
+// hands out a batch that is valid until its next next(): the first N - 1 batches of a step are
+// copied into buffers the trainer allocates at its first step and reuses (nothing is
+// allocated per step after that); the last is used in place.
+//
 // On the GPU a step's loss and the rest come back only when read (method::read_stats, one
 // host wait): the trainer reads each step's stats after it has launched the next step, so
 // the device always has a step queued, and writes that step's line then. A checkpoint is
@@ -29,6 +39,7 @@
 #include <fstream>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -46,6 +57,9 @@ struct run_config {
   std::int64_t log_every = 20;  ///< plain progress lines when stderr is not a terminal
   int progress = -1;            ///< 1 bar, 0 lines, -1 bar when stderr is a terminal
   std::uint64_t seed = 0;       ///< recorded in checkpoints
+  /// Loader batches (micro-batches) per optimizer step, >= 1 and at most the loader's batches
+  /// per epoch: the step's effective batch is batch_size x accumulate (see the file comment).
+  std::int64_t accumulate = 1;
   /// Called after each step (for example to evaluate every epoch); may be empty.
   std::function<void(const ssl::step_stats&)> after_step;
 };
@@ -58,9 +72,21 @@ struct run_summary {
   std::string checkpoint;
 };
 
-/// Where a loader must start to feed the method's next step: {epoch, batch in epoch}.
-inline std::pair<std::int64_t, std::int64_t> resume_position(std::int64_t iteration, std::int64_t batches_per_epoch) {
-  return {iteration / batches_per_epoch, iteration % batches_per_epoch};
+/// The optimizer steps an epoch of batches_per_epoch loader batches gives with `accumulate`
+/// batches per step (config_error when accumulate < 1 or > batches_per_epoch).
+inline std::int64_t steps_per_epoch(std::int64_t batches_per_epoch, std::int64_t accumulate = 1) {
+  require<config_error>(accumulate >= 1, "train: accumulate must be >= 1, got ", accumulate);
+  require<config_error>(accumulate <= batches_per_epoch, "train: accumulate ", accumulate,
+                        " is larger than the loader's ", batches_per_epoch, " batches per epoch");
+  return batches_per_epoch / accumulate;
+}
+
+/// Where a loader must start to feed the method's next step: {epoch, batch in epoch}, with
+/// `accumulate` loader batches per step (the first batch of the step).
+inline std::pair<std::int64_t, std::int64_t> resume_position(std::int64_t iteration, std::int64_t batches_per_epoch,
+                                                             std::int64_t accumulate = 1) {
+  const std::int64_t steps = steps_per_epoch(batches_per_epoch, accumulate);
+  return {iteration / steps, (iteration % steps) * accumulate};
 }
 
 namespace detail {
@@ -77,6 +103,11 @@ inline std::string fmt_time(double s) {
 template <class Policy, class Method, class Loader>
 run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& rc) {
   namespace fs = std::filesystem;
+  const std::int64_t N = rc.accumulate;
+  require<config_error>(N >= 1, "train::run: accumulate must be >= 1, got ", N);
+  std::int64_t used_per_epoch = 0;  // loader batches of an epoch that steps use (N x steps per epoch)
+  if constexpr (requires { loader.batches_per_epoch(); })
+    used_per_epoch = steps_per_epoch(loader.batches_per_epoch(), N) * N;
   std::error_code ec;
   fs::create_directories(rc.out_dir, ec);
   if (ec) throw io_error("train: cannot create the output folder '" + rc.out_dir + "': " + ec.message());
@@ -84,7 +115,7 @@ run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& 
   std::ofstream log(log_path, std::ios::app);
   if (!log) throw io_error("train: cannot open '" + log_path + "' for writing");
   const bool bar = rc.progress < 0 ? ::isatty(2) != 0 : rc.progress == 1;
-  const std::int64_t total = m.schedules().total_iters(), B = loader.batch_size();
+  const std::int64_t total = m.schedules().total_iters(), B = loader.batch_size() * N;  // images per step
   run_summary sum;
   sum.first_step = m.iteration();
   sum.checkpoint = ckpt;
@@ -137,13 +168,38 @@ run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& 
     }
     if (rc.after_step) rc.after_step(st);
   };
+  // The micro-batches of a step: the first N - 1 copied (held), the last in the loader's buffer.
+  std::vector<std::vector<float>> held_global(std::size_t(N - 1)), held_local(std::size_t(N - 1));
+  std::vector<ssl::image_crops<float>> micro(static_cast<std::size_t>(N));
   std::optional<launched> pending;  // a GPU step whose stats are not read yet
   while (m.iteration() < total) {
     const double elapsed = std::chrono::duration<double>(clock::now() - t0).count();
     if (rc.time_limit_s > 0 && elapsed >= rc.time_limit_s) break;
     const double wait0 = loader.wait_seconds();
-    auto b = loader.next();
-    launched cur{m.step(pol, ssl::image_crops<float>{b.global, b.local}), 0.0};
+    for (std::int64_t k = 0; k < N; ++k) {
+      auto b = loader.next();
+      if constexpr (requires { loader.batches_per_epoch(); b.index; }) {
+        if (N > 1) {
+          while (b.index >= used_per_epoch) b = loader.next();  // an epoch's last batches_per_epoch % N
+          require<config_error>(k > 0 || b.index % N == 0, "train::run: the loader is at batch ", b.index,
+                                " of its epoch, not at the first batch of a step of ", N,
+                                " batches (start it at resume_position(iteration, batches_per_epoch, accumulate))");
+        }
+      }
+      if (k + 1 == N) {
+        micro[std::size_t(k)] = {b.global, b.local};
+        break;
+      }
+      const auto copy = [](std::vector<float>& to, const float* from, std::int64_t n) {
+        to.assign(from, from + n);  // allocates at the first step only
+        return to.data();
+      };
+      const std::int64_t px = b.batch_size * b.channels;
+      micro[std::size_t(k)] = {
+          copy(held_global[std::size_t(k)], b.global, b.n_global * px * b.global_size * b.global_size),
+          b.local ? copy(held_local[std::size_t(k)], b.local, b.n_local * px * b.local_size * b.local_size) : nullptr};
+    }
+    launched cur{m.step(pol, std::span<const ssl::image_crops<float>>(micro)), 0.0};
     cur.loader_wait = loader.wait_seconds() - wait0;
     if (pending) report(*std::exchange(pending, std::nullopt));  // the previous step, while this one runs
     if (cur.st.ready() || rc.after_step) report(cur);
