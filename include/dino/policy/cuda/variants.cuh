@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(Threads)
   for (std::int64_t k = threadIdx.x; k < K; k += Threads) {
     const double p = double(q[s * K + k]) * r[k] * cs;
     q[s * K + k] = T(p);
-    if (p > 0) h -= p * ::log(p);
+    if (!(p <= 0)) h -= p * ::log(p);  // a NaN or infinite p makes the entropy non-finite, as on the CPU
   }
   h = block_sum<Threads>(h, sm.tmp.d, sm.d_shared);
   if (threadIdx.x == 0) entropy[s] = T(h);
