@@ -40,7 +40,7 @@ dino_cli::flags make_flags() {
       .add("data-path", "", "folder of the data set files [default for fashion-mnist: /usr/share/datasets/fashion-mnist]")
       .add("method", "dino", "the method (ssl/presets.hpp): dino, dino_no_momentum, dino_sinkhorn, dino_two_crops, "
            "dino_mse, dino_predictor, byol, mocov2, swav_like, simclr, dino_attention_mask (each on --device cpu or "
-           "cuda, except dino_attention_mask: cpu only)")
+           "cuda)")
       .add("predictor-hidden", "4096", "with --method dino_predictor or byol: the predictor's hidden size")
       .add("mask-ratio", "0.3", "with --method dino_attention_mask: the fraction of each global crop's patches, those "
            "the teacher's CLS attention ranks lowest, that the student does not see; in [0, 1)")
@@ -158,7 +158,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
 
 // Every preset runs on the CPU and, in a CUDA build, on the GPU (train/checkpoint.hpp saves
 // a center or a queue where the method has one, from host or device memory).
-void check_method(const std::string& m, const std::string& device) {
+void check_method(const std::string& m) {
   bool known = false;
   for (auto n : dino::ssl::preset_names) known = known || n == m;
   if (!known) {
@@ -166,9 +166,6 @@ void check_method(const std::string& m, const std::string& device) {
     for (auto n : dino::ssl::preset_names) names += (names.empty() ? "" : ", ") + std::string(n);
     throw dino_cli::usage_error("unknown --method '" + m + "' (presets: " + names + ")");
   }
-  if (device == "cuda" && m == "dino_attention_mask")
-    throw dino::config_error("dino-train: --method dino_attention_mask is CPU only for now (the student's masked "
-                             "view has no CUDA path yet): use --device cpu");
 }
 
 // The method named by --method on the policy (cpu_policy, or cuda_policy with --device cuda).
@@ -203,18 +200,16 @@ int train_method(const Policy& pol, const dino_cli::flags& f, const Dataset& ds,
                     [&] { return ssl::make_swav_like<vit, float, P>(vc, vc.embed_dim, c); });
   if (m == "simclr")
     return train_on(pol, f, ds, vc, mc, c, seed, B, N, [&] { return ssl::make_simclr<vit, float, P>(vc, vc.embed_dim, c); });
-  if constexpr (dino::policy_traits<P>::is_host) {  // the masked student view is CPU only (check_method)
-    if (m == "dino_attention_mask")
-      return train_on(pol, f, ds, vc, mc, c, seed, B, N,
-                      [&] { return ssl::make_dino_attention_mask<vit, float, P>(vc, vc.embed_dim, c); });
-  }
+  if (m == "dino_attention_mask")
+    return train_on(pol, f, ds, vc, mc, c, seed, B, N,
+                    [&] { return ssl::make_dino_attention_mask<vit, float, P>(vc, vc.embed_dim, c); });
   return train_on(pol, f, ds, vc, mc, c, seed, B, N, [&] { return ssl::make_dino<vit, float, P>(vc, vc.embed_dim, c); });
 }
 
 template <class Dataset>
 int train(const dino_cli::flags& f, const Dataset& ds) {
   const std::string method = f.str("method");
-  check_method(method, f.str("device"));
+  check_method(method);
   const bool small = dino_tools::is_small_images(ds);
   dino::nn::vit_config vc = dino_tools::arch(f.str("arch").empty() ? (small ? "vit_small28" : "vit_small") : f.str("arch"),
                                              f.integer("patch"));

@@ -1,10 +1,11 @@
-// Every preset whose parts have CUDA twins (all of ssl/presets.hpp but dino, which
-// test_cuda_method.cu runs) on a tiny ViT, GPU against CPU from the same seed:
+// Every preset of ssl/presets.hpp but dino (which test_cuda_method.cu runs) on a tiny ViT,
+// GPU against CPU from the same seed:
 //   - 20 steps: each step's loss within kTolLoss (relative) of the CPU's, and the same skip
 //     and clip decisions; the GPU's stats of steps 10..19 read only after all of them ran;
 //   - those last 10 GPU steps neither allocate device memory nor wait for the device;
 //   - a step with a NaN pixel is skipped on the device: parameters, AdamW moments, teacher,
-//     center and queue stay byte-identical.
+//     center and queue stay byte-identical;
+//   - dino_attention_mask: the kept patches of every step equal the CPU's.
 // (The same binary as test_cuda_variants.cu: the parts one by one.)
 //
 // kTolLoss = 2e-4: the step-0 losses agree to fp32 rounding (about 1e-6: the ViT, head and
@@ -12,6 +13,7 @@
 // rounding as in the golden ViT run (1e-4 after 10 steps, test_cuda_method.cu).
 #include "cuda_test_support.cuh"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -165,3 +167,27 @@ DINO_PRESET_CASE(byol)
 DINO_PRESET_CASE(mocov2)
 DINO_PRESET_CASE(swav_like)
 DINO_PRESET_CASE(simclr)
+DINO_PRESET_CASE(dino_attention_mask)
+
+TEST_CASE("GPU dino_attention_mask: the student keeps the CPU's patches every step") {
+  const auto vc = tiny_vit();  // 16 px, patch 4: 16 patches, of which the default ratio 0.3 keeps 12
+  const auto c = tiny_config("dino_attention_mask");
+  auto cpu_m = dino::ssl::make_dino_attention_mask<dino::nn::vit>(vc, vc.embed_dim, c);
+  auto gpu_m = dino::ssl::make_dino_attention_mask<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
+  REQUIRE(cpu_m.masked_patches() == 16);
+  REQUIRE(gpu_m.masked_patches() == 16);
+  const cuda_policy pol = gpu().policy(false);
+  DINO_CUDA_CHECK(cudaDeviceSynchronize());
+  step_crops data(c, 10);
+  for (int s = 0; s < 10; ++s) {
+    CAPTURE(s);
+    const auto a = cpu_m.step(cpu_policy{2}, data.at(s));
+    auto b = gpu_m.step(pol, data.at(s));
+    gpu_m.read_stats(pol, b);
+    const auto want = cpu_m.kept_patches();
+    REQUIRE(want.size() == std::size_t(2 * c.train.max_batch * 12));
+    const auto got = dino::cuda::to_host(gpu_m.kept_patches_device(), want.size());
+    CHECK(std::equal(got.begin(), got.end(), want.begin()));
+    CHECK(std::abs(b.loss - a.loss) <= kTolLoss * std::abs(a.loss) + 1e-7);
+  }
+}

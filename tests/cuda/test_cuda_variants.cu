@@ -318,3 +318,30 @@ TEST_CASE("cuda copy_update and no_teacher: with and without the skip flag") {
   dino::ssl::copy_update{}(pol, dt, ds, 0.5, flag.data());
   CHECK(to_host_vec(dt.data(), dt.size()) == s);
 }
+
+TEST_CASE("cuda attention_mask: the kept patches of each crop equal the CPU's (ties, NaN, every ratio)") {
+  const auto pol = gpu().policy();
+  const std::int64_t crops = 7, heads = 3;
+  for (std::int64_t n : {1, 16, 49, 196}) {
+    for (double ratio : {0.0, 0.3, 0.5, 0.9}) {
+      CAPTURE(n);
+      CAPTURE(ratio);
+      dino::ssl::attention_mask cpu_mask({ratio}), gpu_mask({ratio});
+      const std::int64_t k = cpu_mask.kept(n);
+      auto a = random_vector<float>(std::size_t(crops * heads * (1 + n)), 40 + std::uint64_t(n), 0, 1);
+      // crop 1: every score equal (ties by index); crop 2: a NaN score; crop 3: pairs of equal scores
+      for (std::int64_t i = 0; i < heads * (1 + n); ++i) a[std::size_t(1 * heads * (1 + n) + i)] = 0.25f;
+      if (n > 3) a[std::size_t(2 * heads * (1 + n) + 1 + 3)] = std::nanf("");
+      for (std::int64_t h = 0; h < heads; ++h)
+        for (std::int64_t j = 1; j < n; j += 2)
+          a[std::size_t((3 * heads + h) * (1 + n) + 1 + j)] = a[std::size_t((3 * heads + h) * (1 + n) + j)];
+      std::vector<std::int64_t> want(std::size_t(crops * k));
+      cpu_mask.select(cpu, host_view<const float>{a.data(), {crops, heads * (1 + n)}, "attn"}, heads, n, want.data());
+      auto da = upload(a);
+      auto dkeep = upload(std::vector<std::int64_t>(want.size(), -1));
+      gpu_mask.select(pol, device_view<const float>{da.data(), {crops, heads * (1 + n)}, "attn"}, heads, n,
+                      dkeep.data());
+      CHECK(to_host_vec(dkeep.data(), dkeep.size()) == want);
+    }
+  }
+}

@@ -16,8 +16,9 @@
 // vit_pack::keep[set] ([count, k], ascending per crop; the identity's first k until the
 // caller writes it). Their segments are 1 + k rows: only the kept patches are unfolded and
 // embedded, each with its own position row, and every block runs on the shorter sequence; the
-// backward scatters the position gradient back to the kept rows. CPU only (upload() refuses
-// such a pack).
+// backward scatters the position gradient back to the kept rows. On a device policy the
+// tables live in device memory (vit_pack::device.keep, uploaded with the pack: the identity
+// until a StudentMask writes it there each step).
 //
 // Parameters, with the official state_dict names (prefix + ...): patch_embed.proj.weight
 // [D, C, p, p], patch_embed.proj.bias, cls_token [1, 1, D], pos_embed [1, N0 + 1, D],
@@ -113,6 +114,7 @@ struct vit_pack {
     const segment* segs = nullptr;               ///< [crops]
     const std::int64_t* token_crop = nullptr;    ///< [tokens] crop of each token
     std::vector<pos_resize_tables<T>> resize;    ///< per set, taps in device memory
+    std::vector<std::int64_t*> keep;             ///< per set: its kept-patch table [count, kept] (null: unmasked)
     std::shared_ptr<void> owner;                 ///< the one device allocation
     bool ready = false;
   } device;
@@ -191,11 +193,47 @@ template <class T>
 struct embed_elems_fn {  // device: one element of a set's token rows x0 [count * (1 + np), D]
   T* x0;
   const T *tmp, *pr, *cls, *pe, *bp;
-  std::int64_t np, D;
+  std::int64_t np, D;              // np: patch tokens per crop (the kept ones of a masked set)
+  const std::int64_t* keep = nullptr;  // a masked set: the grid row of each kept patch [count, np]
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
     for (std::int64_t e = lo; e < hi; ++e) {
       const std::int64_t d = e % D, rt = e / D, c = rt / (1 + np), t = rt % (1 + np);
-      x0[e] = t == 0 ? cls[d] + pe[d] : tmp[(c * np + t - 1) * D + d] + bp[d] + pr[(t - 1) * D + d];
+      if (t == 0) {
+        x0[e] = cls[d] + pe[d];
+      } else {
+        const std::int64_t g = keep ? keep[c * np + t - 1] : t - 1;
+        x0[e] = tmp[(c * np + t - 1) * D + d] + bp[d] + pr[g * D + d];
+      }
+    }
+  }
+};
+template <class T>
+struct unfold_kept_elems_fn {  // device: one element of a masked set's unfolded rows [count * nk, K]
+  const T* img;
+  T* u;
+  const std::int64_t* keep;  // [count, nk] grid index of each kept patch
+  std::int64_t C, H, W, p, w0, nk, K;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int64_t row = e / K, k = e % K, c = row / nk, t = keep[row], i = t / w0, j = t % w0;
+      const std::int64_t ch = k / (p * p), di = (k % (p * p)) / p, dj = k % p;
+      u[e] = img[c * C * H * W + (ch * H + i * p + di) * W + j * p + dj];
+    }
+  }
+};
+template <class T>
+struct kept_pos_sum_fn {  // device: dpos[g, d] = sum over kept rows r in order with keep[r] == g of tmp[r, d]
+  const T* tmp;
+  const std::int64_t* keep;
+  T* dpos;
+  std::int64_t n, D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int64_t g = e / D, d = e % D;
+      T s = T(0);
+      for (std::int64_t r = 0; r < n; ++r)
+        if (keep[r] == g) s += tmp[r * D + d];
+      dpos[e] = s;
     }
   }
 };
@@ -445,9 +483,6 @@ class vit {
   template <class Policy, class T>
   void upload(const Policy& pol, vit_pack<T>& pk) const {
     if constexpr (!policy_traits<Policy>::is_host) {
-      for (std::size_t si = 0; si < pk.keep.size(); ++si)
-        require<config_error>(pk.keep[si].empty(), "vit: crop set ", si, " drops patches (crop_set::keep): masked "
-                                                   "packs are CPU only for now");
       std::vector<std::byte> blob;
       const auto put = [&blob](const void* src, std::size_t bytes) {
         const std::size_t off = (blob.size() + 15) / 16 * 16;
@@ -461,6 +496,8 @@ class vit {
           token_crop[static_cast<std::size_t>(pk.segs[c].offset + t)] = static_cast<std::int64_t>(c);
       const std::size_t o_segs = put(pk.segs.data(), pk.segs.size() * sizeof(segment));
       const std::size_t o_tc = put(token_crop.data(), token_crop.size() * sizeof(std::int64_t));
+      std::vector<std::size_t> o_keep;  // masked sets' kept-patch tables (written by a StudentMask)
+      for (const auto& k : pk.keep) o_keep.push_back(k.empty() ? 0 : put(k.data(), k.size() * sizeof(std::int64_t)));
       std::vector<std::size_t> o_res;
       for (const auto& r : pk.resize) {
         o_res.push_back(put(r.y.index.data(), r.y.index.size() * sizeof(std::int64_t)));
@@ -473,6 +510,11 @@ class vit {
       const std::byte* base = static_cast<const std::byte*>(dev.owner.get());
       dev.segs = reinterpret_cast<const segment*>(base + o_segs);
       dev.token_crop = reinterpret_cast<const std::int64_t*>(base + o_tc);
+      dev.keep.clear();
+      for (std::size_t si = 0; si < pk.keep.size(); ++si)
+        dev.keep.push_back(pk.keep[si].empty() ? nullptr
+                                               : reinterpret_cast<std::int64_t*>(
+                                                     static_cast<std::byte*>(dev.owner.get()) + o_keep[si]));
       dev.resize.clear();
       for (std::size_t si = 0; si < pk.resize.size(); ++si) {
         const auto& r = pk.resize[si];
@@ -800,14 +842,17 @@ class vit {
       const std::int64_t h0 = cs.height / p, w0 = cs.width / p, np = h0 * w0, nk = pk.set_kept[si];
       const std::int64_t n = cs.count * nk;
       const std::int64_t* keep = pk.keep[si].empty() ? nullptr : pk.keep[si].data();
-      // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order (a masked set, CPU only: its kept patches)
+      // unfold: row (c, i, j) -> [C, p, p] in the conv weight's order (a masked set: its kept patches)
       if constexpr (policy_traits<Policy>::is_host) {
         if (keep)
           for_each_row(pol, cs.count, detail::unfold_kept_fn<T>{images[si], u, keep, C, cs.height, cs.width, p, w0, nk, K});
         else
           unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
+      } else if (const std::int64_t* dkeep = pk.device.keep.empty() ? nullptr : pk.device.keep[si]) {
+        for_each_chunk(pol, n * K, detail::unfold_kept_elems_fn<T>{images[si], u, dkeep, C, cs.height, cs.width, p, w0,
+                                                                  nk, K});
       } else {
-        unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);  // upload() refuses masked packs
+        unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
       }
       gemm(pol, gemm_desc{false, true, n, D, K}, T(1), static_cast<const T*>(u), Wp, T(0), tmp);
       const std::int64_t first = pk.set_first[si];
@@ -817,9 +862,10 @@ class vit {
                      detail::embed_crop_fn<T>{pk.segs.data(), first, nk, D, x, tmp, pr, cls, pe, bp, keep});
       } else {
         pos_resize_forward(pol, pk.device.resize[si], pe + D, pr, D);
-        // a set's crops are consecutive segments of 1 + np rows (make_pack)
+        // a set's crops are consecutive segments of 1 + nk rows (make_pack)
         T* x0 = x + pk.segs[std::size_t(first)].offset * D;
-        for_each_chunk(pol, cs.count * (1 + np) * D, detail::embed_elems_fn<T>{x0, tmp, pr, cls, pe, bp, np, D});
+        const std::int64_t* dkeep = pk.device.keep.empty() ? nullptr : pk.device.keep[si];
+        for_each_chunk(pol, cs.count * (1 + nk) * D, detail::embed_elems_fn<T>{x0, tmp, pr, cls, pe, bp, nk, D, dkeep});
       }
       if (keep_unfold) u += n * K;
       pr += np * D;
@@ -863,9 +909,12 @@ class vit {
       } else {
         // the same sums, each column (or element) in the CPU's order of crops
         const T* dx0 = dx + pk.segs[std::size_t(first)].offset * D;
-        for_each_chunk(pol, n * D, detail::patch_grad_gather_fn<T>{dx0, tmp, np, D});
-        for_each_row(pol, D, detail::cls_grad_fn<T>{dx0, gcls, gpos, cs.count, np, D});
-        for_each_chunk(pol, np * D, detail::crop_sum_fn<T>{tmp, dpos, cs.count, np * D});
+        for_each_chunk(pol, n * D, detail::patch_grad_gather_fn<T>{dx0, tmp, nk, D});
+        for_each_row(pol, D, detail::cls_grad_fn<T>{dx0, gcls, gpos, cs.count, nk, D});
+        if (const std::int64_t* dkeep = pk.device.keep.empty() ? nullptr : pk.device.keep[si])
+          for_each_chunk(pol, np * D, detail::kept_pos_sum_fn<T>{tmp, dkeep, dpos, n, D});
+        else
+          for_each_chunk(pol, np * D, detail::crop_sum_fn<T>{tmp, dpos, cs.count, np * D});
         pos_resize_backward(pol, pk.device.resize[si], static_cast<const T*>(dpos), gpos + D, D);
       }
       // patch projection

@@ -54,7 +54,7 @@
 //   ("predictor.*") end the layout and the teacher update covers the layout before them
 //   (the update's view form: ranged_teacher_update), so the teacher never follows them;
 // - the crop plan is the loss's: n_crops = n_global (2) is the two-crop plan, no local crops;
-// - a StudentMask (ssl/student_mask.hpp; image backbones, CPU only, a loss that uses the
+// - a StudentMask (ssl/student_mask.hpp; image backbones, CPU or GPU, a loss that uses the
 //   teacher) masks the student's view of each global crop: the teacher forward also returns
 //   its last-block CLS attention, the mask picks each global crop's kept patches from it, and
 //   the student's global crops run as shorter segments of the kept patches only (nn/vit.hpp,
@@ -157,9 +157,8 @@ class method {
   static_assert(!has_predictor || ranged_teacher_update<TeacherUpdate, T, Policy>,
                 "dino::ssl::method: with a Predictor, the TeacherUpdate needs the view form of "
                 "dino::ssl::ranged_teacher_update (the teacher must not follow the predictor)");
-  static_assert(!has_mask || (images && on_host),
-                "dino::ssl::method: a StudentMask needs an image backbone (nn::vit) and the CPU policy (masked "
-                "packs have no CUDA path yet)");
+  static_assert(!has_mask || images,
+                "dino::ssl::method: a StudentMask needs an image backbone (nn::vit): it drops patch tokens");
   static_assert(!has_mask || with_teacher,
                 "dino::ssl::method: a StudentMask ranks patches by the teacher's attention: the Loss must use the teacher");
   static_assert(student_mask_part<StudentMask, T, Policy>,
@@ -354,11 +353,22 @@ class method {
   std::int64_t masked_patches() const { return mask_patches_; }
   /// The patches the student kept of each global crop in the last micro-batch: [n_global *
   /// max_batch, kept], crop-major, ascending per crop (empty when nothing is masked).
-  std::span<const std::int64_t> kept_patches() const {
+  /// On the GPU the table lives in device memory: kept_patches_device() (same layout).
+  std::span<const std::int64_t> kept_patches() const
+    requires(on_host)
+  {
     if constexpr (has_mask) {
       if (mask_patches_) return student_pack_.keep[0];
     }
     return {};
+  }
+  const std::int64_t* kept_patches_device() const
+    requires(!on_host)
+  {
+    if constexpr (has_mask) {
+      if (mask_patches_) return student_pack_.device.keep[0];
+    }
+    return nullptr;
   }
   /// Elements of the parameter buffers the teacher follows: the whole layout, or the part
   /// before the predictor's parameters.
@@ -559,8 +569,10 @@ class method {
   void select_patches(const Policy& pol) {
     if (!mask_patches_) return;
     const std::int64_t H = backbone_.config().heads, N = mask_patches_;
-    mask_.select(pol, cview{r_.cls_attn, {teacher_pack_.crops, H * (1 + N)}, "teacher CLS attention"}, H, N,
-                 student_pack_.keep[0].data());
+    std::int64_t* keep = nullptr;  // the student pack's first set: its table in the policy's memory
+    if constexpr (on_host) keep = student_pack_.keep[0].data();
+    else keep = student_pack_.device.keep[0];
+    mask_.select(pol, cview{r_.cls_attn, {teacher_pack_.crops, H * (1 + N)}, "teacher CLS attention"}, H, N, keep);
   }
   void teacher_head(const Policy& pol, std::int64_t n) {
     cview P = teacher_params();

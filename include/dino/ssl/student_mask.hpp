@@ -23,8 +23,9 @@
 // attention_mask's score of patch j is its attention summed over heads (in double, in head
 // order: the mean over heads ranks the same); patches are ranked by score, higher first, and
 // equal scores by patch index, lower first (a NaN score ranks last); the first kept(N) are kept.
-// CPU only (the attention rows are read on the host); its scratch grows on the first call,
-// later calls allocate nothing; one instance must not run two calls at once.
+// On the CPU its scratch grows on the first call, later calls allocate nothing, and one
+// instance must not run two calls at once; on the GPU a kernel ranks each crop's patches in
+// shared memory and writes the device table (nothing allocated, nothing read back).
 #pragma once
 
 #include <algorithm>
@@ -73,14 +74,29 @@ class attention_mask {
     return std::max<std::int64_t>(1, n - drop);
   }
 
-  template <class T>
-  void select(const cpu_policy&, host_view<const T> cls_attention, std::int64_t heads, std::int64_t n,
+  /// keep in the policy's memory (device memory on the GPU: select_kept_patches in
+  /// policy/cuda/variants.cuh, a block per crop, the same ranking).
+  template <class Policy, class T, class S>
+  void select(const Policy& pol, tensor_view<const T, S> cls_attention, std::int64_t heads, std::int64_t n,
               std::int64_t* keep) {
+    DINO_CHECK_SPACE(Policy, S);
     require<shape_error>(heads > 0 && n > 0 && cls_attention.shape.rank == 2 &&
                              cls_attention.cols() == heads * (1 + n),
                          "attention_mask::select: ", cls_attention.name, " must be [crops, heads * (1 + N)] = [*, ",
                          heads * (1 + n), "]");
     const std::int64_t k = kept(n);
+    if constexpr (!policy_traits<Policy>::is_host) {
+      select_kept_patches(pol, cls_attention.data, cls_attention.rows(), heads, n, k, keep);
+    } else {
+      (void)pol;
+      host_select(cls_attention, heads, n, k, keep);
+    }
+  }
+
+ private:
+  template <class T>
+  void host_select(host_view<const T> cls_attention, std::int64_t heads, std::int64_t n, std::int64_t k,
+                   std::int64_t* keep) {
     score_.resize(std::size_t(n));
     order_.resize(std::size_t(n));
     const auto before = [this](std::int64_t a, std::int64_t b) {
@@ -101,7 +117,6 @@ class attention_mask {
     }
   }
 
- private:
   attention_mask_config cfg_;
   std::vector<double> score_;
   std::vector<std::int64_t> order_;

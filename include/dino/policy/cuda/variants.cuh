@@ -1,5 +1,5 @@
 // dino/policy/cuda/variants.cuh: the row kernels of the variant parts (ssl/sinkhorn.hpp,
-// ssl/mse_loss.hpp, ssl/info_nce.hpp, ssl/nt_xent.hpp) on the CUDA policy. The ssl headers
+// ssl/mse_loss.hpp, ssl/info_nce.hpp, ssl/nt_xent.hpp, ssl/student_mask.hpp) on the CUDA policy. The ssl headers
 // call these by name with a cuda_policy (the CPU runs the parts' own loops); each computes
 // what the CPU part computes, in the same precision (double sums and exponentials where the
 // CPU works in double, T where it rounds to T), with a different but fixed summation order.
@@ -23,6 +23,9 @@
 //   queue_commit(pol, queue, pending, state, n, cap, Q, K, skip)
 //       the last min(n, Q) of n pending rows (a ring of cap rows) into the queue ring at
 //       state[1] (head), then head and queued (state[0]) advance; nothing when *skip
+//   select_kept_patches(pol, attn, crops, heads, n, k, keep)
+//       ssl::attention_mask's choice: each crop's k best-attended patches, ascending (a block
+//       per crop, ranks counted in shared memory)
 //
 // Everything runs on pol.stream and reads nothing back.
 #pragma once
@@ -472,10 +475,59 @@ inline void queue_commit(const cuda_policy& pol, T* queue, const T* pending, std
   DINO_CUDA_LAUNCHED("queue_commit state");
 }
 
+namespace variant_kernels {
+// A block per crop: score[j] = sum over heads of the CLS attention to patch j (double, head
+// order; NaN as -inf), rank[j] = #{i : score_i > score_j or (score_i == score_j and i < j)};
+// the patches of rank < k are kept, written in ascending order (their position among the
+// kept = the kept patches of lower index).
+template <class T>
+__global__ void select_kept_kernel(const T* attn, std::int64_t heads, std::int64_t n, std::int64_t k,
+                                   std::int64_t* keep) {
+  extern __shared__ double score[];  // [n], then n flags
+  unsigned char* flag = reinterpret_cast<unsigned char*>(score + n);
+  const std::int64_t c = blockIdx.x;
+  const T* a = attn + c * heads * (1 + n);
+  for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    double s = 0;
+    for (std::int64_t h = 0; h < heads; ++h) s += double(a[h * (1 + n) + 1 + j]);
+    score[j] = isnan(s) ? -INFINITY : s;
+  }
+  __syncthreads();
+  for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const double sj = score[j];
+    std::int64_t rank = 0;
+    for (std::int64_t i = 0; i < n; ++i) rank += (score[i] > sj || (score[i] == sj && i < j)) ? 1 : 0;
+    flag[j] = rank < k ? 1 : 0;
+  }
+  __syncthreads();
+  for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    if (flag[j]) {
+      std::int64_t pos = 0;
+      for (std::int64_t i = 0; i < j; ++i) pos += flag[i];
+      keep[c * k + pos] = j;
+    }
+}
+}  // namespace variant_kernels
+
+/// keep [crops, k] (=) the k patches of each crop that the CLS attention attn [crops, heads *
+/// (1 + n)] ranks highest, ascending (ssl::attention_mask's ranking; device memory).
+template <class T>
+inline void select_kept_patches(const cuda_policy& pol, const T* attn, std::int64_t crops, std::int64_t heads,
+                                std::int64_t n, std::int64_t k, std::int64_t* keep) {
+  require<shape_error>(n > 0 && k >= 1 && k <= n && heads > 0, "select_kept_patches: k = ", k, " of n = ", n,
+                       " patches, ", heads, " heads");
+  if (crops <= 0) return;
+  const std::size_t smem = std::size_t(n) * (sizeof(double) + 1);
+  require<shape_error>(smem <= 48 * 1024, "select_kept_patches: ", n, " patches per crop do not fit a block");
+  variant_kernels::select_kept_kernel<<<unsigned(crops), 256, smem, pol.stream>>>(attn, heads, n, k, keep);
+  DINO_CUDA_LAUNCHED("select_kept_patches");
+}
+
 }  // namespace dino::cuda
 
 namespace dino {
 using cuda::info_nce_rows;
+using cuda::select_kept_patches;
 using cuda::l2_grad_rows;
 using cuda::l2_rows_stats;
 using cuda::mse_rows;
