@@ -483,8 +483,8 @@ namespace variant_kernels {
 template <class T>
 __global__ void select_kept_kernel(const T* attn, std::int64_t heads, std::int64_t n, std::int64_t k,
                                    std::int64_t* keep) {
-  extern __shared__ double score[];  // [n], then n flags
-  unsigned char* flag = reinterpret_cast<unsigned char*>(score + n);
+  extern __shared__ double score[];  // [n], then the flags: n ints padded to a multiple of 4, plus 4
+  int* flag = reinterpret_cast<int*>(score + n);
   const std::int64_t c = blockIdx.x;
   const T* a = attn + c * heads * (1 + n);
   for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x) {
@@ -499,6 +499,9 @@ __global__ void select_kept_kernel(const T* attn, std::int64_t heads, std::int64
     for (std::int64_t i = 0; i < n; ++i) rank += (score[i] > sj || (score[i] == sj && i < j)) ? 1 : 0;
     flag[j] = rank < k ? 1 : 0;
   }
+  // The padding is zeroed and allocated because the compiler may read the scores two and the
+  // flags four at a time (16-byte loads) past the last element.
+  for (std::int64_t j = n + threadIdx.x; j < (n + 3) / 4 * 4 + 4; j += blockDim.x) flag[j] = 0;
   __syncthreads();
   for (std::int64_t j = threadIdx.x; j < n; j += blockDim.x)
     if (flag[j]) {
@@ -517,7 +520,7 @@ inline void select_kept_patches(const cuda_policy& pol, const T* attn, std::int6
   require<shape_error>(n > 0 && k >= 1 && k <= n && heads > 0, "select_kept_patches: k = ", k, " of n = ", n,
                        " patches, ", heads, " heads");
   if (crops <= 0) return;
-  const std::size_t smem = std::size_t(n) * (sizeof(double) + 1);
+  const std::size_t smem = std::size_t(n) * sizeof(double) + std::size_t((n + 3) / 4 * 4 + 4) * sizeof(int);
   require<shape_error>(smem <= 48 * 1024, "select_kept_patches: ", n, " patches per crop do not fit a block");
   variant_kernels::select_kept_kernel<<<unsigned(crops), 256, smem, pol.stream>>>(attn, heads, n, k, keep);
   DINO_CUDA_LAUNCHED("select_kept_patches");
