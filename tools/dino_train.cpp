@@ -128,6 +128,16 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
                model.layout().numel(), (long long)c.head.out_dim, mc.global_size, mc.n_local, mc.local_size, (long long)(B * N),
                (long long)B, (long long)N,
                (long long)s.epochs, (long long)s.iters_per_epoch);
+  {
+    const auto mem = model.memory();
+    const auto mib = [](std::size_t b) { return double(b) / double(1 << 20); };
+    std::fprintf(stderr,
+                 "dino-train: %s memory %.1f MiB, planned before the first step: parameters %.1f (student, teacher, "
+                 "gradients), optimizer %.1f, step workspace %.1f (activations kept for the backward %.1f, scratch "
+                 "%.1f)\n",
+                 dino::policy_traits<Policy>::is_host ? "host" : "device", mib(mem.total()), mib(mem.parameters),
+                 mib(mem.optimizer), mib(mem.workspace), mib(mem.activations), mib(mem.scratch));
+  }
   dino::train::run_config rc;
   rc.out_dir = out;
   rc.save_every = f.integer("save-every");

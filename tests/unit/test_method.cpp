@@ -263,6 +263,27 @@ TEST_CASE("a steady-state step makes no C++ heap allocation") {
   CHECK(during == 0);
 }
 
+TEST_CASE("the memory report: parameters, optimizer, workspace and the activations kept for the backward") {
+  const auto report = [](std::int64_t B) {
+    auto m = ssl::make_dino<nn::mlp>(backbone_config(), 32, small_config(B, 2, 10));
+    const auto r = m.memory();
+    const std::size_t P = m.layout().size() * sizeof(float);
+    CHECK(r.parameters == 3 * P);  // student, teacher, gradients
+    CHECK(r.optimizer == 2 * P);   // AdamW's two moments
+    CHECK(r.workspace == m.workspace_bytes());
+    CHECK(r.activations > 0);
+    CHECK(r.activations + r.scratch < r.workspace);
+    CHECK(r.total() == r.parameters + r.optimizer + r.workspace);
+    return r;
+  };
+  const auto a = report(4), b = report(8);
+  CHECK(a.parameters == b.parameters);
+  CHECK(b.activations > a.activations);  // rows kept per crop, plus a part that does not grow with the batch
+  CHECK(b.activations < 2 * a.activations);
+  MESSAGE("activations kept at batch 4 / 8: " << a.activations << " / " << b.activations << " bytes");
+  CHECK(b.workspace > a.workspace);
+}
+
 // The example part of docs/api.md ("Writing a part"), verbatim.
 template <class T>
 struct sharpen_only {

@@ -399,6 +399,26 @@ class method {
   /// Bytes of activation and scratch memory planned at construction (one allocation).
   std::size_t workspace_bytes() const { return ws_.capacity(); }
 
+  /// What the method holds in its policy's memory, in bytes, all planned at construction
+  /// (nothing grows during steps): the parameter buffers (student, teacher, gradients), the
+  /// optimizer's moments, and the step workspace, of which `activations` are the activations
+  /// the backward keeps (backbone, head and predictor at max_batch) and `scratch` the largest
+  /// temporary region; the rest of the workspace holds the features, logits, targets and their
+  /// gradients (and, on the GPU, the staged input and the step results).
+  struct memory_report {
+    std::size_t parameters = 0, optimizer = 0, workspace = 0, activations = 0, scratch = 0;
+    std::size_t total() const { return parameters + optimizer + workspace; }
+  };
+  memory_report memory() const {
+    memory_report r;
+    r.parameters = (student_.size() + teacher_.size() + grads_.size()) * sizeof(T);
+    r.optimizer = 2 * student_.size() * sizeof(T);
+    r.workspace = ws_.capacity();
+    r.activations = r_.saved_n * sizeof(T);
+    r.scratch = r_.scratch_n * sizeof(T);
+    return r;
+  }
+
  private:
   int crops() const { return loss_.config().n_crops; }
   int globals() const { return loss_.config().n_global; }
