@@ -31,6 +31,22 @@ double golden_error(const float* actual, const dino_golden::tensor& t) {
   return e.rel_norm;
 }
 
+/// The golden run's schedules (per iteration, from the file) and its initial student, also the teacher.
+template <class M>
+void golden_start(M& m, const dino_golden::file& g) {
+  dino::ssl::dino_schedules sch;
+  sch.lr = g["lr"].values;
+  sch.wd = g["wd"].values;
+  sch.momentum = g["momentum"].values;
+  sch.teacher_temp = g["tau_t"].values;
+  sch.iters_per_epoch = 1;
+  m.set_schedules(sch);
+  flat_params<float> init(m.layout());
+  dino_golden::load_params(g, "init/student.", init);
+  dino::assign_params(m.student(), init);
+  dino::assign_params(m.teacher(), init);
+}
+
 }  // namespace
 
 TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e-4") {
@@ -41,18 +57,7 @@ TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e
   const int steps = run.steps;
   const dino::ssl::dino_config& c = run.c;
   auto m = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
-  dino::ssl::dino_schedules sch;
-  sch.lr = g["lr"].values;
-  sch.wd = g["wd"].values;
-  sch.momentum = g["momentum"].values;
-  sch.teacher_temp = g["tau_t"].values;
-  sch.iters_per_epoch = 1;
-  m.set_schedules(sch);
-
-  flat_params<float> init(m.layout());
-  dino_golden::load_params(g, "init/student.", init);
-  dino::assign_params(m.student(), init);
-  dino::assign_params(m.teacher(), init);
+  golden_start(m, g);
 
   const std::int64_t K = c.head.out_dim;
   std::vector<float> glob, loc;
@@ -329,20 +334,6 @@ dino::ssl::dino_config golden_dino_config(const dino_golden::file& g, const dino
   return c;
 }
 
-template <class M>
-void golden_start(M& m, const dino_golden::file& g) {
-  dino::ssl::dino_schedules sch;
-  sch.lr = g["lr"].values;
-  sch.wd = g["wd"].values;
-  sch.momentum = g["momentum"].values;
-  sch.teacher_temp = g["tau_t"].values;
-  sch.iters_per_epoch = 1;
-  m.set_schedules(sch);
-  flat_params<float> init(m.layout());
-  dino_golden::load_params(g, "init/student.", init);
-  dino::assign_params(m.student(), init);
-  dino::assign_params(m.teacher(), init);
-}
 
 /// Every buffer a skipped step must leave alone, copied to the host.
 template <class M>
