@@ -161,11 +161,12 @@ template <class T>
 struct unfold_elems_fn {  // one element of the unfolded matrix [count * np, K] per index
   const T* img;
   T* u;
-  std::int64_t C, H, W, p, w0, np, K;
+  std::int64_t C, H, W, p, w0, np, K;  // np: patch rows per crop (the kept ones of a masked set)
+  const std::int64_t* keep = nullptr;  // a masked set: the grid index of each row [count, np]
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
     for (std::int64_t e = lo; e < hi; ++e) {
       const std::int64_t row = e / K, k = e % K;
-      const std::int64_t c = row / np, t = row % np, i = t / w0, j = t % w0;
+      const std::int64_t c = row / np, t = keep ? keep[row] : row % np, i = t / w0, j = t % w0;
       const std::int64_t ch = k / (p * p), di = (k % (p * p)) / p, dj = k % p;
       u[e] = img[c * C * H * W + (ch * H + i * p + di) * W + j * p + dj];
     }
@@ -204,20 +205,6 @@ struct embed_elems_fn {  // device: one element of a set's token rows x0 [count 
         const std::int64_t g = keep ? keep[c * np + t - 1] : t - 1;
         x0[e] = tmp[(c * np + t - 1) * D + d] + bp[d] + pr[g * D + d];
       }
-    }
-  }
-};
-template <class T>
-struct unfold_kept_elems_fn {  // device: one element of a masked set's unfolded rows [count * nk, K]
-  const T* img;
-  T* u;
-  const std::int64_t* keep;  // [count, nk] grid index of each kept patch
-  std::int64_t C, H, W, p, w0, nk, K;
-  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
-    for (std::int64_t e = lo; e < hi; ++e) {
-      const std::int64_t row = e / K, k = e % K, c = row / nk, t = keep[row], i = t / w0, j = t % w0;
-      const std::int64_t ch = k / (p * p), di = (k % (p * p)) / p, dj = k % p;
-      u[e] = img[c * C * H * W + (ch * H + i * p + di) * W + j * p + dj];
     }
   }
 };
@@ -849,8 +836,7 @@ class vit {
         else
           unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
       } else if (const std::int64_t* dkeep = pk.device.keep.empty() ? nullptr : pk.device.keep[si]) {
-        for_each_chunk(pol, n * K, detail::unfold_kept_elems_fn<T>{images[si], u, dkeep, C, cs.height, cs.width, p, w0,
-                                                                  nk, K});
+        for_each_chunk(pol, n * K, detail::unfold_elems_fn<T>{images[si], u, C, cs.height, cs.width, p, w0, nk, K, dkeep});
       } else {
         unfold_patches(pol, images[si], cs.count, C, cs.height, cs.width, p, u);
       }

@@ -448,6 +448,14 @@ inline int warp_floats(std::int64_t n, int hd) { return 16 * std::max(ld_s(n), l
 inline std::size_t smem_bytes(std::int64_t n, int hd) {
   return sizeof(float) * std::size_t(ks * ld_kv(hd) + warps * warp_floats(n, hd));
 }
+namespace frags {  // the wmma m16n16k8 TF32 fragments of the kernels (a, b row- or column-major)
+namespace wmma = nvcuda::wmma;
+using frag_a = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using frag_ac = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using frag_bc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using frag_br = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+}  // namespace frags
 }  // namespace tc
 
 // rows [first, first + rows) of a head's columns of src (row stride ld) into dst (row stride
@@ -481,10 +489,7 @@ __device__ __forceinline__ void tc_round(Frag& f) {
 template <int HD>
 __global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int lds, int wfl, bool vec) {
   using namespace nvcuda;
-  using frag_a = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using frag_bc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  using frag_br = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  using namespace tc::frags;
   constexpr int LK = tc::ld_kv(HD), F = HD / 8, OC = HD / 16;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* sKV = reinterpret_cast<float*>(smem_raw);  // [64][LK]  key tile, then value tile
@@ -613,10 +618,7 @@ inline std::size_t cols_smem_bytes(int hd) {
 template <int HD>
 __global__ void __launch_bounds__(threads) backward_rows_tc_kernel(group<float> g, int lds, int wfl, bool vec) {
   using namespace nvcuda;
-  using frag_a = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using frag_bc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  using frag_br = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  using namespace tc::frags;
   constexpr int LK = tc::ld_kv(HD), F = HD / 8, OC = HD / 16;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* sKV = reinterpret_cast<float*>(smem_raw);  // [64][LK]  V tile, then K tile
@@ -715,9 +717,7 @@ __global__ void __launch_bounds__(threads) backward_rows_tc_kernel(group<float> 
 template <int HD>
 __global__ void __launch_bounds__(threads) backward_cols_tc_kernel(group<float> g, bool vec) {
   using namespace nvcuda;
-  using frag_ac = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  using frag_br = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  using namespace tc::frags;
   constexpr int LK = tc::ld_kv(HD), OC = HD / 16, LP = tc::ld_blk;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* sQ = reinterpret_cast<float*>(smem_raw);  // [64][LK] queries of the stage
@@ -791,17 +791,17 @@ __global__ void __launch_bounds__(threads) backward_cols_tc_kernel(group<float> 
   }
 }
 
-/// Launches kernel over a group's (segment, tile) x head grid with `smem` bytes of dynamic
-/// shared memory (opting in above the 48 KiB default).
-template <class T, class K>
+/// Launches kernel(g, args...) over a group's (segment, tile) x head grid with `smem` bytes of
+/// dynamic shared memory (opting in above the 48 KiB default).
+template <class T, class K, class... Args>
 inline void launch(const cuda_policy& pol, K kernel, const group<T>& g, std::int64_t count, std::size_t smem,
-                   const char* name) {
+                   const char* name, Args... args) {
   const std::int64_t blocks = count * g.tiles;
   require<shape_error>(blocks <= 0x7fffffffLL && g.heads <= 65535, name, ": too many blocks (", blocks, " x ", g.heads,
                        ")");
   if (smem > 48 * 1024)
     DINO_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<dim3(unsigned(blocks), unsigned(g.heads)), threads, smem, pol.stream>>>(g);
+  kernel<<<dim3(unsigned(blocks), unsigned(g.heads)), threads, smem, pol.stream>>>(g, args...);
   DINO_CUDA_LAUNCHED(name);
 }
 
@@ -871,18 +871,9 @@ inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<seg
     if constexpr (std::is_same_v<T, float> && !Padded) {
       if (pol.tf32 && g.n <= tc::max_n) {  // TF32 tensor cores (see forward_tc_kernel)
         g.tiles = (g.n + tc::qrows - 1) / tc::qrows;
-        const std::size_t smem = tc::smem_bytes(g.n, HD);
-        const int lds = tc::ld_s(g.n), wfl = tc::warp_floats(g.n, HD);
-        const std::int64_t blocks = count * g.tiles;
-        require<shape_error>(blocks <= 0x7fffffffLL && g.heads <= 65535, "attention_forward: too many blocks (", blocks,
-                             " x ", g.heads, ")");
-        if (smem > 48 * 1024)
-          DINO_CUDA_CHECK(
-              cudaFuncSetAttribute(forward_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
         const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 && g.D % 4 == 0;
-        forward_tc_kernel<HD>
-            <<<dim3(unsigned(blocks), unsigned(g.heads)), threads, smem, pol.stream>>>(g, lds, wfl, vec);
-        DINO_CUDA_LAUNCHED("attention_forward (TF32 tensor cores)");
+        launch(pol, forward_tc_kernel<HD>, g, count, tc::smem_bytes(g.n, HD), "attention_forward (TF32 tensor cores)",
+               tc::ld_s(g.n), tc::warp_floats(g.n, HD), vec);
         return;
       }
     }
@@ -903,23 +894,11 @@ inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<se
       if (pol.tf32 && g.n <= tc::max_n) {  // TF32 tensor cores (see backward_rows_tc_kernel)
         const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 &&
                          reinterpret_cast<std::uintptr_t>(g.dout) % 16 == 0 && g.D % 4 == 0;
-        g.tiles = (g.n + tc::qrows - 1) / tc::qrows;
-        const std::size_t rs = tc::smem_bytes(g.n, HD), cs = tc::cols_smem_bytes(HD);
-        const int lds = tc::ld_s(g.n), wfl = tc::warp_floats(g.n, HD);
-        const std::int64_t blocks = count * g.tiles;
-        require<shape_error>(blocks <= 0x7fffffffLL && g.heads <= 65535, "attention_backward: too many blocks (",
-                             blocks, " x ", g.heads, ")");
-        if (rs > 48 * 1024)
-          DINO_CUDA_CHECK(
-              cudaFuncSetAttribute(backward_rows_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(rs)));
-        if (cs > 48 * 1024)
-          DINO_CUDA_CHECK(
-              cudaFuncSetAttribute(backward_cols_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cs)));
-        const dim3 grid(unsigned(blocks), unsigned(g.heads));  // 64 queries, then 64 keys, per block
-        backward_rows_tc_kernel<HD><<<grid, threads, rs, pol.stream>>>(g, lds, wfl, vec);
-        DINO_CUDA_LAUNCHED("attention_backward (rows, TF32 tensor cores)");
-        backward_cols_tc_kernel<HD><<<grid, threads, cs, pol.stream>>>(g, vec);
-        DINO_CUDA_LAUNCHED("attention_backward (columns, TF32 tensor cores)");
+        g.tiles = (g.n + tc::qrows - 1) / tc::qrows;  // 64 queries, then 64 keys, per block
+        launch(pol, backward_rows_tc_kernel<HD>, g, count, tc::smem_bytes(g.n, HD),
+               "attention_backward (rows, TF32 tensor cores)", tc::ld_s(g.n), tc::warp_floats(g.n, HD), vec);
+        launch(pol, backward_cols_tc_kernel<HD>, g, count, tc::cols_smem_bytes(HD),
+               "attention_backward (columns, TF32 tensor cores)", vec);
         return;
       }
     }
