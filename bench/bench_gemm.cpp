@@ -24,8 +24,14 @@ const shape kShapes[] = {
     {"s16_qkv_fwd", false, true, 1576, 1152, 384},   {"s16_fc1_fwd", false, true, 1576, 1536, 384},
     {"s16_fc2_fwd", false, true, 1576, 384, 1536},   {"s16_att_qk", false, true, 197, 197, 64},
     {"s16_att_pv", false, false, 197, 64, 197},      {"small_fc1_fwd", false, true, 10240, 768, 192},
-    {"small_fc2_dx", false, false, 10240, 192, 768}, {"small_fc1_dw", true, false, 768, 192, 10240},
+    {"small_fc1_dx", false, false, 10240, 192, 768}, {"small_fc1_dw", true, false, 768, 192, 10240},
     {"small_att_qk", false, true, 50, 50, 64},       {"small_att_local_qk", false, true, 10, 10, 64},
+    // the rest of the SMALL step's linear layers (qkv 192 -> 576, proj 192 -> 192, fc2 768 -> 192)
+    {"small_qkv_fwd", false, true, 10240, 576, 192}, {"small_proj_fwd", false, true, 10240, 192, 192},
+    {"small_fc2_fwd", false, true, 10240, 192, 768}, {"small_qkv_dx", false, false, 10240, 192, 576},
+    {"small_proj_dx", false, false, 10240, 192, 192}, {"small_fc2_dx", false, false, 10240, 768, 192},
+    {"small_qkv_dw", true, false, 576, 192, 10240},  {"small_proj_dw", true, false, 192, 192, 10240},
+    {"small_fc2_dw", true, false, 192, 768, 10240},
 };
 
 void BM_gemm(benchmark::State& state) {

@@ -243,6 +243,51 @@ TEST_CASE("every fp32 kernel: transposes, edges of the register tile and of the 
   }
 }
 
+TEST_CASE("every fp32 kernel: gemm_bias equals the bias rows followed by gemm with beta 1, bit for bit") {
+  // The bias goes in the first depth block's store (alpha acc + bias): the same rounding as
+  // C = bias rows, then C += op(A) op(B). Shapes split by rows and by columns over 2
+  // threads, several depth blocks (k > 512), partial tiles, a padded ldc; C starts as NaN
+  // (never read) and the padding must stay untouched.
+  kernel_guard guard;
+  const std::vector<std::tuple<int, int, int>> shapes = {{1, 1, 1},   {7, 17, 9},   {13, 33, 31}, {200, 97, 70},
+                                                         {50, 700, 3}, {96, 40, 1030}, {31, 1025, 24}, {5, 9, 0}};
+  std::uint64_t seed = 900;
+  for (auto kern : runnable_kernels()) {
+    REQUIRE(cpu::set_gemm_kernel(kern));
+    const std::string kname = cpu::gemm_kernel_name(kern);
+    CAPTURE(kname);
+    for (auto [m, n, k] : shapes)
+      for (int ta = 0; ta < 2; ++ta)
+        for (int tb = 0; tb < 2; ++tb)
+          for (int threads : {1, 2}) {
+            const std::string where = "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                                      " ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) +
+                                      " threads=" + std::to_string(threads);
+            CAPTURE(where);
+            gemm_desc d{bool(ta), bool(tb), m, n, k};
+            d.ldc = n + 3;
+            std::vector<float> A(std::size_t(std::max(1, m * k))), B(std::size_t(std::max(1, k * n)));
+            std::vector<float> bias(static_cast<std::size_t>(n));
+            dino_test::fill_normal(A.data(), A.size(), seed++);
+            dino_test::fill_normal(B.data(), B.size(), seed++);
+            dino_test::fill_normal(bias.data(), bias.size(), seed++);
+            std::vector<float> got(std::size_t(m * d.ldc), std::numeric_limits<float>::quiet_NaN()), want = got;
+            for (int i = 0; i < m; ++i)
+              for (int j = 0; j < n; ++j) want[std::size_t(i * d.ldc + j)] = bias[std::size_t(j)];
+            gemm(cpu_policy{threads}, d, 1.0f, A.data(), B.data(), 1.0f, want.data());
+            cpu::gemm_bias(cpu_policy{threads}, d, A.data(), B.data(), bias.data(), got.data());
+            CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0);
+          }
+  }
+  // double (Eigen) takes the same path as the rows-then-product form
+  std::vector<double> A{1, 2, 3, 4, 5, 6}, B{1, 0, -1, 2, 1, 0}, bias{0.5, -0.5}, C(6, NAN);
+  cpu::gemm_bias(cpu_policy{1}, gemm_desc{false, false, 3, 2, 2}, A.data(), B.data(), bias.data(), C.data());
+  CHECK(C == std::vector<double>{1 * 1 + 2 * -1 + 0.5, 1 * 0 + 2 * 2 - 0.5, 3 - 4 + 0.5, 8 - 0.5, 5 - 6 + 0.5, 12 - 0.5});
+  CHECK_THROWS_AS(cpu::gemm_bias(cpu_policy{1}, gemm_desc{false, false, 1, 1, 1, 0, 0, 0, 2}, A.data(), B.data(),
+                                 bias.data(), C.data()),
+                  shape_error);
+}
+
 TEST_CASE("every fp32 kernel: beta = 0 never reads C (NaN in C), gemm_serial, k = 0") {
   kernel_guard guard;
   for (auto kern : runnable_kernels()) {
@@ -390,6 +435,72 @@ TEST_CASE("a steady-state gemm allocates nothing (dino's fp32 kernels; Eigen abo
 #else
   MESSAGE("allocation counting needs glibc without a sanitizer: skipped");
 #endif
+}
+
+TEST_CASE("CPU row kernels on every SIMD level: LayerNorm and column sums against double, any thread count") {
+  // policy/cpu/simd.hpp: the baseline loops and their AVX-512 copies. Against references in
+  // double; the thread count never changes a bit; the column sums (one chain of double adds
+  // per column) are the same bits on every level.
+  const cpu::simd_level saved = cpu::simd_active();
+  const std::int64_t rows = 131, D = 200;  // D: 12 full 16-lane groups and a tail of 8
+  std::vector<float> x(static_cast<std::size_t>(rows * D)), dy(x.size()), w(static_cast<std::size_t>(D)),
+      b(static_cast<std::size_t>(D));
+  dino_test::fill_normal(x.data(), x.size(), 71);
+  dino_test::fill_normal(dy.data(), dy.size(), 72);
+  dino_test::fill_normal(w.data(), w.size(), 73);
+  dino_test::fill_normal(b.data(), b.size(), 74);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = 3.0f + 2.0f * x[i];  // a mean far from 0
+  std::vector<float> sums_first;
+  for (cpu::simd_level level : {cpu::simd_level::baseline, cpu::simd_level::avx512}) {
+    if (!cpu::set_simd_level(level)) continue;
+    CAPTURE(cpu::simd_level_name(level));
+    std::vector<float> y[2], st[2], dx[2], gw[2], gb[2], cs[2];
+    for (int t = 0; t < 2; ++t) {
+      const cpu_policy pol{t + 1};
+      y[t].resize(x.size()), st[t].resize(std::size_t(2 * rows)), dx[t].assign(x.size(), 0.5f);
+      gw[t].assign(std::size_t(D), 0.25f), gb[t].assign(std::size_t(D), -0.25f), cs[t].assign(std::size_t(D), 1.0f);
+      cpu::layer_norm_rows(pol, x.data(), w.data(), b.data(), y[t].data(), st[t].data(), rows, D, 1e-6f);
+      cpu::layer_norm_rows_backward(pol, x.data(), w.data(), dy.data(), st[t].data(), dx[t].data(), rows, D, true);
+      cpu::layer_norm_param_grads(pol, x.data(), dy.data(), st[t].data(), rows, D, gw[t].data(), gb[t].data());
+      cpu::column_sums(pol, dy.data(), rows, D, cs[t].data(), true);
+    }
+    CHECK(y[0] == y[1]);
+    CHECK(st[0] == st[1]);
+    CHECK(dx[0] == dx[1]);
+    CHECK(gw[0] == gw[1]);
+    CHECK(gb[0] == gb[1]);
+    CHECK(cs[0] == cs[1]);
+    if (sums_first.empty()) sums_first = cs[0];
+    else CHECK(cs[0] == sums_first);
+    // references in double
+    std::vector<double> xd(x.begin(), x.end()), wd(w.begin(), w.end()), bd(b.begin(), b.end()), dyd(dy.begin(), dy.end());
+    double ey = 0, edx = 0, egw = 0, egb = 0, ecs = 0;
+    std::vector<double> rgw(std::size_t(D), 0.25), rgb(std::size_t(D), -0.25), rcs(std::size_t(D), 1.0);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      std::vector<double> yr(static_cast<std::size_t>(D)), dxr(static_cast<std::size_t>(D), 0.5);
+      const auto s = math::layernorm_row(xd.data() + r * D, wd.data(), bd.data(), yr.data(), int(D), 1e-6);
+      math::layernorm_row_backward(xd.data() + r * D, wd.data(), dyd.data() + r * D, s, dxr.data(), int(D), true);
+      for (std::int64_t c = 0; c < D; ++c) {
+        const std::size_t i = std::size_t(r * D + c);
+        ey = std::max(ey, std::fabs(y[0][i] - yr[std::size_t(c)]));
+        edx = std::max(edx, std::fabs(dx[0][i] - dxr[std::size_t(c)]));
+        rgw[std::size_t(c)] += dyd[i] * (xd[i] - s.mean) * s.rstd;
+        rgb[std::size_t(c)] += dyd[i];
+        rcs[std::size_t(c)] += dyd[i];
+      }
+    }
+    for (std::int64_t c = 0; c < D; ++c) {
+      egw = std::max(egw, std::fabs(gw[0][std::size_t(c)] - rgw[std::size_t(c)]));
+      egb = std::max(egb, std::fabs(gb[0][std::size_t(c)] - rgb[std::size_t(c)]));
+      ecs = std::max(ecs, std::fabs(cs[0][std::size_t(c)] - rcs[std::size_t(c)]));
+    }
+    CHECK(ey < 2e-5);   // |y| up to ~10: a few float ulps
+    CHECK(edx < 2e-5);  // |dx| up to ~5
+    CHECK(egw < 1e-4);  // sums of 131 terms of ~1
+    CHECK(egb < 1e-4);
+    CHECK(ecs < 1e-5);  // double sums, one rounding to float
+  }
+  cpu::set_simd_level(saved);
 }
 
 TEST_CASE("column sums, finiteness, runners") {

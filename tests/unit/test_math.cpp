@@ -31,45 +31,70 @@ TEST_CASE("gelu is exact (erf) and its derivative matches finite differences") {
 TEST_CASE("CPU GELU range kernels (vectorised erf for float) against the exact formulas") {
   // erf within 2 ulp of double erf; gelu and gelu' then agree with the double formulas to a
   // few float ulps of their magnitude (the 1 + erf cancellation for x << 0 is in both).
-  std::vector<float> a;
-  for (float x = -9.f; x <= 9.f; x += 0.00137f) a.push_back(x);
-  a.push_back(0.f);
-  a.push_back(-0.f);
-  const std::size_t n = a.size();  // not a multiple of 4: the padded tail is exercised
-  std::vector<float> y(n), g(n), dy(n, 2.f), acc(n, 1.f);
-  cpu::gelu_range(a.data(), y.data(), std::int64_t(n));
-  cpu::gelu_backward_range(a.data(), dy.data(), g.data(), std::int64_t(n), false);
-  cpu::gelu_backward_range(a.data(), dy.data(), acc.data(), std::int64_t(n), true);
-  double worst_erf_ulp = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const double x = a[i], c = 0.5 * (1 + std::erf(x / std::sqrt(2.0)));
-    const double ref = x * c, dref = 2 * (c + x * std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI));
-    CHECK(std::fabs(y[i] - ref) <= 4e-7 * std::max(1.0, std::fabs(x)));
-    CHECK(std::fabs(g[i] - dref) <= 1e-6);
-    CHECK(acc[i] == doctest::Approx(1.0f + g[i]).epsilon(1e-6));
-#if defined(__SSE2__)
-    float e[4];
-    _mm_storeu_ps(e, cpu::detail::erf_ps(_mm_set1_ps(a[i])));
-    const double er = std::erf(double(a[i]));
-    const double ulp = std::nextafter(std::fabs(float(er)), 2.f) - std::fabs(float(er));
-    worst_erf_ulp = std::max(worst_erf_ulp, std::fabs(e[0] - er) / ulp);
+  // Every SIMD level this CPU runs (policy/cpu/simd.hpp): the baseline's 4-lane kernel and
+  // the AVX-512 one.
+  const cpu::simd_level saved = cpu::simd_active();
+  for (cpu::simd_level level : {cpu::simd_level::baseline, cpu::simd_level::avx512}) {
+    if (!cpu::set_simd_level(level)) continue;
+    CAPTURE(cpu::simd_level_name(level));
+    std::vector<float> a;
+    for (float x = -9.f; x <= 9.f; x += 0.00137f) a.push_back(x);
+    a.push_back(0.f);
+    a.push_back(-0.f);
+    const std::size_t n = a.size();  // not a multiple of 4 or 16: the padded tail is exercised
+    std::vector<float> y(n), g(n), dy(n, 2.f), acc(n, 1.f);
+    cpu::gelu_range(a.data(), y.data(), std::int64_t(n));
+    cpu::gelu_backward_range(a.data(), dy.data(), g.data(), std::int64_t(n), false);
+    cpu::gelu_backward_range(a.data(), dy.data(), acc.data(), std::int64_t(n), true);
+    // erf of one value through this level's vector erf
+    const auto erf_one = [&](float x) {
+#if DINO_GEMM_X86
+      if (level == cpu::simd_level::avx512) {
+        float e[16];
+        cpu::detail::simd_erf_avx512(x, e);
+        return e[0];
+      }
 #endif
+#if defined(__SSE2__)
+      float e[4];
+      _mm_storeu_ps(e, cpu::detail::erf_ps(_mm_set1_ps(x)));
+      return e[0];
+#else
+      return float(std::erf(double(x)));
+#endif
+    };
+    double worst_erf_ulp = 0;
+    std::size_t bad_y = 0, bad_g = 0, bad_acc = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const double x = a[i], c = 0.5 * (1 + std::erf(x / std::sqrt(2.0)));
+      const double ref = x * c, dref = 2 * (c + x * std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI));
+      bad_y += !(std::fabs(y[i] - ref) <= 4e-7 * std::max(1.0, std::fabs(x)));
+      bad_g += !(std::fabs(g[i] - dref) <= 1e-6);
+      bad_acc += !(std::fabs(acc[i] - (1.0 + g[i])) <= 1e-6 * std::fabs(1.0 + g[i]));
+      const double er = std::erf(double(a[i]));
+      const double ulp = std::nextafter(std::fabs(float(er)), 2.f) - std::fabs(float(er));
+      worst_erf_ulp = std::max(worst_erf_ulp, std::fabs(erf_one(a[i]) - er) / ulp);
+    }
+    CHECK(bad_y == 0);
+    CHECK(bad_g == 0);
+    CHECK(bad_acc == 0);
+    CHECK(worst_erf_ulp <= 2.0);
+    CHECK(y[n - 1] == 0.f);
+    // NaN propagates (the method's non-finite checks rely on it); erf(+-inf) = +-1.
+    float sp[5] = {NAN, INFINITY, -INFINITY, 1.f, -1.f}, o[5];
+    cpu::gelu_range(sp, o, 5);
+    CHECK(std::isnan(o[0]));
+    CHECK(o[1] == INFINITY);
+    CHECK(o[3] == doctest::Approx(0.8413447460685429));
+    CHECK(o[4] == doctest::Approx(-0.15865525393145707));
+    cpu::gelu_backward_range(sp, sp + 3, o, 1, false);
+    CHECK(std::isnan(o[0]));
+    // double goes through math::gelu itself
+    std::vector<double> ad{-1.5, 0.25, 3.0}, yd(3);
+    cpu::gelu_range(ad.data(), yd.data(), 3);
+    for (int i = 0; i < 3; ++i) CHECK(yd[std::size_t(i)] == math::gelu(ad[std::size_t(i)]));
   }
-  CHECK(worst_erf_ulp <= 2.0);
-  CHECK(y[n - 1] == 0.f);
-  // NaN propagates (the method's non-finite checks rely on it); erf(+-inf) = +-1.
-  float sp[5] = {NAN, INFINITY, -INFINITY, 1.f, -1.f}, o[5];
-  cpu::gelu_range(sp, o, 5);
-  CHECK(std::isnan(o[0]));
-  CHECK(o[1] == INFINITY);
-  CHECK(o[3] == doctest::Approx(0.8413447460685429));
-  CHECK(o[4] == doctest::Approx(-0.15865525393145707));
-  cpu::gelu_backward_range(sp, sp + 3, o, 1, false);
-  CHECK(std::isnan(o[0]));
-  // double goes through math::gelu itself
-  std::vector<double> ad{-1.5, 0.25, 3.0}, yd(3);
-  cpu::gelu_range(ad.data(), yd.data(), 3);
-  for (int i = 0; i < 3; ++i) CHECK(yd[std::size_t(i)] == math::gelu(ad[std::size_t(i)]));
+  cpu::set_simd_level(saved);
 }
 
 TEST_CASE("CPU softmax_row_inplace (attention) against math::softmax_row") {

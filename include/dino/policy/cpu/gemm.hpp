@@ -51,14 +51,22 @@ inline void gemm_apply(T alpha, const MA& a, const MB& b, T beta, mmap<T>& c) {
   }
 }
 
+/// One product on the calling thread. With bias (beta 0): C = alpha op(A) op(B) + bias in
+/// every row; dino's kernels add it in their store, Eigen's path writes the bias rows first
+/// and adds the product to them (the same value: alpha acc + bias, rounded once per block).
 template <class T>
-inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {
+inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C, const T* bias = nullptr) {
   if constexpr (std::is_same_v<T, float>) {
     const gemm_kernel kern = gemm_active_kernel();
     if (kern != gemm_kernel::eigen &&
         gemm_packed(kern, d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, d.lda ? d.lda : (d.trans_a ? d.m : d.k), B,
-                    d.ldb ? d.ldb : (d.trans_b ? d.k : d.n), beta, C, d.ldc ? d.ldc : d.n))
+                    d.ldb ? d.ldb : (d.trans_b ? d.k : d.n), beta, C, d.ldc ? d.ldc : d.n, bias))
       return;
+  }
+  if (bias) {
+    const std::int64_t ldc = d.ldc ? d.ldc : d.n;
+    for (std::int64_t i = 0; i < d.m; ++i) std::copy(bias, bias + d.n, C + i * ldc);
+    beta = T(1);
   }
   const std::int64_t ar = d.trans_a ? d.k : d.m, ac = d.trans_a ? d.m : d.k;
   const std::int64_t br = d.trans_b ? d.n : d.k, bc = d.trans_b ? d.k : d.n;
@@ -95,6 +103,12 @@ inline void gemm_serial(const gemm_desc& d, T alpha, const T* A, const T* B, T b
 /// slower under load. Blocks write disjoint parts of C, and each element of C is summed the
 /// same way in any block (gemm_kernels.hpp), so the result does not depend on the thread
 /// count.
+namespace detail {
+template <class T>
+inline void gemm_split(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C,
+                       const T* bias);
+}  // namespace detail
+
 template <class T>
 inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {
   require<shape_error>(d.m >= 0 && d.n >= 0 && d.k >= 0 && d.batch >= 1, "gemm: invalid sizes m=", d.m, " n=", d.n,
@@ -115,9 +129,30 @@ inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A,
       detail::gemm_one(d, alpha, A + i * d.stride_a, B + i * d.stride_b, beta, C + i * d.stride_c);
     return;
   }
+  detail::gemm_split(pol, d, alpha, A, B, beta, C, static_cast<const T*>(nullptr));
+}
+
+/// C[m, n] = op(A) op(B) + bias[j] in every row (one product, d.batch 1), the bias added as
+/// the product is stored (no pass over C of its own). Same threads and results as gemm()
+/// after C = bias rows with beta = 1.
+template <class T>
+inline void gemm_bias(const cpu_policy& pol, const gemm_desc& d, const T* A, const T* B, const T* bias, T* C) {
+  require<shape_error>(d.m >= 0 && d.n >= 0 && d.k >= 0 && d.batch == 1, "gemm_bias: invalid sizes m=", d.m,
+                       " n=", d.n, " k=", d.k, " batch=", d.batch, " (one product only)");
+  if (d.m == 0 || d.n == 0) return;
+  Eigen::setNbThreads(1);
+  detail::gemm_split(pol, d, T(1), A, B, T(0), C, bias);
+}
+
+namespace detail {
+/// One product (batch 1) split into one block per thread (see gemm()); bias may be null.
+template <class T>
+inline void gemm_split(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C,
+                       const T* bias) {
+  const int threads = pol.threads > 1 ? pol.threads : 1;
   const double work = double(d.m) * double(d.n) * double(d.k);
   if (threads == 1 || work < 262144.0 || (d.m < 32 && d.n < 32)) {
-    detail::gemm_one(d, alpha, A, B, beta, C);
+    detail::gemm_one(d, alpha, A, B, beta, C, bias);
     return;
   }
   const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k);
@@ -142,12 +177,13 @@ inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A,
     part.ldc = ldc;
     if (split_rows) {  // rows of C: rows of op(A)
       part.m = len;
-      detail::gemm_one(part, alpha, d.trans_a ? A + lo : A + lo * lda, B, beta, C + lo * ldc);
+      detail::gemm_one(part, alpha, d.trans_a ? A + lo : A + lo * lda, B, beta, C + lo * ldc, bias);
     } else {  // columns of C: columns of op(B)
       part.n = len;
-      detail::gemm_one(part, alpha, A, d.trans_b ? B + lo * ldb : B + lo, beta, C + lo);
+      detail::gemm_one(part, alpha, A, d.trans_b ? B + lo * ldb : B + lo, beta, C + lo, bias ? bias + lo : bias);
     }
   }
 }
+}  // namespace detail
 
 }  // namespace dino::cpu

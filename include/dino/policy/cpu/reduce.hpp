@@ -17,6 +17,7 @@
 
 #include "dino/policy/cpu/gemm.hpp"
 #include "dino/policy/cpu/parallel.hpp"
+#include "dino/policy/cpu/simd.hpp"
 
 namespace dino {
 
@@ -41,27 +42,64 @@ struct readback_ring_for {
 
 namespace dino::cpu {
 
+namespace detail {
+/// out[c] (=|+=) sum_r x[r cols + c] for c in [c0, c1): 32 columns at a time, their sums in
+/// registers (double), rows in order.
+template <class T, class U>
+[[gnu::always_inline]] inline void column_block_sums(const T* x, std::int64_t rows, std::int64_t cols, std::int64_t c0,
+                                                     std::int64_t c1, U* out, bool accumulate) {
+  constexpr std::int64_t W = 32;
+  std::int64_t c = c0;
+  for (; c + W <= c1; c += W) {
+    double acc[W] = {};
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * cols + c;
+      for (std::int64_t j = 0; j < W; ++j) acc[j] += static_cast<double>(xr[j]);
+    }
+    for (std::int64_t j = 0; j < W; ++j)
+      out[c + j] = accumulate ? static_cast<U>(out[c + j] + acc[j]) : static_cast<U>(acc[j]);
+  }
+  if (c < c1) {
+    double acc[W] = {};
+    const std::int64_t w = c1 - c;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * cols + c;
+      for (std::int64_t j = 0; j < w; ++j) acc[j] += static_cast<double>(xr[j]);
+    }
+    for (std::int64_t j = 0; j < w; ++j)
+      out[c + j] = accumulate ? static_cast<U>(out[c + j] + acc[j]) : static_cast<U>(acc[j]);
+  }
+}
+#if DINO_GEMM_X86
+template <class T, class U>
+DINO_SIMD_AVX512 void column_block_sums_avx512(const T* x, std::int64_t rows, std::int64_t cols, std::int64_t c0,
+                                               std::int64_t c1, U* out, bool accumulate) {
+  column_block_sums(x, rows, cols, c0, c1, out, accumulate);
+}
+#endif
+}  // namespace detail
+
 /// out[c] (=|+=) sum over r of x[r * cols + c], for a [rows, cols] row-major matrix.
 template <class T, class U>
 inline void column_sums(const cpu_policy& pol, const T* x, std::int64_t rows, std::int64_t cols, U* out,
                         bool accumulate) {
   // Parallel over column blocks: each thread reads rows of its block, so the sum order over
   // rows is fixed and the result does not depend on the thread count (nor on the block
-  // width). Blocks of 16 to 256 columns, about 4 per thread, so that a narrow matrix (a ViT's
-  // D = 192 bias gradients) still splits over the threads.
+  // width, nor on the SIMD level: each column is one chain of double adds). Blocks of 32 to
+  // 256 columns, about 4 per thread, so that a narrow matrix (a ViT's D = 192 bias
+  // gradients) still splits over the threads.
   const std::int64_t threads = std::max(1, pol.threads);
-  const std::int64_t block = std::clamp<std::int64_t>((cols / (4 * threads) + 15) / 16 * 16, 16, 256);
+  const std::int64_t block = std::clamp<std::int64_t>((cols / (4 * threads) + 31) / 32 * 32, 32, 256);
   const std::int64_t nblocks = (cols + block - 1) / block;
+#if DINO_GEMM_X86
+  const bool wide = simd_avx512();
+#endif
   for_each_row(pol, nblocks, [&](std::int64_t bi) {
     const std::int64_t c0 = bi * block, c1 = std::min(cols, c0 + block);
-    double acc[256];
-    for (std::int64_t c = c0; c < c1; ++c) acc[c - c0] = 0.0;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const T* xr = x + r * cols;
-      for (std::int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<double>(xr[c]);
-    }
-    for (std::int64_t c = c0; c < c1; ++c)
-      out[c] = accumulate ? static_cast<U>(out[c] + acc[c - c0]) : static_cast<U>(acc[c - c0]);
+#if DINO_GEMM_X86
+    if (wide) return detail::column_block_sums_avx512(x, rows, cols, c0, c1, out, accumulate);
+#endif
+    detail::column_block_sums(x, rows, cols, c0, c1, out, accumulate);
   });
 }
 
