@@ -3,7 +3,7 @@
 // changing anything. The trainer (train::run) over the multi-crop loader on synthetic shape
 // images (shapes.hpp): gradient accumulation feeds the right batches to method::step, matches
 // one larger batch, resumes bit for bit and refuses bad values; and a 200-step smoke run of a
-// tiny ViT whose loss falls without collapse.
+// tiny ViT on colour textures whose loss falls without collapse.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -287,13 +287,19 @@ TEST_CASE("accumulate: bad values are refused with a config_error naming accumul
 // ---- a 200-step smoke run ---------------------------------------------------------------------
 
 namespace {
+// The colour textures of shapes.hpp (3 channels, 4 hue classes) as a data set.
+data::array_dataset colour_textures(int n, std::uint32_t seed) {
+  auto s = dino_test::colour_textures(n, seed);
+  return data::array_dataset(n, dino_test::kShapeSize, dino_test::kShapeSize, s.channels, std::move(s.pixels),
+                             std::move(s.labels), dino_test::kShapeClasses, "colour textures");
+}
 // Weighted k-NN top-1 (k = 20) of the teacher backbone's CLS features: test against train.
 template <class M>
 double knn_top1(M& m, const data::array_dataset& train, const data::array_dataset& test) {
   const cpu_policy pol{2};
   const std::int64_t D = m.backbone().out_dim();
   const host_view<const float> P{m.teacher().data(), {std::int64_t(m.teacher().size())}, "teacher"};
-  const std::vector<float> mean{0.5f}, stdev{0.5f};
+  const std::vector<float> mean(std::size_t(train.channels()), 0.5f), stdev(mean);
   std::vector<float> ftr(std::size_t(train.size() * D)), fte(std::size_t(test.size() * D));
   train::extract_features(pol, m.backbone(), P, train, train.size(), mean, stdev, 128, ftr.data());
   train::extract_features(pol, m.backbone(), P, test, test.size(), mean, stdev, 128, fte.data());
@@ -302,31 +308,84 @@ double knn_top1(M& m, const data::array_dataset& train, const data::array_datase
       .at(20)
       .top1;
 }
+// The teacher's targets q = softmax((t - c) / tau) on n global crops [n, C, G, G] (the
+// method's teacher, head and center): the mean per-crop entropy H(q) and the entropy of the
+// mean target H(mean q), in nats. Their difference is the mutual information between a crop
+// and its prototype; both collapses make it 0 (uniform: both entropies ln K; one dominant
+// prototype: both 0).
+template <class M>
+std::pair<double, double> teacher_entropies(M& m, const float* crops, std::int64_t n, std::int64_t G, double tau) {
+  const cpu_policy pol{2};
+  const std::int64_t D = m.backbone().out_dim(), K = m.head().out_dim();
+  const host_view<const float> P{m.teacher().data(), {std::int64_t(m.teacher().size())}, "teacher"};
+  train::vit_feature_runner<cpu_policy> features(pol, m.backbone(), P, n, G, G);
+  std::vector<float> f(std::size_t(n * D)), t(std::size_t(n * K)), q(std::size_t(n * K)), e(static_cast<std::size_t>(n)),
+      scratch(m.head().scratch_elems(n));
+  features.run(crops, n, f.data());
+  m.head().infer(pol, P, host_view<const float>{f.data(), {n, D}, "features"}, host_view<float>{t.data(), {n, K}, "logits"},
+                 host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"});
+  const double h = m.target().targets(pol, host_view<const float>{t.data(), {n, K}, "logits"}, tau,
+                                      host_view<float>{q.data(), {n, K}, "q"}, host_view<float>{e.data(), {n}, "H"});
+  std::vector<double> mean(std::size_t(K), 0.0);
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t k = 0; k < K; ++k) mean[std::size_t(k)] += double(q[std::size_t(i * K + k)]) / double(n);
+  double hm = 0;
+  for (double p : mean)
+    if (p > 0) hm -= p * std::log(p);
+  return {h, hm};
+}
 }  // namespace
 
-TEST_CASE("smoke: 200 steps of a tiny ViT on shape images through the loader and train::run") {
-  // The image path end to end: 640 shape images (4 classes) through the multi-crop loader
-  // (2 x 16 + 2 x 8 px crops of the 28-px images), a ViT of D 32, depth 2, patch 4, a head with
-  // K 64, 200 steps of train::run (10 loader epochs of 20 batches of 32).
+TEST_CASE("smoke: 200 steps of a tiny ViT on colour textures through the loader and train::run") {
+  // The image path end to end: 640 colour-texture images (shapes.hpp: 4 hue classes, every
+  // image its own texture, orientation, period, brightness and saturation) through the
+  // multi-crop loader (2 x 16 + 2 x 8 px crops of the 28-px images, DINO's augmentations
+  // unchanged: flip, colour jitter, grayscale, blur, solarize), a ViT of D 32, depth 2, patch
+  // 4, a head with K 256, 200 steps of train::run (10 loader epochs of 20 batches of 32).
   //
-  // Asserted: every step finite and none skipped, the teacher entropy inside (0, ln K], and a
-  // k-NN of the teacher's CLS features above chance. NOT asserted (reported with WARN): that
-  // the loss falls and does not collapse. On these images every setting tried (K 8-256, tau_t
-  // 0.01-0.06, center momentum 0.9-0.99, lr, teacher momentum, crops, weight decay) either
-  // drifts to the uniform output (loss and entropy -> ln K, as below: mean loss of the first
-  // 20 steps ~3.3, of the last 20 4.16 = ln 64, collapse flag set) or, with a slow center (0.98-0.99), to
-  // near one-hot targets (entropy ~1e-3), which the mean entropy cannot tell from collapse
-  // to one prototype. The first 20 steps' loss is low because the center starts at 0.
-  const auto train_set = shapes(640, 21), test_set = shapes(256, 22);
+  // The recipe is the reference's (tau_s 0.1, center momentum 0.9, teacher momentum 0.996 ->
+  // 1, AdamW, wd 0.04 -> 0.4, clip 3, last layer frozen the first epoch) but for tau_t 0.02,
+  // the first author's advice when the loss does not fall (dino-spec §7 item 2). Why these
+  // images: on the grey shapes of shape_images() (four nearly identical images a class) no
+  // setting tried (K 8-256, tau_t 0.01-0.06, center momentum 0.9-0.99, lr, teacher momentum,
+  // crops, weight decay) kept the loss falling without collapse: they drifted to the uniform
+  // output or to near one-hot targets. Grey textures with random orientation, period and
+  // brightness did no better under the full augmentations: the brightness jitter and the
+  // solarization make brightness, the one cue a tiny ViT picks up in 200 steps, disagree
+  // between views, and the teacher went towards uniform (entropy 3.6-4.2 of ln 64). Hue
+  // survives the augmentations (brightness and contrast keep it, hue jitter moves it by 36
+  // degrees at most, grayscale takes 20 % of the crops), so here the teacher sharpens.
+  //
+  // Asserted, besides every step finite and none skipped:
+  // - the loss falls: the mean loss of steps 20-39 against that of steps 180-199, by more than
+  //   0.1 ln K. Not steps 0-19: the center starts at 0, so the first targets are not yet
+  //   centred and are sharper (lower loss) than the settled ones. With the lr at 1e-6 (no
+  //   learning) the same windows fall by 0.13 only; here by 1.15 (4.00 -> 2.85). Other seeds
+  //   (model and loader) fell by 0.25-0.80, so the threshold holds for these seeds, not for
+  //   any: the run is deterministic (fixed seeds, the same numbers in Debug and Release).
+  // - no collapse, in the loss's own statistics over the last 20 steps: the teacher entropy
+  //   below 0.9 ln K (not uniform) and above 0.05 ln K (not one-hot), KL(teacher || student)
+  //   above 0.1 (both collapses drive it to 0, the paper's Figure 7), no collapse flag;
+  // - no collapse, across images: on the global crops
+  //   of 256 held-out images the entropy of the teacher's mean target exceeds its mean
+  //   per-crop entropy by more than 1 nat (the crops spread over several prototypes, each
+  //   crop sharply on few). A uniform or one-prototype teacher gives 0. (A run driven to
+  //   one prototype, tau_t 0.005 and center momentum 0.999, measured: loss 0.21 -> 0.01,
+  //   entropy 0, KL 0.005, this difference 0.03; tau_t 0.1: entropy 5.43 of 5.55, KL 0.05,
+  //   difference 0.14; the grey shapes: entropy 5.52, difference 0.02.)
+  // - the k-NN top-1 of the teacher's CLS features on the hue classes above 0.5 (chance 0.25;
+  //   a sanity check: the random-init ViT already separates the hues).
+  const auto train_set = colour_textures(640, 21), test_set = colour_textures(256, 22);
   auto c = loader_config_of(32);  // config(): 2 local crops, warm-up and frozen last layer 1 epoch
-  c.head = {0, 64, 128, 32};       // K 64, hidden 128, bottleneck 32 (in_dim: the backbone's)
+  c.head = {0, 256, 128, 32};      // K 256, hidden 128, bottleneck 32 (in_dim: the backbone's)
   auto& s = c.train.schedule;
   s.epochs = 10, s.iters_per_epoch = 20, s.batch_size = 32;  // 640 / 32: the loader's epochs
-  s.lr = 5e-3, s.momentum_teacher = 0.99;                   // peak lr 6.25e-4
+  s.lr = 5e-3, s.momentum_teacher = 0.996;                  // peak lr 6.25e-4
+  s.teacher_temp = s.warmup_teacher_temp = 0.02;
   auto mc = small_crops();
-  mc.mean = {0.5f};
-  mc.std = {0.5f};
-  const nn::vit_config vc{28, 4, 1, 32, 2, 2, 4.0, true, 1e-6, 0.1};
+  mc.mean = {0.5f, 0.5f, 0.5f};
+  mc.std = {0.5f, 0.5f, 0.5f};
+  const nn::vit_config vc{28, 4, 3, 32, 2, 2, 4.0, true, 1e-6, 0.1};
   auto m = ssl::make_dino<nn::vit>(vc, vc.embed_dim, c);
   const double knn_init = knn_top1(m, train_set, test_set);
   std::vector<ssl::step_stats> stats;
@@ -338,25 +397,33 @@ TEST_CASE("smoke: 200 steps of a tiny ViT on shape images through the loader and
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   REQUIRE(stats.size() == 200);
   CHECK(sum.skipped == 0);
-  double first = 0, last = 0;
+  double early = 0, late = 0, late_h = 0, late_kl = 0;
   for (std::size_t i = 0; i < 200; ++i) {
     CAPTURE(i);
     REQUIRE(std::isfinite(stats[i].loss));
     REQUIRE(std::isfinite(stats[i].teacher_entropy));
     REQUIRE_FALSE(stats[i].skipped);
-    if (i < 20) first += stats[i].loss / 20;
-    if (i >= 180) last += stats[i].loss / 20;
+    if (i >= 20 && i < 40) early += stats[i].loss / 20;
+    if (i >= 180) late += stats[i].loss / 20, late_h += stats[i].teacher_entropy / 20, late_kl += stats[i].kl / 20;
   }
   const auto& end = stats.back();
-  CHECK(end.teacher_entropy > 0);
-  CHECK(end.teacher_entropy <= end.ln_k * (1 + 1e-6));
+  const double ln_k = end.ln_k;
+  CHECK(ln_k == doctest::Approx(std::log(256.0)));
+  // the teacher's targets on the global crops of the held-out images (their own loader)
+  data::loader_config held = loader_cfg(256);
+  held.seed = 11;
+  data::multicrop_loader<data::array_dataset> held_loader(test_set, mc, held);
+  const auto [h_crop, h_mean] = teacher_entropies(m, held_loader.next().global, 256, mc.global_size, end.teacher_temp);
   const double knn = knn_top1(m, train_set, test_set);
-  MESSAGE("200 steps in " << secs << " s; loss first 20 " << first << ", last 20 " << last << " (ln K " << end.ln_k
-                          << "); teacher entropy at the end " << end.teacher_entropy << ", KL " << end.kl
+  MESSAGE("200 steps in " << secs << " s; mean loss of steps 20-39 " << early << ", of steps 180-199 " << late
+                          << " (ln K " << ln_k << "); their teacher entropy " << late_h << ", KL " << late_kl
+                          << "; held-out crops: per-crop entropy " << h_crop << ", of the mean target " << h_mean
                           << "; k-NN top-1 " << knn << " (random init " << knn_init << ")");
-  CHECK(knn > 0.5);  // chance: 0.25 (the random-init ViT is already near 1 on these shapes)
-  WARN(last < first - 0.1);                              // the loss falls (not met: see above)
-  WARN(end.teacher_entropy < 0.9 * end.ln_k);            // no uniform collapse (not met)
-  WARN(end.teacher_entropy > 0.05 * end.ln_k);           // nor one-hot targets
-  WARN_FALSE(end.collapsed);
+  CHECK(late < early - 0.1 * ln_k);       // the loss falls
+  CHECK(late_h < 0.9 * ln_k);             // the teacher is not uniform
+  CHECK(late_h > 0.05 * ln_k);            // nor one-hot
+  CHECK(late_kl > 0.1);                   // the student does not match the teacher trivially
+  CHECK_FALSE(end.collapsed);             // the loss is not at ln K
+  CHECK(h_mean - h_crop > 1.0);           // the images use different prototypes
+  CHECK(knn > 0.5);                       // chance: 0.25
 }
