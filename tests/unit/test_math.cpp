@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include <dino/dino.hpp>
@@ -46,6 +47,15 @@ TEST_CASE("CPU GELU range kernels (vectorised erf for float) against the exact f
     cpu::gelu_range(a.data(), y.data(), std::int64_t(n));
     cpu::gelu_backward_range(a.data(), dy.data(), g.data(), std::int64_t(n), false);
     cpu::gelu_backward_range(a.data(), dy.data(), acc.data(), std::int64_t(n), true);
+    // gelu and gelu' in one pass (what the ViT's training forward keeps on the CPU), then the
+    // backward as a product: the same bits as the two passes above
+    std::vector<float> y2(n), ga(a), g2(n), acc2(n, 1.f);
+    cpu::gelu_with_grad_range(a.data(), y2.data(), ga.data(), std::int64_t(n));  // ga aliases its input
+    cpu::mul_range(ga.data(), dy.data(), g2.data(), std::int64_t(n), false);
+    cpu::mul_range(ga.data(), dy.data(), acc2.data(), std::int64_t(n), true);
+    CHECK(std::memcmp(y2.data(), y.data(), n * sizeof(float)) == 0);
+    CHECK(std::memcmp(g2.data(), g.data(), n * sizeof(float)) == 0);
+    CHECK(std::memcmp(acc2.data(), acc.data(), n * sizeof(float)) == 0);
     // erf of one value through this level's vector erf
     const auto erf_one = [&](float x) {
 #if DINO_GEMM_X86
@@ -95,6 +105,7 @@ TEST_CASE("CPU GELU range kernels (vectorised erf for float) against the exact f
     for (int i = 0; i < 3; ++i) CHECK(yd[std::size_t(i)] == math::gelu(ad[std::size_t(i)]));
   }
   cpu::set_simd_level(saved);
+  static_assert(nn::gelu_saves_grad<cpu_policy, float> && nn::gelu_saves_grad<cpu_policy, double>);
 }
 
 TEST_CASE("CPU softmax_row_inplace (attention) against math::softmax_row") {

@@ -670,8 +670,11 @@ class vit {
       // MLP branch: x_out = x_mid + dp2 * fc2(gelu(fc1(LN2(x_mid))))
       copy_scaled(pol, pk, dx, b.dp + pk.crops, dz, D);
       blk.fc2.backward(pol, P, cv(b.g, H, "gelu"), cv(dz, D, "dz"), hv(dh, H, "dg"), grad_mode::write, G);
-      gelu_backward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<const T, S>{dh, {Tn, H}, "dg"},
-                    tensor_view<T, S>{dh, {Tn, H}, "dh"}, false);
+      if constexpr (gelu_saves_grad<Policy, T>)  // b.h holds gelu'(fc1)
+        gelu_backward_from_grad(pol, cv(b.h, H, "gelu'"), cv(dh, H, "dg"), hv(dh, H, "dh"), false);
+      else
+        gelu_backward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<const T, S>{dh, {Tn, H}, "dg"},
+                      tensor_view<T, S>{dh, {Tn, H}, "dh"}, false);
       blk.fc1.backward(pol, P, cv(b.c, D, "ln2"), cv(dh, H, "dh"), hv(da, D, "dc"), grad_mode::write, G);
       // dx_mid = dx + LN2'(dc), in dx
       blk.norm2.backward(pol, P, cv(b.x_mid, D, "x_mid"), tensor_view<const T, S>{b.ln2, {Tn, 2}, "stats"}, cv(da, D, "dc"),
@@ -725,6 +728,8 @@ class vit {
   }
   // per block: x_in [T,D] | ln1 stats [T,2] | a [T,D] | qkv [T,3D] | probs | o [T,D] | x_mid [T,D]
   //            | ln2 stats [T,2] | c [T,D] | h [T,H] | g [T,H] | drop-path scales [2 * crops]
+  // h: fc1's output, or gelu'(fc1's output) where the policy keeps the GELU derivative
+  // (nn::gelu_saves_grad, the CPU policy); g = gelu(fc1's output).
   template <class T>
   std::size_t block_saved(const vit_pack<T>& pk) const {
     const std::size_t Tn = static_cast<std::size_t>(pk.tokens), D = static_cast<std::size_t>(cfg_.embed_dim),
@@ -925,7 +930,10 @@ class vit {
     residual(pol, pk, b.x_mid, b.x_in, b.dp, D);  // x_mid = x + dp1 * proj
     blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
     blk.fc1.forward(pol, P, cv(b.c, D, "ln2"), hv(b.h, H, "fc1"));
-    gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
+    if constexpr (gelu_saves_grad<Policy, T>)  // b.h: gelu'(fc1) from here on (nn/gelu.hpp)
+      gelu_forward_keep_grad(pol, hv(b.h, H, "fc1"), hv(b.g, H, "gelu"));
+    else
+      gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
     blk.fc2.forward(pol, P, cv(b.g, H, "gelu"), hv(x_out, D, "fc2"));
     residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
   }

@@ -78,6 +78,16 @@ inline __m128 gelu_ps(__m128 x) {
   return _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(0.5f), x), _mm_add_ps(_mm_set1_ps(1.0f), e));
 }
 
+/// gelu(x) and gelu'(x) from one erf: the same operations as gelu_ps and gelu_grad_ps.
+inline void gelu_both_ps(__m128 x, __m128& y, __m128& g) {
+  const __m128 e = erf_ps(_mm_mul_ps(x, _mm_set1_ps(0.70710678118654752440f)));
+  y = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(0.5f), x), _mm_add_ps(_mm_set1_ps(1.0f), e));
+  const __m128 cdf = _mm_mul_ps(_mm_set1_ps(0.5f), _mm_add_ps(_mm_set1_ps(1.0f), e));
+  const __m128 pdf =
+      _mm_mul_ps(exp_ps(_mm_mul_ps(_mm_mul_ps(_mm_set1_ps(-0.5f), x), x)), _mm_set1_ps(0.39894228040143267794f));
+  g = _mm_add_ps(cdf, _mm_mul_ps(x, pdf));
+}
+
 inline __m128 gelu_grad_ps(__m128 x) {
   const __m128 e = erf_ps(_mm_mul_ps(x, _mm_set1_ps(0.70710678118654752440f)));
   const __m128 cdf = _mm_mul_ps(_mm_set1_ps(0.5f), _mm_add_ps(_mm_set1_ps(1.0f), e));
@@ -166,6 +176,16 @@ DINO_SIMD_AVX512_TARGET inline __m512 gelu_grad512_ps(__m512 x) {
 /// erf(x) in all 16 lanes of out (for the tests).
 DINO_SIMD_AVX512_TARGET inline void simd_erf_avx512(float x, float* out) { _mm512_storeu_ps(out, erf512_ps(_mm512_set1_ps(x))); }
 
+/// gelu(x) and gelu'(x) from one erf: the same operations as gelu512_ps and gelu_grad512_ps.
+DINO_SIMD_AVX512_TARGET inline void gelu_both512_ps(__m512 x, __m512& y, __m512& g) {
+  const __m512 e = erf512_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f)));
+  y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  const __m512 cdf = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  const __m512 pdf = _mm512_mul_ps(exp512_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(-0.5f), x), x)),
+                                   _mm512_set1_ps(0.39894228040143267794f));
+  g = _mm512_fmadd_ps(x, pdf, cdf);
+}
+
 inline __mmask16 tail_mask(std::int64_t rem) { return __mmask16((1u << rem) - 1u); }
 
 DINO_SIMD_AVX512_TARGET inline void gelu_range_avx512(const float* a, float* y, std::int64_t n) {
@@ -190,8 +210,76 @@ DINO_SIMD_AVX512_TARGET inline void gelu_backward_range_avx512(const float* a, c
     _mm512_mask_storeu_ps(da + i, m, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, da + i), v) : v);
   }
 }
+DINO_SIMD_AVX512_TARGET inline void gelu_with_grad_range_avx512(const float* a, float* y, float* ga, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : tail_mask(n - i);
+    __m512 u, g;
+    gelu_both512_ps(_mm512_maskz_loadu_ps(m, a + i), u, g);
+    _mm512_mask_storeu_ps(y + i, m, u);
+    _mm512_mask_storeu_ps(ga + i, m, g);
+  }
+}
+
+DINO_SIMD_AVX512_TARGET inline void mul_range_avx512(const float* g, const float* dy, float* da, std::int64_t n,
+                                                      bool accumulate) {
+  for (std::int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : tail_mask(n - i);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + i), _mm512_maskz_loadu_ps(m, g + i));
+    _mm512_mask_storeu_ps(da + i, m, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, da + i), v) : v);
+  }
+}
 }  // namespace detail
 #endif
+
+/// y[i] = gelu(a[i]) and ga[i] = gelu'(a[i]) for i in [0, n), one erf per element; ga may
+/// alias a (y may not alias either). The values are those of gelu_range and of the
+/// derivative gelu_backward_range multiplies by.
+template <class T>
+inline void gelu_with_grad_range(const T* a, T* y, T* ga, std::int64_t n) {
+#if DINO_GEMM_X86
+  if constexpr (std::is_same_v<T, float>)
+    if (simd_avx512()) return detail::gelu_with_grad_range_avx512(a, y, ga, n);
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    std::int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      __m128 u, g;
+      detail::gelu_both_ps(_mm_loadu_ps(a + i), u, g);
+      _mm_storeu_ps(y + i, u);
+      _mm_storeu_ps(ga + i, g);
+    }
+    if (i < n) {
+      alignas(16) float t[4] = {0, 0, 0, 0}, tu[4], tg[4];
+      for (std::int64_t j = i; j < n; ++j) t[j - i] = a[j];
+      __m128 u, g;
+      detail::gelu_both_ps(_mm_load_ps(t), u, g);
+      _mm_store_ps(tu, u);
+      _mm_store_ps(tg, g);
+      for (std::int64_t j = i; j < n; ++j) y[j] = tu[j - i], ga[j] = tg[j - i];
+    }
+    return;
+  }
+#endif
+  for (std::int64_t i = 0; i < n; ++i) {
+    const T x = a[i];
+    y[i] = math::gelu(x);
+    ga[i] = math::gelu_grad(x);
+  }
+}
+
+/// da[i] (=|+=) dy[i] * g[i] for i in [0, n); da may alias dy or g.
+template <class T>
+inline void mul_range(const T* g, const T* dy, T* da, std::int64_t n, bool accumulate) {
+#if DINO_GEMM_X86
+  if constexpr (std::is_same_v<T, float>)
+    if (simd_avx512()) return detail::mul_range_avx512(g, dy, da, n, accumulate);
+#endif
+  for (std::int64_t i = 0; i < n; ++i) {
+    const T v = dy[i] * g[i];
+    da[i] = accumulate ? da[i] + v : v;
+  }
+}
 
 /// y[i] = gelu(a[i]) for i in [0, n); y may alias a.
 template <class T>
@@ -268,6 +356,21 @@ inline void gelu_apply(const cpu_policy& pol, const T* a, T* y, std::int64_t n) 
   for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) { gelu_range(a + b, y + b, e - b); });
 }
 
+/// y = gelu(a) and ga = gelu'(a) over n elements in one pass, in parallel chunks; ga may
+/// alias a. CPU only: with it, the ViT's training forward keeps gelu'(a) for the backward
+/// (nn::gelu_saves_grad), which then multiplies instead of evaluating erf and exp again.
+template <class T>
+inline void gelu_with_grad_apply(const cpu_policy& pol, const T* a, T* y, T* ga, std::int64_t n) {
+  for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) { gelu_with_grad_range(a + b, y + b, ga + b, e - b); });
+}
+
+/// da (=|+=) dy * g over n elements, in parallel chunks (the GELU backward from a kept
+/// gelu'(a)); da may alias dy or g.
+template <class T>
+inline void mul_apply(const cpu_policy& pol, const T* g, const T* dy, T* da, std::int64_t n, bool accumulate) {
+  for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) { mul_range(g + b, dy + b, da + b, e - b, accumulate); });
+}
+
 /// da (=|+=) dy * gelu'(a) over n elements, in parallel chunks. da may alias dy.
 template <class T>
 inline void gelu_backward_apply(const cpu_policy& pol, const T* a, const T* dy, T* da, std::int64_t n, bool accumulate) {
@@ -279,4 +382,6 @@ inline void gelu_backward_apply(const cpu_policy& pol, const T* a, const T* dy, 
 namespace dino {
 using cpu::gelu_apply;
 using cpu::gelu_backward_apply;
+using cpu::gelu_with_grad_apply;
+using cpu::mul_apply;
 }  // namespace dino
