@@ -214,11 +214,11 @@ std::vector<float> check_product(const gemm_desc& d, float alpha, float beta, in
 TEST_CASE("every fp32 kernel: transposes, edges of the register tile and of the blocks, leading dims, alpha, beta") {
   kernel_guard guard;
   // sizes around the tiles (12 x 32 and 6 x 16, last panels of 16 or 8 columns) and the
-  // blocks (depth 512, 192 rows, 1024 columns)
+  // blocks (depth 768, 192 rows, 1024 columns)
   const std::vector<std::tuple<int, int, int>> shapes = {
       {1, 1, 1},     {1, 9, 1},      {2, 3, 5},      {5, 7, 3},     {6, 8, 4},      {7, 17, 9},     {11, 15, 13},
       {12, 16, 16},  {13, 33, 31},   {12, 32, 64},   {24, 64, 7},   {25, 48, 65},   {23, 47, 100},  {37, 31, 512},
-      {19, 40, 513}, {14, 20, 1030}, {193, 36, 40},  {200, 97, 70}, {31, 1025, 24}, {50, 50, 64},   {10, 10, 64},
+      {19, 40, 769}, {14, 20, 1540}, {193, 36, 40},  {200, 97, 70}, {31, 1025, 24}, {50, 50, 64},   {10, 10, 64},
       {50, 64, 50},  {3, 1100, 9},   {385, 17, 33}};
   std::uint64_t seed = 100;
   for (auto kern : runnable_kernels()) {
@@ -246,7 +246,7 @@ TEST_CASE("every fp32 kernel: transposes, edges of the register tile and of the 
 TEST_CASE("every fp32 kernel: gemm_bias equals the bias rows followed by gemm with beta 1, bit for bit") {
   // The bias goes in the first depth block's store (alpha acc + bias): the same rounding as
   // C = bias rows, then C += op(A) op(B). Shapes split by rows and by columns over 2
-  // threads, several depth blocks (k > 512), partial tiles, a padded ldc; C starts as NaN
+  // threads, several depth blocks (k > 768), partial tiles, a padded ldc; C starts as NaN
   // (never read) and the padding must stay untouched.
   kernel_guard guard;
   const std::vector<std::tuple<int, int, int>> shapes = {{1, 1, 1},   {7, 17, 9},   {13, 33, 31}, {200, 97, 70},
