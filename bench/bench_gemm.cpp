@@ -1,14 +1,17 @@
 // bench_gemm: dino's fp32 GEMM (policy/cpu/gemm.hpp) on the products of the ViT benchmarks,
+// and the GELU kernels per SIMD level (BM_gelu, below);
 // for each kernel this CPU runs (0 eigen, 1 avx2, 2 avx512; see gemm_kernels.hpp) and thread
 // count. Arguments: shape index (kShapes below), kernel, threads. Reports GFLOP/s (2 m n k
 // per product, decimal). A kernel the CPU lacks is skipped.
 #include <benchmark/benchmark.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "dino/core/rng.hpp"
+#include "dino/policy/cpu/gelu_kernel.hpp"
 #include "dino/policy/cpu/gemm.hpp"
 
 namespace {
@@ -65,6 +68,33 @@ void gemm_args(benchmark::internal::Benchmark* b) {
       for (int t : {1, 2}) b->Args({i, k, t});
 }
 
+// GELU over a SMALL step's fc1 output (10,240 x 768 floats, inputs in [-1.5, 1.5]) on one
+// thread, per SIMD level (0 baseline, 1 avx512; policy/cpu/simd.hpp): 0 forward, 1 backward,
+// 2 forward keeping the derivative (what the ViT's training forward runs on the CPU).
+void BM_gelu(benchmark::State& state) {
+  const auto level = dino::cpu::simd_level(state.range(0));
+  const int pass = int(state.range(1));
+  const auto saved = dino::cpu::simd_active();
+  if (!dino::cpu::set_simd_level(level)) {
+    state.SkipWithError("SIMD level not supported by this CPU");
+    return;
+  }
+  const std::int64_t n = 10240 * 768;
+  std::vector<float> a(static_cast<std::size_t>(n)), y(a.size()), g(a.size()), dy(a.size(), 1.0f);
+  for (std::int64_t i = 0; i < n; ++i) a[std::size_t(i)] = 1.5f * std::sin(0.37f * float(i % 100000));
+  for (auto _ : state) {
+    if (pass == 0) dino::cpu::gelu_range(a.data(), y.data(), n);
+    else if (pass == 1) dino::cpu::gelu_backward_range(a.data(), dy.data(), y.data(), n, false);
+    else dino::cpu::gelu_with_grad_range(a.data(), y.data(), g.data(), n);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  dino::cpu::set_simd_level(saved);
+  state.SetLabel(std::string(dino::cpu::simd_level_name(level)) + (pass == 0 ? "/forward" : pass == 1 ? "/backward" : "/forward+grad"));
+  state.counters["ns/elem"] = benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
 }  // namespace
 
+BENCHMARK(BM_gelu)->ArgsProduct({{0, 1}, {0, 1, 2}})->ArgNames({"level", "pass"})->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_gemm)->Apply(gemm_args)->ArgNames({"shape", "kernel", "threads"})->UseRealTime()->Unit(benchmark::kMicrosecond);
