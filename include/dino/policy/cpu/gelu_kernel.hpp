@@ -36,6 +36,17 @@
 
 namespace dino::cpu {
 
+namespace detail {
+// The erf polynomials, highest degree first (Horner), shared by the 4- and 16-lane kernels.
+// |x| < 1: erf(x) = x + x Q(x^2).
+inline constexpr float kErfQ[7] = {7.847259257687256e-05f, -0.0008008189033716917f, 0.005188099108636379f,
+                                   -0.026853691786527634f, 0.1128358244895935f,     -0.3761262595653534f,
+                                   0.12837916612625122f};
+// |x| >= 1: erfc(x) = t exp(-x^2 + P(t)), t = 1 / (1 + x / 2) (Numerical Recipes' erfcc).
+inline constexpr float kErfcP[10] = {0.17087277f,  -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                                     -0.18628806f, 0.09678418f,  0.37409196f, 1.00002368f,  -1.26551223f};
+}  // namespace detail
+
 #if defined(__SSE2__)
 namespace detail {
 inline __m128 erf_ps(__m128 x) {
@@ -46,28 +57,17 @@ inline __m128 erf_ps(__m128 x) {
   const __m128 a = _mm_min_ps(_mm_set1_ps(4.0f), _mm_andnot_ps(neg0, x));
   const __m128 z = _mm_mul_ps(a, a);
   // |x| < 1: a + a Q(z)
-  __m128 q = _mm_set1_ps(7.847259257687256e-05f);
-  q = _mm_add_ps(_mm_mul_ps(q, z), _mm_set1_ps(-0.0008008189033716917f));
-  q = _mm_add_ps(_mm_mul_ps(q, z), _mm_set1_ps(0.005188099108636379f));
-  q = _mm_add_ps(_mm_mul_ps(q, z), _mm_set1_ps(-0.026853691786527634f));
-  q = _mm_add_ps(_mm_mul_ps(q, z), _mm_set1_ps(0.1128358244895935f));
-  q = _mm_add_ps(_mm_mul_ps(q, z), _mm_set1_ps(-0.3761262595653534f));
-  q = _mm_add_ps(_mm_mul_ps(q, z), _mm_set1_ps(0.12837916612625122f));
+  __m128 q = _mm_set1_ps(kErfQ[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 7; ++i) q = _mm_add_ps(_mm_mul_ps(q, z), _mm_set1_ps(kErfQ[i]));
   const __m128 small = _mm_add_ps(a, _mm_mul_ps(a, q));
   const __m128 lt1 = _mm_cmplt_ps(a, one);
   if (_mm_movemask_ps(lt1) == 0xF) return _mm_or_ps(small, sign);  // all lanes |x| < 1 (not NaN)
   // |x| >= 1: 1 - erfc(a), erfc(a) = t exp(-z + P(t))
   const __m128 t = _mm_div_ps(one, _mm_add_ps(one, _mm_mul_ps(_mm_set1_ps(0.5f), a)));
-  __m128 p = _mm_set1_ps(0.17087277f);
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(-0.82215223f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(1.48851587f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(-1.13520398f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(0.27886807f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(-0.18628806f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(0.09678418f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(0.37409196f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(1.00002368f));
-  p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(-1.26551223f));
+  __m128 p = _mm_set1_ps(kErfcP[0]);
+#pragma GCC unroll 10
+  for (int i = 1; i < 10; ++i) p = _mm_add_ps(_mm_mul_ps(p, t), _mm_set1_ps(kErfcP[i]));
   const __m128 large = _mm_sub_ps(one, _mm_mul_ps(t, exp_ps(_mm_sub_ps(p, z))));
   const __m128 r = _mm_or_ps(_mm_and_ps(lt1, small), _mm_andnot_ps(lt1, large));
   return _mm_or_ps(r, sign);  // odd; r >= 0 (or NaN)
@@ -132,28 +132,17 @@ DINO_SIMD_AVX512_TARGET inline __m512 erf512_ps(__m512 x) {
   const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), signbit);
   const __m512 a = min512(_mm512_set1_ps(4.0f), _mm512_abs_ps(x));  // min(4, NaN) is NaN
   const __m512 z = _mm512_mul_ps(a, a);
-  __m512 q = _mm512_set1_ps(7.847259257687256e-05f);
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(-0.0008008189033716917f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.005188099108636379f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(-0.026853691786527634f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.1128358244895935f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(-0.3761262595653534f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.12837916612625122f));
+  __m512 q = _mm512_set1_ps(kErfQ[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 7; ++i) q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(kErfQ[i]));
   const __m512 small = _mm512_fmadd_ps(a, q, a);
   const __mmask16 lt1 = _mm512_cmp_ps_mask(a, one, _CMP_LT_OQ);
   __m512 r = small;
   if (lt1 != 0xFFFF) {  // some lane has |x| >= 1 (or NaN): 1 - t exp(-z + P(t))
     const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.5f), a, one));
-    __m512 p = _mm512_set1_ps(0.17087277f);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
+    __m512 p = _mm512_set1_ps(kErfcP[0]);
+#pragma GCC unroll 10
+    for (int i = 1; i < 10; ++i) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfcP[i]));
     const __m512 large = _mm512_fnmadd_ps(t, exp512_ps(_mm512_sub_ps(p, z)), one);
     r = _mm512_mask_blend_ps(lt1, large, small);  // lt1 lanes: small
   }
