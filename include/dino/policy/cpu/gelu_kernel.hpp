@@ -248,13 +248,14 @@ inline void gelu_with_grad_range(const T* a, T* y, T* ga, std::int64_t n) {
       _mm_store_ps(tg, g);
       for (std::int64_t j = i; j < n; ++j) y[j] = tu[j - i], ga[j] = tg[j - i];
     }
-    return;
-  }
+  } else
 #endif
-  for (std::int64_t i = 0; i < n; ++i) {
-    const T x = a[i];
-    y[i] = math::gelu(x);
-    ga[i] = math::gelu_grad(x);
+  {
+    for (std::int64_t i = 0; i < n; ++i) {
+      const T x = a[i];
+      y[i] = math::gelu(x);
+      ga[i] = math::gelu_grad(x);
+    }
   }
 }
 
