@@ -6,6 +6,8 @@
 //                 nn::vit_small(16), student DropPath 0.1, 2 global crops of 224 px and 10
 //                 local crops of 96 px, head K 65536, hidden 2048, bottleneck 256, batch 64;
 //                 clip 3.0, AdamW, EMA teacher, centering (the library's reference defaults).
+//   train_vits16_ckpt  the same step with activation checkpointing of all 12 student
+//                 blocks (vit_config::checkpoint_blocks = 12).
 //   train_small   the SMALL step of bench/bench_vit.cpp: nn::vit_small28(4) (D 192, depth 6,
 //                 3 heads, patch 4, 1 x 28 x 28), DropPath 0.1, 2 x 28 + 6 x 12 crops,
 //                 K 4096, hidden 512, bottleneck 128, batch 64.
@@ -26,7 +28,7 @@
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16] [--precision fp32|tf32]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
@@ -182,6 +184,14 @@ train_spec vits16_spec() {
   v.drop_path_rate = 0.1;
   return {"train_vits16", v, 64, 224, 96, 10, 65536, 2048, 256};
 }
+// The same step with activation checkpointing of all 12 blocks (vit_config::checkpoint_blocks):
+// the activation memory against one more forward of the student's blocks.
+train_spec vits16_ckpt_spec() {
+  train_spec s = vits16_spec();
+  s.name = "train_vits16_ckpt";
+  s.vit.checkpoint_blocks = s.vit.depth;
+  return s;
+}
 train_spec small_spec() {
   dino::nn::vit_config v = dino::nn::vit_small28(4);
   v.drop_path_rate = 0.1;
@@ -313,7 +323,7 @@ void bench_parts(const dino::cuda::context& ctx, bool tf32, const options& o) {
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32] "
+      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -334,7 +344,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_small" && o.only != "infer_vits16" &&
+  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_vits16_ckpt" && o.only != "train_small" && o.only != "infer_vits16" &&
       o.only != "parts_vits16") {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
@@ -372,6 +382,7 @@ int main(int argc, char** argv) {
     };
     for (bool tf32 : precisions) {
       run("train_vits16", tf32, [&] { bench_train(ctx, vits16_spec(), tf32, o); });
+      run("train_vits16_ckpt", tf32, [&] { bench_train(ctx, vits16_ckpt_spec(), tf32, o); });
       run("train_small", tf32, [&] { bench_train(ctx, small_spec(), tf32, o); });
       run("infer_vits16", tf32, [&] { bench_infer(ctx, tf32, o); });
       run("parts_vits16", tf32, [&] { bench_parts(ctx, tf32, o); });

@@ -49,6 +49,9 @@ dino_cli::flags make_flags() {
       .add("arch", "", "vit_tiny, vit_small, vit_base (224 px), vit_small28, vit_tiny28 (28 px, 1 channel) [default: vit_small28 for 28-px data, else vit_small]")
       .add("patch", "0", "patch size (0: the preset's: 16, or 4 for the 28-px presets)")
       .add("drop-path", "0.1", "stochastic depth rate of the student's last block")
+      .add("checkpoint-blocks", "0",
+           "activation checkpointing: the student's first N blocks are recomputed in the backward instead of keeping "
+           "their activations (0: none; the ViT's depth: all); the same results, less memory, one more forward of them")
       .add("out-dim", "65536", "K, the head's output dimension (the preset's when not given: 256 byol, 128 mocov2 and simclr, 3000 swav_like)")
       .add("head-hidden", "2048", "the DINO head's hidden size")
       .add("head-bottleneck", "256", "the DINO head's bottleneck size")
@@ -138,6 +141,35 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
                  dino::policy_traits<Policy>::is_host ? "host" : "device", mib(mem.total()), mib(mem.parameters),
                  mib(mem.optimizer), mib(mem.workspace), mib(mem.activations), mib(mem.scratch));
   }
+  // run.json: the architecture and configuration, written before the first step (so that
+  // dino-eval --run reads the checkpoints of a run still going) and again with the summary at
+  // the end; each time to a temporary file renamed over the old one.
+  const auto write_run_json = [&](const dino::train::run_summary* sum) {
+    const std::string tmp = out + "/run.json.tmp";
+    std::filesystem::create_directories(out);
+    {
+      std::ofstream js(tmp);
+      js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
+         << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
+         << "}, \"method\": \"" << f.str("method") << "\", \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B
+         << ", \"accumulate\": " << N << ", \"epochs\": " << s.epochs << ", \"steps_per_epoch\": " << s.iters_per_epoch
+         << ", \"seed\": " << seed;
+      if (sum) {
+        const double step_s = sum->steps ? sum->wall_s / double(sum->steps) : 0;
+        js << ", \"steps_run\": " << sum->steps << ", \"next_step\": " << model.iteration() << ", \"wall_s\": "
+           << sum->wall_s << ", \"images_per_s\": " << sum->images_per_s << ", \"step_s\": " << step_s
+           << ", \"loader_wait_fraction\": " << (sum->wall_s > 0 ? sum->loader_wait_s / sum->wall_s : 0.0)
+           << ", \"finished\": " << (sum->finished ? "true" : "false");
+      } else {
+        js << ", \"running\": true";
+      }
+      js << "}\n";
+      js.flush();
+      dino::require<dino::io_error>(bool(js), "dino-train: cannot write ", tmp);
+    }
+    std::filesystem::rename(tmp, out + "/run.json");
+  };
+  write_run_json(nullptr);
   dino::train::run_config rc;
   rc.out_dir = out;
   rc.save_every = f.integer("save-every");
@@ -146,7 +178,6 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   rc.seed = run_seed;
   rc.accumulate = N;
   const auto sum = dino::train::run(pol, model, loader, rc);
-  const double step_s = sum.steps ? sum.wall_s / double(sum.steps) : 0;
   std::fprintf(stderr,
                "dino-train: %lld steps in %.1f s (%.1f images/s, %lld skipped); the loader kept the model waiting "
                "%.1f %% of the time; %s; checkpoint %s\n",
@@ -154,15 +185,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
                sum.wall_s > 0 ? 100.0 * sum.loader_wait_s / sum.wall_s : 0.0,
                sum.finished ? "schedule finished" : "stopped before the end of the schedule (--resume continues)",
                sum.checkpoint.c_str());
-  std::ofstream js(out + "/run.json");
-  js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
-     << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
-     << "}, \"method\": \"" << f.str("method") << "\", \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B << ", \"accumulate\": " << N << ", \"epochs\": " << s.epochs
-     << ", \"steps_per_epoch\": " << s.iters_per_epoch << ", \"seed\": " << seed << ", \"steps_run\": " << sum.steps
-     << ", \"next_step\": " << model.iteration() << ", \"wall_s\": " << sum.wall_s << ", \"images_per_s\": "
-     << sum.images_per_s << ", \"step_s\": " << step_s << ", \"loader_wait_fraction\": "
-     << (sum.wall_s > 0 ? sum.loader_wait_s / sum.wall_s : 0.0) << ", \"finished\": " << (sum.finished ? "true" : "false")
-     << "}\n";
+  write_run_json(&sum);
   return 0;
 }
 
@@ -224,6 +247,10 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   dino::nn::vit_config vc = dino_tools::arch(f.str("arch").empty() ? (small ? "vit_small28" : "vit_small") : f.str("arch"),
                                              f.integer("patch"));
   vc.drop_path_rate = f.num("drop-path");
+  vc.checkpoint_blocks = f.integer("checkpoint-blocks", 0);
+  if (vc.checkpoint_blocks > vc.depth)
+    throw dino_cli::usage_error("--checkpoint-blocks " + std::to_string(vc.checkpoint_blocks) + " exceeds the ViT's depth " +
+                                std::to_string(vc.depth));
   if (vc.in_chans != ds.channels())
     throw dino::config_error("dino-train: the data has " + std::to_string(ds.channels()) + " channels, --arch " +
                              f.str("arch") + " takes " + std::to_string(vc.in_chans));

@@ -277,7 +277,7 @@ std::vector<float> slice(const std::vector<float>& v, std::size_t off, std::size
 }
 }  // namespace
 
-TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward, inference, backward") {
+TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward, inference, backward, checkpointing") {
   const auto pol = gpu().policy();
   nn::vit_config c;
   c.img_size = 16;
@@ -379,6 +379,26 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
   for (const auto& e : L.entries()) {
     CAPTURE(e.name);
     DINO_CHECK_CLOSE(slice(Gd, e.offset, e.numel()), slice(G, e.offset, e.numel()), 1e-4);
+  }
+
+  // activation checkpointing of both blocks on the device: the same bits as the device run
+  // above (recomputed with the same kernels; nothing in the ViT's path uses atomics)
+  {
+    nn::vit_config cc = c;
+    cc.checkpoint_blocks = c.depth;
+    param_layout Lc;
+    nn::vit vc(cc, Lc);
+    REQUIRE(Lc.size() == L.size());
+    auto cpk = vc.make_pack<float>(pol, sets);
+    CHECK(vc.saved_elems(cpk) < v.saved_elems(dpk));
+    dc::device_buffer<float> cy(y.size()), csaved(vc.saved_elems(cpk)), cscratch(vc.scratch_elems(cpk));
+    vc.forward(pol, dcv(dP, {len(P)}), cpk, std::span<const float* const>(dimgs, 2), dv(cy, {crops, D}),
+               dv(csaved, {std::int64_t(csaved.size())}), seed, step);
+    DINO_CHECK_CLOSE(download(cy), download(dy), 0.0);
+    auto cG = upload(G0);
+    vc.backward(pol, dcv(dP, {len(P)}), cpk, dcv(csaved, {std::int64_t(csaved.size())}), dcv(ddt, {Tn, D}),
+                dv(cG, {len(G)}), dv(cscratch, {std::int64_t(cscratch.size())}));
+    DINO_CHECK_CLOSE(download(cG), Gd, 0.0);
   }
 
   // a second step allocates nothing on the device

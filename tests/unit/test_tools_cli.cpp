@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -90,6 +91,47 @@ std::size_t lines(const std::string& path) {
   return n;
 }
 }  // namespace
+
+// The loss, teacher entropy and KL fields of every line of a log.jsonl, as written.
+static std::vector<std::string> log_numbers(const std::string& path) {
+  std::vector<std::string> out;
+  const std::string text = slurp(path);
+  for (const char* key : {"\"loss\": ", "\"teacher_entropy\": ", "\"kl\": "})
+    for (std::size_t p = text.find(key); p != std::string::npos; p = text.find(key, p + 1)) {
+      const std::size_t b = p + std::strlen(key);
+      out.push_back(text.substr(b, text.find(',', b) - b));
+    }
+  return out;
+}
+
+TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer activations kept") {
+  const fs::path data = fresh_data("data_ckpt", "run_ckpt", 32, 8, 3);
+  const std::string flags = " --data mnist --data-path " + data.string() +
+                            " --arch vit_tiny28 --out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
+                            " --batch-size 16 --warmup-epochs 0 --epochs 1 --threads 2 --log-every 1 --output ";
+  const fs::path a = fs::path(kDir) / "run_ckpt", b = fs::path(kDir) / "run_ckpt_all";
+  fs::remove_all(b);
+  auto r0 = train(flags + a.string());
+  INFO(r0.err);
+  REQUIRE(r0.code == 0);
+  auto r1 = train(flags + b.string() + " --checkpoint-blocks 4");  // every block of vit_tiny28
+  INFO(r1.err);
+  REQUIRE(r1.code == 0);
+  const auto n0 = log_numbers((a / "log.jsonl").string()), n1 = log_numbers((b / "log.jsonl").string());
+  CHECK(n0.size() == 3 * 2);
+  CHECK(n0 == n1);
+  CHECK(slurp((a / "checkpoint.safetensors").string()) == slurp((b / "checkpoint.safetensors").string()));
+  // the start-up line's "activations kept for the backward N" (MiB) shrinks
+  const auto kept = [](const std::string& err) {
+    const std::string key = "activations kept for the backward ";
+    const auto p = err.find(key);
+    return p == std::string::npos ? NAN : std::strtod(err.c_str() + p + key.size(), nullptr);
+  };
+  CHECK(kept(r1.err) < kept(r0.err));
+  auto r2 = train(flags + b.string() + " --checkpoint-blocks 5");
+  CHECK(r2.code == 2);
+  CHECK(r2.err.find("--checkpoint-blocks 5 exceeds the ViT's depth 4") != std::string::npos);
+}
 
 TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
   const fs::path data = fresh_data("data", "run", 64, 32, 1), runp = fs::path(kDir) / "run";

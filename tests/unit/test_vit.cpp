@@ -1,7 +1,8 @@
 // The Vision Transformer over packed multi-crop batches: every parameter gradient against
 // central differences in double (a pack of two resolutions, one of them non-square and
 // interpolated, DropPath on; and the same with token dropping, crops that keep some of their
-// patches), inference against the training forward, the optional outputs, a masked pack
+// patches), activation checkpointing against keeping every block's activations (the same
+// bits), inference against the training forward, the optional outputs, a masked pack
 // against the shortened patch sequence, the position-grid resize, presets and errors.
 #include <doctest/doctest.h>
 
@@ -164,6 +165,66 @@ TEST_CASE("vit: every gradient against central differences (two resolutions, Dro
       CHECK_MESSAGE(rel_error(ga, gf) < 1e-6, e.name << " rel error " << rel_error(ga, gf));
     }
   }
+}
+
+TEST_CASE("vit: activation checkpointing gives the same bits with less saved memory") {
+  for (bool masked : {false, true}) {
+    CAPTURE(masked);
+    // depth 3, DropPath on: checkpoint 0 (reference), 1, 2 and all 3 blocks
+    std::vector<float> y0, tok0, g0;
+    std::size_t saved0 = 0;
+    for (std::int64_t n : {0, 1, 2, 3}) {
+      CAPTURE(n);
+      nn::vit_config c = tiny(0.5);
+      c.depth = 3;
+      c.checkpoint_blocks = n;
+      param_layout L;
+      nn::vit v(c, L);
+      flat_params<float> P(L), G(L);
+      nn::initialize(P, 21);
+      perturb(P, 22, 0.3);
+      auto pk = masked ? v.make_pack<float>({{2, 8, 8, 9}, {3, 4, 6, 4}}) : v.make_pack<float>({{2, 8, 8}, {3, 4, 6}});
+      if (masked) {
+        pk.keep[0] = {0, 2, 3, 5, 7, 8, 11, 13, 15, /**/ 1, 4, 5, 6, 9, 10, 12, 14, 15};
+        pk.keep[1] = {0, 1, 3, 5, /**/ 1, 2, 3, 4, /**/ 0, 2, 4, 5};
+      }
+      std::vector<float> img0(2 * 2 * 8 * 8), img1(3 * 2 * 4 * 6);
+      fill_normal(img0, 5);
+      fill_normal(img1, 6);
+      const float* imgs[2] = {img0.data(), img1.data()};
+      const std::int64_t D = 8, nc = pk.crops, Tn = pk.tokens;
+      std::vector<float> y(std::size_t(nc * D)), saved(v.saved_elems(pk), std::nanf("")), dtok(std::size_t(Tn * D)),
+          scratch(v.scratch_elems(pk));
+      const cpu_policy pol{2};
+      host_view<const float> Pv{P.data(), {std::int64_t(P.size())}, "P"};
+      v.forward(pol, Pv, pk, std::span<const float* const>(imgs, 2), host_view<float>{y.data(), {nc, D}, "y"},
+                host_view<float>{saved.data(), {std::int64_t(saved.size())}, "saved"}, 11, 3);
+      const float* tok = v.saved_tokens(pk, host_view<const float>{saved.data(), {std::int64_t(saved.size())}, "s"});
+      std::vector<float> tokens(tok, tok + Tn * D);
+      fill_normal(dtok, 9);
+      v.backward(pol, Pv, pk, host_view<const float>{saved.data(), {std::int64_t(saved.size())}, "saved"},
+                 host_view<const float>{dtok.data(), {Tn, D}, "dtok"},
+                 host_view<float>{G.data(), {std::int64_t(G.size())}, "G"},
+                 host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"});
+      std::vector<float> g(G.data(), G.data() + G.size());
+      if (n == 0) {
+        y0 = y, tok0 = tokens, g0 = g, saved0 = saved.size();
+        continue;
+      }
+      CHECK(y == y0);
+      CHECK(tokens == tok0);
+      CHECK(g == g0);
+      // each checkpointed block keeps its input and DropPath scales instead of all its activations
+      const std::size_t per_block = (saved0 - v.saved_elems(pk)) / std::size_t(n < 3 ? n : n - 1);
+      CHECK(v.saved_elems(pk) < saved0);
+      CHECK((saved0 - v.saved_elems(pk)) % std::size_t(n < 3 ? n : n - 1) == 0);
+      CHECK(per_block > std::size_t(Tn * (3 * D + 2 * 4 * D)));  // at least a, qkv and the MLP's h and g per token
+    }
+  }
+  param_layout L;
+  nn::vit_config c = tiny();
+  c.checkpoint_blocks = 3;  // depth 2
+  CHECK_THROWS_AS(nn::vit(c, L), config_error);
 }
 
 TEST_CASE("vit: inference equals the training forward without DropPath; optional outputs") {

@@ -27,6 +27,13 @@
 // weights, cls_token and pos_embed; PyTorch's default init for the patch convolution; zero
 // biases; LayerNorm 1 and 0.
 //
+// Activation checkpointing (vit_config::checkpoint_blocks = n): the first n blocks keep only
+// their input and their DropPath scales in `saved`; backward() recomputes each one's forward
+// into one block area (block n's, free by then) just before its backward, with the same
+// arithmetic, so the outputs and gradients are the same bits as without checkpointing. It
+// trades one more forward of those blocks for their activations: saved_elems shrinks by
+// n x (one block's activations - T x D - 2 x crops), by (depth - 1) x that for n = depth.
+//
 // Forms: forward() (training: keeps what backward needs in `saved`, draws DropPath masks
 // from Philox keyed by (seed, step, block, branch) and the crop index), infer() (no saved
 // state, no DropPath; optionally the last block's CLS attention row and the normalised
@@ -75,6 +82,9 @@ struct vit_config {
   bool qkv_bias = true;
   double ln_eps = 1e-6;
   double drop_path_rate = 0.0;  ///< student 0.1 in the reference, teacher 0
+  /// Activation checkpointing: the first n blocks are recomputed in backward() instead of
+  /// keeping their activations (0: none, depth: all). Training memory only; infer() ignores it.
+  std::int64_t checkpoint_blocks = 0;
 
   constexpr std::int64_t grid() const { return img_size / patch; }
   constexpr std::int64_t mlp_hidden() const { return static_cast<std::int64_t>(double(embed_dim) * mlp_ratio); }
@@ -387,6 +397,8 @@ class vit {
     require<config_error>(c.depth >= 1 && c.in_chans >= 1, "vit: depth and in_chans must be positive");
     require<config_error>(c.drop_path_rate >= 0 && c.drop_path_rate < 1, "vit: drop_path_rate must be in [0, 1), got ",
                           c.drop_path_rate);
+    require<config_error>(c.checkpoint_blocks >= 0 && c.checkpoint_blocks <= c.depth,
+                          "vit: checkpoint_blocks must lie in [0, depth = ", c.depth, "], got ", c.checkpoint_blocks);
     const std::int64_t D = c.embed_dim, fan_in = c.in_chans * c.patch * c.patch;
     patch_w_ = layout.add(prefix + "patch_embed.proj.weight", {D, c.in_chans, c.patch, c.patch}, param_none,
                           param_init::kaiming_uniform, double(fan_in));
@@ -528,8 +540,9 @@ class vit {
   // ---- memory queries ------------------------------------------------------------------
   template <class T>
   std::size_t saved_elems(const vit_pack<T>& pk) const {
-    return static_cast<std::size_t>(pk.patches * patch_dim()) + pos_elems(pk) + cfg_.depth * block_saved(pk) +
-           static_cast<std::size_t>(pk.tokens * (cfg_.embed_dim + 2)) + static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
+    return static_cast<std::size_t>(pk.patches * patch_dim()) + pos_elems(pk) + blocks_elems(pk) +
+           static_cast<std::size_t>(pk.tokens * (cfg_.embed_dim + 2)) + static_cast<std::size_t>(pk.tokens * cfg_.embed_dim) +
+           (cfg_.checkpoint_blocks == cfg_.depth ? block_saved(pk) : 0);
   }
   template <class T>
   std::size_t scratch_elems(const vit_pack<T>& pk) const {
@@ -573,9 +586,9 @@ class vit {
     embed(pol, P, pk, images, s.unfold, true, s.pos, s.x0, s.x0 + static_cast<std::size_t>(Tn * D));
     const T* x = s.x0;
     for (std::int64_t l = 0; l < cfg_.depth; ++l) {
-      block_saved_parts<T> b = split_block<T>(s.blocks + static_cast<std::size_t>(l) * block_saved(pk), pk);
-      T* x_out = l + 1 < cfg_.depth ? s.blocks + static_cast<std::size_t>(l + 1) * block_saved(pk) : s.x_last;
-      block_forward(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l);
+      const block_saved_parts<T> b = block_parts(s, pk, l);
+      T* x_out = l + 1 < cfg_.depth ? s.blocks + block_offset(pk, l + 1) : s.x_last;
+      block_forward(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l, true);
       x = x_out;
     }
     // final norm over all tokens, CLS rows out
@@ -666,7 +679,9 @@ class vit {
                    hv(dx, D, "dx"), grad_mode::write, G, tensor_view<T, S>{});
     for (std::int64_t l = cfg_.depth - 1; l >= 0; --l) {
       const block& blk = blocks_[std::size_t(l)];
-      block_saved_parts<T> b = split_block<T>(s.blocks + static_cast<std::size_t>(l) * block_saved(pk), pk);
+      const block_saved_parts<T> b = block_parts(s, pk, l);
+      if (l < cfg_.checkpoint_blocks)  // recompute: the same forward, the kept DropPath scales; x_out into b's spare rows
+        block_forward(pol, P, pk, blk, static_cast<const T*>(b.x_in), b, s.recompute, 0, 0, l, false);
       // MLP branch: x_out = x_mid + dp2 * fc2(gelu(fc1(LN2(x_mid))))
       copy_scaled(pol, pk, dx, b.dp + pk.crops, dz, D);
       blk.fc2.backward(pol, P, cv(b.g, H, "gelu"), cv(dz, D, "dz"), hv(dh, H, "dg"), grad_mode::write, G);
@@ -762,10 +777,41 @@ class vit {
   }
   // saved: unfolded patches [patches, C p p] | resized pos per set | blocks (x_in of block 0 is x0)
   //        | x_last [T, D] (the last block's output) and final norm stats [T, 2] | final tokens [T, D]
+  //        | with checkpoint_blocks = depth, one block area where the blocks are recomputed.
+  // A block's slot: block_saved elements, or for a checkpointed block x_in [T, D] and its
+  // DropPath scales [2 * crops] only. The checkpointed blocks 0..n-1 run their forward in the
+  // slot of block n (in backward() after block n's backward is done with it; in forward()
+  // before block n writes there), or in the extra area when every block is checkpointed. So
+  // checkpointing n blocks saves n x (block_saved - T D - 2 crops) elements (depth - 1 times
+  // that for n = depth).
   template <class T>
   struct saved_parts {
-    T *unfold, *pos, *blocks, *x0, *x_last, *final_stats, *final_tok;
+    T *unfold, *pos, *blocks, *x0, *x_last, *final_stats, *final_tok, *recompute;
   };
+  template <class T>
+  std::size_t slot_elems(const vit_pack<T>& pk, std::int64_t l) const {
+    return l < cfg_.checkpoint_blocks ? static_cast<std::size_t>(pk.tokens * cfg_.embed_dim + 2 * pk.crops)
+                                      : block_saved(pk);
+  }
+  template <class T>
+  std::size_t block_offset(const vit_pack<T>& pk, std::int64_t l) const {
+    std::size_t o = 0;
+    for (std::int64_t i = 0; i < l; ++i) o += slot_elems(pk, i);
+    return o;
+  }
+  template <class T>
+  std::size_t blocks_elems(const vit_pack<T>& pk) const { return block_offset(pk, cfg_.depth); }
+  // Block l's parts: its own slot, or for a checkpointed block the recompute area with x_in
+  // and dp pointing into its slot (the area's own x_in rows then take the recomputed x_out).
+  template <class T>
+  block_saved_parts<T> block_parts(const saved_parts<T>& s, const vit_pack<T>& pk, std::int64_t l) const {
+    T* slot = s.blocks + block_offset(pk, l);
+    if (l >= cfg_.checkpoint_blocks) return split_block<T>(slot, pk);
+    block_saved_parts<T> b = split_block<T>(s.recompute, pk);
+    b.x_in = slot;
+    b.dp = slot + static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
+    return b;
+  }
   template <class T, class VP>
   saved_parts<T> split_saved(T* base, const VP& pk) const {
     const std::size_t TD = static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
@@ -774,9 +820,10 @@ class vit {
     s.pos = s.unfold + static_cast<std::size_t>(pk.patches * patch_dim());
     s.blocks = s.pos + pos_elems(pk);
     s.x0 = s.blocks;  // block 0's x_in
-    s.x_last = s.blocks + static_cast<std::size_t>(cfg_.depth) * block_saved(pk);
+    s.x_last = s.blocks + blocks_elems(pk);
     s.final_stats = s.x_last + TD;
     s.final_tok = s.final_stats + static_cast<std::size_t>(2 * pk.tokens);
+    s.recompute = cfg_.checkpoint_blocks == cfg_.depth ? s.final_tok + TD : s.blocks + block_offset(pk, cfg_.checkpoint_blocks);
     return s;
   }
 
@@ -917,12 +964,13 @@ class vit {
 
   template <class Policy, class T, class S>
   void block_forward(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, const block& blk, const T* x,
-                     block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step, std::int64_t l) const {
+                     block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step, std::int64_t l,
+                     bool draw_dp) const {
     const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
     const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
     const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
     require<config_error>(b.x_in == x, "vit: block input must be the previous block's output in place");
-    draw_drop_path(pol, pk, blk.drop, seed, step, l, b.dp);
+    if (draw_dp) draw_drop_path(pol, pk, blk.drop, seed, step, l, b.dp);
     blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
     blk.qkv.forward(pol, P, cv(b.a, D, "ln1"), hv(b.qkv, 3 * D, "qkv"));
     attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, static_cast<const T*>(b.qkv), b.o, b.probs);
