@@ -15,7 +15,9 @@
 //           inference call. DINO_BENCH_ALLOC_TRACE=N prints the size and backtrace of the
 //           first N counted allocations to stderr (addresses: resolve with addr2line -f -C).
 //
-// Usage: bench_vit [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs]
+// Usage: bench_vit [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N]
+// --checkpoint-blocks N: the train workload with activation checkpointing of the student's
+// first N blocks (vit_config::checkpoint_blocks; the name gets "_ckpt<N>").
 // Output: one line per workload, "dino <workload> <name> key=value ..." (numeric values).
 // Google Benchmark flags are accepted, as scripts/bench passes them: --benchmark_out=FILE
 // gets the same results as JSON, the others are ignored.
@@ -169,6 +171,7 @@ struct options {
   int warmup = 2;
   std::string only;
   std::string out;
+  int checkpoint_blocks = 0;  // train: vit_config::checkpoint_blocks of the student
 };
 
 struct timing {
@@ -260,9 +263,10 @@ struct train_case {
   double last_loss = 0;
   long skipped = 0;
 
-  static dino::nn::vit_config vcfg() {
+  static dino::nn::vit_config vcfg(int checkpoint_blocks) {
     dino::nn::vit_config c = dino::nn::vit_small28(4);
     c.drop_path_rate = 0.1;
+    c.checkpoint_blocks = checkpoint_blocks;
     return c;
   }
   static dino::ssl::dino_config dcfg() {
@@ -279,7 +283,8 @@ struct train_case {
     c.train.schedule.batch_size = batch;
     return c;
   }
-  train_case() : m(dino::ssl::make_dino<dino::nn::vit>(vcfg(), vcfg().embed_dim, dcfg())) {
+  explicit train_case(int checkpoint_blocks = 0)
+      : m(dino::ssl::make_dino<dino::nn::vit>(vcfg(checkpoint_blocks), vcfg(0).embed_dim, dcfg())) {
     for (int s = 0; s < 2; ++s) {
       g[s].resize(static_cast<std::size_t>(2 * batch * global * global));
       l[s].resize(static_cast<std::size_t>(n_local * batch * local * local));
@@ -306,13 +311,15 @@ void bench_infer(const options& o) {
 
 void bench_train(const options& o) {
   const dino::cpu_policy pol{o.threads};
-  train_case c;
+  train_case c(o.checkpoint_blocks);
   const timing t = time_calls(o.warmup, o.reps, [&] { c.run(pol); });
-  emit("dino train small28_b64 threads=" + std::to_string(o.threads) + " images_per_s=" +
+  emit("dino train small28_b64" + std::string(o.checkpoint_blocks ? "_ckpt" + std::to_string(o.checkpoint_blocks) : "") +
+       " threads=" + std::to_string(o.threads) + " images_per_s=" +
        fmt("%.2f", double(train_case::batch) * 1e3 / t.median_ms) + " ms_per_step=" + fmt("%.1f", t.median_ms) +
        " min_ms=" + fmt("%.1f", t.min_ms) + " max_ms=" + fmt("%.1f", t.max_ms) + " reps=" + std::to_string(o.reps) +
        " loss=" + fmt("%.4f", c.last_loss) + " skipped=" + std::to_string(c.skipped) +
-       " workspace_MiB=" + fmt("%.1f", double(c.m.workspace_bytes()) / (1 << 20)));
+       " workspace_MiB=" + fmt("%.1f", double(c.m.workspace_bytes()) / (1 << 20)) +
+       " activations_MiB=" + fmt("%.1f", double(c.m.memory().activations) / (1 << 20)));
 }
 
 void bench_allocs(const options& o) {
@@ -358,10 +365,11 @@ int main(int argc, char** argv) {
     else if (const char* v = val("--reps")) o.reps = std::max(1, std::atoi(v));
     else if (const char* v = val("--warmup")) o.warmup = std::max(0, std::atoi(v));
     else if (const char* v = val("--only")) o.only = v;
+    else if (const char* v = val("--checkpoint-blocks")) o.checkpoint_blocks = std::max(0, std::atoi(v));
     else if (const char* v = val("--benchmark_out")) o.out = v;
     else if (a.rfind("--benchmark_", 0) == 0) continue;  // other Google Benchmark flags: ignored
     else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N]\n", argv[0]);
       return 2;
     }
   }
