@@ -6,8 +6,13 @@
 // and docs/tools.md. The run writes <output>/log.jsonl (one JSON line per step),
 // <output>/checkpoint.safetensors (+ .json) every --save-every steps and at the end, and
 // <output>/run.json (the configuration and a summary). --resume continues bit-identically from
-// <output>/checkpoint.safetensors. Exit codes: 0 done, 1 a bad file or value, 2 bad usage.
+// <output>/checkpoint.safetensors. SIGINT (Ctrl-C) or SIGTERM stops the run before its next
+// step with the state saved (a second one ends it at once). Exit codes: 0 done (or stopped by
+// --time-limit), 1 a bad file or value, 2 bad usage, 128 + the signal's number when a signal
+// stopped it (130 for Ctrl-C, 143 for SIGTERM).
+#include <atomic>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
@@ -33,6 +38,16 @@
 #include "presets.hpp"
 
 namespace {
+
+// SIGINT / SIGTERM: the trainer stops before its next step and saves the state; a second
+// signal ends the process at once (the default action, restored by the first).
+std::atomic<bool> g_stop{false};
+volatile std::sig_atomic_t g_signal = 0;
+extern "C" void on_stop_signal(int sig) {
+  g_signal = sig;
+  g_stop.store(true, std::memory_order_relaxed);
+  std::signal(sig, SIG_DFL);
+}
 
 dino_cli::flags make_flags() {
   dino_cli::flags f("dino-train", "--data KIND [--data-path PATH] --output DIR [options]");
@@ -177,15 +192,21 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   rc.log_every = f.integer("log-every");
   rc.seed = run_seed;
   rc.accumulate = N;
+  rc.stop = &g_stop;
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
   const auto sum = dino::train::run(pol, model, loader, rc);
   std::fprintf(stderr,
                "dino-train: %lld steps in %.1f s (%.1f images/s, %lld skipped); the loader kept the model waiting "
                "%.1f %% of the time; %s; checkpoint %s\n",
                (long long)sum.steps, sum.wall_s, sum.images_per_s, (long long)sum.skipped,
                sum.wall_s > 0 ? 100.0 * sum.loader_wait_s / sum.wall_s : 0.0,
-               sum.finished ? "schedule finished" : "stopped before the end of the schedule (--resume continues)",
+               sum.finished  ? "schedule finished"
+               : sum.stopped ? "stopped by a signal before the end of the schedule (--resume continues)"
+                             : "stopped before the end of the schedule (--resume continues)",
                sum.checkpoint.c_str());
   write_run_json(&sum);
+  if (sum.stopped) return 128 + int(g_signal);  // the shell's code for a process ended by that signal
   return 0;
 }
 

@@ -2,11 +2,13 @@
 // data set written here (4 classes of 28 x 28 shapes on a black background), --resume, then
 // dino-eval knn (checkpoint, random init, raw pixels), linear, attention and curves on it; the
 // JSON results hold sane values and the PNGs are PNGs. Bad inputs exit 1 or 2 with a message.
+// --checkpoint-blocks gives the same log and checkpoint; SIGTERM stops a run with its state saved.
 #include <doctest/doctest.h>
 
 #include <sys/wait.h>
 
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -131,6 +133,32 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   auto r2 = train(flags + b.string() + " --checkpoint-blocks 5");
   CHECK(r2.code == 2);
   CHECK(r2.err.find("--checkpoint-blocks 5 exceeds the ViT's depth 4") != std::string::npos);
+}
+
+TEST_CASE("dino-train stops on SIGTERM with its state saved, and says so in its exit code") {
+  const fs::path data = fresh_data("data_sig", "run_sig", 32, 8, 5), runp = fs::path(kDir) / "run_sig";
+  const std::string cmd = std::string(DINO_TRAIN_EXE) + " --data mnist --data-path " + data.string() +
+                          " --arch vit_tiny28 --out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
+                          " --batch-size 16 --warmup-epochs 0 --epochs 30 --threads 2 --log-every 1 --output " +
+                          runp.string();
+  const std::string log = (runp / "log.jsonl").string(), code = kDir + "/sig_code.txt";
+  // start it, wait for its first step's line (at most 60 s), send SIGTERM, keep its exit code
+  const std::string sh = "sh -c '" + cmd + " > " + kDir + "/sig_out.txt 2> " + kDir + "/sig_err.txt & p=$!; i=0; " +
+                         "while [ ! -s " + log + " ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; " +
+                         "kill -TERM $p; wait $p; echo $? > " + code + "'";
+  REQUIRE(std::system(sh.c_str()) == 0);
+  const std::string err = slurp(kDir + "/sig_err.txt");
+  INFO(err);
+  CHECK(std::atoi(slurp(code).c_str()) == 128 + SIGTERM);
+  CHECK(err.find("stopped by a signal") != std::string::npos);
+  // the state of the last step run is saved: checkpoint, run.json and log agree, short of the 60 steps
+  const std::string run_json = slurp((runp / "run.json").string());
+  const double next = json_num(run_json, "next_step");
+  CHECK(next >= 1);
+  CHECK(next < 60);
+  CHECK(double(lines(log)) == next);
+  CHECK(json_num(slurp((runp / "checkpoint.safetensors.json").string()), "iteration") == next);
+  CHECK(run_json.find("\"finished\": false") != std::string::npos);
 }
 
 TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {

@@ -1,12 +1,13 @@
 // dino/train/trainer.hpp: the training loop around a method and a multi-crop loader.
 //
 // run() takes batches from the loader (data::multicrop_loader: crop-major image arrays), runs
-// method::step on each until the schedules end or the time limit passes, and around it:
+// method::step on each until the schedules end, the time limit passes or run_config::stop is
+// raised (dino-train raises it on SIGINT and SIGTERM), and around it:
 //   - writes one JSON line per step to <out>/log.jsonl (appending when resuming): step, epoch,
 //     loss, lr, weight decay, teacher momentum, tau_t, teacher entropy, KL, the ln K collapse
 //     flag, whether the step was skipped and why, images/s, the loader's wait;
 //   - saves the whole state (train/checkpoint.hpp) to <out>/checkpoint.safetensors every
-//     save_every steps and at the end, atomically;
+//     save_every steps and at the end (a stop or time limit included), atomically;
 //   - shows a progress bar with images/s and ETA on a terminal, plain lines every log_every
 //     steps otherwise; says so when a step is skipped for a non-finite loss or gradient.
 // The loader must start where the method is (loader_config start_epoch / start_batch from
@@ -31,6 +32,7 @@
 // right after each step, as it always has.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -60,6 +62,9 @@ struct run_config {
   /// Loader batches (micro-batches) per optimizer step, >= 1 and at most the loader's batches
   /// per epoch: the step's effective batch is batch_size x accumulate (see the file comment).
   std::int64_t accumulate = 1;
+  /// When set: checked before each step; once true, the loop stops there and the state is
+  /// saved as at a time limit (run_summary::stopped). A signal handler may set it.
+  const std::atomic<bool>* stop = nullptr;
   /// Called after each step (for example to evaluate every epoch); may be empty.
   std::function<void(const ssl::step_stats&)> after_step;
 };
@@ -68,6 +73,7 @@ struct run_summary {
   std::int64_t first_step = 0, steps = 0, skipped = 0;
   double wall_s = 0, images_per_s = 0, loader_wait_s = 0;
   bool finished = false;             ///< reached the end of the schedules
+  bool stopped = false;              ///< ended by run_config::stop
   std::vector<double> loss;          ///< per step run here
   std::string checkpoint;
 };
@@ -175,6 +181,10 @@ run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& 
   while (m.iteration() < total) {
     const double elapsed = std::chrono::duration<double>(clock::now() - t0).count();
     if (rc.time_limit_s > 0 && elapsed >= rc.time_limit_s) break;
+    if (rc.stop && rc.stop->load(std::memory_order_relaxed)) {
+      sum.stopped = true;
+      break;
+    }
     const double wait0 = loader.wait_seconds();
     for (std::int64_t k = 0; k < N; ++k) {
       auto b = loader.next();
