@@ -2,7 +2,8 @@
 // bit for bit (ViT backbone with DropPath); a checkpoint that does not fit is refused without
 // changing anything. The trainer (train::run) over the multi-crop loader on synthetic shape
 // images (shapes.hpp): gradient accumulation feeds the right batches to method::step, matches
-// one larger batch, resumes bit for bit and refuses bad values; and a 200-step smoke run of a
+// one larger batch, resumes bit for bit (the log drops what a stopped run wrote after its
+// checkpoint) and refuses bad values; and a 200-step smoke run of a
 // tiny ViT on colour textures whose loss falls without collapse.
 #include <doctest/doctest.h>
 
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <span>
 #include <string>
 #include <vector>
@@ -168,6 +170,30 @@ double max_rel_diff(const flat_params<float>& a, const flat_params<float>& b) {
   return d / s;
 }
 }  // namespace
+
+TEST_CASE("resume: the log keeps the steps before the checkpoint's and drops those after it") {
+  const std::string path = std::string(DINO_TEST_TMP) + "/truncate_log.jsonl";
+  {
+    std::ofstream f(path, std::ios::trunc);
+    for (int i = 0; i < 6; ++i) f << "{\"step\": " << i << ", \"loss\": " << 0.5 * i << "}\n";
+    f << "not a step line\n";
+  }
+  train::detail::truncate_log(path, 3);  // a checkpoint at step 3: steps 3, 4 and 5 are run again
+  std::ifstream f(path);
+  std::vector<std::string> lines;
+  for (std::string l; std::getline(f, l);) lines.push_back(l);
+  REQUIRE(lines.size() == 4);
+  CHECK(lines[0] == "{\"step\": 0, \"loss\": 0}");
+  CHECK(lines[2] == "{\"step\": 2, \"loss\": 1}");
+  CHECK(lines[3] == "not a step line");
+  train::detail::truncate_log(path, 10);  // nothing to drop: the file stays as it is
+  std::ifstream g(path);
+  std::size_t n = 0;
+  for (std::string l; std::getline(g, l);) ++n;
+  CHECK(n == 4);
+  train::detail::truncate_log(std::string(DINO_TEST_TMP) + "/no_such_log.jsonl", 0);  // no file: nothing happens
+  CHECK(!std::filesystem::exists(std::string(DINO_TEST_TMP) + "/no_such_log.jsonl"));
+}
 
 TEST_CASE("accumulate: the trainer gives method::step the loader's batches in order, whole steps per epoch") {
   // 36 images in batches of 4: 9 batches an epoch, 4 steps of 2 (the 9th batch is not used).

@@ -3,7 +3,8 @@
 // run() takes batches from the loader (data::multicrop_loader: crop-major image arrays), runs
 // method::step on each until the schedules end, the time limit passes or run_config::stop is
 // raised (dino-train raises it on SIGINT and SIGTERM), and around it:
-//   - writes one JSON line per step to <out>/log.jsonl (appending when resuming): step, epoch,
+//   - writes one JSON line per step to <out>/log.jsonl (appending when resuming, after dropping
+//     the lines of steps from the checkpoint's on, which a stopped run may have logged): step, epoch,
 //     loss, lr, weight decay, teacher momentum, tau_t, teacher entropy, KL, the ln K collapse
 //     flag, whether the step was skipped and why, images/s, the loader's wait;
 //   - saves the whole state (train/checkpoint.hpp) to <out>/checkpoint.safetensors every
@@ -37,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -104,6 +106,36 @@ inline std::string fmt_time(double s) {
   else std::snprintf(buf, sizeof buf, "%02ld:%02ld", t / 60, t % 60);
   return buf;
 }
+
+// Drops the lines of steps >= first_step from an existing log (the steps a stopped run logged
+// after its last checkpoint, which the resumed run logs again), through a temporary file
+// renamed over it. Lines without a step number stay.
+inline void truncate_log(const std::string& path, std::int64_t first_step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string line, kept;
+  std::int64_t dropped = 0;
+  while (std::getline(in, line)) {
+    const auto p = line.find("\"step\": ");
+    if (p != std::string::npos && std::strtoll(line.c_str() + p + 8, nullptr, 10) >= first_step) {
+      ++dropped;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  in.close();
+  if (dropped == 0) return;
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << kept;
+    out.flush();
+    if (!out) throw io_error("train: cannot write '" + tmp + "'");
+  }
+  std::filesystem::rename(tmp, path);
+  std::fprintf(stderr, "train: %s: dropped %lld lines of steps from %lld on (logged after the last checkpoint)\n",
+               path.c_str(), (long long)dropped, (long long)first_step);
+}
 }  // namespace detail
 
 template <class Policy, class Method, class Loader>
@@ -118,6 +150,7 @@ run_summary run(const Policy& pol, Method& m, Loader& loader, const run_config& 
   fs::create_directories(rc.out_dir, ec);
   if (ec) throw io_error("train: cannot create the output folder '" + rc.out_dir + "': " + ec.message());
   const std::string log_path = rc.out_dir + "/log.jsonl", ckpt = rc.out_dir + "/checkpoint.safetensors";
+  detail::truncate_log(log_path, m.iteration());
   std::ofstream log(log_path, std::ios::app);
   if (!log) throw io_error("train: cannot open '" + log_path + "' for writing");
   const bool bar = rc.progress < 0 ? ::isatty(2) != 0 : rc.progress == 1;
