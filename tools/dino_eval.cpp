@@ -198,7 +198,6 @@ class json {
     return raw(b);
   }
   json& integer(long long v) { return raw(std::to_string(v)); }
-  json& boolean(bool v) { return raw(v ? "true" : "false"); }
   json& null() { return raw("null"); }
   json& str(const std::string& v) {
     value();
