@@ -248,7 +248,7 @@ void write_text_atomic(const std::string& path, const std::string& text) {
     fs::create_directories(parent, ec);
     if (ec) throw dino::io_error("dino-eval: cannot create the folder '" + parent.string() + "': " + ec.message());
   }
-  dino::io::write_file_atomic(path, std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()));
+  dino::io::write_file_atomic(path, std::string_view(text));
 }
 
 std::string in_dir(const std::string& dir, const std::string& name) {

@@ -158,31 +158,26 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   }
   // run.json: the architecture and configuration, written before the first step (so that
   // dino-eval --run reads the checkpoints of a run still going) and again with the summary at
-  // the end; each time to a temporary file renamed over the old one.
+  // the end; each time atomically (io/atomic_file.hpp).
+  std::filesystem::create_directories(out);
   const auto write_run_json = [&](const dino::train::run_summary* sum) {
-    const std::string tmp = out + "/run.json.tmp";
-    std::filesystem::create_directories(out);
-    {
-      std::ofstream js(tmp);
-      js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
-         << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
-         << "}, \"method\": \"" << f.str("method") << "\", \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B
-         << ", \"accumulate\": " << N << ", \"epochs\": " << s.epochs << ", \"steps_per_epoch\": " << s.iters_per_epoch
-         << ", \"seed\": " << seed;
-      if (sum) {
-        const double step_s = sum->steps ? sum->wall_s / double(sum->steps) : 0;
-        js << ", \"steps_run\": " << sum->steps << ", \"next_step\": " << model.iteration() << ", \"wall_s\": "
-           << sum->wall_s << ", \"images_per_s\": " << sum->images_per_s << ", \"step_s\": " << step_s
-           << ", \"loader_wait_fraction\": " << (sum->wall_s > 0 ? sum->loader_wait_s / sum->wall_s : 0.0)
-           << ", \"finished\": " << (sum->finished ? "true" : "false");
-      } else {
-        js << ", \"running\": true";
-      }
-      js << "}\n";
-      js.flush();
-      dino::require<dino::io_error>(bool(js), "dino-train: cannot write ", tmp);
+    std::ostringstream js;
+    js << "{\"arch\": {\"embed_dim\": " << vc.embed_dim << ", \"depth\": " << vc.depth << ", \"heads\": " << vc.heads
+       << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
+       << "}, \"method\": \"" << f.str("method") << "\", \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B
+       << ", \"accumulate\": " << N << ", \"epochs\": " << s.epochs << ", \"steps_per_epoch\": " << s.iters_per_epoch
+       << ", \"seed\": " << seed;
+    if (sum) {
+      const double step_s = sum->steps ? sum->wall_s / double(sum->steps) : 0;
+      js << ", \"steps_run\": " << sum->steps << ", \"next_step\": " << model.iteration() << ", \"wall_s\": "
+         << sum->wall_s << ", \"images_per_s\": " << sum->images_per_s << ", \"step_s\": " << step_s
+         << ", \"loader_wait_fraction\": " << (sum->wall_s > 0 ? sum->loader_wait_s / sum->wall_s : 0.0)
+         << ", \"finished\": " << (sum->finished ? "true" : "false");
+    } else {
+      js << ", \"running\": true";
     }
-    std::filesystem::rename(tmp, out + "/run.json");
+    js << "}\n";
+    dino::io::write_file_atomic(out + "/run.json", std::string_view(js.str()));
   };
   write_run_json(nullptr);
   dino::train::run_config rc;

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include <fcntl.h>
@@ -104,6 +105,10 @@ inline void write_file_atomic(const std::string& path, std::span<const std::byte
   atomic_file f(path);
   f.write(bytes);
   f.commit();
+}
+/// The same for text.
+inline void write_file_atomic(const std::string& path, std::string_view text) {
+  write_file_atomic(path, std::as_bytes(std::span<const char>(text.data(), text.size())));
 }
 
 }  // namespace dino::io

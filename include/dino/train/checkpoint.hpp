@@ -133,9 +133,7 @@ void save_checkpoint(const std::string& path, Method& m, std::uint64_t seed, con
   std::ostringstream js;
   js << "{\"checkpoint\": \"" << path << "\", \"iteration\": " << m.iteration() << ", \"seed\": " << seed
      << ", \"extra\": " << extra_json << "}\n";
-  const std::string text = js.str();
-  io::write_file_atomic(path + ".json",
-                        std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()));
+  io::write_file_atomic(path + ".json", std::string_view(js.str()));
 }
 
 /// What restore_checkpoint found.

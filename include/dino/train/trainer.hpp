@@ -49,6 +49,7 @@
 
 #include <unistd.h>
 
+#include "dino/io/atomic_file.hpp"
 #include "dino/ssl/method.hpp"
 #include "dino/train/checkpoint.hpp"
 
@@ -108,8 +109,8 @@ inline std::string fmt_time(double s) {
 }
 
 // Drops the lines of steps >= first_step from an existing log (the steps a stopped run logged
-// after its last checkpoint, which the resumed run logs again), through a temporary file
-// renamed over it. Lines without a step number stay.
+// after its last checkpoint, which the resumed run logs again), written back atomically
+// (io/atomic_file.hpp). Lines without a step number stay.
 inline void truncate_log(const std::string& path, std::int64_t first_step) {
   std::ifstream in(path);
   if (!in) return;
@@ -125,14 +126,7 @@ inline void truncate_log(const std::string& path, std::int64_t first_step) {
   }
   in.close();
   if (dropped == 0) return;
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << kept;
-    out.flush();
-    if (!out) throw io_error("train: cannot write '" + tmp + "'");
-  }
-  std::filesystem::rename(tmp, path);
+  io::write_file_atomic(path, std::string_view(kept));
   std::fprintf(stderr, "train: %s: dropped %lld lines of steps from %lld on (logged after the last checkpoint)\n",
                path.c_str(), (long long)dropped, (long long)first_step);
 }
