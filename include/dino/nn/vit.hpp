@@ -52,6 +52,7 @@
 // CLS-gradient scatter. On the CPU the arithmetic and its order are those of the serial code.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -789,15 +790,10 @@ class vit {
     T *unfold, *pos, *blocks, *x0, *x_last, *final_stats, *final_tok, *recompute;
   };
   template <class T>
-  std::size_t slot_elems(const vit_pack<T>& pk, std::int64_t l) const {
-    return l < cfg_.checkpoint_blocks ? static_cast<std::size_t>(pk.tokens * cfg_.embed_dim + 2 * pk.crops)
-                                      : block_saved(pk);
-  }
-  template <class T>
   std::size_t block_offset(const vit_pack<T>& pk, std::int64_t l) const {
-    std::size_t o = 0;
-    for (std::int64_t i = 0; i < l; ++i) o += slot_elems(pk, i);
-    return o;
+    const std::int64_t n = cfg_.checkpoint_blocks, small = std::min(l, n), full = l - small;
+    return static_cast<std::size_t>(small * (pk.tokens * cfg_.embed_dim + 2 * pk.crops)) +
+           static_cast<std::size_t>(full) * block_saved(pk);
   }
   template <class T>
   std::size_t blocks_elems(const vit_pack<T>& pk) const { return block_offset(pk, cfg_.depth); }
