@@ -1,7 +1,7 @@
 // bench_gemm: dino's fp32 GEMM (policy/cpu/gemm.hpp) on the products of the ViT benchmarks,
 // and the GELU kernels per SIMD level (BM_gelu, below);
-// for each kernel this CPU runs (0 eigen, 1 avx2, 2 avx512; see gemm_kernels.hpp) and thread
-// count. Arguments: shape index (kShapes below), kernel, threads. Reports GFLOP/s (2 m n k
+// for each kernel this CPU runs (0 eigen, 1 avx2, 2 avx512; see gemm_kernels.hpp; 3: bf16
+// operands on the AVX512_BF16 kernel, gemm_bf16.hpp) and thread count. Arguments: shape index (kShapes below), kernel, threads. Reports GFLOP/s (2 m n k
 // per product, decimal). A kernel the CPU lacks is skipped.
 #include <benchmark/benchmark.h>
 
@@ -39,10 +39,12 @@ const shape kShapes[] = {
 
 void BM_gemm(benchmark::State& state) {
   const shape& s = kShapes[state.range(0)];
-  const auto kern = dino::cpu::gemm_kernel(state.range(1));
+  const bool bf16 = state.range(1) == 3;
+  const auto kern = bf16 ? dino::cpu::gemm_kernel::avx512 : dino::cpu::gemm_kernel(state.range(1));
   const int threads = int(state.range(2));
   const auto saved = dino::cpu::gemm_active_kernel();
-  if (!dino::cpu::set_gemm_kernel(kern)) {
+  if (!dino::cpu::set_gemm_kernel(kern) || (bf16 && !dino::cpu::gemm_bf16_native())) {
+    dino::cpu::set_gemm_kernel(saved);
     state.SkipWithError("kernel not supported by this CPU");
     return;
   }
@@ -52,19 +54,19 @@ void BM_gemm(benchmark::State& state) {
   for (auto& x : B) x = float(g.normal());
   const dino::cpu::gemm_desc d{s.ta, s.tb, s.m, s.n, s.k};
   for (auto _ : state) {
-    dino::cpu::gemm(dino::cpu_policy{threads}, d, 1.0f, A.data(), B.data(), 0.0f, C.data());
+    dino::cpu::gemm(dino::cpu_policy{threads, bf16}, d, 1.0f, A.data(), B.data(), 0.0f, C.data());
     benchmark::DoNotOptimize(C.data());
     benchmark::ClobberMemory();
   }
   dino::cpu::set_gemm_kernel(saved);
-  state.SetLabel(std::string(s.name) + "/" + dino::cpu::gemm_kernel_name(kern));
+  state.SetLabel(std::string(s.name) + "/" + (bf16 ? "avx512_bf16" : dino::cpu::gemm_kernel_name(kern)));
   state.counters["GFLOP/s"] =
       benchmark::Counter(2.0 * double(s.m) * double(s.n) * double(s.k) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void gemm_args(benchmark::internal::Benchmark* b) {
   for (int i = 0; i < int(sizeof kShapes / sizeof kShapes[0]); ++i)
-    for (int k : {0, 1, 2})
+    for (int k : {0, 1, 2, 3})
       for (int t : {1, 2}) b->Args({i, k, t});
 }
 

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -158,8 +159,9 @@ struct kernel_guard {
 
 // One product on a C with a sentinel border (padding columns and rows below C), checked
 // against the naive loop in double; the border must be untouched. Returns C.
+// bf16: the policy rounds the operands to bf16 (cpu_policy::bf16), and so does the reference.
 std::vector<float> check_product(const gemm_desc& d, float alpha, float beta, int threads, bool nan_c,
-                                 std::uint64_t seed, bool serial = false) {
+                                 std::uint64_t seed, bool serial = false, bool bf16 = false) {
   const std::int64_t ar = d.trans_a ? d.k : d.m, ac = d.trans_a ? d.m : d.k;
   const std::int64_t br = d.trans_b ? d.n : d.k, bc = d.trans_b ? d.k : d.n;
   const std::int64_t lda = d.lda ? d.lda : ac, ldb = d.ldb ? d.ldb : bc, ldc = d.ldc ? d.ldc : d.n;
@@ -175,15 +177,16 @@ std::vector<float> check_product(const gemm_desc& d, float alpha, float beta, in
   C0 = C;
   std::vector<double> R(C.begin(), C.end());
   if (serial) gemm_serial(d, alpha, A.data(), B.data(), beta, C.data());
-  else gemm(cpu_policy{threads}, d, alpha, A.data(), B.data(), beta, C.data());
+  else gemm(cpu_policy{threads, bf16}, d, alpha, A.data(), B.data(), beta, C.data());
+  const auto op = [bf16](float x) { return double(bf16 ? cpu::bf16_round(x) : x); };
   // reference in double (C is read only when beta != 0)
   double err = 0, ref = 0;
   for (std::int64_t i = 0; i < d.m; ++i)
     for (std::int64_t j = 0; j < d.n; ++j) {
       double sum = 0, mag = 0;
       for (std::int64_t p = 0; p < d.k; ++p) {
-        const double a = d.trans_a ? A[std::size_t(p * lda + i)] : A[std::size_t(i * lda + p)];
-        const double b = d.trans_b ? B[std::size_t(j * ldb + p)] : B[std::size_t(p * ldb + j)];
+        const double a = op(d.trans_a ? A[std::size_t(p * lda + i)] : A[std::size_t(i * lda + p)]);
+        const double b = op(d.trans_b ? B[std::size_t(j * ldb + p)] : B[std::size_t(p * ldb + j)]);
         sum += a * b;
         mag += std::fabs(a * b);
       }
@@ -200,7 +203,7 @@ std::vector<float> check_product(const gemm_desc& d, float alpha, float beta, in
   CHECK_MESSAGE(err <= 2e-7 * double(d.k + 4), "ta=", d.trans_a, " tb=", d.trans_b, " m=", d.m, " n=", d.n,
                 " k=", d.k, " lda=", lda, " ldb=", ldb, " ldc=", ldc, " alpha=", alpha, " beta=", beta,
                 " threads=", threads, " kernel=", std::string(cpu::gemm_kernel_name(cpu::gemm_active_kernel())),
-                " err=", err);
+                " bf16=", bf16, " err=", err);
   bool border = true;
   for (std::int64_t i = 0; i < d.m + 2; ++i)
     for (std::int64_t j = 0; j < ldc; ++j)
@@ -240,6 +243,97 @@ TEST_CASE("every fp32 kernel: transposes, edges of the register tile and of the 
           for (int threads : {1, 2})
             check_product(d, alpha, beta, threads, /*nan_c=*/beta == 0.0f, seed++);
         }
+  }
+}
+
+TEST_CASE("bf16_bits: round to nearest, ties to even; NaN, infinities, overflow") {
+  CHECK(cpu::bf16_round(1.0f) == 1.0f);
+  CHECK(cpu::bf16_round(1.0f + 0x1p-8f) == 1.0f);                    // a tie: down to the even 1
+  CHECK(cpu::bf16_round(1.0f + 3 * 0x1p-8f) == 1.0f + 0x1p-6f);      // a tie: up to the even neighbour
+  CHECK(cpu::bf16_round(1.0f + 0x1p-8f + 0x1p-20f) == 1.0f + 0x1p-7f);  // above the tie: up
+  CHECK(cpu::bf16_round(-3.0f) == -3.0f);
+  CHECK(cpu::bf16_round(0.1f) == 0.10009765625f);
+  CHECK(std::isnan(cpu::bf16_round(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(std::isnan(cpu::bf16_round(std::bit_cast<float>(0x7f800001u))));  // a NaN whose high bits are an infinity's
+  CHECK(cpu::bf16_round(std::numeric_limits<float>::infinity()) == std::numeric_limits<float>::infinity());
+  CHECK(cpu::bf16_round(std::numeric_limits<float>::max()) == std::numeric_limits<float>::infinity());
+  CHECK(cpu::bf16_round(-std::numeric_limits<float>::max()) == -std::numeric_limits<float>::infinity());
+}
+
+TEST_CASE("bf16 operands (cpu_policy::bf16): the rounded operands' products summed in fp32, native and emulated") {
+  // The AVX512_BF16 kernel where the CPU has it, and rounded copies on the fp32 kernel
+  // (forced with the AVX2 or Eigen kernel): both must equal the product of the bf16-rounded
+  // operands up to fp32 summation, over the tile and block edges, odd depths (a zero-padded
+  // last pair) and depths of several blocks.
+  kernel_guard guard;
+  const std::vector<std::tuple<int, int, int>> shapes = {
+      {1, 1, 1},    {2, 3, 5},     {7, 17, 9},    {11, 15, 13},  {12, 32, 64},  {13, 33, 31},
+      {25, 48, 65}, {19, 40, 769}, {14, 20, 1541}, {193, 36, 40}, {31, 1025, 24}, {385, 17, 33}};
+  std::vector<cpu::gemm_kernel> kernels;
+  if (cpu::gemm_bf16_native_supported()) kernels.push_back(cpu::gemm_kernel::avx512);
+  kernels.push_back(cpu::gemm_kernel_supported(cpu::gemm_kernel::avx2) ? cpu::gemm_kernel::avx2
+                                                                       : cpu::gemm_kernel::eigen);
+  MESSAGE("AVX512_BF16 kernel: ", std::string(cpu::gemm_bf16_native_supported() ? "yes" : "no (emulated only)"));
+  std::uint64_t seed = 7000;
+  for (auto kern : kernels) {
+    REQUIRE(cpu::set_gemm_kernel(kern));
+    const bool native = cpu::gemm_bf16_native();
+    CAPTURE(native);
+    for (auto [m, n, k] : shapes)
+      for (int ta = 0; ta < 2; ++ta)
+        for (int tb = 0; tb < 2; ++tb) {
+          gemm_desc d{bool(ta), bool(tb), m, n, k};
+          const int variant = int(seed % 3);
+          if (variant >= 1) {
+            d.lda = (ta ? m : k) + 3;
+            d.ldb = (tb ? k : n) + 5;
+            d.ldc = n + 7;
+          }
+          const float alpha = variant == 2 ? -0.75f : 1.0f, beta = variant == 1 ? 0.5f : 0.0f;
+          for (int threads : {1, 2}) check_product(d, alpha, beta, threads, beta == 0.0f, seed++, false, true);
+        }
+  }
+  // The rounding is real: on operands that are not bf16 values the result is far from the
+  // fp32 product (a kernel that ignored bf16 would fail the check above by as much).
+  const gemm_desc d{false, false, 40, 50, 300};
+  std::vector<float> A(40 * 300), B(300 * 50), c32(40 * 50), c16(40 * 50);
+  dino_test::fill_normal(A.data(), A.size(), 3);
+  dino_test::fill_normal(B.data(), B.size(), 4);
+  gemm(cpu_policy{1}, d, 1.0f, A.data(), B.data(), 0.0f, c32.data());
+  for (auto kern : kernels) {
+    REQUIRE(cpu::set_gemm_kernel(kern));
+    gemm(cpu_policy{1, true}, d, 1.0f, A.data(), B.data(), 0.0f, c16.data());
+    double diff = 0;
+    for (std::size_t i = 0; i < c32.size(); ++i) diff = std::max(diff, double(std::fabs(c16[i] - c32[i])));
+    CHECK_MESSAGE(diff > 1e-3, "kernel ", std::string(cpu::gemm_kernel_name(kern)), " max diff ", diff);
+    CHECK(diff < 0.5);  // sums of 300 N(0, 1) products: about 17; bf16's relative error is 2^-9 per operand
+  }
+}
+
+TEST_CASE("bf16 operands: the same bits for any thread count; gemm_bias equals bias rows then gemm") {
+  kernel_guard guard;
+  std::vector<cpu::gemm_kernel> kernels;
+  if (cpu::gemm_bf16_native_supported()) kernels.push_back(cpu::gemm_kernel::avx512);
+  if (cpu::gemm_kernel_supported(cpu::gemm_kernel::avx2)) kernels.push_back(cpu::gemm_kernel::avx2);
+  for (auto kern : kernels) {
+    REQUIRE(cpu::set_gemm_kernel(kern));
+    CAPTURE(std::string(cpu::gemm_kernel_name(kern)));
+    for (auto [m, n, k] : std::vector<std::tuple<int, int, int>>{{200, 97, 71}, {96, 700, 1030}, {31, 1025, 24}})
+      for (int ta = 0; ta < 2; ++ta) {
+        const gemm_desc d{bool(ta), true, m, n, k};
+        std::vector<float> A(std::size_t(m * k)), B(std::size_t(n * k)), bias(static_cast<std::size_t>(n));
+        dino_test::fill_normal(A.data(), A.size(), std::uint64_t(m + k));
+        dino_test::fill_normal(B.data(), B.size(), std::uint64_t(n + k));
+        dino_test::fill_normal(bias.data(), bias.size(), 5);
+        std::vector<float> c1(std::size_t(m * n)), c2(c1.size()), cb(c1.size()), cr(c1.size());
+        gemm(cpu_policy{1, true}, d, 1.0f, A.data(), B.data(), 0.0f, c1.data());
+        gemm(cpu_policy{2, true}, d, 1.0f, A.data(), B.data(), 0.0f, c2.data());
+        CHECK(std::memcmp(c1.data(), c2.data(), c1.size() * 4) == 0);
+        gemm_bias(cpu_policy{2, true}, d, A.data(), B.data(), bias.data(), cb.data());
+        for (int i = 0; i < m; ++i) std::copy(bias.begin(), bias.end(), cr.begin() + i * n);
+        gemm(cpu_policy{1, true}, d, 1.0f, A.data(), B.data(), 1.0f, cr.data());
+        CHECK(std::memcmp(cb.data(), cr.data(), cb.size() * 4) == 0);
+      }
   }
 }
 

@@ -16,6 +16,10 @@ namespace dino {
 /// Runs operations on the host: Eigen GEMMs and OpenMP loops over rows.
 struct cpu_policy {
   int threads = 1;  ///< OpenMP threads for row loops and GEMMs (>= 1)
+  /// fp32 GEMMs on bf16 operands, summed in fp32 (cpu/gemm_bf16.hpp): the bf16 mixed
+  /// precision of the linear layers. Parameters, optimizer, EMA, LayerNorm, softmax and
+  /// loss stay fp32; attention's per-head products too. false: exact fp32, the reference.
+  bool bf16 = false;
 };
 
 template <class P>
@@ -33,6 +37,16 @@ concept execution_policy = requires { typename policy_traits<std::remove_cvref_t
 
 template <class P>
 using memory_space_t = typename policy_traits<std::remove_cvref_t<P>>::memory_space;
+
+/// pol without bf16 GEMM operands (a policy that has the option): for the products that
+/// stay fp32 in the bf16 mixed precision, the DINO head's prototype layer (its logits feed
+/// the sharp teacher softmax).
+template <class P>
+P without_bf16(const P& pol) {
+  P q = pol;
+  if constexpr (requires { q.bf16 = false; }) q.bf16 = false;
+  return q;
+}
 
 /// How an operation writes an input gradient (tiny-cuda-nn's GradientMode).
 enum class grad_mode {

@@ -123,11 +123,12 @@ class dino_head {
     T* p = scratch.data;
     tensor_view<T, S> du{p, {n, bn}, "head du"}, dz{p + n * bn, {n, bn}, "head dz"}, dw{p + 2 * n * bn, {K, bn}, "head dW"};
     tensor_view<T, S> rest{p + 2 * n * bn + K * bn + K, {static_cast<std::int64_t>(mlp_.scratch_elems(n))}, "mlp scratch"};
-    // du[N, bn] = dy[N, K] W[K, bn]
-    gemm(pol, gemm_desc{false, false, n, bn, K}, T(1), dy.data, s.w.data, T(0), du.data);
+    // du[N, bn] = dy[N, K] W[K, bn]; the prototype layer's products in fp32 (without_bf16)
+    const Policy fp = without_bf16(pol);
+    gemm(fp, gemm_desc{false, false, n, bn, K}, T(1), dy.data, s.w.data, T(0), du.data);
     if (!last_layer_frozen) {
       // dW[K, bn] = dy^T u, then through the weight norm into g and v.
-      gemm(pol, gemm_desc{true, false, K, bn, n}, T(1), dy.data, s.u.data, T(0), dw.data);
+      gemm(fp, gemm_desc{true, false, K, bn, n}, T(1), dy.data, s.u.data, T(0), dw.data);
       const bool g_trainable = !cfg_.norm_last_layer;
       weight_norm_rows_backward(pol, P.data + g_, P.data + v_, s.vnorm.data, dw.data,
                                 g_trainable ? G.data + g_ : static_cast<T*>(nullptr), G.data + v_, K, bn);
@@ -164,7 +165,8 @@ class dino_head {
     const std::int64_t n = z.rows(), bn = cfg_.bottleneck_dim, K = cfg_.out_dim;
     l2_normalize_rows(pol, static_cast<const T*>(z.data), u.data, znorm.data, n, bn, T(l2_eps));
     weight_norm_rows(pol, P.data + g_, P.data + v_, w.data, vnorm.data, K, bn);
-    gemm(pol, gemm_desc{false, true, n, K, bn}, T(1), u.data, w.data, T(0), y.data);
+    // the logits in fp32 from fp32 operands, also under bf16 mixed precision (a few MFLOP per crop)
+    gemm(without_bf16(pol), gemm_desc{false, true, n, K, bn}, T(1), u.data, w.data, T(0), y.data);
   }
 
   dino_head_config cfg_{};

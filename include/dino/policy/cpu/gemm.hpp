@@ -7,7 +7,9 @@
 // form runs `batch` independent products at offsets i * stride_{a,b,c} (attention heads).
 // Kernels: fp32 products run dino's packed GEMM with an AVX-512 or AVX2 + FMA micro-kernel
 // picked at run time (gemm_kernels.hpp; no -march flag needed), other CPUs and double run
-// Eigen's kernel through maps.
+// Eigen's kernel through maps. With pol.bf16, fp32 products round their operands to bf16
+// and sum in fp32 (gemm_bf16.hpp: an AVX512_BF16 kernel, or rounded copies of the operands
+// on the fp32 kernel); double ignores it.
 // Threads: the product is split into one block per thread, each on a single-threaded kernel
 // (see gemm() below); the batched form runs batches in parallel.
 #pragma once
@@ -15,10 +17,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
 
 #include "dino/core/error.hpp"
+#include "dino/policy/cpu/gemm_bf16.hpp"
 #include "dino/policy/cpu/gemm_kernels.hpp"
 #include "dino/policy/policy.hpp"
 
@@ -54,9 +58,33 @@ inline void gemm_apply(T alpha, const MA& a, const MB& b, T beta, mmap<T>& c) {
 /// One product on the calling thread. With bias (beta 0): C = alpha op(A) op(B) + bias in
 /// every row; dino's kernels add it in their store, Eigen's path writes the bias rows first
 /// and adds the product to them (the same value: alpha acc + bias, rounded once per block).
+/// bf16 (fp32 only): operands rounded to bf16, on the AVX512_BF16 kernel where it runs, else
+/// on rounded copies of the operands (thread-local, packed) through the fp32 path.
 template <class T>
-inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C, const T* bias = nullptr) {
+inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C, const T* bias = nullptr,
+                     bool bf16 = false) {
   if constexpr (std::is_same_v<T, float>) {
+    if (bf16) {
+      const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k), ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
+      if (gemm_packed_bf16(d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, lda, B, ldb, beta, C, d.ldc ? d.ldc : d.n,
+                           bias))
+        return;
+      thread_local std::vector<float> ra, rb;
+      const auto rounded = [](const float* X, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                              std::vector<float>& out) {
+        out.resize(std::size_t(rows * cols));
+        for (std::int64_t r = 0; r < rows; ++r)
+          for (std::int64_t c = 0; c < cols; ++c) out[std::size_t(r * cols + c)] = bf16_round(X[r * ld + c]);
+        return out.data();
+      };
+      gemm_desc e = d;
+      e.lda = d.trans_a ? d.m : d.k;
+      e.ldb = d.trans_b ? d.k : d.n;
+      const float* Ar = rounded(A, d.trans_a ? d.k : d.m, e.lda, lda, ra);
+      const float* Br = rounded(B, d.trans_b ? d.n : d.k, e.ldb, ldb, rb);
+      gemm_one(e, alpha, Ar, Br, beta, C, bias, false);
+      return;
+    }
     const gemm_kernel kern = gemm_active_kernel();
     if (kern != gemm_kernel::eigen &&
         gemm_packed(kern, d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, d.lda ? d.lda : (d.trans_a ? d.m : d.k), B,
@@ -119,14 +147,16 @@ inline void gemm(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A,
   if (d.batch > 1) {
     if (threads == 1) {  // no OpenMP region: libgomp allocates a team even for an if(false) one
       for (std::int64_t i = 0; i < d.batch; ++i)
-        detail::gemm_one(d, alpha, A + i * d.stride_a, B + i * d.stride_b, beta, C + i * d.stride_c);
+        detail::gemm_one(d, alpha, A + i * d.stride_a, B + i * d.stride_b, beta, C + i * d.stride_c,
+                         static_cast<const T*>(nullptr), pol.bf16);
       return;
     }
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
     for (std::int64_t i = 0; i < d.batch; ++i)
-      detail::gemm_one(d, alpha, A + i * d.stride_a, B + i * d.stride_b, beta, C + i * d.stride_c);
+      detail::gemm_one(d, alpha, A + i * d.stride_a, B + i * d.stride_b, beta, C + i * d.stride_c,
+                       static_cast<const T*>(nullptr), pol.bf16);
     return;
   }
   detail::gemm_split(pol, d, alpha, A, B, beta, C, static_cast<const T*>(nullptr));
@@ -152,7 +182,7 @@ inline void gemm_split(const cpu_policy& pol, const gemm_desc& d, T alpha, const
   const int threads = pol.threads > 1 ? pol.threads : 1;
   const double work = double(d.m) * double(d.n) * double(d.k);
   if (threads == 1 || work < 262144.0 || (d.m < 32 && d.n < 32)) {
-    detail::gemm_one(d, alpha, A, B, beta, C, bias);
+    detail::gemm_one(d, alpha, A, B, beta, C, bias, pol.bf16);
     return;
   }
   const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k);
@@ -177,10 +207,11 @@ inline void gemm_split(const cpu_policy& pol, const gemm_desc& d, T alpha, const
     part.ldc = ldc;
     if (split_rows) {  // rows of C: rows of op(A)
       part.m = len;
-      detail::gemm_one(part, alpha, d.trans_a ? A + lo : A + lo * lda, B, beta, C + lo * ldc, bias);
+      detail::gemm_one(part, alpha, d.trans_a ? A + lo : A + lo * lda, B, beta, C + lo * ldc, bias, pol.bf16);
     } else {  // columns of C: columns of op(B)
       part.n = len;
-      detail::gemm_one(part, alpha, A, d.trans_b ? B + lo * ldb : B + lo, beta, C + lo, bias ? bias + lo : bias);
+      detail::gemm_one(part, alpha, A, d.trans_b ? B + lo * ldb : B + lo, beta, C + lo, bias ? bias + lo : bias,
+                       pol.bf16);
     }
   }
 }

@@ -117,30 +117,35 @@ constexpr std::int64_t KC = 768;
 constexpr std::int64_t MC = 192;   // multiple of both MRs (12 and 6)
 constexpr std::int64_t NC = 1024;  // multiple of both NRs (32 and 16)
 
-/// Thread-local packing buffers, allocated once per thread at their largest size.
-struct buffers {
-  float* a = nullptr;
-  float* b = nullptr;
-  buffers() {
-    a = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MC * KC));
-    b = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * KC * NC));
+/// Packing buffers of NA and NB elements of E (null when the allocation failed).
+template <class E, std::int64_t NA, std::int64_t NB>
+struct packing_buffers {
+  E* a = nullptr;
+  E* b = nullptr;
+  packing_buffers() {
+    a = static_cast<E*>(std::aligned_alloc(64, sizeof(E) * NA));
+    b = static_cast<E*>(std::aligned_alloc(64, sizeof(E) * NB));
     if (!a || !b) {
       std::free(a);
       std::free(b);
       a = b = nullptr;
     }
   }
-  ~buffers() {
+  ~packing_buffers() {
     std::free(a);
     std::free(b);
   }
-  buffers(const buffers&) = delete;
-  buffers& operator=(const buffers&) = delete;
+  packing_buffers(const packing_buffers&) = delete;
+  packing_buffers& operator=(const packing_buffers&) = delete;
 };
-inline buffers& thread_buffers() {
-  thread_local buffers b;
+/// This thread's buffers of that kind, allocated once per thread at their largest size.
+template <class Buffers>
+inline Buffers& thread_local_buffers() {
+  thread_local Buffers b;
   return b;
 }
+using buffers = packing_buffers<float, MC * KC, KC * NC>;
+inline buffers& thread_buffers() { return thread_local_buffers<buffers>(); }
 
 /// The depth blocks: ceil(k / KC) blocks of near-equal size (a function of k alone).
 inline std::int64_t depth_block(std::int64_t k) {
@@ -260,6 +265,39 @@ inline void pack_b(bool trans, const float* B, std::int64_t ldb, std::int64_t p0
 // C[0 : mr, 0 : nr] = alpha * acc + beta * C (beta == 0: C is not read), where acc is the
 // tile's product over kc of a packed A panel (MR values per p) and a packed B panel (NV
 // vectors per p). Each accumulator is one FMA chain over p in order.
+//
+// Stores an MR x (16 NV) tile of accumulators: C[0 : mr, 0 : nr] = alpha acc + beta C, or
+// alpha acc + bias (beta 0) when bias is given; beta 0 never reads C. Shared by the fp32
+// and the bf16 (gemm_bf16.hpp) micro-kernels.
+template <int MR, int NV>
+DINO_TARGET_AVX512 __attribute__((always_inline)) inline void store_tile_avx512(const __m512 (&acc)[MR][NV], float* c,
+                                                                                std::int64_t ldc, int mr, int nr,
+                                                                                float alpha, float beta,
+                                                                                const float* bias) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  __mmask16 mask[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    const int rem = nr - 16 * v;
+    mask[v] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
+  }
+  __m512 bias_v[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) bias_v[v] = bias ? _mm512_maskz_loadu_ps(mask[v], bias + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    if (r >= mr) break;
+    float* cr = c + r * ldc;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      __m512 x;
+      if (bias) x = _mm512_fmadd_ps(va, acc[r][v], bias_v[v]);  // beta is 0 with a bias
+      else if (beta == 0.0f) x = _mm512_mul_ps(va, acc[r][v]);
+      else x = _mm512_fmadd_ps(va, acc[r][v], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mask[v], cr + 16 * v)));
+      _mm512_mask_storeu_ps(cr + 16 * v, mask[v], x);
+    }
+  }
+}
 
 // A's element (r, p) is at a[r lda + p] when DIRECT (A read in place, row-major; all MR rows
 // must exist) and at a[p lda + r] otherwise (a packed panel with lda = MR, or A^T read in
@@ -297,29 +335,7 @@ DINO_TARGET_AVX512 inline void kernel_avx512(std::int64_t kc, const float* __res
     }
     b += 16 * NV;
   }
-  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-  __mmask16 mask[NV];
-#pragma GCC unroll 2
-  for (int v = 0; v < NV; ++v) {
-    const int rem = nr - 16 * v;
-    mask[v] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
-  }
-  __m512 bias_v[NV];
-#pragma GCC unroll 2
-  for (int v = 0; v < NV; ++v) bias_v[v] = bias ? _mm512_maskz_loadu_ps(mask[v], bias + 16 * v) : _mm512_setzero_ps();
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    if (r >= mr) break;
-    float* cr = c + r * ldc;
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      __m512 x;
-      if (bias) x = _mm512_fmadd_ps(va, acc[r][v], bias_v[v]);  // beta is 0 with a bias
-      else if (beta == 0.0f) x = _mm512_mul_ps(va, acc[r][v]);
-      else x = _mm512_fmadd_ps(va, acc[r][v], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mask[v], cr + 16 * v)));
-      _mm512_mask_storeu_ps(cr + 16 * v, mask[v], x);
-    }
-  }
+  store_tile_avx512<MR, NV>(acc, c, ldc, mr, nr, alpha, beta, bias);
 }
 
 alignas(32) inline constexpr std::int32_t avx2_mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
