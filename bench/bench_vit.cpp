@@ -16,8 +16,11 @@
 //           first N counted allocations to stderr (addresses: resolve with addr2line -f -C).
 //
 // Usage: bench_vit [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N]
+//                  [--precision fp32|bf16]
 // --checkpoint-blocks N: the train workload with activation checkpointing of the student's
 // first N blocks (vit_config::checkpoint_blocks; the name gets "_ckpt<N>").
+// --precision bf16: GEMM operands in bf16, summed in fp32 (cpu_policy::bf16; the names get
+// "_bf16"); default fp32.
 // Output: one line per workload, "dino <workload> <name> key=value ..." (numeric values).
 // Google Benchmark flags are accepted, as scripts/bench passes them: --benchmark_out=FILE
 // gets the same results as JSON, the others are ignored.
@@ -172,6 +175,8 @@ struct options {
   std::string only;
   std::string out;
   int checkpoint_blocks = 0;  // train: vit_config::checkpoint_blocks of the student
+  bool bf16 = false;          // --precision bf16: cpu_policy::bf16
+  std::string suffix() const { return bf16 ? "_bf16" : ""; }
 };
 
 struct timing {
@@ -301,19 +306,19 @@ struct train_case {
 };
 
 void bench_infer(const options& o) {
-  const dino::cpu_policy pol{o.threads};
+  const dino::cpu_policy pol{o.threads, o.bf16};
   infer_case c;
   const timing t = time_calls(o.warmup, o.reps, [&] { c.run(pol); });
-  emit("dino infer vit_s16_224_b8 threads=" + std::to_string(o.threads) + " images_per_s=" +
+  emit("dino infer vit_s16_224_b8" + o.suffix() + " threads=" + std::to_string(o.threads) + " images_per_s=" +
        fmt("%.2f", double(infer_case::batch) * 1e3 / t.median_ms) + " ms_per_step=" + fmt("%.2f", t.median_ms) +
        " min_ms=" + fmt("%.2f", t.min_ms) + " max_ms=" + fmt("%.2f", t.max_ms) + " reps=" + std::to_string(o.reps));
 }
 
 void bench_train(const options& o) {
-  const dino::cpu_policy pol{o.threads};
+  const dino::cpu_policy pol{o.threads, o.bf16};
   train_case c(o.checkpoint_blocks);
   const timing t = time_calls(o.warmup, o.reps, [&] { c.run(pol); });
-  emit("dino train small28_b64" + std::string(o.checkpoint_blocks ? "_ckpt" + std::to_string(o.checkpoint_blocks) : "") +
+  emit("dino train small28_b64" + std::string(o.checkpoint_blocks ? "_ckpt" + std::to_string(o.checkpoint_blocks) : "") + o.suffix() +
        " threads=" + std::to_string(o.threads) + " images_per_s=" +
        fmt("%.2f", double(train_case::batch) * 1e3 / t.median_ms) + " ms_per_step=" + fmt("%.1f", t.median_ms) +
        " min_ms=" + fmt("%.1f", t.min_ms) + " max_ms=" + fmt("%.1f", t.max_ms) + " reps=" + std::to_string(o.reps) +
@@ -323,7 +328,7 @@ void bench_train(const options& o) {
 }
 
 void bench_allocs(const options& o) {
-  const dino::cpu_policy pol{o.threads};
+  const dino::cpu_policy pol{o.threads, o.bf16};
   const int steps = 3;
   {
     train_case c;
@@ -366,10 +371,12 @@ int main(int argc, char** argv) {
     else if (const char* v = val("--warmup")) o.warmup = std::max(0, std::atoi(v));
     else if (const char* v = val("--only")) o.only = v;
     else if (const char* v = val("--checkpoint-blocks")) o.checkpoint_blocks = std::max(0, std::atoi(v));
+    else if (const char* v = val("--precision"); v && (std::strcmp(v, "fp32") == 0 || std::strcmp(v, "bf16") == 0))
+      o.bf16 = std::strcmp(v, "bf16") == 0;
     else if (const char* v = val("--benchmark_out")) o.out = v;
     else if (a.rfind("--benchmark_", 0) == 0) continue;  // other Google Benchmark flags: ignored
     else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N] [--precision fp32|bf16]\n", argv[0]);
       return 2;
     }
   }

@@ -97,6 +97,8 @@ dino_cli::flags make_flags() {
       .add("threads", "2", "compute threads")
       .add("device", "cpu", "where the model trains: cpu, or cuda in a build with DINO_ENABLE_CUDA")
       .add("tf32", "false", "with --device cuda: fp32 GEMMs on TF32 tensor cores (default exact fp32)")
+      .add("bf16", "false",
+           "on the CPU: GEMM operands rounded to bf16, summed in fp32 (mixed precision; not yet with --device cuda)")
       .add("loader-threads", "1", "data loading threads")
       .add("prefetch", "2", "batches loaded ahead")
       .add("save-every", "0", "steps between checkpoints (0: at the end only)")
@@ -113,6 +115,12 @@ std::vector<double> pair_of(const std::string& flag, const std::string& s) {
 }
 
 // The run itself, on one policy (the CPU, or a GPU with --device cuda).
+// The GEMM precision of a policy, for run.json and the start-up line.
+inline const char* precision_name(const dino::cpu_policy& p) { return p.bf16 ? "bf16" : "fp32"; }
+#if defined(DINO_WITH_CUDA)
+inline const char* precision_name(const dino::cuda_policy& p) { return p.tf32 ? "tf32" : "fp32"; }
+#endif
+
 template <class Policy, class Dataset, class Make>
 int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, const dino::nn::vit_config& vc,
              const dino::data::multicrop_config& mc, dino::ssl::dino_config c, std::uint64_t seed, std::int64_t B,
@@ -141,11 +149,11 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
 
   std::fprintf(stderr,
                "dino-train: %lld images, ViT D %lld depth %lld heads %lld patch %lld, %zu parameters; K %lld; crops 2 x %d + "
-               "%d x %d; batch %lld (%lld x --accumulate %lld); %lld epochs x %lld steps\n",
+               "%d x %d; batch %lld (%lld x --accumulate %lld); %lld epochs x %lld steps; GEMMs %s\n",
                (long long)ds.size(), (long long)vc.embed_dim, (long long)vc.depth, (long long)vc.heads, (long long)vc.patch,
                model.layout().numel(), (long long)c.head.out_dim, mc.global_size, mc.n_local, mc.local_size, (long long)(B * N),
                (long long)B, (long long)N,
-               (long long)s.epochs, (long long)s.iters_per_epoch);
+               (long long)s.epochs, (long long)s.iters_per_epoch, precision_name(pol));
   {
     const auto mem = model.memory();
     const auto mib = [](std::size_t b) { return double(b) / double(1 << 20); };
@@ -166,7 +174,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
        << ", \"patch\": " << vc.patch << ", \"img_size\": " << vc.img_size << ", \"in_chans\": " << vc.in_chans
        << "}, \"method\": \"" << f.str("method") << "\", \"out_dim\": " << c.head.out_dim << ", \"batch_size\": " << B
        << ", \"accumulate\": " << N << ", \"epochs\": " << s.epochs << ", \"steps_per_epoch\": " << s.iters_per_epoch
-       << ", \"seed\": " << seed;
+       << ", \"seed\": " << seed << ", \"precision\": \"" << precision_name(pol) << "\"";
     if (sum) {
       const double step_s = sum->steps ? sum->wall_s / double(sum->steps) : 0;
       js << ", \"steps_run\": " << sum->steps << ", \"next_step\": " << model.iteration() << ", \"wall_s\": "
@@ -334,9 +342,12 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   s.warmup_teacher_temp_epochs = f.integer("warmup-teacher-temp-epochs");
 
   const std::string device = f.str("device");
-  if (device == "cpu") return train_method(dino::cpu_policy{int(f.integer("threads", 1))}, f, ds, vc, mc, c, seed, B, N);
+  if (device == "cpu")
+    return train_method(dino::cpu_policy{int(f.integer("threads", 1)), f.boolean("bf16")}, f, ds, vc, mc, c, seed, B, N);
 #if defined(DINO_WITH_CUDA)
   if (device == "cuda") {
+    if (f.boolean("bf16"))
+      throw dino_cli::usage_error("dino-train: --bf16 runs on the CPU only so far (with --device cuda: --tf32)");
     dino::cuda::context ctx;
     return train_method(ctx.policy(f.boolean("tf32")), f, ds, vc, mc, c, seed, B, N);
   }

@@ -2,7 +2,10 @@
 # bench/compare/run.sh: the ViT on the CPU, dino against PyTorch (eager fp32), in one run on
 # the same cores with the same thread count.
 #
-#   bash bench/compare/run.sh [--threads N] [--reps R] [--warmup W] [--no-wait]
+#   bash bench/compare/run.sh [--threads N] [--reps R] [--warmup W] [--no-wait] [--precision fp32|bf16]
+#
+# --precision bf16: dino with bf16 GEMM operands (cpu_policy::bf16), PyTorch under CPU autocast
+# to bfloat16 (the official code's autocast block); the workload names get "_bf16".
 #
 # 1. A venv at bench/compare/.venv with torch from PyPI, made on the first run (about 5 GiB:
 #    PyPI's Linux wheel pulls the CUDA runtime wheels, unused here). If that install fails,
@@ -20,16 +23,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-threads=2 reps=7 warmup=2 wait=1
+threads=2 reps=7 warmup=2 wait=1 precision=fp32
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --warmup) warmup="$2"; shift 2 ;;
     --no-wait) wait=0; shift ;;
-    *) echo "usage: $0 [--threads N] [--reps R] [--warmup W] [--no-wait]" >&2; exit 2 ;;
+    --precision) precision="$2"; shift 2 ;;
+    *) echo "usage: $0 [--threads N] [--reps R] [--warmup W] [--no-wait] [--precision fp32|bf16]" >&2; exit 2 ;;
   esac
 done
+[[ $precision == fp32 || $precision == bf16 ]] || { echo "$0: --precision must be fp32 or bf16, got '$precision'" >&2; exit 2; }
 
 # Waits until both cores are >= 90 % idle over 3 s (at most 10 minutes).
 wait_quiet() {
@@ -77,13 +82,13 @@ bin=build/compare/bench/bench_vit
 export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads"
 out=build/compare/bench-results
 mkdir -p "$out"
-log="$out/compare_vit_t$threads.txt"
+log="$out/compare_vit_t${threads}_$precision.txt"
 : >"$log"
 
 echo "== $(date -u '+%Y-%m-%d %H:%M UTC'); uptime: $(uptime)" | tee -a "$log"
 echo "== torch $("$py" -c 'import torch; print(torch.__version__, "cpu capability", torch.backends.cpu.get_cpu_capability())' 2>/dev/null)" | tee -a "$log"
 echo "== threads $threads, reps $reps (median), warm-up $warmup" | tee -a "$log"
-common=(--threads "$threads" --reps "$reps" --warmup "$warmup")
+common=(--threads "$threads" --reps "$reps" --warmup "$warmup" --precision "$precision")
 for w in infer train; do
   wait_quiet
   "$bin" --only "$w" "${common[@]}" | flag | tee -a "$log"
@@ -103,7 +108,7 @@ awk '
     if ($0 ~ /NOISY/) noisy[$3] = noisy[$3] " " $1 "-noisy"
   }
   END {
-    n = split("vit_s16_224_b8 small28_b64", order, " ")
+    n = split("vit_s16_224_b8 small28_b64 vit_s16_224_b8_bf16 small28_b64_bf16", order, " ")
     for (i = 1; i <= n; ++i) { w = order[i]; if (!(w in seen)) continue
       printf "%-25s %7s  %10s  %12s  %11s  %13s  %9.2fx%s\n", w, thr[w], ips["dino", w], ms["dino", w], \
              ips["torch", w], ms["torch", w], (ips["torch", w] > 0 ? ips["dino", w] / ips["torch", w] : 0), noisy[w] }

@@ -367,18 +367,28 @@ def timed(fn, warmup, reps):
     return statistics.median(ms), min(ms), max(ms)
 
 
+def autocast(args):
+    """--precision bf16: CPU autocast to bfloat16 (matmuls and linear layers in bf16; softmax,
+    LayerNorm and the loss in fp32 by autocast's own rules); fp32: no autocast."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def suffix(args):
+    return "_bf16" if args.precision == "bf16" else ""
+
+
 def bench_infer(args):
     torch.manual_seed(0)
     model = vit_small(16).eval()
     x = torch.randn(8, 3, 224, 224)
 
     def call():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args):
             y = model(x)
         assert y.shape == (8, 384)
 
     med, lo, hi = timed(call, args.warmup, args.reps)
-    print("torch infer vit_s16_224_b8 threads=%d images_per_s=%.2f ms_per_step=%.2f min_ms=%.2f max_ms=%.2f reps=%d"
+    print("torch infer vit_s16_224_b8" + suffix(args) + " threads=%d images_per_s=%.2f ms_per_step=%.2f min_ms=%.2f max_ms=%.2f reps=%d"
           % (args.threads, 8e3 / med, med, lo, hi, args.reps), flush=True)
 
 
@@ -414,9 +424,10 @@ def bench_train(args):
             param_group["lr"] = lr_schedule[it]
             if i == 0:
                 param_group["weight_decay"] = wd_schedule[it]
-        teacher_output = teacher(images[:2])
-        student_output = student(images)
-        loss = dino_loss(student_output, teacher_output, epoch)
+        with autocast(args):  # the official code's autocast block: both forwards and the loss
+            teacher_output = teacher(images[:2])
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
         if not math.isfinite(loss.item()):
             sys.exit("Loss is {}, stopping training".format(loss.item()))
         optimizer.zero_grad()
@@ -432,7 +443,7 @@ def bench_train(args):
         state["it"] = it + 1
 
     med, lo, hi = timed(step, args.warmup, args.reps)
-    print("torch train small28_b64 threads=%d images_per_s=%.2f ms_per_step=%.1f min_ms=%.1f max_ms=%.1f reps=%d "
+    print("torch train small28_b64" + suffix(args) + " threads=%d images_per_s=%.2f ms_per_step=%.1f min_ms=%.1f max_ms=%.1f reps=%d "
           "loss=%.4f" % (args.threads, B * 1e3 / med, med, lo, hi, args.reps, state["loss"]), flush=True)
 
 
@@ -442,6 +453,7 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", choices=["infer", "train"], default=None)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.only in (None, "infer"):

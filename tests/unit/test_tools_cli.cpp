@@ -2,7 +2,8 @@
 // data set written here (4 classes of 28 x 28 shapes on a black background), --resume, then
 // dino-eval knn (checkpoint, random init, raw pixels), linear, attention and curves on it; the
 // JSON results hold sane values and the PNGs are PNGs. Bad inputs exit 1 or 2 with a message.
-// --checkpoint-blocks gives the same log and checkpoint; SIGTERM stops a run with its state saved.
+// --checkpoint-blocks gives the same log and checkpoint, --bf16 a close one; SIGTERM stops a run
+// with its state saved.
 #include <doctest/doctest.h>
 
 #include <sys/wait.h>
@@ -133,6 +134,20 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   auto r2 = train(flags + b.string() + " --checkpoint-blocks 5");
   CHECK(r2.code == 2);
   CHECK(r2.err.find("--checkpoint-blocks 5 exceeds the ViT's depth 4") != std::string::npos);
+  // --bf16: the same run on bf16 GEMM operands: it trains, its numbers differ a little, and
+  // run.json says which precision ran
+  const fs::path c = fs::path(kDir) / "run_bf16";
+  fs::remove_all(c);
+  auto r3 = train(flags + c.string() + " --bf16");
+  INFO(r3.err);
+  REQUIRE(r3.code == 0);
+  const auto n3 = log_numbers((c / "log.jsonl").string());
+  REQUIRE(n3.size() == n0.size());
+  CHECK(n3 != n0);
+  CHECK(std::fabs(std::stod(n3[0]) - std::stod(n0[0])) < 0.05 * std::fabs(std::stod(n0[0])));  // the first loss
+  CHECK(slurp((c / "run.json").string()).find("\"precision\": \"bf16\"") != std::string::npos);
+  CHECK(slurp((a / "run.json").string()).find("\"precision\": \"fp32\"") != std::string::npos);
+  CHECK(r3.err.find("GEMMs bf16") != std::string::npos);
 }
 
 TEST_CASE("dino-train stops on SIGTERM with its state saved, and says so in its exit code") {
