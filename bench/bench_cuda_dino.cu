@@ -21,19 +21,20 @@
 // the device itself (method::step stages host input), so the copy is inside the timed step,
 // as `.cuda(non_blocking=True)` is on the PyTorch side. images_per_s = batch / median step.
 //
-// Each workload runs at precision fp32 (exact fp32 GEMMs) and tf32 (ctx.policy(true)).
+// Each workload runs at precision fp32 (exact fp32 GEMMs), tf32 (ctx.policy(true)) and bf16
+// (ctx.policy(false, true): bf16 tensor cores for the GEMMs, TF32 ones for attention).
 // peak_device_MiB: the device memory in use (cudaMemGetInfo: total - free) at its highest,
 // sampled after set-up, after the warm-up and after every timed step, minus the use before
 // the workload's set-up (the context and its cuBLASLt workspace are made before, so they are
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
 // Output: one line per workload and precision,
-//   dino <workload> precision=<fp32|tf32> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+//   dino <workload> precision=<fp32|tf32|bf16> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
 // Exits 77 when there is no CUDA device.
 #include <algorithm>
 #include <chrono>
@@ -52,12 +53,19 @@ namespace {
 
 using clk = std::chrono::steady_clock;
 
+/// The GEMM precision of a run: exact fp32, TF32 or bf16 tensor cores (cuda_policy).
+struct precision {
+  int mode = 0;  // 0 fp32, 1 tf32, 2 bf16
+  const char* name() const { return mode == 2 ? "bf16" : mode == 1 ? "tf32" : "fp32"; }
+  dino::cuda_policy policy(const dino::cuda::context& ctx) const { return ctx.policy(mode == 1, mode == 2); }
+};
+
 struct options {
   int reps = 10;
   int warmup = 3;
   std::int64_t batch = 0;  // 0: each workload's own
   std::string only;
-  std::string precision;  // empty: both
+  std::string precision;  // empty: all three
   int profile = 0;        // > 0: after timing, that many more calls under a cuda::op_profile
 };
 
@@ -135,11 +143,11 @@ std::string fmt(const char* f, double v) {
   return b;
 }
 
-void emit(const std::string& workload, bool tf32, std::int64_t batch, const timing& t, const peak_meter& mem,
+void emit(const std::string& workload, precision pr, std::int64_t batch, const timing& t, const peak_meter& mem,
           const options& o, const std::string& extra) {
   std::printf("dino %s precision=%s images_per_s=%s ms_per_step=%s peak_device_MiB=%s batch=%lld min_ms=%s max_ms=%s "
               "reps=%d%s\n",
-              workload.c_str(), tf32 ? "tf32" : "fp32", fmt("%.2f", double(batch) * 1e3 / t.median_ms).c_str(),
+              workload.c_str(), pr.name(), fmt("%.2f", double(batch) * 1e3 / t.median_ms).c_str(),
               fmt("%.3f", t.median_ms).c_str(), fmt("%.1f", mem.mib()).c_str(), static_cast<long long>(batch),
               fmt("%.3f", t.min_ms).c_str(), fmt("%.3f", t.max_ms).c_str(), o.reps, extra.c_str());
   std::fflush(stdout);
@@ -149,7 +157,7 @@ void emit(const std::string& workload, bool tf32, std::int64_t batch, const timi
 // (per call), largest first, down to 1 % of the total:
 //   profile <workload> precision=<p> op="<name>" ms_per_call=... launches_per_call=... share=...%
 template <class F>
-void profile_calls(const dino::cuda::context& ctx, const std::string& workload, bool tf32, const options& o, F&& f) {
+void profile_calls(const dino::cuda::context& ctx, const std::string& workload, precision pr, const options& o, F&& f) {
   if (o.profile <= 0) return;
   dino::cuda::op_profile prof(ctx.stream());
   prof.start();
@@ -160,11 +168,11 @@ void profile_calls(const dino::cuda::context& ctx, const std::string& workload, 
   for (const auto& r : rows) total += r.ms;
   const double k = 1.0 / o.profile;
   std::printf("profile %s precision=%s total_gpu_ms_per_call=%.3f ops_per_call=%.1f dropped=%zu\n", workload.c_str(),
-              tf32 ? "tf32" : "fp32", total * k, double(prof.marks()) * k, prof.dropped());
+              pr.name(), total * k, double(prof.marks()) * k, prof.dropped());
   for (const auto& r : rows) {
     if (r.ms < 0.01 * total) break;
     std::printf("profile %s precision=%s op=\"%s\" ms_per_call=%.3f launches_per_call=%.1f share=%.1f%%\n",
-                workload.c_str(), tf32 ? "tf32" : "fp32", r.name.c_str(), r.ms * k, double(r.count) * k,
+                workload.c_str(), pr.name(), r.name.c_str(), r.ms * k, double(r.count) * k,
                 100.0 * r.ms / total);
   }
   std::fflush(stdout);
@@ -198,9 +206,9 @@ train_spec small_spec() {
   return {"train_small", v, 64, 28, 12, 6, 4096, 512, 128};
 }
 
-void bench_train(const dino::cuda::context& ctx, train_spec s, bool tf32, const options& o) {
+void bench_train(const dino::cuda::context& ctx, train_spec s, precision pr, const options& o) {
   if (o.batch > 0) s.batch = o.batch;
-  const dino::cuda_policy pol = ctx.policy(tf32);
+  const dino::cuda_policy pol = pr.policy(ctx);
   peak_meter mem;
   dino::ssl::dino_config c;
   c.head.out_dim = s.K;
@@ -233,16 +241,16 @@ void bench_train(const dino::cuda::context& ctx, train_spec s, bool tf32, const 
   };
   const timing t = time_steps(ctx, o, mem, step);
   m.read_stats(pol, last);  // the last timed step's loss (a GPU step's stats are read later)
-  emit(s.name, tf32, s.batch, t, mem, o,
+  emit(s.name, pr, s.batch, t, mem, o,
        " loss=" + fmt("%.4f", last.loss) + " skipped=" + std::to_string(last.skipped ? 1 : 0) +
            " workspace_MiB=" + fmt("%.1f", double(m.workspace_bytes()) / double(1 << 20)));
-  profile_calls(ctx, s.name, tf32, o, step);
+  profile_calls(ctx, s.name, pr, o, step);
 }
 
 // ------------------------------------------------------------------ inference
-void bench_infer(const dino::cuda::context& ctx, bool tf32, const options& o) {
+void bench_infer(const dino::cuda::context& ctx, precision pr, const options& o) {
   const std::int64_t batch = o.batch > 0 ? o.batch : 128, size = 224;
-  const dino::cuda_policy pol = ctx.policy(tf32);
+  const dino::cuda_policy pol = pr.policy(ctx);
   peak_meter mem;
   dino::param_layout L;
   dino::nn::vit v(dino::nn::vit_small(16), L);
@@ -271,19 +279,19 @@ void bench_infer(const dino::cuda::context& ctx, bool tf32, const options& o) {
   };
   const timing t = time_steps(ctx, o, mem, call);
   const std::vector<float> out = dino::cuda::to_host(y.data(), 4);
-  emit("infer_vits16", tf32, batch, t, mem, o,
+  emit("infer_vits16", pr, batch, t, mem, o,
        " y0=" + fmt("%.5f", out[0]) + " scratch_MiB=" + fmt("%.1f", double(scratch.size() * 4) / double(1 << 20)));
-  profile_calls(ctx, "infer_vits16", tf32, o, call);
+  profile_calls(ctx, "infer_vits16", pr, o, call);
 }
 
 
 // Where the inference time goes: the GEMMs and the attention of ViT-S/16 at batch 128, timed
 // alone with the shapes infer() runs (x 12 blocks), against the whole infer() above; the
 // rest is LayerNorm, GELU, bias rows, the embedding and the final norm.
-void bench_parts(const dino::cuda::context& ctx, bool tf32, const options& o) {
+void bench_parts(const dino::cuda::context& ctx, precision pr, const options& o) {
   const std::int64_t batch = o.batch > 0 ? o.batch : 128, n = 197, D = 384, H = 1536, heads = 6, depth = 12;
   const std::int64_t T = batch * n;
-  const dino::cuda_policy pol = ctx.policy(tf32);
+  const dino::cuda_policy pol = pr.policy(ctx);
   peak_meter mem;
   std::vector<float> h(std::size_t(T * H));
   fill_uniform(h.data(), h.size(), 3);
@@ -314,7 +322,7 @@ void bench_parts(const dino::cuda::context& ctx, bool tf32, const options& o) {
   });
   std::printf("dino parts_vits16 precision=%s batch=%lld gemm_ms=%.3f attention_ms=%.3f (12 blocks each; compare "
               "infer_vits16 ms_per_step)\n",
-              tf32 ? "tf32" : "fp32", (long long)batch, g.median_ms, a.median_ms);
+              pr.name(), (long long)batch, g.median_ms, a.median_ms);
   std::fflush(stdout);
 }
 
@@ -323,7 +331,7 @@ void bench_parts(const dino::cuda::context& ctx, bool tf32, const options& o) {
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32] "
+      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -349,7 +357,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
-  if (!o.precision.empty() && o.precision != "fp32" && o.precision != "tf32") {
+  if (!o.precision.empty() && o.precision != "fp32" && o.precision != "tf32" && o.precision != "bf16") {
     std::fprintf(stderr, "bench_cuda_dino: unknown precision '%s'\n%s", o.precision.c_str(), usage);
     return 2;
   }
@@ -365,27 +373,28 @@ int main(int argc, char** argv) {
     std::printf("# bench_cuda_dino on %s, warmup %d, median of %d steps; peak_device_MiB: cudaMemGetInfo use above "
                 "the level before each workload's set-up\n",
                 prop.name, o.warmup, o.reps);
-    std::vector<bool> precisions;
-    if (o.precision.empty() || o.precision == "fp32") precisions.push_back(false);
-    if (o.precision.empty() || o.precision == "tf32") precisions.push_back(true);
+    std::vector<precision> precisions;
+    if (o.precision.empty() || o.precision == "fp32") precisions.push_back({0});
+    if (o.precision.empty() || o.precision == "tf32") precisions.push_back({1});
+    if (o.precision.empty() || o.precision == "bf16") precisions.push_back({2});
     // One workload's failure (out of device memory, say) is reported and the others still run.
-    auto run = [&](const char* w, bool tf32, auto&& f) {
+    auto run = [&](const char* w, precision pr, auto&& f) {
       if (!o.only.empty() && o.only != w) return;
       try {
         f();
       } catch (const std::exception& e) {
         ++failed;
-        std::printf("dino %s precision=%s failed\n", w, tf32 ? "tf32" : "fp32");
+        std::printf("dino %s precision=%s failed\n", w, pr.name());
         std::fflush(stdout);
-        std::fprintf(stderr, "bench_cuda_dino: %s (%s): %s\n", w, tf32 ? "tf32" : "fp32", e.what());
+        std::fprintf(stderr, "bench_cuda_dino: %s (%s): %s\n", w, pr.name(), e.what());
       }
     };
-    for (bool tf32 : precisions) {
-      run("train_vits16", tf32, [&] { bench_train(ctx, vits16_spec(), tf32, o); });
-      run("train_vits16_ckpt", tf32, [&] { bench_train(ctx, vits16_ckpt_spec(), tf32, o); });
-      run("train_small", tf32, [&] { bench_train(ctx, small_spec(), tf32, o); });
-      run("infer_vits16", tf32, [&] { bench_infer(ctx, tf32, o); });
-      run("parts_vits16", tf32, [&] { bench_parts(ctx, tf32, o); });
+    for (precision pr : precisions) {
+      run("train_vits16", pr, [&] { bench_train(ctx, vits16_spec(), pr, o); });
+      run("train_vits16_ckpt", pr, [&] { bench_train(ctx, vits16_ckpt_spec(), pr, o); });
+      run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
+      run("infer_vits16", pr, [&] { bench_infer(ctx, pr, o); });
+      run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_dino: %s\n", e.what());

@@ -98,7 +98,7 @@ dino_cli::flags make_flags() {
       .add("device", "cpu", "where the model trains: cpu, or cuda in a build with DINO_ENABLE_CUDA")
       .add("tf32", "false", "with --device cuda: fp32 GEMMs on TF32 tensor cores (default exact fp32)")
       .add("bf16", "false",
-           "on the CPU: GEMM operands rounded to bf16, summed in fp32 (mixed precision; not yet with --device cuda)")
+           "GEMM operands rounded to bf16, summed in fp32 (mixed precision; on the GPU: bf16 tensor cores)")
       .add("loader-threads", "1", "data loading threads")
       .add("prefetch", "2", "batches loaded ahead")
       .add("save-every", "0", "steps between checkpoints (0: at the end only)")
@@ -118,7 +118,7 @@ std::vector<double> pair_of(const std::string& flag, const std::string& s) {
 // The GEMM precision of a policy, for run.json and the start-up line.
 inline const char* precision_name(const dino::cpu_policy& p) { return p.bf16 ? "bf16" : "fp32"; }
 #if defined(DINO_WITH_CUDA)
-inline const char* precision_name(const dino::cuda_policy& p) { return p.tf32 ? "tf32" : "fp32"; }
+inline const char* precision_name(const dino::cuda_policy& p) { return p.bf16 ? "bf16" : p.tf32 ? "tf32" : "fp32"; }
 #endif
 
 template <class Policy, class Dataset, class Make>
@@ -346,10 +346,8 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
     return train_method(dino::cpu_policy{int(f.integer("threads", 1)), f.boolean("bf16")}, f, ds, vc, mc, c, seed, B, N);
 #if defined(DINO_WITH_CUDA)
   if (device == "cuda") {
-    if (f.boolean("bf16"))
-      throw dino_cli::usage_error("dino-train: --bf16 runs on the CPU only so far (with --device cuda: --tf32)");
     dino::cuda::context ctx;
-    return train_method(ctx.policy(f.boolean("tf32")), f, ds, vc, mc, c, seed, B, N);
+    return train_method(ctx.policy(f.boolean("tf32"), f.boolean("bf16")), f, ds, vc, mc, c, seed, B, N);
   }
   throw dino::config_error("dino-train: --device must be cpu or cuda, got '" + device + "'");
 #else

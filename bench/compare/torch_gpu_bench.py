@@ -26,12 +26,12 @@ followed by torch.cuda.synchronize(). peak_device_MiB = torch.cuda.max_memory_al
 activations, cuBLAS workspaces that go through the caching allocator); peak_reserved_MiB is
 max_memory_reserved. Neither counts the CUDA context.
 
-Usage: torch_gpu_bench.py [--device cuda|cpu] [--only NAME] [--precision fp32|tf32]
+Usage: torch_gpu_bench.py [--device cuda|cpu] [--only NAME] [--precision fp32|tf32|bf16]
                           [--batch N] [--reps R] [--warmup W]
   --device cpu is a smoke test of the script's logic (no timings worth reading), e.g.
   torch_gpu_bench.py --device cpu --batch 2 --reps 1 --warmup 1 --only train_small
 Prints one line per workload and precision:
-  torch <workload> precision=<fp32|tf32> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+  torch <workload> precision=<fp32|tf32|bf16> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
 Exits 77 when --device cuda and no CUDA device is available.
 """
 import argparse
@@ -69,13 +69,20 @@ def timed(fn, device, warmup, reps):
     return statistics.median(ms), min(ms), max(ms)
 
 
-def set_precision(tf32, device):
+def set_precision(precision, device):
+    tf32 = precision == "tf32"  # bf16: autocast's bf16 GEMMs, TF32 off for anything left in fp32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     if device.type == "cuda":  # the flags as PyTorch reads them back
         print("# %s: torch.backends.cuda.matmul.allow_tf32=%s torch.backends.cudnn.allow_tf32=%s"
-              % ("tf32" if tf32 else "fp32", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+              % (precision, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
               flush=True)
+
+
+def autocast(precision, device):
+    """bf16: autocast to bfloat16 around the forwards and the loss (the official code's
+    autocast block; the reference table's "bf16 autocast"); otherwise no autocast."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def reset_memory(device):
@@ -147,9 +154,10 @@ def bench_train(name, precision, device, args):
             param_group["lr"] = lr_schedule[it]
             if i == 0:
                 param_group["weight_decay"] = wd_schedule[it]
-        teacher_output = teacher(images[:2])
-        student_output = student(images)
-        loss = dino_loss(student_output, teacher_output, epoch)
+        with autocast(precision, device):
+            teacher_output = teacher(images[:2])
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
         if not math.isfinite(loss.item()):
             sys.exit("Loss is {}, stopping training".format(loss.item()))
         optimizer.zero_grad()
@@ -177,7 +185,7 @@ def bench_infer(name, precision, device, args):
     x = torch.randn(B, 3, 224, 224, device=device)
 
     def call():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device):
             y = model(x)
         assert y.shape == (B, 384)
 
@@ -189,7 +197,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of the logic)")
     ap.add_argument("--only", choices=WORKLOADS, default=None)
-    ap.add_argument("--precision", choices=["fp32", "tf32"], default=None, help="default: both")
+    ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None, help="default: all three")
     ap.add_argument("--batch", type=int, default=0, help="override every workload's batch")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -205,10 +213,10 @@ def main():
               % (torch.__version__, torch.cuda.get_device_name(device), args.warmup, args.reps), flush=True)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    precisions = [args.precision] if args.precision else ["fp32", "tf32"]
+    precisions = [args.precision] if args.precision else ["fp32", "tf32", "bf16"]
     failed = 0
     for precision in precisions:
-        set_precision(precision == "tf32", device)
+        set_precision(precision, device)
         for name in WORKLOADS:
             if args.only and args.only != name:
                 continue

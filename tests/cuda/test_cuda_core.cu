@@ -1,5 +1,5 @@
 // The CUDA policy's core against its CPU twin: GEMM (every transpose, alpha/beta, leading
-// dimensions, strided batches, odd sizes, TF32), column sums, the non-finite check, the row
+// dimensions, strided batches, odd sizes, TF32, bf16 against the CPU's bf16), column sums, the non-finite check, the row
 // and chunk runners, device memory and the allocation counter.
 #include "cuda_test_support.cuh"
 
@@ -10,7 +10,7 @@ using dino::gemm_desc;
 namespace {
 
 template <class T>
-void check_gemm(gemm_desc d, T alpha, T beta, double bound, bool tf32 = false) {
+void check_gemm(gemm_desc d, T alpha, T beta, double bound, bool tf32 = false, bool bf16 = false) {
   const std::int64_t ar = d.trans_a ? d.k : d.m, ac = d.trans_a ? d.m : d.k;
   const std::int64_t br = d.trans_b ? d.n : d.k, bc = d.trans_b ? d.k : d.n;
   const std::int64_t lda = d.lda ? d.lda : ac, ldb = d.ldb ? d.ldb : bc, ldc = d.ldc ? d.ldc : d.n;
@@ -20,9 +20,9 @@ void check_gemm(gemm_desc d, T alpha, T beta, double bound, bool tf32 = false) {
                     nc = std::size_t(sc * (d.batch - 1) + d.m * ldc);
   auto A = random_vector<T>(na, 1 + d.m), B = random_vector<T>(nb, 2 + d.n), C = random_vector<T>(nc, 3 + d.k);
   auto C_cpu = C;
-  dino::cpu::gemm(cpu_policy{1}, d, alpha, A.data(), B.data(), beta, C_cpu.data());
+  dino::cpu::gemm(cpu_policy{1, bf16}, d, alpha, A.data(), B.data(), beta, C_cpu.data());
   auto dA = upload(A), dB = upload(B), dC = upload(C);
-  dino::gemm(gpu().policy(tf32), d, alpha, dA.data(), dB.data(), beta, dC.data());
+  dino::gemm(gpu().policy(tf32, bf16), d, alpha, dA.data(), dB.data(), beta, dC.data());
   DINO_CHECK_CLOSE(download(dC), C_cpu, bound);
 }
 
@@ -56,6 +56,36 @@ TEST_CASE("cuda gemm: leading dimensions, strided batches, k = 0 and TF32") {
   check_gemm<float>(empty, 1.0f, 0.0f, 0.0);
   // TF32 rounds operands to 10 mantissa bits: a looser, separate bound (never applied to fp32).
   check_gemm<float>(gemm_desc{false, false, 128, 96, 256}, 1.0f, 0.0f, 5e-3, true);
+}
+
+TEST_CASE("cuda gemm in bf16 (cuda_policy::bf16) matches the CPU's bf16 product") {
+  // Both sides round the operands to bf16 and sum the products in fp32 (cpu_policy::bf16 on
+  // the CPU, CUBLAS_COMPUTE_32F_FAST_16BF on the GPU), so they differ by the order of the
+  // fp32 sums only: the fp32 bound, not a bf16 one. Odd depths, every transpose, a batch.
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb)
+      for (auto [m, n, k] : {std::tuple{7, 13, 5}, std::tuple{65, 33, 129}, std::tuple{200, 97, 384}}) {
+        CAPTURE(ta);
+        CAPTURE(tb);
+        CAPTURE(m);
+        CAPTURE(k);
+        check_gemm<float>(gemm_desc{bool(ta), bool(tb), m, n, k}, 1.0f, 0.0f, 2e-5, false, true);
+        check_gemm<float>(gemm_desc{bool(ta), bool(tb), m, n, k}, -0.5f, 0.25f, 2e-5, false, true);
+      }
+  check_gemm<float>(gemm_desc{false, true, 17, 17, 64, 0, 0, 0, 6, 17 * 64, 17 * 64, 17 * 17}, 0.125f, 0.0f, 2e-5,
+                    false, true);
+  // and the rounding is real: against the CPU's fp32 product the GPU's bf16 one is off by
+  // bf16's rounding (2^-9 relative per operand), far more than fp32 sums
+  const gemm_desc d{false, false, 128, 96, 256};
+  auto A = random_vector<float>(128 * 256, 5), B = random_vector<float>(256 * 96, 6);
+  std::vector<float> C(128 * 96);
+  dino::cpu::gemm(cpu_policy{1}, d, 1.0f, A.data(), B.data(), 0.0f, C.data());
+  auto dA = upload(A), dB = upload(B);
+  dino::cuda::device_buffer<float> dC(C.size());
+  dino::gemm(gpu().policy(false, true), d, 1.0f, dA.data(), dB.data(), 0.0f, dC.data());
+  const double err = max_rel_error(download(dC), C);
+  CHECK(err > 1e-4);
+  CHECK(err < 2e-2);
 }
 
 TEST_CASE("cuda gemm with beta = 0 never reads C") {

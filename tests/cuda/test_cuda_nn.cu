@@ -277,7 +277,7 @@ std::vector<float> slice(const std::vector<float>& v, std::size_t off, std::size
 }
 }  // namespace
 
-TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward, inference, backward, checkpointing") {
+TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward, inference, backward, checkpointing, bf16") {
   const auto pol = gpu().policy();
   nn::vit_config c;
   c.img_size = 16;
@@ -399,6 +399,30 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
     vc.backward(pol, dcv(dP, {len(P)}), cpk, dcv(csaved, {std::int64_t(csaved.size())}), dcv(ddt, {Tn, D}),
                 dv(cG, {len(G)}), dv(cscratch, {std::int64_t(cscratch.size())}));
     DINO_CHECK_CLOSE(download(cG), Gd, 0.0);
+  }
+
+  // bf16 GEMM operands on both sides (cuda_policy::bf16 against cpu_policy::bf16): the same
+  // operand rounding and fp32 sums in other orders; the GPU's attention runs on its TF32
+  // tensor cores (the CPU's in fp32), so the bounds are those of TF32 attention
+  // (test_cuda_attention), an order below bf16's own error (about 4e-3 here)
+  {
+    const auto bpol = gpu().policy(false, true);
+    const dino::cpu_policy bcpu{1, true};
+    std::vector<float> by(y.size()), bsaved(saved.size());
+    v.forward(bcpu, hc(P, {len(P)}), pk, std::span<const float* const>(himgs, 2), hv(by, {crops, D}),
+              hv(bsaved, {len(bsaved)}), seed, step);
+    CHECK(dino_test::max_rel_error(by, y) > 1e-4);  // the CPU's bf16 path rounded
+    dc::device_buffer<float> bdy(y.size()), bdsaved(dsaved.size());
+    v.forward(bpol, dcv(dP, {len(P)}), dpk, std::span<const float* const>(dimgs, 2), dv(bdy, {crops, D}),
+              dv(bdsaved, {std::int64_t(bdsaved.size())}), seed, step);
+    DINO_CHECK_CLOSE(download(bdy), by, 5e-3);
+    auto bG = G0;
+    v.backward(bcpu, hc(P, {len(P)}), pk, hc(bsaved, {len(bsaved)}), hc(dtokens, {Tn, D}), hv(bG, {len(bG)}),
+               hv(scratch, {len(scratch)}));
+    auto bdG = upload(G0);
+    v.backward(bpol, dcv(dP, {len(P)}), dpk, dcv(bdsaved, {std::int64_t(bdsaved.size())}), dcv(ddt, {Tn, D}),
+               dv(bdG, {len(G)}), dv(dscratch, {std::int64_t(dscratch.size())}));
+    DINO_CHECK_CLOSE(download(bdG), bG, 1e-2);
   }
 
   // a second step allocates nothing on the device

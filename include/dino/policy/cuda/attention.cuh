@@ -46,7 +46,7 @@
 // (2 * HD + 66) * 32; above 48 KiB (double with HD 64/128) the kernel is opted in to more.
 // A row whose scores hold a NaN or +inf, or are all -inf, becomes NaN, as on the CPU.
 // The arithmetic is plain fp32 (double) FMA, except where the policy asks for TF32
-// (pol.tf32, float, head dim 32, 64 or 128, segments of at most 256 tokens): the forward
+// (pol.tf32 or pol.bf16, float, head dim 32, 64 or 128, segments of at most 256 tokens): the forward
 // then runs Q K^T and P V on TF32 tensor cores with fp32 accumulation and an exact fp32
 // softmax (forward_tc_kernel; the same contract, results within TF32 rounding). The backward
 // runs on tensor cores too under the same conditions (backward_rows_tc_kernel and
@@ -869,7 +869,7 @@ inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<seg
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = g.cls ? cls_offsets[a] : 0;
     if constexpr (std::is_same_v<T, float> && !Padded) {
-      if (pol.tf32 && g.n <= tc::max_n) {  // TF32 tensor cores (see forward_tc_kernel)
+      if (pol.tensor_core_attention() && g.n <= tc::max_n) {  // TF32 tensor cores (see forward_tc_kernel)
         g.tiles = (g.n + tc::qrows - 1) / tc::qrows;
         const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 && g.D % 4 == 0;
         launch(pol, forward_tc_kernel<HD>, g, count, tc::smem_bytes(g.n, HD), "attention_forward (TF32 tensor cores)",
@@ -891,7 +891,7 @@ inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<se
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = 0;
     if constexpr (std::is_same_v<T, float> && !Padded) {
-      if (pol.tf32 && g.n <= tc::max_n) {  // TF32 tensor cores (see backward_rows_tc_kernel)
+      if (pol.tensor_core_attention() && g.n <= tc::max_n) {  // TF32 tensor cores (see backward_rows_tc_kernel)
         const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 &&
                          reinterpret_cast<std::uintptr_t>(g.dout) % 16 == 0 && g.D % 4 == 0;
         g.tiles = (g.n + tc::qrows - 1) / tc::qrows;  // 64 queries, then 64 keys, per block

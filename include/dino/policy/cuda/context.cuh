@@ -39,10 +39,11 @@ class context {
     if (stream_) (void)cudaStreamDestroy(stream_);
   }
 
-  /// A policy on this context's stream; tf32 turns on TF32 tensor cores for fp32 GEMMs.
-  cuda_policy policy(bool tf32 = false) const {
-    return cuda_policy{stream_,      lt_,         ws_.data(),       ws_.size(), tf32, flags_.data(),
-                       host_flags_, scratch_.data(), scratch_.size()};
+  /// A policy on this context's stream; tf32 turns on TF32 tensor cores for fp32 GEMMs, bf16
+  /// bf16 tensor cores (operands rounded to bf16, fp32 sums; cuda_policy::bf16).
+  cuda_policy policy(bool tf32 = false, bool bf16 = false) const {
+    return cuda_policy{stream_,     lt_,   ws_.data(),      ws_.size(),      tf32,
+                       flags_.data(), host_flags_, scratch_.data(), scratch_.size(), bf16};
   }
   cudaStream_t stream() const { return stream_; }
   void synchronize() const { host_wait(stream_, "context::synchronize"); }

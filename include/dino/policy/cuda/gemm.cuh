@@ -5,7 +5,8 @@
 // cuBLASLt is column-major; a row-major X with leading dimension ld is the column-major X^T,
 // so the call computes C^T = op(B)^T op(A)^T: A and B swap places, m and n swap, and each
 // keeps its own transpose flag. beta == 0 never reads C. fp32 runs on exact fp32 arithmetic
-// unless pol.tf32 asks for TF32 tensor cores; double runs in double.
+// unless pol.bf16 asks for bf16 tensor cores (CUBLAS_COMPUTE_32F_FAST_16BF: operands rounded
+// to bf16, fp32 sums) or pol.tf32 for TF32 tensor cores; double runs in double.
 //
 //   gemm_bias_rows(pol, d, A, B, bias, C[, R])  C = A op(B) + bias per row (+ R): cuBLASLt's bias
 //                                           epilogue, R read as the GEMM's C operand
@@ -37,9 +38,9 @@ struct lt_plan {
   bool found = false;  // false only for a bias-epilogue plan cuBLASLt has no algorithm for
 };
 
-// Key: handle, workspace size, dtype, TF32, transposes, sizes, leading dims, batch and
-// strides, bias epilogue.
-using lt_key = std::tuple<void*, std::size_t, int, bool, bool, bool, std::int64_t, std::int64_t, std::int64_t,
+// Key: handle, workspace size, dtype, fp32 mode (0 exact, 1 TF32, 2 bf16), transposes, sizes,
+// leading dims, batch and strides, bias epilogue.
+using lt_key = std::tuple<void*, std::size_t, int, int, bool, bool, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, bool>;
 
@@ -66,15 +67,18 @@ template <class T>
 inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::int64_t lda, std::int64_t ldb,
                                std::int64_t ldc, bool bias = false) {
   constexpr bool dbl = std::is_same_v<T, double>;
-  const bool tf32 = !dbl && pol.tf32;
-  const lt_key key{pol.lt, pol.gemm_workspace_bytes, dbl ? 1 : 0, tf32, d.trans_a, d.trans_b, d.m, d.n, d.k, lda,
+  const int mode = dbl ? 0 : pol.bf16 ? 2 : pol.tf32 ? 1 : 0;
+  const lt_key key{pol.lt, pol.gemm_workspace_bytes, dbl ? 1 : 0, mode, d.trans_a, d.trans_b, d.m, d.n, d.k, lda,
                    ldb, ldc, d.batch, d.stride_a, d.stride_b, d.stride_c, bias};
   std::lock_guard<std::mutex> lock(lt_mutex());
   auto& cache = lt_cache();
   if (auto it = cache.find(key); it != cache.end()) return it->second;
 
   const cudaDataType_t dt = dbl ? CUDA_R_64F : CUDA_R_32F;
-  const cublasComputeType_t ct = dbl ? CUBLAS_COMPUTE_64F : (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
+  const cublasComputeType_t ct = dbl         ? CUBLAS_COMPUTE_64F
+                                 : mode == 2 ? CUBLAS_COMPUTE_32F_FAST_16BF
+                                 : mode == 1 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                             : CUBLAS_COMPUTE_32F;
   lt_plan p;
   DINO_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, ct, dt));
   // Column-major view: C^T[n, m] = op(B)^T[n, k] op(A)^T[k, m]; "A" of the call is B's memory.

@@ -88,6 +88,13 @@ struct cuda_policy {
   /// up to the order of double additions).
   void* scratch = nullptr;
   std::size_t scratch_bytes = 0;
+  /// fp32 GEMMs on bf16 tensor cores (cuBLASLt's CUBLAS_COMPUTE_32F_FAST_16BF): operands
+  /// rounded to bf16 inside the GEMM, fp32 accumulation and output; the twin of
+  /// cpu_policy::bf16. Wins over tf32 for GEMMs; attention then runs on its TF32 tensor-core
+  /// kernels (finer than bf16). The DINO head's prototype layer opts out (without_bf16).
+  bool bf16 = false;
+  /// Whether attention may use its TF32 tensor-core kernels (tf32 or bf16 asked for).
+  bool tensor_core_attention() const { return tf32 || bf16; }
 };
 
 template <>
