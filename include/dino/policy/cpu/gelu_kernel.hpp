@@ -100,32 +100,8 @@ inline __m128 gelu_grad_ps(__m128 x) {
 
 #if DINO_GEMM_X86
 namespace detail {
-// The AVX-512 twins of exp_ps (vexp.hpp) and erf_ps above: the same constants and steps,
-// 16 lanes, multiply-adds fused. min, max, the rounding, the conversion and the shift go
-// through their masked forms with a full mask: GCC 12's unmasked ones pass an undefined
-// source register that -Wuninitialized reports at every use.
-constexpr __mmask16 kAll16 = 0xFFFF;
-DINO_SIMD_AVX512_TARGET inline __m512 min512(__m512 a, __m512 b) { return _mm512_mask_min_ps(a, kAll16, a, b); }
-DINO_SIMD_AVX512_TARGET inline __m512 max512(__m512 a, __m512 b) { return _mm512_mask_max_ps(a, kAll16, a, b); }
-DINO_SIMD_AVX512_TARGET inline __m512 exp512_ps(__m512 x) {
-  x = min512(max512(x, _mm512_set1_ps(-87.3365478515625f)), _mm512_set1_ps(88.3762626647949f));
-  const __m512 xl = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 fn = _mm512_mask_roundscale_ps(xl, kAll16, xl, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i biased = _mm512_add_epi32(_mm512_mask_cvtps_epi32(zero, kAll16, fn), _mm512_set1_epi32(127));
-  const __m512i e = _mm512_mask_slli_epi32(zero, kAll16, biased, 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
-
+// The AVX-512 twin of erf_ps above (exp512_ps, min512 and max512 are in vexp.hpp): the same
+// constants and steps, 16 lanes, multiply-adds fused.
 DINO_SIMD_AVX512_TARGET inline __m512 erf512_ps(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512i signbit = _mm512_set1_epi32(int(0x80000000u));

@@ -20,10 +20,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <Eigen/Core>
 
 #include "dino/policy/cpu/parallel.hpp"
+#include "dino/policy/cpu/simd.hpp"
 #include "dino/policy/cpu/vexp.hpp"
 
 namespace dino::cpu {
@@ -90,12 +92,71 @@ inline double row_sum(const T* x, std::int64_t K) {
   return s;
 }
 
+namespace detail {
+/// The sum of 16 lane sums, lane j holding the elements i = j (mod 16) in index order:
+/// the one summation order of softmax_row_inplace on every SIMD level.
+template <class T>
+inline T combine_lanes16(const T* l) {
+  T h[8];
+  for (int j = 0; j < 8; ++j) h[j] = l[j] + l[j + 8];
+  for (int j = 0; j < 4; ++j) h[j] = h[j] + h[j + 4];
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
+#if DINO_GEMM_X86
+/// softmax_row_inplace for float, 16 lanes (the same sums; exp512_ps instead of exp_ps).
+DINO_SIMD_AVX512_TARGET inline void softmax_row_inplace_avx512(float* x, std::int64_t n) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), pinf = _mm512_set1_ps(INFINITY);
+  __m512 vmx = ninf;
+  __mmask16 bad = 0;
+  for (std::int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_mask_loadu_ps(ninf, m, x + i);
+    bad |= _mm512_mask_cmp_ps_mask(m, v, pinf, _CMP_NLT_UQ);  // NaN or +inf
+    vmx = max512(vmx, v);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, vmx);  // (GCC 12's _mm512_reduce_max_ps warns of an undefined register)
+  float mx = lanes[0];
+  for (int j = 1; j < 16; ++j) mx = lanes[j] > mx ? lanes[j] : mx;
+  if (bad || mx == -INFINITY) {  // (all -inf: NaN too, as exp(-inf - -inf))
+    for (std::int64_t i = 0; i < n; ++i) x[i] = NAN;
+    return;
+  }
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (std::int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm));
+    _mm512_mask_storeu_ps(x + i, m, e);
+    acc = _mm512_mask_add_ps(acc, m, acc, e);
+  }
+  _mm512_store_ps(lanes, acc);
+  const __m512 vs = _mm512_set1_ps(combine_lanes16(lanes));
+  for (std::int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
+  }
+}
+#endif
+}  // namespace detail
+
 /// x = softmax(x) over one short row, in place (attention probabilities): a max sweep, the
 /// vectorised exp of x - max (one exp per element, where math::softmax_row takes two), then
-/// x / sum with the sum accumulated in T in index order. A row holding NaN or +inf, or only
-/// -inf, becomes all NaN, as math::softmax_row makes it (the vectorised exp clamps a NaN).
+/// x / sum, the sum taken as 16 lane sums in index order (detail::combine_lanes16) on every
+/// SIMD level. A row holding NaN or +inf, or only -inf, becomes all NaN, as math::softmax_row
+/// makes it (the vectorised exp clamps a NaN). With AVX-512 (simd.hpp) float runs 16 lanes
+/// at a time; the levels can differ in the last bit (the exp's fused multiply-adds).
 template <class T>
 inline void softmax_row_inplace(T* x, std::int64_t n) {
+#if DINO_GEMM_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd_avx512()) {
+      detail::softmax_row_inplace_avx512(x, n);
+      return;
+    }
+  }
+#endif
   T mx = -INFINITY;
   bool bad = false;
   for (std::int64_t i = 0; i < n; ++i) {
@@ -108,8 +169,9 @@ inline void softmax_row_inplace(T* x, std::int64_t n) {
   }
   for (std::int64_t i = 0; i < n; ++i) x[i] -= mx;
   exp_inplace(x, n);
-  T s = 0;
-  for (std::int64_t i = 0; i < n; ++i) s += x[i];
+  T lanes[16] = {};
+  for (std::int64_t i = 0; i < n; ++i) lanes[i % 16] += x[i];
+  const T s = detail::combine_lanes16(lanes);
   for (std::int64_t i = 0; i < n; ++i) x[i] /= s;
 }
 
