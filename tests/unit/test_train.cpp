@@ -50,12 +50,12 @@ ssl::dino_config config() {
 nn::vit_config vit_cfg() { return nn::vit_config{8, 2, 1, 8, 2, 2, 4.0, true, 1e-6, 0.2}; }
 
 template <class M>
-void run_steps(M& m, int from, int to) {
+void run_steps(M& m, int from, int to, cpu_policy pol = cpu_policy{2}) {
   std::vector<float> g(2 * 2 * 64), l(2 * 2 * 16);
   for (int it = from; it < to; ++it) {
     dino_test::fill_normal(g, 1000 + std::uint64_t(it));
     dino_test::fill_normal(l, 2000 + std::uint64_t(it));
-    auto st = m.step(cpu_policy{2}, ssl::image_crops<float>{g.data(), l.data()});
+    auto st = m.step(pol, ssl::image_crops<float>{g.data(), l.data()});
     REQUIRE_FALSE(st.skipped);
   }
 }
@@ -64,33 +64,40 @@ bool same(const flat_params<float>& a, const flat_params<float>& b) {
 }
 }  // namespace
 
-TEST_CASE("resume: 10 steps, save, restore, 10 steps equals 20 steps bit for bit") {
+TEST_CASE("resume: 10 steps, save, restore, 10 steps equals 20 steps bit for bit (fp32 and bf16)") {
   const std::string path = std::string(DINO_TEST_TMP) + "/resume.safetensors";
-  auto a = ssl::make_dino<nn::vit>(vit_cfg(), 8, config());
-  run_steps(a, 0, 20);
+  std::vector<float> fp32_student;
+  for (bool bf16 : {false, true}) {
+    CAPTURE(bf16);
+    const cpu_policy pol{2, bf16};
+    auto a = ssl::make_dino<nn::vit>(vit_cfg(), 8, config());
+    run_steps(a, 0, 20, pol);
+    if (!bf16) fp32_student.assign(a.student().data(), a.student().data() + a.student().size());
+    else CHECK(std::memcmp(fp32_student.data(), a.student().data(), fp32_student.size() * sizeof(float)) != 0);
 
-  {
-    auto b = ssl::make_dino<nn::vit>(vit_cfg(), 8, config());
-    run_steps(b, 0, 10);
-    train::save_checkpoint(path, b, 7);
+    {
+      auto b = ssl::make_dino<nn::vit>(vit_cfg(), 8, config());
+      run_steps(b, 0, 10, pol);
+      train::save_checkpoint(path, b, 7);
+    }
+    auto cfg = config();
+    cfg.train.seed = 99;  // a different initialisation: everything must come from the file
+    auto c = ssl::make_dino<nn::vit>(vit_cfg(), 8, cfg);
+    auto info = train::restore_checkpoint(path, c);
+    CHECK(info.iteration == 10);
+    CHECK(info.seed == 7);
+    CHECK(c.iteration() == 10);
+    // the DropPath key is the run's seed, which the trainer takes from the checkpoint; here the
+    // method's own seed differs, so rebuild it with the checkpoint's seed before continuing
+    auto d = ssl::make_dino<nn::vit>(vit_cfg(), 8, config());
+    train::restore_checkpoint(path, d);
+    run_steps(d, 10, 20, pol);
+    CHECK(same(a.student(), d.student()));
+    CHECK(same(a.teacher(), d.teacher()));
+    CHECK(same(a.optimizer().exp_avg(), d.optimizer().exp_avg()));
+    CHECK(std::memcmp(a.target().center().data, d.target().center().data, 32 * sizeof(float)) == 0);
+    CHECK(a.optimizer().steps() == d.optimizer().steps());
   }
-  auto cfg = config();
-  cfg.train.seed = 99;  // a different initialisation: everything must come from the file
-  auto c = ssl::make_dino<nn::vit>(vit_cfg(), 8, cfg);
-  auto info = train::restore_checkpoint(path, c);
-  CHECK(info.iteration == 10);
-  CHECK(info.seed == 7);
-  CHECK(c.iteration() == 10);
-  // the DropPath key is the run's seed, which the trainer takes from the checkpoint; here the
-  // method's own seed differs, so rebuild it with the checkpoint's seed before continuing
-  auto d = ssl::make_dino<nn::vit>(vit_cfg(), 8, config());
-  train::restore_checkpoint(path, d);
-  run_steps(d, 10, 20);
-  CHECK(same(a.student(), d.student()));
-  CHECK(same(a.teacher(), d.teacher()));
-  CHECK(same(a.optimizer().exp_avg(), d.optimizer().exp_avg()));
-  CHECK(std::memcmp(a.target().center().data, d.target().center().data, 32 * sizeof(float)) == 0);
-  CHECK(a.optimizer().steps() == d.optimizer().steps());
 }
 
 TEST_CASE("a checkpoint that does not fit is refused and changes nothing") {
