@@ -151,9 +151,6 @@ DINO_SIMD_AVX512_TARGET inline void gelu_both512_ps(__m512 x, __m512& y, __m512&
   g = _mm512_fmadd_ps(x, pdf, cdf);
 }
 
-/// The lanes of a 16-float step with rem elements left: all 16, or the first rem.
-inline __mmask16 lanes16(std::int64_t rem) { return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u); }
-
 DINO_SIMD_AVX512_TARGET inline void gelu_range_avx512(const float* a, float* y, std::int64_t n) {
   std::int64_t i = 0;
   for (; i + 32 <= n; i += 32) {  // two independent evaluations in flight
@@ -162,7 +159,7 @@ DINO_SIMD_AVX512_TARGET inline void gelu_range_avx512(const float* a, float* y, 
     _mm512_storeu_ps(y + i + 16, v);
   }
   for (; i < n; i += 16) {
-    const __mmask16 m = lanes16(n - i);
+    const __mmask16 m = pgemm::lanes16(n - i);
     _mm512_mask_storeu_ps(y + i, m, gelu512_ps(_mm512_maskz_loadu_ps(m, a + i)));
   }
 }
@@ -170,7 +167,7 @@ DINO_SIMD_AVX512_TARGET inline void gelu_range_avx512(const float* a, float* y, 
 DINO_SIMD_AVX512_TARGET inline void gelu_backward_range_avx512(const float* a, const float* dy, float* da, std::int64_t n,
                                                                 bool accumulate) {
   for (std::int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes16(n - i);
+    const __mmask16 m = pgemm::lanes16(n - i);
     const __m512 g = gelu_grad512_ps(_mm512_maskz_loadu_ps(m, a + i));
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + i), g);
     _mm512_mask_storeu_ps(da + i, m, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, da + i), v) : v);
@@ -178,7 +175,7 @@ DINO_SIMD_AVX512_TARGET inline void gelu_backward_range_avx512(const float* a, c
 }
 DINO_SIMD_AVX512_TARGET inline void gelu_with_grad_range_avx512(const float* a, float* y, float* ga, std::int64_t n) {
   for (std::int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes16(n - i);
+    const __mmask16 m = pgemm::lanes16(n - i);
     __m512 u, g;
     gelu_both512_ps(_mm512_maskz_loadu_ps(m, a + i), u, g);
     _mm512_mask_storeu_ps(y + i, m, u);
@@ -189,7 +186,7 @@ DINO_SIMD_AVX512_TARGET inline void gelu_with_grad_range_avx512(const float* a, 
 DINO_SIMD_AVX512_TARGET inline void mul_range_avx512(const float* g, const float* dy, float* da, std::int64_t n,
                                                       bool accumulate) {
   for (std::int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes16(n - i);
+    const __mmask16 m = pgemm::lanes16(n - i);
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + i), _mm512_maskz_loadu_ps(m, g + i));
     _mm512_mask_storeu_ps(da + i, m, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, da + i), v) : v);
   }

@@ -64,11 +64,10 @@ template <class T>
 inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C, const T* bias = nullptr,
                      bool bf16 = false) {
   if constexpr (std::is_same_v<T, float>) {
+    const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k), ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
+    const std::int64_t ldc = d.ldc ? d.ldc : d.n;
     if (bf16) {
-      const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k), ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
-      if (gemm_packed_bf16(d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, lda, B, ldb, beta, C, d.ldc ? d.ldc : d.n,
-                           bias))
-        return;
+      if (gemm_packed_bf16(d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, lda, B, ldb, beta, C, ldc, bias)) return;
       thread_local std::vector<float> ra, rb;
       const auto rounded = [](const float* X, std::int64_t rows, std::int64_t cols, std::int64_t ld,
                               std::vector<float>& out) {
@@ -87,8 +86,7 @@ inline void gemm_one(const gemm_desc& d, T alpha, const T* A, const T* B, T beta
     }
     const gemm_kernel kern = gemm_active_kernel();
     if (kern != gemm_kernel::eigen &&
-        gemm_packed(kern, d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, d.lda ? d.lda : (d.trans_a ? d.m : d.k), B,
-                    d.ldb ? d.ldb : (d.trans_b ? d.k : d.n), beta, C, d.ldc ? d.ldc : d.n, bias))
+        gemm_packed(kern, d.trans_a, d.trans_b, d.m, d.n, d.k, alpha, A, lda, B, ldb, beta, C, ldc, bias))
       return;
   }
   if (bias) {

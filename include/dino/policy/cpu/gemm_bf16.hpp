@@ -80,7 +80,7 @@ static_assert(KC % 2 == 0, "depth blocks of at most KC values make at most KC / 
 #if DINO_GEMM_X86
 /// n <= 16 pair words from two rows: word c = (s0[c], s1[c]) (s1 null: zeros), zeros past n.
 DINO_TARGET_AVX512BF16 inline __m512i pairs_of_rows(const float* s0, const float* s1, int n) {
-  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+  const __mmask16 m = pgemm::lanes16(n);
   const __m512 x0 = _mm512_maskz_loadu_ps(m, s0), x1 = s1 ? _mm512_maskz_loadu_ps(m, s1) : _mm512_setzero_ps();
   const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);  // halves: x0's 16 values, then x1's
   const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
@@ -91,8 +91,7 @@ DINO_TARGET_AVX512BF16 inline __m512i pairs_of_rows(const float* s0, const float
 /// order the bf16 values already are the words (s[2t], s[2t + 1]).
 DINO_TARGET_AVX512BF16 inline __m512i pairs_of_run(const float* s, std::int64_t cnt) {
   const int c0 = int(std::min<std::int64_t>(cnt, 16)), c1 = int(std::min<std::int64_t>(cnt - c0, 16));
-  const __mmask16 m0 = c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << c0) - 1u);
-  const __mmask16 m1 = c1 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << c1) - 1u);
+  const __mmask16 m0 = pgemm::lanes16(c0), m1 = pgemm::lanes16(c1);
   return (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, s + 16), _mm512_maskz_loadu_ps(m0, s));
 }
 /// Stores the first n (<= 16) words of v at d[0], d[stride], d[2 stride], ...
@@ -120,10 +119,10 @@ DINO_TARGET_AVX512BF16 inline void pack_a(bool trans, const float* A, std::int64
         std::int64_t t = 0;
         for (; t + 16 <= kp; t += 16) _mm512_storeu_si512(d + t, pairs_of_run(s + 2 * t, kc - 2 * t));
         if (t < kp)
-          _mm512_mask_storeu_epi32(d + t, __mmask16((1u << (kp - t)) - 1u), pairs_of_run(s + 2 * t, kc - 2 * t));
+          _mm512_mask_storeu_epi32(d + t, pgemm::lanes16(kp - t), pairs_of_run(s + 2 * t, kc - 2 * t));
       }
     } else {  // A[i, p] at A[p lda + i]: word (r, t) at dst[t MR + r], from rows p and p + 1 of A
-      const __mmask16 m = __mmask16((1u << rows) - 1u);
+      const __mmask16 m = pgemm::lanes16(rows);
       for (std::int64_t t = 0; t < kp; ++t) {
         const float* s0 = A + (p0 + 2 * t) * lda + i0 + i;
         _mm512_mask_storeu_epi32(dst + t * MR, m, pairs_of_rows(s0, 2 * t + 1 < kc ? s0 + lda : nullptr, rows));

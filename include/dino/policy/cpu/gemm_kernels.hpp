@@ -261,6 +261,11 @@ inline void pack_b(bool trans, const float* B, std::int64_t ldb, std::int64_t p0
 }
 
 #if DINO_GEMM_X86
+/// The lanes of a 16-float step with rem elements left: all 16, the first rem, or none.
+inline __mmask16 lanes16(std::int64_t rem) {
+  return rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
+}
+
 // ------------------------------------------------------------------ micro-kernels
 // C[0 : mr, 0 : nr] = alpha * acc + beta * C (beta == 0: C is not read), where acc is the
 // tile's product over kc of a packed A panel (MR values per p) and a packed B panel (NV
@@ -278,8 +283,7 @@ DINO_TARGET_AVX512 __attribute__((always_inline)) inline void store_tile_avx512(
   __mmask16 mask[NV];
 #pragma GCC unroll 2
   for (int v = 0; v < NV; ++v) {
-    const int rem = nr - 16 * v;
-    mask[v] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
+    mask[v] = lanes16(nr - 16 * v);
   }
   __m512 bias_v[NV];
 #pragma GCC unroll 2

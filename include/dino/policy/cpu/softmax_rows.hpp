@@ -110,7 +110,7 @@ DINO_SIMD_AVX512_TARGET inline void softmax_row_inplace_avx512(float* x, std::in
   __m512 vmx = ninf;
   __mmask16 bad = 0;
   for (std::int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 m = pgemm::lanes16(n - i);
     const __m512 v = _mm512_mask_loadu_ps(ninf, m, x + i);
     bad |= _mm512_mask_cmp_ps_mask(m, v, pinf, _CMP_NLT_UQ);  // NaN or +inf
     vmx = max512(vmx, v);
@@ -126,7 +126,7 @@ DINO_SIMD_AVX512_TARGET inline void softmax_row_inplace_avx512(float* x, std::in
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
   for (std::int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 m = pgemm::lanes16(n - i);
     const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm));
     _mm512_mask_storeu_ps(x + i, m, e);
     acc = _mm512_mask_add_ps(acc, m, acc, e);
@@ -134,7 +134,7 @@ DINO_SIMD_AVX512_TARGET inline void softmax_row_inplace_avx512(float* x, std::in
   _mm512_store_ps(lanes, acc);
   const __m512 vs = _mm512_set1_ps(combine_lanes16(lanes));
   for (std::int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 m = pgemm::lanes16(n - i);
     _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
   }
 }
