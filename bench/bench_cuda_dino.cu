@@ -35,6 +35,8 @@
 // and the GPU time per operation, largest first ("profile ..." lines).
 // Output: one line per workload and precision,
 //   dino <workload> precision=<fp32|tf32|bf16> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+// host_ms is the median time for a call to return before the stream is synchronised: the
+// host's enqueueing. Close to ms_per_step, the step is bound by its launches, not the GPU.
 // Exits 77 when there is no CUDA device.
 #include <algorithm>
 #include <chrono>
@@ -71,6 +73,7 @@ struct options {
 
 struct timing {
   double median_ms = 0, min_ms = 0, max_ms = 0;
+  double host_ms = 0;  // median time for the call to return, before the synchronisation (the host's enqueueing)
 };
 
 // Device memory in use now (bytes), as the driver sees it.
@@ -93,10 +96,11 @@ timing time_steps(const dino::cuda::context& ctx, const options& o, peak_meter& 
   for (int i = 0; i < o.warmup; ++i) f();
   ctx.synchronize();
   mem.sample();
-  std::vector<double> ms;
+  std::vector<double> ms, host;
   for (int i = 0; i < o.reps; ++i) {
     const auto t0 = clk::now();
     f();
+    host.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
     ctx.synchronize();
     ms.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
     mem.sample();
@@ -107,6 +111,8 @@ timing time_steps(const dino::cuda::context& ctx, const options& o, peak_meter& 
   t.median_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
   t.min_ms = ms.front();
   t.max_ms = ms.back();
+  std::sort(host.begin(), host.end());
+  t.host_ms = n % 2 ? host[n / 2] : 0.5 * (host[n / 2 - 1] + host[n / 2]);
   return t;
 }
 
@@ -146,10 +152,10 @@ std::string fmt(const char* f, double v) {
 void emit(const std::string& workload, precision pr, std::int64_t batch, const timing& t, const peak_meter& mem,
           const options& o, const std::string& extra) {
   std::printf("dino %s precision=%s images_per_s=%s ms_per_step=%s peak_device_MiB=%s batch=%lld min_ms=%s max_ms=%s "
-              "reps=%d%s\n",
+              "host_ms=%s reps=%d%s\n",
               workload.c_str(), pr.name(), fmt("%.2f", double(batch) * 1e3 / t.median_ms).c_str(),
               fmt("%.3f", t.median_ms).c_str(), fmt("%.1f", mem.mib()).c_str(), static_cast<long long>(batch),
-              fmt("%.3f", t.min_ms).c_str(), fmt("%.3f", t.max_ms).c_str(), o.reps, extra.c_str());
+              fmt("%.3f", t.min_ms).c_str(), fmt("%.3f", t.max_ms).c_str(), fmt("%.3f", t.host_ms).c_str(), o.reps, extra.c_str());
   std::fflush(stdout);
 }
 
