@@ -11,8 +11,10 @@
 //   gemm_bias_rows(pol, d, A, B, bias, C[, R])  C = A op(B) + bias per row (+ R): cuBLASLt's bias
 //                                           epilogue, R read as the GEMM's C operand
 //
-// Descriptors and the chosen algorithm are cached per shape (host memory, made the first
-// time a shape is seen, so a step's GEMMs allocate nothing after the first step).
+// Descriptors and the chosen algorithm are cached per shape and operand alignment (host
+// memory, made the first time a shape is seen, so a step's GEMMs allocate nothing after the
+// first step). The heuristic is told each operand's real alignment (cuBLASLt assumes 256
+// bytes otherwise, and may then refuse a pointer into the middle of a buffer).
 #pragma once
 
 #include <cstdint>
@@ -20,6 +22,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "dino/policy/cpu/gemm.hpp"  // gemm_desc (no Eigen type crosses into this file)
 #include "dino/policy/cuda/parallel.cuh"
@@ -39,10 +42,34 @@ struct lt_plan {
 };
 
 // Key: handle, workspace size, dtype, fp32 mode (0 exact, 1 TF32, 2 bf16), transposes, sizes,
-// leading dims, batch and strides, bias epilogue.
+// leading dims, batch and strides, bias epilogue, the operands' pointer alignments.
 using lt_key = std::tuple<void*, std::size_t, int, int, bool, bool, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                          std::int64_t, bool>;
+                          std::int64_t, bool, std::uint32_t>;
+
+// The largest power of two (up to 256) that divides the address. cuBLASLt's heuristic assumes
+// 256-byte aligned operands unless told otherwise, and an algorithm chosen under that
+// assumption may refuse a less aligned pointer at the call (CUBLAS_STATUS_NOT_SUPPORTED): the
+// ViT's activations sit at offsets of 4 or 8 bytes inside its saved region.
+inline std::uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t al = 256;
+  while (al > 1 && (a & (al - 1)) != 0) al >>= 1;
+  return al;
+}
+// The alignments of the call's operands (B's memory, A's memory, C, D: the column-major order
+// of the call) packed one byte each as log2, for the plan's key.
+struct operand_alignment {
+  std::uint32_t a = 256, b = 256, c = 256, d = 256;
+  std::uint32_t packed() const {
+    const auto lg = [](std::uint32_t v) {
+      std::uint32_t l = 0;
+      while ((1u << l) < v) ++l;
+      return l;
+    };
+    return lg(a) | (lg(b) << 8) | (lg(c) << 16) | (lg(d) << 24);
+  }
+};
 
 inline std::map<lt_key, lt_plan>& lt_cache() {
   static std::map<lt_key, lt_plan> cache;  // plans live as long as the program
@@ -65,11 +92,12 @@ inline void set_batch(cublasLtMatrixLayout_t l, std::int64_t batch, std::int64_t
 // of the column-major C^T); its pointer is set on the descriptor before each call.
 template <class T>
 inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::int64_t lda, std::int64_t ldb,
-                               std::int64_t ldc, bool bias = false) {
+                               std::int64_t ldc, operand_alignment al, bool bias = false) {
   constexpr bool dbl = std::is_same_v<T, double>;
   const int mode = dbl ? 0 : pol.bf16 ? 2 : pol.tf32 ? 1 : 0;
-  const lt_key key{pol.lt, pol.gemm_workspace_bytes, dbl ? 1 : 0, mode, d.trans_a, d.trans_b, d.m, d.n, d.k, lda,
-                   ldb, ldc, d.batch, d.stride_a, d.stride_b, d.stride_c, bias};
+  const lt_key key{pol.lt,    pol.gemm_workspace_bytes, dbl ? 1 : 0, mode,       d.trans_a,  d.trans_b,
+                   d.m,       d.n,                      d.k,         lda,        ldb,        ldc,
+                   d.batch,   d.stride_a,               d.stride_b,  d.stride_c, bias,       al.packed()};
   std::lock_guard<std::mutex> lock(lt_mutex());
   auto& cache = lt_cache();
   if (auto it = cache.find(key); it != cache.end()) return it->second;
@@ -102,6 +130,13 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   const std::size_t ws = pol.gemm_workspace_bytes;
   DINO_CUBLAS_CHECK(
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, std::uint32_t> aligns[4] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al.a},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al.b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al.c},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al.d}};
+  for (const auto& [attr, v] : aligns)
+    DINO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &v, sizeof(v)));
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(pol.lt, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
@@ -165,7 +200,9 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
       for_each_chunk(pol, d.m * d.n, detail::scale_chunk<T>{C + i * d.stride_c, beta, d.n, ldc});
     return;
   }
-  const detail::lt_plan& p = detail::plan_for<T>(pol, d, lda, ldb, ldc);
+  const detail::lt_plan& p = detail::plan_for<T>(
+      pol, d, lda, ldb, ldc,
+      {detail::alignment_of(B), detail::alignment_of(A), detail::alignment_of(C), detail::alignment_of(C)});
   DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                    pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
   detail::profile_mark(d.batch > 1 ? "gemm (batched)" : "gemm");
@@ -173,8 +210,9 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
 
 /// C[m, n] = A op(B) + bias (the same bias row added to every row of C; d.batch 1), with the
 /// bias added in cuBLASLt's epilogue: one pass over C instead of a bias pass and a GEMM that
-/// reads C back. Where cuBLASLt has no bias-epilogue algorithm for the shape and type, the
-/// bias rows are written first and the GEMM adds to them (the CPU's order).
+/// reads C back. Where cuBLASLt has no bias-epilogue algorithm for the shape and type, or the
+/// bias is less than 16-byte aligned, the bias rows are written first and the GEMM adds to
+/// them (the CPU's order).
 /// With residual (a packed [m, n] matrix, not C): C = A op(B) + bias + residual, the residual
 /// read by the GEMM as its C operand (beta 1) and C written as its D.
 template <class T>
@@ -188,13 +226,17 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
   const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k);
   const std::int64_t ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
   const std::int64_t ldc = d.ldc ? d.ldc : d.n;
-  if (d.k > 0) {
-    const detail::lt_plan& p = detail::plan_for<T>(pol, d, lda, ldb, ldc, true);
+  // cuBLASLt's bias epilogue needs a 16-byte aligned bias (a less aligned one can fail the call).
+  if (d.k > 0 && detail::alignment_of(bias) >= 16) {
+    const T* c_in = residual ? residual : C;
+    const detail::lt_plan& p = detail::plan_for<T>(
+        pol, d, lda, ldb, ldc,
+        {detail::alignment_of(B), detail::alignment_of(A), detail::alignment_of(c_in), detail::alignment_of(C)}, true);
     if (p.found) {
       DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
       const T one(1), beta(residual ? 1 : 0);
-      DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, B, p.a, A, p.b, &beta, residual ? residual : C, p.c, C,
-                                       p.c, &p.algo, pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+      DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, B, p.a, A, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
+                                       pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
       detail::profile_mark(residual ? "gemm + bias epilogue + residual" : "gemm + bias epilogue");
       return;
     }
