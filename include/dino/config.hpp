@@ -5,6 +5,8 @@
 // policies. Host-only translation units see an empty macro.
 #pragma once
 
+#include <cstdint>
+
 #define DINO_VERSION_MAJOR 0
 #define DINO_VERSION_MINOR 1
 #define DINO_VERSION_PATCH 0
@@ -21,5 +23,10 @@ namespace dino {
 
 /// "dino MAJOR.MINOR.PATCH"
 inline const char* version_string() noexcept { return "dino 0.1.0"; }
+
+namespace detail {
+/// True when p is 16-byte aligned: the CUDA element-wise functors' float4 forms (vec4) need it.
+inline bool aligned16(const void* p) noexcept { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+}  // namespace detail
 
 }  // namespace dino

@@ -221,6 +221,61 @@ TEST_CASE("cuda row and chunk runners call the functor once per row and element"
   DINO_CHECK_CLOSE(download(dyc), yc, 1e-7);  // nvcc contracts y + a x into one FMA; the CPU build does not
 }
 
+TEST_CASE("cuda element-wise passes: the float4 form gives the bits of the one-element form") {
+  // for_each_chunk runs a functor's vec4 form when the pointers are 16-byte aligned and n is
+  // a multiple of 4; the same values one float further on (4-byte aligned) take the
+  // one-element form. Both must give the same bits: GELU, its gradient (written and
+  // accumulated), and the ViT's DropPath residual and scaled copy (a crop scale per token).
+  const std::int64_t D = 64, tokens = 1003, n = tokens * D;
+  const auto x = random_vector<float>(std::size_t(n), 21, -4.0, 4.0), g = random_vector<float>(std::size_t(n), 22);
+  const auto shifted = [](const std::vector<float>& v) {  // [0, v...]: v at a 4-byte offset
+    std::vector<float> w(v.size() + 1, 0.0f);
+    std::copy(v.begin(), v.end(), w.begin() + 1);
+    return w;
+  };
+  const auto pol = gpu().policy();
+  auto xa = upload(x), ga = upload(g), xs = upload(shifted(x)), gs = upload(shifted(g));
+  REQUIRE(dino::detail::aligned16(xa.data()));
+  REQUIRE(!dino::detail::aligned16(xs.data() + 1));
+  dino::cuda::device_buffer<float> ya(static_cast<std::size_t>(n)), ys(static_cast<std::size_t>(n + 1));
+  const auto same_bits = [&] {
+    const auto a = download(ya), b = download(ys);
+    std::size_t diff = 0;
+    for (std::int64_t i = 0; i < n; ++i) diff += std::bit_cast<std::uint32_t>(a[std::size_t(i)]) !=
+                                                 std::bit_cast<std::uint32_t>(b[std::size_t(i + 1)]);
+    return diff;
+  };
+  dino::cuda::gelu_apply(pol, static_cast<const float*>(xa.data()), ya.data(), n);
+  dino::cuda::gelu_apply(pol, static_cast<const float*>(xs.data() + 1), ys.data() + 1, n);
+  CHECK(same_bits() == 0);
+  for (bool acc : {false, true}) {
+    CAPTURE(acc);
+    dino::cuda::gelu_backward_apply(pol, static_cast<const float*>(xa.data()), static_cast<const float*>(ga.data()),
+                                    ya.data(), n, acc);
+    dino::cuda::gelu_backward_apply(pol, static_cast<const float*>(xs.data() + 1),
+                                    static_cast<const float*>(gs.data() + 1), ys.data() + 1, n, acc);
+    CHECK(same_bits() == 0);
+  }
+  std::vector<std::int64_t> token_crop(static_cast<std::size_t>(tokens));
+  for (std::int64_t t = 0; t < tokens; ++t) token_crop[std::size_t(t)] = t % 5;
+  const std::vector<float> dp{0.0f, 1.25f, 1.0f, 0.5f, 1.25f};
+  auto dtc = upload(token_crop);
+  auto ddp = upload(dp);
+  using residual = dino::nn::detail::residual_elems_fn<float>;
+  using scaled = dino::nn::detail::scale_elems_fn<float>;
+  dino::cuda::for_each_chunk(pol, n, residual{dtc.data(), ya.data(), xa.data(), ddp.data(), D});
+  dino::cuda::for_each_chunk(pol, n, residual{dtc.data(), ys.data() + 1, xs.data() + 1, ddp.data(), D});
+  CHECK(same_bits() == 0);
+  dino::cuda::for_each_chunk(pol, n, scaled{dtc.data(), ga.data(), ddp.data(), ya.data(), D});
+  dino::cuda::for_each_chunk(pol, n, scaled{dtc.data(), gs.data() + 1, ddp.data(), ys.data() + 1, D});
+  CHECK(same_bits() == 0);
+  // and the scaled copy against the host (one product per element: exact)
+  std::vector<float> ref(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i)
+    ref[std::size_t(i)] = g[std::size_t(i)] * dp[std::size_t(token_crop[std::size_t(i / D)])];
+  DINO_CHECK_CLOSE(download(ya), ref, 0.0);
+}
+
 TEST_CASE("device memory: counted allocations, workspaces that refuse to overflow") {
   const auto before = dino::cuda::device_allocations();
   dino::workspace_plan plan;

@@ -60,6 +60,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dino/core/param_store.hpp"
@@ -284,6 +285,21 @@ struct residual_elems_fn {  // device: the same per element
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
     for (std::int64_t i = lo; i < hi; ++i) branch[i] = base[i] + dp[token_crop[i / D]] * branch[i];
   }
+#if defined(__CUDACC__)
+  // float4 form (policy/cuda/parallel.cuh, for_each_chunk): a quad stays in one token when D % 4 == 0
+  bool vec4_ok() const
+    requires std::is_same_v<T, float>
+  {
+    return D % 4 == 0 && ::dino::detail::aligned16(branch) && ::dino::detail::aligned16(base);
+  }
+  __device__ void vec4(std::int64_t q) const
+    requires std::is_same_v<T, float>
+  {
+    const float k = dp[token_crop[4 * q / D]];
+    const float4 x = reinterpret_cast<const float4*>(base)[q], o = reinterpret_cast<const float4*>(branch)[q];
+    reinterpret_cast<float4*>(branch)[q] = float4{x.x + k * o.x, x.y + k * o.y, x.z + k * o.z, x.w + k * o.w};
+  }
+#endif
 };
 template <class T>
 struct scale_crop_fn {  // CPU: dst = src * scale[c] over crop c
@@ -310,6 +326,20 @@ struct scale_elems_fn {  // device: the same per element
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
     for (std::int64_t i = lo; i < hi; ++i) dst[i] = src[i] * scale[token_crop[i / D]];
   }
+#if defined(__CUDACC__)
+  bool vec4_ok() const
+    requires std::is_same_v<T, float>
+  {
+    return D % 4 == 0 && ::dino::detail::aligned16(src) && ::dino::detail::aligned16(dst);
+  }
+  __device__ void vec4(std::int64_t q) const
+    requires std::is_same_v<T, float>
+  {
+    const float k = scale[token_crop[4 * q / D]];
+    const float4 s = reinterpret_cast<const float4*>(src)[q];
+    reinterpret_cast<float4*>(dst)[q] = float4{s.x * k, s.y * k, s.z * k, s.w * k};
+  }
+#endif
 };
 template <class T>
 struct drop_path_fn {  // dp[branch * crops + c]: 0 or 1 / keep (1 when off)

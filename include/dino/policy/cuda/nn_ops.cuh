@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 #include "dino/math/gelu.hpp"
 #include "dino/policy/cuda/memory.cuh"
@@ -47,6 +48,18 @@ struct gelu_fn {
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
     for (std::int64_t i = lo; i < hi; ++i) y[i] = math::gelu(a[i]);
   }
+  // float4 form (parallel.cuh, for_each_chunk)
+  bool vec4_ok() const
+    requires std::is_same_v<T, float>
+  {
+    return ::dino::detail::aligned16(a) && ::dino::detail::aligned16(y);
+  }
+  __device__ void vec4(std::int64_t q) const
+    requires std::is_same_v<T, float>
+  {
+    const float4 v = reinterpret_cast<const float4*>(a)[q];
+    reinterpret_cast<float4*>(y)[q] = float4{math::gelu(v.x), math::gelu(v.y), math::gelu(v.z), math::gelu(v.w)};
+  }
 };
 
 template <class T>
@@ -60,6 +73,23 @@ struct gelu_backward_fn {
       const T v = dy[i] * math::gelu_grad(a[i]);
       da[i] = accumulate ? da[i] + v : v;
     }
+  }
+  bool vec4_ok() const
+    requires std::is_same_v<T, float>
+  {
+    return ::dino::detail::aligned16(a) && ::dino::detail::aligned16(dy) && ::dino::detail::aligned16(da);
+  }
+  __device__ void vec4(std::int64_t q) const
+    requires std::is_same_v<T, float>
+  {
+    const float4 x = reinterpret_cast<const float4*>(a)[q], g = reinterpret_cast<const float4*>(dy)[q];
+    float4 v{g.x * math::gelu_grad(x.x), g.y * math::gelu_grad(x.y), g.z * math::gelu_grad(x.z),
+             g.w * math::gelu_grad(x.w)};
+    if (accumulate) {
+      const float4 o = reinterpret_cast<const float4*>(da)[q];
+      v = float4{o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w};
+    }
+    reinterpret_cast<float4*>(da)[q] = v;
   }
 };
 
