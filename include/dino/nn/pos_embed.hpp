@@ -142,6 +142,7 @@ pos_resize_tables<T> host_tables(const pos_resize<T>& r) {
 namespace detail {
 template <class T>
 struct pos_resize_forward_fn {  // out element e = (i * w0 + j) * D + d
+  static constexpr const char* profile_name = "position embedding resize";
   pos_resize_tables<T> t;
   const T* grid;
   T* out;
@@ -165,6 +166,7 @@ struct pos_resize_forward_fn {  // out element e = (i * w0 + j) * D + d
 
 template <class T>
 struct pos_resize_backward_fn {  // one column d of the grid gradient per call
+  static constexpr const char* profile_name = "position embedding resize backward";
   pos_resize_tables<T> t;
   const T* dout;
   T* dgrid;
@@ -187,6 +189,7 @@ struct pos_resize_backward_fn {  // one column d of the grid gradient per call
 
 template <class T>
 struct add_to_fn {  // x[i] += y[i]
+  static constexpr const char* profile_name = "position gradient add";
   T* x;
   const T* y;
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {

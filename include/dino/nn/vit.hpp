@@ -171,6 +171,7 @@ struct unfold_kept_fn {  // CPU: one crop's kept patches per call (row c * nk + 
 };
 template <class T>
 struct unfold_elems_fn {  // one element of the unfolded matrix [count * np, K] per index
+  static constexpr const char* profile_name = "patch unfolding";
   const T* img;
   T* u;
   std::int64_t C, H, W, p, w0, np, K;  // np: patch rows per crop (the kept ones of a masked set)
@@ -204,6 +205,7 @@ struct embed_crop_fn {  // CPU: one crop of a set per call (np: its patch tokens
 };
 template <class T>
 struct embed_elems_fn {  // device: one element of a set's token rows x0 [count * (1 + np), D]
+  static constexpr const char* profile_name = "token embedding";
   T* x0;
   const T *tmp, *pr, *cls, *pe, *bp;
   std::int64_t np, D;              // np: patch tokens per crop (the kept ones of a masked set)
@@ -222,6 +224,7 @@ struct embed_elems_fn {  // device: one element of a set's token rows x0 [count 
 };
 template <class T>
 struct kept_pos_sum_fn {  // device: dpos[g, d] = sum over kept rows r in order with keep[r] == g of tmp[r, d]
+  static constexpr const char* profile_name = "position gradient sum (kept patches)";
   const T* tmp;
   const std::int64_t* keep;
   T* dpos;
@@ -238,6 +241,7 @@ struct kept_pos_sum_fn {  // device: dpos[g, d] = sum over kept rows r in order 
 };
 template <class T>
 struct gather_cls_fn {  // y[c, :] = tokens[offset_c, :]
+  static constexpr const char* profile_name = "CLS gather";
   const segment* segs;
   const T* tokens;
   T* y;
@@ -248,6 +252,7 @@ struct gather_cls_fn {  // y[c, :] = tokens[offset_c, :]
 };
 template <class T>
 struct scatter_cls_fn {  // d_tokens[r, d] = r is crop c's CLS row ? dy[c, d] : 0
+  static constexpr const char* profile_name = "CLS gradient scatter";
   const segment* segs;
   const std::int64_t* token_crop;
   const T* dy;
@@ -277,6 +282,8 @@ struct residual_crop_fn {  // CPU: branch = base + dp[c] * branch over crop c
 };
 template <class T>
 struct residual_elems_fn {  // device: the same per element
+  static constexpr const char* profile_name = "DropPath residual";
+  static constexpr const char* profile_name_vec4 = "DropPath residual (float4)";
   const std::int64_t* token_crop;
   T* branch;
   const T* base;
@@ -318,6 +325,8 @@ struct scale_crop_fn {  // CPU: dst = src * scale[c] over crop c
 };
 template <class T>
 struct scale_elems_fn {  // device: the same per element
+  static constexpr const char* profile_name = "scaled branch gradient";
+  static constexpr const char* profile_name_vec4 = "scaled branch gradient (float4)";
   const std::int64_t* token_crop;
   const T* src;
   const T* scale;
@@ -343,6 +352,7 @@ struct scale_elems_fn {  // device: the same per element
 };
 template <class T>
 struct drop_path_fn {  // dp[branch * crops + c]: 0 or 1 / keep (1 when off)
+  static constexpr const char* profile_name = "DropPath draws";
   T* dp;
   std::int64_t crops;
   double rate;
@@ -364,6 +374,7 @@ struct drop_path_fn {  // dp[branch * crops + c]: 0 or 1 / keep (1 when off)
 };
 template <class T>
 struct patch_grad_gather_fn {  // device: tmp [count * np, D] = the set's patch-token rows of dx
+  static constexpr const char* profile_name = "patch gradient gather";
   const T* dx0;
   T* tmp;
   std::int64_t np, D;
@@ -376,6 +387,7 @@ struct patch_grad_gather_fn {  // device: tmp [count * np, D] = the set's patch-
 };
 template <class T>
 struct cls_grad_fn {  // device: column d of the CLS and pos[0] gradients, crops in order
+  static constexpr const char* profile_name = "CLS and position[0] gradient sums";
   const T* dx0;
   T* gcls;
   T* gpos;
@@ -390,6 +402,7 @@ struct cls_grad_fn {  // device: column d of the CLS and pos[0] gradients, crops
 };
 template <class T>
 struct crop_sum_fn {  // device: dpos[t] = sum over crops c in order of tmp[c * n + t]
+  static constexpr const char* profile_name = "position gradient sum over crops";
   const T* tmp;
   T* dpos;
   std::int64_t count, n;

@@ -43,6 +43,8 @@ struct broadcast_rows_fn {
 
 template <class T>
 struct gelu_fn {
+  static constexpr const char* profile_name = "GELU";
+  static constexpr const char* profile_name_vec4 = "GELU (float4)";
   const T* a;
   T* y;
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
@@ -64,6 +66,8 @@ struct gelu_fn {
 
 template <class T>
 struct gelu_backward_fn {
+  static constexpr const char* profile_name = "GELU backward";
+  static constexpr const char* profile_name_vec4 = "GELU backward (float4)";
   const T* a;
   const T* dy;
   T* da;

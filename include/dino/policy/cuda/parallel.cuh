@@ -9,6 +9,8 @@
 //                                     range, consecutive threads on consecutive elements;
 //                                     or f.vec4(q) over the quads [4q, 4q + 4) when f has
 //                                     that float4 form and f.vec4_ok() allows it (below)
+// A functor may name itself for cuda::op_profile (static constexpr const char* profile_name,
+// and profile_name_vec4 for its float4 form); unnamed ones show as the runner.
 // Kernels go to pol.stream and return at once (no synchronisation). Row functors that
 // would gain from a warp or block per row (LayerNorm, softmax over K) have their own kernels.
 #pragma once
@@ -45,6 +47,18 @@ __global__ void quads_kernel(std::int64_t quads, F f) {
        q += std::int64_t(blockDim.x) * gridDim.x)
     f.vec4(q);
 }
+// The name a cuda::op_profile shows for a runner's launch: the functor's profile_name (or,
+// for its float4 form, profile_name_vec4) when it has one, else the runner's.
+template <class F>
+constexpr const char* op_name(const char* runner) {
+  if constexpr (requires { F::profile_name; }) return F::profile_name;
+  else return runner;
+}
+template <class F>
+constexpr const char* op_name_vec4(const char* runner) {
+  if constexpr (requires { F::profile_name_vec4; }) return F::profile_name_vec4;
+  else return runner;
+}
 inline unsigned grid_for(std::int64_t work, int block = threads_per_block) {
   const std::int64_t g = (work + block - 1) / block;
   return static_cast<unsigned>(std::clamp<std::int64_t>(g, 1, 65535LL * 16));
@@ -55,7 +69,7 @@ template <class F>
 inline void for_each_row(const cuda_policy& pol, std::int64_t rows, F f) {
   if (rows <= 0) return;
   detail::rows_kernel<<<detail::grid_for(rows), detail::threads_per_block, 0, pol.stream>>>(rows, f);
-  DINO_CUDA_LAUNCHED("for_each_row");
+  DINO_CUDA_LAUNCHED(detail::op_name<F>("for_each_row"));
 }
 template <class F>
 inline void for_each_row_cyclic(const cuda_policy& pol, std::int64_t rows, F f) {
@@ -77,13 +91,13 @@ inline void for_each_chunk(const cuda_policy& pol, std::int64_t n, F f) {
     if (n % 4 == 0 && f.vec4_ok()) {
       const std::int64_t quads = n / 4;
       detail::quads_kernel<<<detail::grid_for(quads), detail::threads_per_block, 0, pol.stream>>>(quads, f);
-      DINO_CUDA_LAUNCHED("for_each_chunk (float4)");
+      DINO_CUDA_LAUNCHED(detail::op_name_vec4<F>("for_each_chunk (float4)"));
       return;
     }
   }
   constexpr std::int64_t per = 1;
   detail::chunks_kernel<<<detail::grid_for((n + per - 1) / per), detail::threads_per_block, 0, pol.stream>>>(n, per, f);
-  DINO_CUDA_LAUNCHED("for_each_chunk");
+  DINO_CUDA_LAUNCHED(detail::op_name<F>("for_each_chunk"));
 }
 
 }  // namespace dino::cuda
