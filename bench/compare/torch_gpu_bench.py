@@ -26,8 +26,14 @@ followed by torch.cuda.synchronize(). peak_device_MiB = torch.cuda.max_memory_al
 activations, cuBLAS workspaces that go through the caching allocator); peak_reserved_MiB is
 max_memory_reserved. Neither counts the CUDA context.
 
+--compile MODE wraps the student and the teacher (training) or the model (inference) in
+torch.compile(mode=MODE) (default, reduce-overhead: CUDA graphs, max-autotune); the step
+around them stays eager, as the official code's. The workload is then printed as
+<workload>+compile_<mode> (compile_default, compile_reduce-overhead, ...), and the warm-up
+steps, which run the compilation, are not timed.
+
 Usage: torch_gpu_bench.py [--device cuda|cpu] [--only NAME] [--precision fp32|tf32|bf16]
-                          [--batch N] [--reps R] [--warmup W]
+                          [--batch N] [--reps R] [--warmup W] [--compile MODE]
   --device cpu is a smoke test of the script's logic (no timings worth reading), e.g.
   torch_gpu_bench.py --device cpu --batch 2 --reps 1 --warmup 1 --only train_small
 Prints one line per workload and precision:
@@ -99,6 +105,15 @@ def peak_mib(device):
     return (torch.cuda.max_memory_allocated(device) / 2.0 ** 20, torch.cuda.max_memory_reserved(device) / 2.0 ** 20)
 
 
+def compiled(module, args):
+    """module, or torch.compile(module, mode=args.compile) with --compile."""
+    return torch.compile(module, mode=args.compile) if args.compile else module
+
+
+def label(name, args):
+    return name + ("+compile_" + args.compile if args.compile else "")
+
+
 def emit(name, precision, batch, timing, device, args, extra=""):
     med, lo, hi = timing
     alloc, reserved = peak_mib(device)
@@ -131,6 +146,8 @@ def bench_train(name, precision, device, args):
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
+    # the optimizer, the clipping and the EMA read the modules' own parameters
+    student_fwd, teacher_fwd = compiled(student, args), compiled(teacher, args)
     dino_loss = tb.DINOLoss(K, n_local + 2, 0.04, 0.04, 0, epochs).to(device)
     params_groups = tb.get_params_groups(student)
     optimizer = torch.optim.AdamW(params_groups)  # foreach left at PyTorch's default
@@ -155,8 +172,8 @@ def bench_train(name, precision, device, args):
             if i == 0:
                 param_group["weight_decay"] = wd_schedule[it]
         with autocast(precision, device):
-            teacher_output = teacher(images[:2])
-            student_output = student(images)
+            teacher_output = teacher_fwd(images[:2])
+            student_output = student_fwd(images)
             loss = dino_loss(student_output, teacher_output, epoch)
         if not math.isfinite(loss.item()):
             sys.exit("Loss is {}, stopping training".format(loss.item()))
@@ -173,7 +190,7 @@ def bench_train(name, precision, device, args):
         state["it"] = it + 1
 
     t = timed(step, device, args.warmup, args.reps)
-    emit(name, precision, B, t, device, args, " loss=%.4f" % state["loss"])
+    emit(label(name, args), precision, B, t, device, args, " loss=%.4f" % state["loss"])
 
 
 # ----------------------------------------------------------------------------- inference
@@ -182,15 +199,16 @@ def bench_infer(name, precision, device, args):
     reset_memory(device)
     torch.manual_seed(0)
     model = tb.vit_small(16).to(device).eval()
+    fwd = compiled(model, args)
     x = torch.randn(B, 3, 224, 224, device=device)
 
     def call():
         with torch.no_grad(), autocast(precision, device):
-            y = model(x)
+            y = fwd(x)
         assert y.shape == (B, 384)
 
     t = timed(call, device, args.warmup, args.reps)
-    emit(name, precision, B, t, device, args)
+    emit(label(name, args), precision, B, t, device, args)
 
 
 def main():
@@ -202,6 +220,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU smoke test; 0: default)")
+    ap.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"], default=None,
+                    help="torch.compile the models with this mode (default: eager)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
