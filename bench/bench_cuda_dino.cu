@@ -35,6 +35,8 @@
 // and the GPU time per operation, largest first ("profile ..." lines).
 // Output: one line per workload and precision,
 //   dino <workload> precision=<fp32|tf32|bf16> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+// Training rows add workspace_MiB (the step's planned workspace) and activations_MiB (the part
+// of it the backward keeps: the activation memory per step, method::memory()).
 // host_ms is the median time for a call to return before the stream is synchronised: the
 // host's enqueueing. Close to ms_per_step, the step is bound by its launches, not the GPU.
 // Exits 77 when there is no CUDA device.
@@ -249,7 +251,8 @@ void bench_train(const dino::cuda::context& ctx, train_spec s, precision pr, con
   m.read_stats(pol, last);  // the last timed step's loss (a GPU step's stats are read later)
   emit(s.name, pr, s.batch, t, mem, o,
        " loss=" + fmt("%.4f", last.loss) + " skipped=" + std::to_string(last.skipped ? 1 : 0) +
-           " workspace_MiB=" + fmt("%.1f", double(m.workspace_bytes()) / double(1 << 20)));
+           " workspace_MiB=" + fmt("%.1f", double(m.workspace_bytes()) / double(1 << 20)) +
+           " activations_MiB=" + fmt("%.1f", double(m.memory().activations) / double(1 << 20)));
   profile_calls(ctx, s.name, pr, o, step);
 }
 
