@@ -107,14 +107,16 @@ timing time_steps(const dino::cuda::context& ctx, const options& o, peak_meter& 
     ms.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
     mem.sample();
   }
-  std::sort(ms.begin(), ms.end());
-  const std::size_t n = ms.size();
+  const auto median = [](std::vector<double>& v) {  // sorts v
+    std::sort(v.begin(), v.end());
+    const std::size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
   timing t;
-  t.median_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+  t.median_ms = median(ms);
   t.min_ms = ms.front();
   t.max_ms = ms.back();
-  std::sort(host.begin(), host.end());
-  t.host_ms = n % 2 ? host[n / 2] : 0.5 * (host[n / 2 - 1] + host[n / 2]);
+  t.host_ms = median(host);
   return t;
 }
 
@@ -157,7 +159,8 @@ void emit(const std::string& workload, precision pr, std::int64_t batch, const t
               "host_ms=%s reps=%d%s\n",
               workload.c_str(), pr.name(), fmt("%.2f", double(batch) * 1e3 / t.median_ms).c_str(),
               fmt("%.3f", t.median_ms).c_str(), fmt("%.1f", mem.mib()).c_str(), static_cast<long long>(batch),
-              fmt("%.3f", t.min_ms).c_str(), fmt("%.3f", t.max_ms).c_str(), fmt("%.3f", t.host_ms).c_str(), o.reps, extra.c_str());
+              fmt("%.3f", t.min_ms).c_str(), fmt("%.3f", t.max_ms).c_str(), fmt("%.3f", t.host_ms).c_str(), o.reps,
+              extra.c_str());
   std::fflush(stdout);
 }
 

@@ -69,6 +69,12 @@ inline double entropy_bound(double z_max, std::int64_t K, double h_max) {
   return 1e-6 * (z_max + std::log(double(K)) + h_max);
 }
 
+/// v[off, off + n) as a vector of its own (a parameter tensor of a flat buffer, a batch entry).
+template <class T>
+std::vector<T> slice(const std::vector<T>& v, std::size_t off, std::size_t n) {
+  return {v.begin() + static_cast<std::ptrdiff_t>(off), v.begin() + static_cast<std::ptrdiff_t>(off + n)};
+}
+
 /// Normwise relative error max_i |a_i - b_i| / max_i |b_i| (the GPU against its CPU twin).
 /// Element-wise relative error is the wrong measure for sums with cancellation (a GEMM
 /// entry near zero carries the rounding of terms of size one); this is the one the bounds

@@ -5,6 +5,7 @@
 #include <bit>
 
 #include "cuda_test_support.cuh"
+#include "naive_gemm.hpp"
 
 using namespace dino_test;
 using dino::cpu_policy;
@@ -62,24 +63,12 @@ TEST_CASE("cuda gemm: leading dimensions, strided batches, k = 0 and TF32") {
 }
 
 namespace {
-std::vector<float> slice_of(const std::vector<float>& v, std::size_t off, std::size_t n) {
-  return {v.begin() + std::ptrdiff_t(off), v.begin() + std::ptrdiff_t(off + n)};
-}
 // op(A) op(B) in double from operands rounded to bf16 by `round` (row-major, no batch).
 template <class Round>
 std::vector<float> product_of_rounded(const gemm_desc& d, const std::vector<float>& A, const std::vector<float>& B,
                                       Round round) {
   std::vector<float> C(std::size_t(d.m * d.n));
-  for (std::int64_t i = 0; i < d.m; ++i)
-    for (std::int64_t j = 0; j < d.n; ++j) {
-      double s = 0;
-      for (std::int64_t p = 0; p < d.k; ++p) {
-        const float a = d.trans_a ? A[std::size_t(p * d.m + i)] : A[std::size_t(i * d.k + p)];
-        const float b = d.trans_b ? B[std::size_t(j * d.k + p)] : B[std::size_t(p * d.n + j)];
-        s += double(round(a)) * double(round(b));
-      }
-      C[std::size_t(i * d.n + j)] = float(s);
-    }
+  naive_gemm(d, 1.0f, A.data(), B.data(), 0.0f, C.data(), round);
   return C;
 }
 }  // namespace
@@ -100,7 +89,8 @@ TEST_CASE("cuda gemm in bf16 (cuda_policy::bf16): operands rounded to bf16, fp32
         CAPTURE(m);
         CAPTURE(k);
         const gemm_desc d{bool(ta), bool(tb), m, n, k};
-        const auto A = random_vector<float>(std::size_t(m * k), 1 + m), B = random_vector<float>(std::size_t(k * n), 2 + n);
+        const auto A = random_vector<float>(std::size_t(m * k), 1 + m);
+        const auto B = random_vector<float>(std::size_t(k * n), 2 + n);
         auto dA = upload(A), dB = upload(B);
         dino::cuda::device_buffer<float> dC(std::size_t(m * n));
         dino::gemm(gpu().policy(false, true), d, 1.0f, dA.data(), dB.data(), 0.0f, dC.data());
@@ -131,9 +121,9 @@ TEST_CASE("cuda gemm in bf16 (cuda_policy::bf16): operands rounded to bf16, fp32
   for (int b = 0; b < 6; ++b) {
     CAPTURE(b);
     const gemm_desc one{false, true, 17, 17, 64};
-    auto ref = product_of_rounded(one, slice_of(A, b * 17 * 64, 17 * 64), slice_of(B, b * 17 * 64, 17 * 64), rne);
+    auto ref = product_of_rounded(one, slice(A, b * 17 * 64, 17 * 64), slice(B, b * 17 * 64, 17 * 64), rne);
     for (auto& v : ref) v *= 0.125f;
-    DINO_CHECK_CLOSE(slice_of(C, b * 17 * 17, 17 * 17), ref, 1.5e-2);
+    DINO_CHECK_CLOSE(slice(C, b * 17 * 17, 17 * 17), ref, 1.5e-2);
   }
 }
 

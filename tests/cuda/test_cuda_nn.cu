@@ -271,11 +271,6 @@ TEST_CASE("cuda bicubic position resize (+0.1 offset) and its gradient match the
 }
 
 #if defined(DINO_TEST_HAVE_CUDA_ATTENTION)
-namespace {
-std::vector<float> slice(const std::vector<float>& v, std::size_t off, std::size_t n) {
-  return {v.begin() + static_cast<std::ptrdiff_t>(off), v.begin() + static_cast<std::ptrdiff_t>(off + n)};
-}
-}  // namespace
 
 TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward, inference, backward, checkpointing, bf16") {
   const auto pol = gpu().policy();

@@ -15,6 +15,7 @@
 #include <dino/dino.hpp>
 
 #include "gradcheck.hpp"
+#include "naive_gemm.hpp"
 
 // Counts the C allocator's calls of this test binary (glibc, no sanitizer): the executable's
 // definitions interpose malloc and friends, which forward to glibc's __libc_* entry points.
@@ -62,25 +63,6 @@ int posix_memalign(void** out, std::size_t a, std::size_t n) {
 
 using namespace dino;
 
-namespace {
-// C = alpha op(A) op(B) + beta C, naive, double accumulation.
-template <class T>
-void naive(const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C) {
-  const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k);
-  const std::int64_t ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
-  const std::int64_t ldc = d.ldc ? d.ldc : d.n;
-  for (std::int64_t i = 0; i < d.m; ++i)
-    for (std::int64_t j = 0; j < d.n; ++j) {
-      double s = 0;
-      for (std::int64_t p = 0; p < d.k; ++p) {
-        const double a = d.trans_a ? A[p * lda + i] : A[i * lda + p];
-        const double b = d.trans_b ? B[j * ldb + p] : B[p * ldb + j];
-        s += a * b;
-      }
-      C[i * ldc + j] = T(alpha * s + (beta == T(0) ? 0.0 : double(beta) * C[i * ldc + j]));
-    }
-}
-}  // namespace
 
 TEST_CASE_TEMPLATE("gemm matches naive loops: transposes, alpha, beta, leading dimensions", T, float, double) {
   const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-12;
@@ -101,7 +83,7 @@ TEST_CASE_TEMPLATE("gemm matches naive loops: transposes, alpha, beta, leading d
           for (int threads : {1, 2}) {
             std::vector<T> Cw = C;
             gemm(cpu_policy{threads}, d, T(alpha), A.data(), B.data(), T(beta), Cw.data());
-            naive(d, T(alpha), A.data(), B.data(), T(beta), R.data());
+            dino_test::naive_gemm(d, T(alpha), A.data(), B.data(), T(beta), R.data());
             double err = 0, ref = 0;
             for (std::int64_t i = 0; i < m; ++i)
               for (std::int64_t j = 0; j < n; ++j) {
@@ -139,7 +121,7 @@ TEST_CASE("strided batched gemm equals one gemm per batch") {
   gemm_desc one = d;
   one.batch = 1;
   for (std::int64_t i = 0; i < batch; ++i)
-    naive(one, 1.0, A.data() + i * d.stride_a, B.data() + i * d.stride_b, 0.0, R.data() + i * d.stride_c);
+    dino_test::naive_gemm(one, 1.0, A.data() + i * d.stride_a, B.data() + i * d.stride_b, 0.0, R.data() + i * d.stride_c);
   CHECK(dino_test::rel_error(C, R) < 1e-13);
 }
 

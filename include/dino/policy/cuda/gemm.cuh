@@ -17,6 +17,7 @@
 // bytes otherwise, and may then refuse a pointer into the middle of a buffer).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -45,7 +46,7 @@ struct lt_plan {
 // leading dims, batch and strides, bias epilogue, the operands' pointer alignments.
 using lt_key = std::tuple<void*, std::size_t, int, int, bool, bool, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                          std::int64_t, bool, std::uint32_t>;
+                          std::int64_t, bool, std::array<std::uint32_t, 4>>;
 
 // The largest power of two (up to 256) that divides the address. cuBLASLt's heuristic assumes
 // 256-byte aligned operands unless told otherwise, and an algorithm chosen under that
@@ -57,19 +58,9 @@ inline std::uint32_t alignment_of(const void* p) {
   while (al > 1 && (a & (al - 1)) != 0) al >>= 1;
   return al;
 }
-// The alignments of the call's operands (B's memory, A's memory, C, D: the column-major order
-// of the call) packed one byte each as log2, for the plan's key.
-struct operand_alignment {
-  std::uint32_t a = 256, b = 256, c = 256, d = 256;
-  std::uint32_t packed() const {
-    const auto lg = [](std::uint32_t v) {
-      std::uint32_t l = 0;
-      while ((1u << l) < v) ++l;
-      return l;
-    };
-    return lg(a) | (lg(b) << 8) | (lg(c) << 16) | (lg(d) << 24);
-  }
-};
+// The alignments of the call's operands in the order of the column-major call: B's memory (its
+// "A"), A's memory (its "B"), C and D.
+using operand_alignment = std::array<std::uint32_t, 4>;
 
 inline std::map<lt_key, lt_plan>& lt_cache() {
   static std::map<lt_key, lt_plan> cache;  // plans live as long as the program
@@ -97,7 +88,7 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   const int mode = dbl ? 0 : pol.bf16 ? 2 : pol.tf32 ? 1 : 0;
   const lt_key key{pol.lt,    pol.gemm_workspace_bytes, dbl ? 1 : 0, mode,       d.trans_a,  d.trans_b,
                    d.m,       d.n,                      d.k,         lda,        ldb,        ldc,
-                   d.batch,   d.stride_a,               d.stride_b,  d.stride_c, bias,       al.packed()};
+                   d.batch,   d.stride_a,               d.stride_b,  d.stride_c, bias,       al};
   std::lock_guard<std::mutex> lock(lt_mutex());
   auto& cache = lt_cache();
   if (auto it = cache.find(key); it != cache.end()) return it->second;
@@ -131,10 +122,10 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   DINO_CUBLAS_CHECK(
       cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   const std::pair<cublasLtMatmulPreferenceAttributes_t, std::uint32_t> aligns[4] = {
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al.a},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al.b},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al.c},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al.d}};
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al[0]},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al[1]},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al[2]},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al[3]}};
   for (const auto& [attr, v] : aligns)
     DINO_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &v, sizeof(v)));
   cublasLtMatmulHeuristicResult_t result{};
