@@ -8,7 +8,14 @@
 // tensor-core forward (float, head dims 32/64/128, segments up to 256 tokens) on the same
 // packs and on 256/257-token segments, within 5e-3 (TF32 keeps 10 mantissa bits: about 5e-4
 // per rounded operand; scores of 64-term dot products of values in [-2, 2]); its backward
-// (dP, dQ, dK, dV on tensor cores too) within 1e-2 on dqkv and dS.
+// (dP, dQ, dK, dV on tensor cores too) within 1e-2 on dqkv and dS. With a bf16 policy, the
+// bf16 tensor-core forward (float, head dims 32/64/128, any length: 300 tokens too) within
+// 4e-2 on out, P and the CLS rows, and its backward (bf16 tensor cores too) within 8e-2 on
+// dqkv and dS: bf16 keeps 7 mantissa bits, a rounding 8 times TF32's, so the TF32 bounds
+// times 8 (the host emulation of these kernels, tests/emu/, measured at most 4.3e-3 on dqkv
+// against the CPU's fp32); its results are further from the CPU's than the TF32 kernels' (the
+// bf16 paths are the ones that ran); without keep_probs it leaves P alone and gives the same
+// out and CLS rows bit for bit; a NaN query makes its own row NaN and no other.
 //
 // Bounds, normwise (max |gpu - cpu| / max |cpu|, cuda_test_support.cuh), per quantity:
 //   fp32    out, probs, CLS rows, dqkv, dS (scratch): 1e-5 each. Measured on the CPU, a float
@@ -106,21 +113,30 @@ std::vector<T> nan_vector(std::size_t n) {
   return std::vector<T>(n, std::numeric_limits<T>::quiet_NaN());
 }
 
-// tf32: the policy asks for TF32, so the forward of float packs with head dims 32/64/128 and
-// segments of at most 256 tokens runs on tensor cores (bound fwd_tf32_bound for out, P and
-// the CLS rows); the backward is the same kernel either way.
+// mode 1 (tf32): the policy asks for TF32, so the forward of float packs with head dims
+// 32/64/128 and segments of at most 256 tokens runs on tensor cores (bound fwd_tf32_bound for
+// out, P and the CLS rows); the backward is the same kernel either way. mode 2 (bf16): the
+// bf16 policy, whose forward runs forward_bf16_kernel for float head dims 32/64/128 at any
+// length (fwd_bf16_bound) and whose backward runs the bf16 backward kernels (bwd_bf16_bound).
 constexpr double fwd_tf32_bound = 5e-3;
 constexpr double bwd_tf32_bound = 1e-2;  // dS and dqkv: one more TF32 product after dP
+constexpr double fwd_bf16_bound = 8 * fwd_tf32_bound;  // unit roundoff 2^-8 against TF32's 2^-11
+constexpr double bwd_bf16_bound = 8 * bwd_tf32_bound;
+
+enum mode { exact = 0, tf32_mode = 1, bf16_mode = 2 };
+dino::cuda_policy policy_for(int m) { return m == bf16_mode ? gpu().policy(false, true) : gpu().policy(m == tf32_mode); }
 
 struct errors {
   double out = 0, probs = 0, dqkv = 0, ds = 0;
 };
 
 template <class T>
-errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uint64_t seed, bool tf32 = false) {
+errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::uint64_t seed, int m = exact) {
   constexpr bool fp32 = std::is_same_v<T, float>;
   const double bound = fp32 ? 1e-5 : 1e-12;  // normwise, every quantity
-  const double fwd_bound = tf32 ? fwd_tf32_bound : bound, bwd_bound = tf32 ? bwd_tf32_bound : bound;
+  const bool tc = fp32 && m != exact;        // a tensor-core mode (double ignores it)
+  const double fwd_bound = !tc ? bound : m == bf16_mode ? fwd_bf16_bound : fwd_tf32_bound;
+  const double bwd_bound = !tc ? bound : m == bf16_mode ? bwd_bf16_bound : bwd_tf32_bound;
   errors e;
   const std::int64_t Tn = p.tokens;
   const auto qkv = random_vector<T>(std::size_t(Tn * 3 * D), seed, -2.0, 2.0);
@@ -139,7 +155,7 @@ errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::u
   auto d_out = upload(nan_vector<T>(out.size())), d_probs = upload(nan_vector<T>(p.probs)),
        d_cls = upload(nan_vector<T>(std::max<std::size_t>(p.cls, 1)));
   auto d_dqkv = upload(nan_vector<T>(dqkv.size())), d_scratch = upload(nan_vector<T>(std::max<std::size_t>(p.probs, 1)));
-  const dino::cuda_policy pol = gpu().policy(tf32);  // the first gpu() makes the context: count after it
+  const dino::cuda_policy pol = policy_for(m);  // the first gpu() makes the context: count after it
   const auto allocs = dino::cuda::device_allocations();
   probe::forward_like_vit(pol, heads, D, p.segs, p.poff, static_cast<const T*>(d_qkv.data()), d_out.data(),
                           d_probs.data(), d_cls.data(), p.cls_off.data());
@@ -178,6 +194,24 @@ errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::u
     DINO_CHECK_CLOSE(g, dP, bwd_bound);
   }
   return e;
+}
+
+/// The forward on qkv one float past a 16-byte boundary (the kernels stage element by element),
+/// 3 heads of 64, against the CPU within `bound`.
+void check_misaligned_forward(const std::vector<std::int64_t>& lengths, std::uint64_t seed, int m, double bound) {
+  const std::int64_t heads = 3, D = 192;
+  const pack p = make_pack(lengths, heads);
+  const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), seed, -2.0, 2.0);
+  std::vector<float> out(std::size_t(p.tokens * D)), probs(p.probs);
+  dino::nn::attention_forward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data());
+  std::vector<float> shifted(qkv.size() + 1, 0.0f);
+  std::copy(qkv.begin(), qkv.end(), shifted.begin() + 1);
+  auto d_shift = upload(shifted);
+  auto d_out = upload(nan_vector<float>(out.size())), d_probs = upload(nan_vector<float>(p.probs));
+  probe::train_forward_like_vit(policy_for(m), heads, D, p.segs, p.poff, d_shift.data() + 1, d_out.data(),
+                                d_probs.data());
+  DINO_CHECK_CLOSE(download(d_out), out, bound);
+  DINO_CHECK_CLOSE(download(d_probs), probs, bound);
 }
 
 struct head_case {
@@ -280,21 +314,7 @@ TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 roundin
   check_attention<float>(make_pack({17, 5, 5}, 3, 0, false), 3, 30, seed++, true);         // padded: fp32 path
   check_attention<double>(make_pack({37, 3}, 3), 3, 192, seed++, true);                     // double: fp64 path
 
-  {  // qkv one float past a 16-byte boundary: the kernel stages element by element
-    const std::int64_t heads = 3, D = 192;
-    const pack p = make_pack({50, 10, 10}, heads);
-    const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 798, -2.0, 2.0);
-    std::vector<float> out(std::size_t(p.tokens * D)), probs(p.probs);
-    dino::nn::attention_forward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data());
-    std::vector<float> shifted(qkv.size() + 1, 0.0f);
-    std::copy(qkv.begin(), qkv.end(), shifted.begin() + 1);
-    auto d_shift = upload(shifted);
-    auto d_out = upload(nan_vector<float>(out.size())), d_probs = upload(nan_vector<float>(p.probs));
-    probe::train_forward_like_vit(gpu().policy(true), heads, D, p.segs, p.poff, d_shift.data() + 1, d_out.data(),
-                                  d_probs.data());
-    DINO_CHECK_CLOSE(download(d_out), out, fwd_tf32_bound);
-    DINO_CHECK_CLOSE(download(d_probs), probs, fwd_tf32_bound);
-  }
+  check_misaligned_forward({50, 10, 10}, 798, tf32_mode, fwd_tf32_bound);  // element-wise staging
 
   // The tensor-core path is the one that ran: its output is not the fp32 kernel's bit for bit
   // (TF32 rounds the operands), and it is close to it.
@@ -314,6 +334,78 @@ TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 roundin
   MESSAGE("TF32 against fp32 attention output, max |difference|: " << diff);
   CHECK(diff > 0.0);
   DINO_CHECK_CLOSE(outs[1], outs[0], fwd_tf32_bound);
+}
+
+TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on bf16 tensor cores, at any length") {
+  const std::vector<std::vector<std::int64_t>> packs = {
+      {197}, {17, 17, 17, 5, 5, 5, 5, 5}, {1}, {2}, {37}, {1, 2, 37, 197}, {256}, {257}, {63, 64, 65}, {300}};
+  std::uint64_t seed = 900;
+  for (const auto& hc : head_cases)
+    for (const auto& lengths : packs) {
+      CAPTURE(hc.D / hc.heads);
+      CAPTURE(lengths.size());
+      CAPTURE(lengths.front());
+      const pack p = make_pack(lengths, hc.heads);
+      const errors e = check_attention<float>(p, hc.heads, hc.D, seed, bf16_mode);
+      if (lengths.size() == 1 && lengths[0] == 197) {
+        // the bf16 kernel is the one that ran: further from the CPU than the TF32 kernel
+        const errors t = check_attention<float>(p, hc.heads, hc.D, seed, tf32_mode);
+        MESSAGE("bf16, one segment of 197, head dim " << hc.D / hc.heads << ": normwise errors out " << e.out
+                                                      << ", P " << e.probs << ", dqkv " << e.dqkv << ", dS " << e.ds
+                                                      << " (TF32: out " << t.out << ", P " << t.probs << ", dqkv "
+                                                      << t.dqkv << ", dS " << t.ds << ")");
+        CHECK(e.out > t.out);
+        CHECK(e.probs > t.probs);
+        CHECK(e.dqkv > t.dqkv);
+      }
+      ++seed;
+    }
+  check_attention<float>(make_pack({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, bf16_mode);  // gaps
+  check_attention<float>(make_pack({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, bf16_mode);       // reversed
+  check_attention<float>(make_pack({17, 5, 5}, 3, 0, false), 3, 30, seed++, bf16_mode);         // padded: fp32 path
+  check_attention<double>(make_pack({37, 3}, 3), 3, 192, seed++, bf16_mode);                     // double: fp64 path
+
+  check_misaligned_forward({50, 10, 70}, 998, bf16_mode, fwd_bf16_bound);  // element-wise staging
+
+  const std::int64_t heads = 6, D = 384;
+  const pack p = make_pack({197, 197, 37, 37}, heads);
+  const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 999, -2.0, 2.0);
+  const dino::cuda_policy pol = policy_for(bf16_mode);
+  {  // inference (keep_probs false): P left alone, the same out and CLS rows as with P kept
+    auto d_qkv = upload(qkv);
+    std::vector<std::vector<float>> outs, clss, probss;
+    for (bool keep : {true, false}) {
+      auto d_out = upload(nan_vector<float>(std::size_t(p.tokens * D))), d_probs = upload(nan_vector<float>(p.probs)),
+           d_cls = upload(nan_vector<float>(p.cls));
+      dino::cuda::attention_forward(pol, heads, D, p.segs, p.poff, static_cast<const float*>(d_qkv.data()),
+                                    d_out.data(), d_probs.data(), d_cls.data(), p.cls_off.data(), keep);
+      outs.push_back(download(d_out));
+      clss.push_back(download(d_cls));
+      probss.push_back(download(d_probs));
+    }
+    CHECK(outs[0] == outs[1]);  // bit for bit (no NaN: every row is written)
+    CHECK(clss[0] == clss[1]);
+    CHECK(std::all_of(probss[1].begin(), probss[1].end(), [](float v) { return std::isnan(v); }));
+    CHECK(std::none_of(probss[0].begin(), probss[0].end(), [](float v) { return std::isnan(v); }));
+  }
+  {  // a NaN query: its row of its head is NaN, every other output finite
+    auto bad = qkv;
+    const std::int64_t tok = 3, h = 2, hd = D / heads;  // token 3 of the first segment, head 2
+    bad[std::size_t(tok * 3 * D + h * hd + 5)] = std::numeric_limits<float>::quiet_NaN();
+    auto d_qkv = upload(bad);
+    auto d_out = upload(nan_vector<float>(std::size_t(p.tokens * D))), d_probs = upload(nan_vector<float>(p.probs));
+    probe::train_forward_like_vit(pol, heads, D, p.segs, p.poff, d_qkv.data(), d_out.data(), d_probs.data());
+    const auto out = download(d_out);
+    for (std::int64_t t = 0; t < p.tokens; ++t)
+      for (std::int64_t c = 0; c < D; ++c) {
+        const bool expect_nan = t == tok && c / hd == h;
+        if (std::isnan(out[std::size_t(t * D + c)]) != expect_nan) {
+          FAIL_CHECK("token " << t << " column " << c << (expect_nan ? " should be NaN" : " should be finite"));
+          t = p.tokens;
+          break;
+        }
+      }
+  }
 }
 
 TEST_CASE("cuda attention refuses head dims over 128") {

@@ -400,36 +400,50 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
   // rounds the operands its own way (test_cuda_core: within a bf16 step of round-to-nearest-
   // even, not equal), so the two bf16 results are two roundings of the same size: each is
   // bounded by three times the CPU's own bf16 error (bf16 against fp32, measured here), and
-  // the GPU's must differ from fp32 (the rounding happened)
+  // the GPU's must differ from fp32 (the rounding happened). Run twice: with the TF32
+  // attention kernels (bf16_attention false: the GEMMs alone are rounded, as on the CPU) and
+  // with the bf16 attention kernels of the bf16 policy (head dim 32 here), which round the
+  // attention's operands too and must change the result; the same bound holds for both.
   {
-    const auto bpol = gpu().policy(false, true);
     const dino::cpu_policy bcpu{1, true};
     std::vector<float> by(y.size()), bsaved(saved.size());
     v.forward(bcpu, hc(P, {len(P)}), pk, std::span<const float* const>(himgs, 2), hv(by, {crops, D}),
               hv(bsaved, {len(bsaved)}), seed, step);
     CHECK(dino_test::max_rel_error(by, y) > 1e-4);  // the CPU's bf16 path rounded
-    dc::device_buffer<float> bdy(y.size()), bdsaved(dsaved.size());
-    v.forward(bpol, dcv(dP, {len(P)}), dpk, std::span<const float* const>(dimgs, 2), dv(bdy, {crops, D}),
-              dv(bdsaved, {std::int64_t(bdsaved.size())}), seed, step);
     const double e_cpu_y = dino_test::max_rel_error(by, y);
-    const auto gy_bf16 = download(bdy);
-    MESSAGE("ViT bf16 forward: CPU bf16 from fp32 " << e_cpu_y << ", GPU bf16 from CPU bf16 "
-                                                    << dino_test::max_rel_error(gy_bf16, by) << ", from fp32 "
-                                                    << dino_test::max_rel_error(gy_bf16, y));
-    DINO_CHECK_CLOSE(gy_bf16, by, 3 * e_cpu_y);
-    CHECK(dino_test::max_rel_error(gy_bf16, y) > 1e-4);
     auto bG = G0;
     v.backward(bcpu, hc(P, {len(P)}), pk, hc(bsaved, {len(bsaved)}), hc(dtokens, {Tn, D}), hv(bG, {len(bG)}),
                hv(scratch, {len(scratch)}));
-    auto bdG = upload(G0);
-    v.backward(bpol, dcv(dP, {len(P)}), dpk, dcv(bdsaved, {std::int64_t(bdsaved.size())}), dcv(ddt, {Tn, D}),
-               dv(bdG, {len(G)}), dv(dscratch, {std::int64_t(dscratch.size())}));
     const double e_cpu_g = dino_test::max_rel_error(bG, G);
-    const auto gG_bf16 = download(bdG);
-    MESSAGE("ViT bf16 gradients: CPU bf16 from fp32 " << e_cpu_g << ", GPU bf16 from CPU bf16 "
-                                                      << dino_test::max_rel_error(gG_bf16, bG));
     CHECK(e_cpu_g > 1e-4);
-    DINO_CHECK_CLOSE(gG_bf16, bG, 3 * e_cpu_g);
+    std::vector<std::vector<float>> gys, gGs;
+    for (const bool battn : {false, true}) {
+      CAPTURE(battn);
+      auto bpol = gpu().policy(false, true);
+      CHECK(bpol.bf16_attention);  // the bf16 policy's default
+      bpol.bf16_attention = battn;
+      dc::device_buffer<float> bdy(y.size()), bdsaved(dsaved.size());
+      v.forward(bpol, dcv(dP, {len(P)}), dpk, std::span<const float* const>(dimgs, 2), dv(bdy, {crops, D}),
+                dv(bdsaved, {std::int64_t(bdsaved.size())}), seed, step);
+      const auto gy_bf16 = download(bdy);
+      MESSAGE("ViT bf16 forward (bf16 attention " << battn << "): CPU bf16 from fp32 " << e_cpu_y
+                                                  << ", GPU bf16 from CPU bf16 " << dino_test::max_rel_error(gy_bf16, by)
+                                                  << ", from fp32 " << dino_test::max_rel_error(gy_bf16, y));
+      DINO_CHECK_CLOSE(gy_bf16, by, 3 * e_cpu_y);
+      CHECK(dino_test::max_rel_error(gy_bf16, y) > 1e-4);
+      auto bdG = upload(G0);
+      v.backward(bpol, dcv(dP, {len(P)}), dpk, dcv(bdsaved, {std::int64_t(bdsaved.size())}), dcv(ddt, {Tn, D}),
+                 dv(bdG, {len(G)}), dv(dscratch, {std::int64_t(dscratch.size())}));
+      const auto gG_bf16 = download(bdG);
+      MESSAGE("ViT bf16 gradients (bf16 attention " << battn << "): CPU bf16 from fp32 " << e_cpu_g
+                                                    << ", GPU bf16 from CPU bf16 " << dino_test::max_rel_error(gG_bf16, bG)
+                                                    << ", from fp32 " << dino_test::max_rel_error(gG_bf16, G));
+      DINO_CHECK_CLOSE(gG_bf16, bG, 3 * e_cpu_g);
+      gys.push_back(gy_bf16);
+      gGs.push_back(gG_bf16);
+    }
+    CHECK(dino_test::max_rel_error(gys[1], gys[0]) > 0.0);  // the bf16 attention kernels ran
+    CHECK(dino_test::max_rel_error(gGs[1], gGs[0]) > 0.0);
   }
 
   // a second step allocates nothing on the device

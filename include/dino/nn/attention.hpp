@@ -51,11 +51,14 @@ inline std::vector<std::size_t> probs_offsets(const std::vector<segment>& segs, 
 
 /// out [T, D] (=) attention of qkv [T, 3D]; probs receives every P (training) or is scratch
 /// (inference). cls_attn, when non-null, receives P[0, :] per segment and head, packed as
-/// [segment][head][n_s] at cls_offsets[segment] (cls_offsets from the caller).
+/// [segment][head][n_s] at cls_offsets[segment] (cls_offsets from the caller). keep_probs
+/// false says probs is scratch (inference): the CPU still works in it, the GPU's tensor-core
+/// kernels leave it alone.
 template <class T>
 inline void attention_forward(const cpu_policy& pol, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
                               const std::vector<std::size_t>& poff, const T* qkv, T* out, T* probs, T* cls_attn = nullptr,
-                              const std::int64_t* cls_offsets = nullptr) {
+                              const std::int64_t* cls_offsets = nullptr, bool keep_probs = true) {
+  (void)keep_probs;
   const std::int64_t hd = D / heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const std::int64_t pairs = static_cast<std::int64_t>(segs.size()) * heads;

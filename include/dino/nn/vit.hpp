@@ -678,7 +678,8 @@ class vit {
       blk.norm1.forward(pol, P, cv(xa, D, "x"), hv(a, D, "ln1"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
       blk.qkv.forward(pol, P, cv(a, D, "ln1"), hv(qkv, 3 * D, "qkv"));
       attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, qkv, o, probs,
-                        last ? out.cls_attention : static_cast<T*>(nullptr), pk.cls_attn_off.data());
+                        last ? out.cls_attention : static_cast<T*>(nullptr), pk.cls_attn_off.data(),
+                        /*keep_probs=*/false);
       // x_mid = x + proj(o), into xb
       blk.proj.forward_residual(pol, P, cv(o, D, "attn"), cv(xa, D, "x"), hv(xb, D, "x_mid"));
       blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});

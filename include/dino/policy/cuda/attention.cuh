@@ -51,17 +51,27 @@
 // softmax (forward_tc_kernel; the same contract, results within TF32 rounding). The backward
 // runs on tensor cores too under the same conditions (backward_rows_tc_kernel and
 // backward_cols_tc_kernel: dP, dQ, dK and dV on TF32, dS in fp32).
+// With pol.bf16_attention (float, head dim 32, 64 or 128, any n) the forward is
+// forward_bf16_kernel instead: a flash-attention form on bf16 tensor cores (mma.sync
+// m16n8k16, fp32 sums, an online fp32 softmax), which writes P only when it is kept (and
+// the CLS row when asked for); the backward is backward_rows_bf16_kernel and
+// backward_cols_bf16_kernel, the TF32 kernels' data flow on bf16 tensor cores; results
+// within bf16 rounding (policy/cuda/attention_bf16.cuh).
+// keep_probs false (inference) lets the tensor-core forwards skip writing P.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include <cuda_bf16.h>
 #include <mma.h>
 
 #include "dino/nn/attention.hpp"  // segment, attention_probs_elems, detail::probs_offsets
+#include "dino/policy/cuda/attention_group.hpp"  // tile, threads, group<T>: shared with tests/emu
 #include "dino/policy/cuda/policy.cuh"
 
 namespace dino::cuda {
@@ -69,34 +79,6 @@ namespace dino::cuda {
 using nn::segment;
 
 namespace detail::attn {
-
-inline constexpr int tile = 32;                        ///< rows of a query tile = keys of a key tile
-inline constexpr int warps = 4;                        ///< warps per block
-inline constexpr int threads = warps * 32;             ///< threads per block
-inline constexpr int rows_per_warp = tile / warps;     ///< rows of a tile each warp owns
-inline constexpr int ps = tile + 1;                    ///< padded row stride of a [32, 32] shared tile
-inline constexpr unsigned full_mask = 0xffffffffu;
-
-/// One launch: `count` segments of n tokens whose offsets advance regularly (see header).
-template <class T>
-struct group {
-  const T* qkv;        ///< [T, 3D]
-  const T* dout;       ///< [T, D] (backward)
-  T* out;              ///< [T, D] (forward)
-  T* probs;            ///< P blocks
-  T* cls;              ///< CLS rows or null (forward)
-  T* dqkv;             ///< [T, 3D] (backward)
-  T* ds;               ///< dS blocks, laid out as probs (backward scratch)
-  std::int64_t D;      ///< model width: qkv rows hold 3D, out/dout rows D
-  std::int64_t heads;  ///< heads; head h covers columns [h*hd, (h+1)*hd) of each third
-  std::int64_t hd;     ///< head dim D / heads (1..128); the kernels' HD is the padded width >= hd
-  std::int64_t n;      ///< tokens per segment
-  std::int64_t row0;   ///< first token of the group's first segment (segment s: row0 + s*n)
-  std::int64_t poff0;  ///< probs offset of the first segment (segment s: + s*heads*n*n)
-  std::int64_t cls0;   ///< CLS offset of the first segment (segment s: + s*heads*n)
-  std::int64_t tiles;  ///< 32-row tiles per segment: ceil(n / 32)
-  T scale;             ///< hd^-0.5
-};
 
 template <class T>
 __device__ __forceinline__ T warp_max(T v) {
@@ -487,7 +469,7 @@ __device__ __forceinline__ void tc_round(Frag& f) {
 }
 
 template <int HD>
-__global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int lds, int wfl, bool vec) {
+__global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int lds, int wfl, bool vec, bool keep) {
   using namespace nvcuda;
   using namespace tc::frags;
   constexpr int LK = tc::ld_kv(HD), F = HD / 8, OC = HD / 16;
@@ -560,7 +542,7 @@ __global__ void __launch_bounds__(threads) forward_tc_kernel(group<float> g, int
       float p = 0.0f;
       if (j < n) {
         p = bad ? NAN : row[j] / sum;
-        P[i * n + j] = p;
+        if (keep) P[i * n + j] = p;
         if (cls && i == 0) cls[j] = p;
       }
       row[j] = p;
@@ -791,6 +773,14 @@ __global__ void __launch_bounds__(threads) backward_cols_tc_kernel(group<float> 
   }
 }
 
+}  // namespace detail::attn
+}  // namespace dino::cuda
+
+#include "dino/policy/cuda/attention_bf16.cuh"  // forward_bf16_kernel (pol.bf16_attention)
+
+namespace dino::cuda {
+namespace detail::attn {
+
 /// Launches kernel(g, args...) over a group's (segment, tile) x head grid with `smem` bytes of
 /// dynamic shared memory (opting in above the 48 KiB default).
 template <class T, class K, class... Args>
@@ -862,18 +852,24 @@ inline void with_head_dim(std::int64_t hd, F&& f) {
 
 template <class T, int HD, bool Padded>
 inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<segment>& segs,
-                       const std::vector<std::size_t>& poff, const std::int64_t* cls_offsets) {
+                       const std::vector<std::size_t>& poff, const std::int64_t* cls_offsets, bool keep) {
   for_each_group(g.heads, segs, poff, g.cls ? cls_offsets : nullptr, [&](std::size_t a, std::int64_t count) {
     g.n = segs[a].length;
     g.row0 = segs[a].offset;
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = g.cls ? cls_offsets[a] : 0;
     if constexpr (std::is_same_v<T, float> && !Padded) {
+      const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 && g.D % 4 == 0;
+      if (pol.bf16_attention) {  // bf16 tensor cores, online softmax (see forward_bf16_kernel)
+        g.tiles = (g.n + bf::qrows - 1) / bf::qrows;
+        launch(pol, forward_bf16_kernel<HD>, g, count, bf::smem_bytes(HD), "attention_forward (bf16 tensor cores)",
+               keep, vec);
+        return;
+      }
       if (pol.tensor_core_attention() && g.n <= tc::max_n) {  // TF32 tensor cores (see forward_tc_kernel)
         g.tiles = (g.n + tc::qrows - 1) / tc::qrows;
-        const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 && g.D % 4 == 0;
         launch(pol, forward_tc_kernel<HD>, g, count, tc::smem_bytes(g.n, HD), "attention_forward (TF32 tensor cores)",
-               tc::ld_s(g.n), tc::warp_floats(g.n, HD), vec);
+               tc::ld_s(g.n), tc::warp_floats(g.n, HD), vec, keep);
         return;
       }
     }
@@ -891,9 +887,17 @@ inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<se
     g.poff0 = static_cast<std::int64_t>(poff[a]);
     g.cls0 = 0;
     if constexpr (std::is_same_v<T, float> && !Padded) {
+      const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(g.dout) % 16 == 0 && g.D % 4 == 0;
+      if (pol.bf16_attention) {  // bf16 tensor cores (see backward_rows_bf16_kernel)
+        g.tiles = (g.n + bf::qrows - 1) / bf::qrows;  // 64 queries, then 64 keys, per block
+        launch(pol, backward_rows_bf16_kernel<HD>, g, count, bf::rows_smem_bytes(HD),
+               "attention_backward (rows, bf16 tensor cores)", vec);
+        launch(pol, backward_cols_bf16_kernel<HD>, g, count, bf::cols_smem_bytes(HD),
+               "attention_backward (columns, bf16 tensor cores)", vec);
+        return;
+      }
       if (pol.tensor_core_attention() && g.n <= tc::max_n) {  // TF32 tensor cores (see backward_rows_tc_kernel)
-        const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 &&
-                         reinterpret_cast<std::uintptr_t>(g.dout) % 16 == 0 && g.D % 4 == 0;
         g.tiles = (g.n + tc::qrows - 1) / tc::qrows;  // 64 queries, then 64 keys, per block
         launch(pol, backward_rows_tc_kernel<HD>, g, count, tc::smem_bytes(g.n, HD),
                "attention_backward (rows, TF32 tensor cores)", tc::ld_s(g.n), tc::warp_floats(g.n, HD), vec);
@@ -912,10 +916,11 @@ inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<se
 
 /// out [T, D] (=) attention of qkv [T, 3D]; probs receives every P. cls_attn, when non-null,
 /// receives P[0, :] per segment and head at cls_offsets[segment] (host memory) + h*n.
+/// keep_probs false (inference): probs is scratch, and the tensor-core paths leave it alone.
 template <class T>
 inline void attention_forward(const cuda_policy& pol, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
                               const std::vector<std::size_t>& poff, const T* qkv, T* out, T* probs, T* cls_attn = nullptr,
-                              const std::int64_t* cls_offsets = nullptr) {
+                              const std::int64_t* cls_offsets = nullptr, bool keep_probs = true) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "attention_forward (CUDA): float or double");
   namespace a = detail::attn;
   const std::int64_t hd = a::check_args("attention_forward", heads, D, segs, poff);
@@ -925,7 +930,7 @@ inline void attention_forward(const cuda_policy& pol, std::int64_t heads, std::i
   a::group<T> g{qkv, nullptr, out, probs, cls_attn, nullptr, nullptr, D, heads, hd, 0, 0, 0, 0, 0,
                 T(1.0 / std::sqrt(double(hd)))};
   a::with_head_dim(hd, [&](auto HD, auto padded) {
-    a::forward_hd<T, decltype(HD)::value, decltype(padded)::value>(pol, g, segs, poff, cls_offsets);
+    a::forward_hd<T, decltype(HD)::value, decltype(padded)::value>(pol, g, segs, poff, cls_offsets, keep_probs);
   });
 }
 

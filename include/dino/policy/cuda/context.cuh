@@ -40,10 +40,11 @@ class context {
   }
 
   /// A policy on this context's stream; tf32 turns on TF32 tensor cores for fp32 GEMMs, bf16
-  /// bf16 tensor cores (operands rounded to bf16, fp32 sums; cuda_policy::bf16).
+  /// bf16 tensor cores (operands rounded to bf16, fp32 sums; cuda_policy::bf16) and the bf16
+  /// attention forward (cuda_policy::bf16_attention; set it false on the copy to keep TF32).
   cuda_policy policy(bool tf32 = false, bool bf16 = false) const {
-    return cuda_policy{stream_,     lt_,   ws_.data(),      ws_.size(),      tf32,
-                       flags_.data(), host_flags_, scratch_.data(), scratch_.size(), bf16};
+    return cuda_policy{stream_,       lt_,         ws_.data(),      ws_.size(),      tf32, flags_.data(),
+                       host_flags_, scratch_.data(), scratch_.size(), bf16,            bf16};
   }
   cudaStream_t stream() const { return stream_; }
   void synchronize() const { host_wait(stream_, "context::synchronize"); }

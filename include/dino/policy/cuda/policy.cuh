@@ -90,9 +90,15 @@ struct cuda_policy {
   std::size_t scratch_bytes = 0;
   /// fp32 GEMMs on bf16 tensor cores (cuBLASLt's CUBLAS_COMPUTE_32F_FAST_16BF): operands
   /// rounded to bf16 inside the GEMM, fp32 accumulation and output; the twin of
-  /// cpu_policy::bf16. Wins over tf32 for GEMMs; attention then runs on its TF32 tensor-core
-  /// kernels (finer than bf16). The DINO head's prototype layer opts out (without_bf16).
+  /// cpu_policy::bf16. Wins over tf32 for GEMMs. The DINO head's prototype layer opts out
+  /// (without_bf16).
   bool bf16 = false;
+  /// Attention on bf16 tensor cores (policy/cuda/attention_bf16.cuh): Q, K, V, dO and the
+  /// GEMM operands P and dS rounded to bf16, fp32 sums and an fp32 softmax, as PyTorch's bf16
+  /// autocast runs its attention. context::policy sets it with bf16; false keeps the TF32
+  /// kernels (finer than bf16). Float tensors and head dims 32, 64 and 128 only; other cases
+  /// take the paths they took before.
+  bool bf16_attention = false;
   /// Whether attention may use its TF32 tensor-core kernels (tf32 or bf16 asked for).
   bool tensor_core_attention() const { return tf32 || bf16; }
 };

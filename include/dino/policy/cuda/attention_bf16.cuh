@@ -1,0 +1,495 @@
+// dino/policy/cuda/attention_bf16.cuh: the bf16 tensor-core attention forward
+// (forward_bf16_kernel), included by policy/cuda/attention.cuh.
+//
+// The two warp-level primitives (bf_mma, bf_ldmatrix_x4_trans) are inline PTX. Defining
+// DINO_ATTN_BF16_HOST_PRIMITIVES before the include leaves them out, so that a host SIMT
+// emulation (tests/emu/) can supply its own and run this very kernel code on the CPU.
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "dino/policy/cuda/attention_group.hpp"  // threads, full_mask, group<T>
+
+#ifndef DINO_ATTN_BF16_HOST_PRIMITIVES
+#include <cuda_bf16.h>
+#endif
+
+namespace dino::cuda::detail::attn {
+
+// ---- bf16 tensor-core forward (float tensors, head dim 32, 64 or 128, any n; pol.bf16_attention) ----
+// The flash-attention form of the forward: P is never kept in shared memory. One block of 4
+// warps per (segment, head, 64 queries); warp w owns queries 16w..16w+15. Its Q rows are
+// rounded to bf16 into mma.sync m16n8k16 A fragments in registers. Keys and values are staged
+// 64 rows at a time as bf16 (zeros past n); per staged chunk each warp computes its scores
+// S = Q K^T in fp32 fragments, the running row max m and the running sum l of exp(s - m)
+// (an online softmax, in base 2 with the scale folded in), rescales its O accumulators, and
+// adds P V with the unnormalised P rounded to bf16 (the scores' C fragments are the A
+// fragments of P, so P never leaves registers). At the end O is divided by l. When P is to be
+// kept (training) or the CLS row is asked for, a second pass recomputes the scores chunk by
+// chunk (the same products, so the same values) and writes exp(s - m) / l.
+// A row with a NaN or +inf score, or with only -inf scores, becomes NaN (exp2 of NaN or of
+// inf - inf), as on the CPU.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16; lane = 4 g + t):
+//   A (16 x 16, row): reg 0 = (row g, cols 2t, 2t+1), reg 1 = (row g+8, same cols),
+//                     reg 2 = (row g, cols 2t+8, 2t+9), reg 3 = (row g+8, cols 2t+8, 2t+9)
+//   B (16 x 8, col):  reg 0 = (rows 2t, 2t+1, col g), reg 1 = (rows 2t+8, 2t+9, col g)
+//   C (16 x 8, f32):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
+// The low 16 bits of a register hold the lower column (or row) of its pair.
+namespace bf {
+inline constexpr int qrows = 64;  ///< queries per block (16 per warp)
+inline constexpr int kc = 64;     ///< keys per staged chunk
+/// Row stride (bf16 elements) of a staged K or V chunk: HD + 8 keeps rows 16-byte aligned
+/// for ldmatrix and puts the 8 rows a fragment load touches in distinct banks.
+constexpr int ld(int hd) { return hd + 8; }
+constexpr std::size_t smem_bytes(int hd) { return 2 * std::size_t(kc) * std::size_t(ld(hd)) * 2; }
+}  // namespace bf
+
+__device__ __forceinline__ std::uint32_t bf_pack(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  std::uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+#ifndef DINO_ATTN_BF16_HOST_PRIMITIVES
+/// c += a b on bf16 tensor cores with fp32 accumulation (mma.sync.m16n8k16, layouts above).
+__device__ __forceinline__ void bf_mma(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/// Four 8 x 8 bf16 matrices, transposed: lane 8 i + r gives the address of row r of matrix i;
+/// register i of lane 4 g + t receives (rows 2t, 2t+1; column g) of matrix i.
+__device__ __forceinline__ void bf_ldmatrix_x4_trans(std::uint32_t (&r)[4], const __nv_bfloat16* p) {
+  const auto a = static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+#endif
+
+/// rows [first, first + kc) of a head's columns of src (row stride ld floats) into dst as bf16
+/// (row stride bf::ld(HD)), zeros at and past row n; float4 loads when vec.
+template <int HD>
+__device__ __forceinline__ void bf_stage(__nv_bfloat16* dst, const float* src, std::int64_t ld, std::int64_t first,
+                                         std::int64_t n, bool vec) {
+  constexpr int LK = bf::ld(HD);
+  if (vec) {
+    constexpr int V4 = HD / 4;
+    for (int idx = threadIdx.x; idx < bf::kc * V4; idx += threads) {
+      const int r = idx / V4, d = (idx % V4) * 4;
+      const std::int64_t i = first + r;
+      const float4 v = i < n ? *reinterpret_cast<const float4*>(src + i * ld + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const uint2 u{bf_pack(v.x, v.y), bf_pack(v.z, v.w)};
+      *reinterpret_cast<uint2*>(dst + r * LK + d) = u;  // 8-byte aligned: LK * 2 and d * 2 are multiples of 8
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < bf::kc * HD; idx += threads) {
+      const int r = idx / HD, d = idx % HD;
+      const std::int64_t i = first + r;
+      dst[r * LK + d] = __float2bfloat16_rn(i < n ? src[i * ld + d] : 0.0f);
+    }
+  }
+}
+
+/// a[*][*] = 0 (C fragments).
+template <int N>
+__device__ __forceinline__ void bf_zero(float (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[i][e] = 0.0f;
+}
+
+/// The max and the sum over a quad of lanes (the four lanes 4 g .. 4 g + 3 that share a row).
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(full_mask, v, 1));
+  return fmaxf(v, __shfl_xor_sync(full_mask, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(full_mask, v, 1);
+  return v + __shfl_xor_sync(full_mask, v, 2);
+}
+
+/// The warp's products of one staged chunk: s[jt] (keys 8 jt .. 8 jt + 7 of the chunk) = A B^T
+/// for the A rows of `a` (fragments) and the chunk's rows of sB (row-major [kc][ld(HD)]);
+/// tiles past the kn valid keys are 0 (their staged rows are zero too).
+template <int HD>
+__device__ __forceinline__ void bf_products(float (&s)[bf::kc / 8][4], const std::uint32_t (&a)[HD / 16][4],
+                                            const __nv_bfloat16* sB, int kn, int gq, int tq) {
+  constexpr int LK = bf::ld(HD);
+#pragma unroll
+  for (int jt = 0; jt < bf::kc / 8; ++jt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[jt][e] = 0.0f;
+    if (8 * jt < kn) {  // warp-uniform
+      const __nv_bfloat16* brow = sB + (8 * jt + gq) * LK + 2 * tq;
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        std::uint32_t b0, b1;
+        memcpy(&b0, brow + 16 * kk, 4);
+        memcpy(&b1, brow + 16 * kk + 8, 4);
+        bf_mma(s[jt], a[kk], b0, b1);
+      }
+    }
+  }
+}
+
+/// The warp's scores of one staged chunk, in log2 units: s[jt] (keys 8 jt .. 8 jt + 7 of the
+/// chunk) = (Q K^T) * c for the kn valid keys, -inf for the others.
+template <int HD>
+__device__ __forceinline__ void bf_scores(float (&s)[bf::kc / 8][4], const std::uint32_t (&qa)[HD / 16][4],
+                                          const __nv_bfloat16* sK, int kn, float c, int gq, int tq) {
+  bf_products<HD>(s, qa, sK, kn, gq, tq);
+#pragma unroll
+  for (int jt = 0; jt < bf::kc / 8; ++jt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[jt][e] = 8 * jt + 2 * tq + (e & 1) < kn ? s[jt][e] * c : -INFINITY;
+}
+
+/// A fragments of 16 rows (rows r0 + g and r0 + g + 8 of this lane) of a [*, HD] float matrix
+/// with row stride ld, rounded to bf16; zeros at and past row n.
+template <int HD>
+__device__ __forceinline__ void bf_row_fragments(std::uint32_t (&a)[HD / 16][4], const float* src, std::int64_t ld,
+                                                 std::int64_t ra, std::int64_t n, int tq) {
+  const std::int64_t rb = ra + 8;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const int d = 16 * kk + 2 * tq;
+    const auto pair = [&](std::int64_t i, int col) {
+      return i < n ? bf_pack(src[i * ld + col], src[i * ld + col + 1]) : 0u;
+    };
+    a[kk][0] = pair(ra, d);
+    a[kk][1] = pair(rb, d);
+    a[kk][2] = pair(ra, d + 8);
+    a[kk][3] = pair(rb, d + 8);
+  }
+}
+
+/// acc[dt] += S B over one staged chunk: S the warp's [16 x kc] C fragments s (rounded to
+/// bf16 as A fragments, 16 keys at a time, up to kn), B the chunk's rows of sB ([kc][ld(HD)],
+/// read transposed by ldmatrix).
+template <int HD>
+__device__ __forceinline__ void bf_accumulate(float (&acc)[HD / 8][4], const float (&s)[bf::kc / 8][4],
+                                              const __nv_bfloat16* sB, int kn, int lane) {
+  constexpr int LK = bf::ld(HD);
+  const int mi = lane >> 3, ri = lane & 7;  // this lane addresses row ri of matrix mi
+#pragma unroll
+  for (int t = 0; t < bf::kc / 16; ++t) {
+    if (16 * t >= kn) break;  // warp-uniform: the rest of the chunk is padding
+    const std::uint32_t pa[4] = {bf_pack(s[2 * t][0], s[2 * t][1]), bf_pack(s[2 * t][2], s[2 * t][3]),
+                                 bf_pack(s[2 * t + 1][0], s[2 * t + 1][1]), bf_pack(s[2 * t + 1][2], s[2 * t + 1][3])};
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; dt += 2) {
+      std::uint32_t b[4];
+      bf_ldmatrix_x4_trans(b, sB + (16 * t + (mi & 1) * 8 + ri) * LK + 8 * (dt + (mi >> 1)));
+      bf_mma(acc[dt], pa, b[0], b[1]);
+      bf_mma(acc[dt + 1], pa, b[2], b[3]);
+    }
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel(group<float> g, bool keep, bool vec) {
+  constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, JT = bf::kc / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] key chunk
+  __nv_bfloat16* sV = sK + bf::kc * LK;                              // [kc][LK] value chunk
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
+  const std::int64_t n = g.n, ld = 3 * g.D;
+  const float* Qb = g.qkv + (g.row0 + seg * n) * ld + h * HD;
+  const float* Kb = Qb + g.D;
+  const float* Vb = Qb + 2 * g.D;
+  const bool active = q0 + 16 * w < n;                           // the warp has a query (warp-uniform)
+  const std::int64_t ra = q0 + 16 * w + gq, rb = ra + 8;         // this lane's two rows
+  const float c = g.scale * 1.4426950408889634f;                  // scale * log2(e)
+
+  std::uint32_t qa[KD][4];
+  bf_row_fragments<HD>(qa, Qb, ld, ra, n, tq);
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[ND][4];
+  bf_zero(o);
+  const int nch = int((n + bf::kc - 1) / bf::kc);
+  for (int ch = 0; ch < nch; ++ch) {
+    const std::int64_t k0 = std::int64_t(ch) * bf::kc;
+    __syncthreads();  // the previous chunk is read
+    bf_stage<HD>(sK, Kb, ld, k0, n, vec);
+    bf_stage<HD>(sV, Vb, ld, k0, n, vec);
+    __syncthreads();
+    if (!active) continue;
+    const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
+    float s[JT][4];
+    bf_scores<HD>(s, qa, sK, kn, c, gq, tq);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[jt][e]);
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the row's max over its quad of lanes
+      mx[r] = quad_max(mx[r]);
+      const float mn = fmaxf(m[r], mx[r]);
+      alpha[r] = exp2f(m[r] - mn);  // 0 on the first chunk; NaN when mn is +-inf (the row becomes NaN)
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[jt][e] - m[e >> 1]);  // 0 for masked keys; NaN for a NaN score
+        s[jt][e] = p;
+        l[e >> 1] += p;
+      }
+#pragma unroll
+    for (int dt = 0; dt < ND; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+    bf_accumulate<HD>(o, s, sV, kn, lane);
+  }
+  float inv[2] = {0.0f, 0.0f};
+  if (active) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) inv[r] = 1.0f / quad_sum(l[r]);
+    float* Ob = g.out + (g.row0 + seg * n) * g.D + h * HD;
+#pragma unroll
+    for (int dt = 0; dt < ND; ++dt) {
+      const int d = 8 * dt + 2 * tq;
+      if (ra < n) {
+        Ob[ra * g.D + d] = o[dt][0] * inv[0];
+        Ob[ra * g.D + d + 1] = o[dt][1] * inv[0];
+      }
+      if (rb < n) {
+        Ob[rb * g.D + d] = o[dt][2] * inv[1];
+        Ob[rb * g.D + d + 1] = o[dt][3] * inv[1];
+      }
+    }
+  }
+
+  // P = exp2(s - m) / l for the kept probabilities and the CLS row (block-uniform condition)
+  float* cls = g.cls && q0 == 0 ? g.cls + g.cls0 + (seg * g.heads + h) * n : nullptr;
+  if (!keep && !cls) return;
+  float* P = g.probs + g.poff0 + (seg * g.heads + h) * n * n;
+  const bool writes = active && (keep || w == 0);  // without keep only warp 0 (row 0) writes
+  for (int ch = 0; ch < nch; ++ch) {
+    const std::int64_t k0 = std::int64_t(ch) * bf::kc;
+    __syncthreads();
+    bf_stage<HD>(sK, Kb, ld, k0, n, vec);
+    __syncthreads();
+    if (!writes) continue;
+    const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
+    float s[JT][4];
+    bf_scores<HD>(s, qa, sK, kn, c, gq, tq);
+#pragma unroll
+    for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jj = 8 * jt + 2 * tq + (e & 1);
+        const std::int64_t i = e < 2 ? ra : rb;
+        if (jj < kn && i < n) {
+          const float p = exp2f(s[jt][e] - m[e >> 1]) * inv[e >> 1];
+          if (keep) P[i * n + k0 + jj] = p;
+          if (cls && i == 0) cls[k0 + jj] = p;
+        }
+      }
+  }
+}
+
+
+// ---- bf16 tensor-core backward (the same conditions as the forward, pol.bf16_attention) ----
+// The two-kernel form of the TF32 backward, deterministic (no atomics), from the P the forward
+// kept (fp32) and writing dS = P o (dP - rowsum(dP o P)) to the scratch, as it does; the
+// products on bf16 tensor cores with fp32 sums, dS rounded to bf16 where it is an operand.
+//   rows:    one block of 4 warps per (segment, head, 64 queries); warp w owns queries
+//            16w..16w+15, its dO rows in A fragments. Pass 1 over the key chunks: dP = dO V^T,
+//            dot_i = sum_j dP_ij P_ij; pass 2: dP again (the same products), dS (written to the
+//            scratch), and dQ += dS K (dS from the C fragments, K read transposed by ldmatrix).
+//   columns: one block per (segment, head, 64 keys); warp w owns keys 16w..16w+15. For each
+//            64 queries, Q and dO are staged as bf16 rows and the [64 queries x 64 keys] blocks
+//            of dS and P as bf16; dK += dS^T Q and dV += P^T dO (dS^T, P^T, Q and dO all read
+//            by ldmatrix, transposed).
+namespace bf {
+inline constexpr int lb = kc + 8;  ///< row stride (bf16) of a staged [64 queries x 64 keys] block
+constexpr std::size_t rows_smem_bytes(int hd) { return smem_bytes(hd); }
+constexpr std::size_t cols_smem_bytes(int hd) {
+  return (2 * std::size_t(kc) * std::size_t(ld(hd)) + 2 * std::size_t(kc) * std::size_t(lb)) * 2;
+}
+}  // namespace bf
+
+template <int HD>
+__global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_rows_bf16_kernel(group<float> g, bool vec) {
+  constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, JT = bf::kc / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] key chunk
+  __nv_bfloat16* sV = sK + bf::kc * LK;                              // [kc][LK] value chunk
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
+  const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
+  const float* Kb = g.qkv + first * ld + g.D + h * HD;
+  const float* Vb = Kb + g.D;
+  const float* dOb = g.dout + first * g.D + h * HD;
+  const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
+  const float* P = g.probs + blk;
+  float* S = g.ds + blk;
+  const bool active = q0 + 16 * w < n;
+  const std::int64_t ra = q0 + 16 * w + gq;
+
+  std::uint32_t oa[KD][4];
+  bf_row_fragments<HD>(oa, dOb, g.D, ra, n, tq);
+  const int nch = int((n + bf::kc - 1) / bf::kc);
+
+  float dot[2] = {0.0f, 0.0f};  // pass 1: rowsum(dP o P), this lane's columns
+  for (int ch = 0; ch < nch; ++ch) {
+    const std::int64_t k0 = std::int64_t(ch) * bf::kc;
+    __syncthreads();
+    bf_stage<HD>(sV, Vb, ld, k0, n, vec);
+    __syncthreads();
+    if (!active) continue;
+    const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
+    float s[JT][4];
+    bf_products<HD>(s, oa, sV, kn, gq, tq);
+#pragma unroll
+    for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jj = 8 * jt + 2 * tq + (e & 1);
+        const std::int64_t i = ra + (e >> 1) * 8;
+        if (jj < kn && i < n) dot[e >> 1] += s[jt][e] * P[i * n + k0 + jj];
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) dot[r] = quad_sum(dot[r]);  // the row's sum (inactive warps: unused)
+
+  float dq[ND][4];
+  bf_zero(dq);
+  for (int ch = 0; ch < nch; ++ch) {  // pass 2: dS, dQ = dS K
+    const std::int64_t k0 = std::int64_t(ch) * bf::kc;
+    __syncthreads();
+    bf_stage<HD>(sK, Kb, ld, k0, n, vec);
+    bf_stage<HD>(sV, Vb, ld, k0, n, vec);
+    __syncthreads();
+    if (!active) continue;
+    const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
+    float s[JT][4];
+    bf_products<HD>(s, oa, sV, kn, gq, tq);
+#pragma unroll
+    for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jj = 8 * jt + 2 * tq + (e & 1);
+        const std::int64_t i = ra + (e >> 1) * 8;
+        float ds = 0.0f;
+        if (jj < kn && i < n) {
+          ds = P[i * n + k0 + jj] * (s[jt][e] - dot[e >> 1]);
+          S[i * n + k0 + jj] = ds;
+        }
+        s[jt][e] = ds;
+      }
+    bf_accumulate<HD>(dq, s, sK, kn, lane);
+  }
+  if (!active) return;
+  float* dQb = g.dqkv + first * ld + h * HD;
+#pragma unroll
+  for (int dt = 0; dt < ND; ++dt) {
+    const int d = 8 * dt + 2 * tq;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const std::int64_t i = ra + 8 * r;
+      if (i < n) {
+        dQb[i * ld + d] = dq[dt][2 * r] * g.scale;
+        dQb[i * ld + d + 1] = dq[dt][2 * r + 1] * g.scale;
+      }
+    }
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_cols_bf16_kernel(group<float> g, bool vec) {
+  constexpr int LK = bf::ld(HD), ND = HD / 8, LB = bf::lb;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] query chunk
+  __nv_bfloat16* sO = sQ + bf::kc * LK;                              // [kc][LK] its dO
+  __nv_bfloat16* sS = sO + bf::kc * LK;                              // [kc queries][LB] dS of the block's keys
+  __nv_bfloat16* sP = sS + bf::kc * LB;                              // [kc queries][LB] P
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  const int mi = lane >> 3, ri = lane & 7;  // this lane addresses row ri of ldmatrix matrix mi
+  const std::int64_t seg = blockIdx.x / g.tiles, k0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
+  const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
+  const float* Qb = g.qkv + first * ld + h * HD;
+  const float* dOb = g.dout + first * g.D + h * HD;
+  const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
+  const float* P = g.probs + blk;
+  const float* S = g.ds + blk;
+  const bool active = k0 + 16 * w < n;  // the warp has a key
+
+  float dk[ND][4], dv[ND][4];
+  bf_zero(dk);
+  bf_zero(dv);
+  const int nch = int((n + bf::kc - 1) / bf::kc);
+  for (int ch = 0; ch < nch; ++ch) {
+    const std::int64_t i0 = std::int64_t(ch) * bf::kc;
+    __syncthreads();
+    bf_stage<HD>(sQ, Qb, ld, i0, n, vec);
+    bf_stage<HD>(sO, dOb, g.D, i0, n, vec);
+    for (int idx = threadIdx.x; idx < bf::kc * bf::kc; idx += threads) {
+      const int r = idx / bf::kc, c = idx % bf::kc;  // r: query of the chunk, c: key of the block
+      const std::int64_t i = i0 + r, j = k0 + c;
+      const bool in = i < n && j < n;
+      sS[r * LB + c] = __float2bfloat16_rn(in ? S[i * n + j] : 0.0f);
+      sP[r * LB + c] = __float2bfloat16_rn(in ? P[i * n + j] : 0.0f);
+    }
+    __syncthreads();
+    if (!active) continue;
+    const int qn = n - i0 < bf::kc ? int(n - i0) : bf::kc;
+#pragma unroll
+    for (int kk = 0; kk < bf::kc / 16; ++kk) {
+      if (16 * kk >= qn) break;  // warp-uniform: the rest of the chunk is padding
+      // A = dS^T and P^T (16 keys x 16 queries): matrix mi holds queries 16 kk + 8 (mi >> 1) ..,
+      // keys 16 w + 8 (mi & 1) ..; transposed, lane 4 g + t gets (key g, queries 2t, 2t+1)
+      std::uint32_t as[4], ap[4];
+      const int off = (16 * kk + (mi >> 1) * 8 + ri) * LB + 16 * w + (mi & 1) * 8;
+      bf_ldmatrix_x4_trans(as, sS + off);
+      bf_ldmatrix_x4_trans(ap, sP + off);
+#pragma unroll
+      for (int dt = 0; dt < ND; dt += 2) {
+        std::uint32_t bq[4], bo[4];  // B = Q and dO (16 queries x 8 dims), two dim tiles
+        const int boff = (16 * kk + (mi & 1) * 8 + ri) * LK + 8 * (dt + (mi >> 1));
+        bf_ldmatrix_x4_trans(bq, sQ + boff);
+        bf_ldmatrix_x4_trans(bo, sO + boff);
+        bf_mma(dk[dt], as, bq[0], bq[1]);
+        bf_mma(dk[dt + 1], as, bq[2], bq[3]);
+        bf_mma(dv[dt], ap, bo[0], bo[1]);
+        bf_mma(dv[dt + 1], ap, bo[2], bo[3]);
+      }
+    }
+  }
+  if (!active) return;
+  float* dKb = g.dqkv + first * ld + g.D + h * HD;
+  float* dVb = dKb + g.D;
+  const std::int64_t ja = k0 + 16 * w + gq;
+#pragma unroll
+  for (int dt = 0; dt < ND; ++dt) {
+    const int d = 8 * dt + 2 * tq;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const std::int64_t j = ja + 8 * r;
+      if (j < n) {
+        dKb[j * ld + d] = dk[dt][2 * r] * g.scale;
+        dKb[j * ld + d + 1] = dk[dt][2 * r + 1] * g.scale;
+        dVb[j * ld + d] = dv[dt][2 * r];
+        dVb[j * ld + d + 1] = dv[dt][2 * r + 1];
+      }
+    }
+  }
+}
+
+}  // namespace dino::cuda::detail::attn

@@ -1,0 +1,307 @@
+// The bf16 tensor-core attention forward (policy/cuda/attention_bf16.cuh), its very kernel
+// code, run on the CPU through the host SIMT emulation of tests/emu/simt.hpp, against a double
+// reference built from the same bf16-rounded Q, K and V:
+//   P and the CLS rows within 1e-4 normwise: the kernel's scores are exact products of bf16
+//     values summed in fp32 and its softmax is fp32 (exp2f), so only fp32 rounding remains;
+//   out within 1e-2 normwise: P V rounds the unnormalised P to bf16 (2^-9 relative per term);
+//   out also within the GPU test's 4e-2 of the CPU's fp32 attention (nn/attention.hpp).
+// Head dims 32, 64 and 128; one segment, several lengths (1, 2, 37: one partial chunk; 64,
+// 65, 197: chunk edges; 130: three chunks), P kept and not (inference: P left alone, the same
+// out and CLS rows bit for bit), float4 and element-wise staging, a NaN query (its row NaN,
+// no other). An indexing, masking or fragment mistake in the kernel shows as an O(1) error.
+// The backward kernels (rows, then columns) from the CPU's fp32 P, against the same kind of
+// reference (dP from bf16-rounded dO and V; dQ, dK, dV from the bf16-rounded dS, P, Q, K, dO):
+//   dS (the scratch) within 1e-4 normwise; dqkv within 2e-3 (dS is rounded from a slightly
+//   different fp32 value: a bf16 step on a few terms); dqkv also within 4e-2 of the CPU's
+//   fp32 backward.
+// This checks the kernels against the PTX layouts as simt.hpp states them; the GPU test
+// checks the hardware.
+#define DINO_ATTN_BF16_HOST_PRIMITIVES
+#include "simt.hpp"
+
+#include <dino/nn/attention.hpp>
+#include <dino/policy/cuda/attention_bf16.cuh>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+
+namespace {
+
+using dino::nn::segment;
+namespace attn = dino::cuda::detail::attn;
+
+struct layout {
+  std::vector<segment> segs;
+  std::vector<std::size_t> poff;
+  std::vector<std::int64_t> cls_off;
+  std::int64_t tokens = 0;
+  std::size_t probs = 0, cls = 0;
+};
+
+layout make_layout(const std::vector<std::int64_t>& lengths, std::int64_t heads) {
+  layout L;
+  std::size_t po = 0;
+  std::int64_t co = 0;
+  for (std::int64_t n : lengths) {
+    L.segs.push_back({L.tokens, n});
+    L.poff.push_back(po);
+    L.cls_off.push_back(co);
+    L.tokens += n;
+    po += std::size_t(heads * n * n);
+    co += heads * n;
+  }
+  L.probs = po;
+  L.cls = std::size_t(co);
+  return L;
+}
+
+float bf16_round(float f) { return emu_bf16_bits_to_float(emu_float_to_bf16_bits(f)); }
+
+struct result {
+  std::vector<float> out, probs, cls;
+};
+
+/// forward_bf16_kernel<HD> over each segment (one launch each), as forward_hd launches it.
+template <int HD>
+result run_kernel(const layout& L, std::int64_t heads, const std::vector<float>& qkv, bool keep, bool vec) {
+  const std::int64_t D = heads * HD;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  result r{std::vector<float>(std::size_t(L.tokens * D), nan), std::vector<float>(L.probs, nan),
+           std::vector<float>(L.cls, nan)};
+  for (std::size_t s = 0; s < L.segs.size(); ++s) {
+    const std::int64_t n = L.segs[s].length;
+    attn::group<float> g{qkv.data(), nullptr, r.out.data(), r.probs.data(), r.cls.data(), nullptr, nullptr, D, heads,
+                         HD, n, L.segs[s].offset, std::int64_t(L.poff[s]), L.cls_off[s],
+                         (n + attn::bf::qrows - 1) / attn::bf::qrows, float(1.0 / std::sqrt(double(HD)))};
+    simt::launch(unsigned(g.tiles), unsigned(heads), [&] { attn::forward_bf16_kernel<HD>(g, keep, vec); });
+  }
+  return r;
+}
+
+/// The double reference from bf16-rounded Q, K, V: P = softmax(Q K^T / sqrt(hd)), out = P V.
+result reference(const layout& L, std::int64_t heads, std::int64_t hd, const std::vector<float>& qkv) {
+  const std::int64_t D = heads * hd;
+  result r{std::vector<float>(std::size_t(L.tokens * D)), std::vector<float>(L.probs), std::vector<float>(L.cls)};
+  const double scale = 1.0 / std::sqrt(double(hd));
+  for (std::size_t s = 0; s < L.segs.size(); ++s) {
+    const std::int64_t n = L.segs[s].length, off = L.segs[s].offset;
+    for (std::int64_t h = 0; h < heads; ++h)
+      for (std::int64_t i = 0; i < n; ++i) {
+        std::vector<double> p(static_cast<std::size_t>(n));
+        double mx = -INFINITY;
+        for (std::int64_t j = 0; j < n; ++j) {
+          double acc = 0;
+          for (std::int64_t d = 0; d < hd; ++d)
+            acc += double(bf16_round(qkv[std::size_t((off + i) * 3 * D + h * hd + d)])) *
+                   double(bf16_round(qkv[std::size_t((off + j) * 3 * D + D + h * hd + d)]));
+          p[std::size_t(j)] = acc * scale;
+          mx = std::max(mx, p[std::size_t(j)]);
+        }
+        double sum = 0;
+        for (auto& v : p) sum += (v = std::exp(v - mx));
+        for (std::int64_t j = 0; j < n; ++j) {
+          const double pj = p[std::size_t(j)] / sum;
+          r.probs[L.poff[s] + std::size_t(h * n * n + i * n + j)] = float(pj);
+          if (i == 0) r.cls[std::size_t(L.cls_off[s] + h * n + j)] = float(pj);
+        }
+        for (std::int64_t d = 0; d < hd; ++d) {
+          double acc = 0;
+          for (std::int64_t j = 0; j < n; ++j)
+            acc += p[std::size_t(j)] / sum * double(bf16_round(qkv[std::size_t((off + j) * 3 * D + 2 * D + h * hd + d)]));
+          r.out[std::size_t((off + i) * D + h * hd + d)] = float(acc);
+        }
+      }
+  }
+  return r;
+}
+
+double normwise(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double worst = 0, scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = std::abs(double(a[i]) - double(b[i]));
+    if (!(d <= worst)) worst = d;  // NaN fails
+    scale = std::max(scale, std::abs(double(b[i])));
+  }
+  return scale > 0 ? worst / scale : worst;
+}
+
+std::vector<float> random_qkv(std::int64_t tokens, std::int64_t D, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<float> v(std::size_t(tokens * 3 * D));
+  for (auto& x : v) x = u(gen);
+  return v;
+}
+
+template <int HD>
+void check(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::uint64_t seed, bool vec) {
+  CAPTURE(HD);
+  CAPTURE(lengths.front());
+  CAPTURE(vec);
+  const std::int64_t D = heads * HD;
+  const layout L = make_layout(lengths, heads);
+  const auto qkv = random_qkv(L.tokens, D, seed);
+  const result k = run_kernel<HD>(L, heads, qkv, true, vec);
+  const result ref = reference(L, heads, HD, qkv);
+  const double e_out = normwise(k.out, ref.out), e_p = normwise(k.probs, ref.probs), e_cls = normwise(k.cls, ref.cls);
+  MESSAGE("head dim " << HD << ", n " << lengths.front() << ": normwise from the rounded reference: out " << e_out
+                      << ", P " << e_p << ", CLS " << e_cls);
+  CHECK(e_out <= 1e-2);
+  CHECK(e_p <= 1e-4);
+  CHECK(e_cls <= 1e-4);
+
+  std::vector<float> out32(std::size_t(L.tokens * D)), probs32(L.probs);  // the CPU's fp32 attention
+  dino::nn::attention_forward(dino::cpu_policy{1}, heads, D, L.segs, L.poff, qkv.data(), out32.data(), probs32.data());
+  CHECK(normwise(k.out, out32) <= 4e-2);
+
+  // inference: P untouched, out and CLS rows the same bits
+  const result inf = run_kernel<HD>(L, heads, qkv, false, vec);
+  CHECK(inf.out == k.out);
+  CHECK(inf.cls == k.cls);
+  CHECK(std::all_of(inf.probs.begin(), inf.probs.end(), [](float v) { return std::isnan(v); }));
+}
+
+}  // namespace
+
+struct grads {
+  std::vector<float> dqkv, ds;
+};
+
+/// The backward kernels over each segment, as backward_hd launches them.
+template <int HD>
+grads run_backward(const layout& L, std::int64_t heads, const std::vector<float>& qkv, const std::vector<float>& probs,
+                   const std::vector<float>& dout, bool vec) {
+  const std::int64_t D = heads * HD;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  grads r{std::vector<float>(std::size_t(L.tokens * 3 * D), nan), std::vector<float>(L.probs, nan)};
+  for (std::size_t s = 0; s < L.segs.size(); ++s) {
+    const std::int64_t n = L.segs[s].length;
+    attn::group<float> g{qkv.data(), dout.data(), nullptr, const_cast<float*>(probs.data()), nullptr,
+                         r.dqkv.data(), r.ds.data(), D, heads, HD, n, L.segs[s].offset, std::int64_t(L.poff[s]), 0,
+                         (n + attn::bf::qrows - 1) / attn::bf::qrows, float(1.0 / std::sqrt(double(HD)))};
+    simt::launch(unsigned(g.tiles), unsigned(heads), [&] { attn::backward_rows_bf16_kernel<HD>(g, vec); });
+    simt::launch(unsigned(g.tiles), unsigned(heads), [&] { attn::backward_cols_bf16_kernel<HD>(g, vec); });
+  }
+  return r;
+}
+
+/// The double reference of the backward with the kernels' roundings (see the header).
+grads reference_backward(const layout& L, std::int64_t heads, std::int64_t hd, const std::vector<float>& qkv,
+                         const std::vector<float>& probs, const std::vector<float>& dout) {
+  const std::int64_t D = heads * hd;
+  grads r{std::vector<float>(std::size_t(L.tokens * 3 * D), 0.0f), std::vector<float>(L.probs)};
+  const double scale = 1.0 / std::sqrt(double(hd));
+  const auto b = [](float v) { return double(bf16_round(v)); };
+  for (std::size_t s = 0; s < L.segs.size(); ++s) {
+    const std::int64_t n = L.segs[s].length, off = L.segs[s].offset;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const auto q = [&](std::int64_t i, std::int64_t d) { return qkv[std::size_t((off + i) * 3 * D + h * hd + d)]; };
+      const auto k = [&](std::int64_t i, std::int64_t d) { return qkv[std::size_t((off + i) * 3 * D + D + h * hd + d)]; };
+      const auto v = [&](std::int64_t i, std::int64_t d) { return qkv[std::size_t((off + i) * 3 * D + 2 * D + h * hd + d)]; };
+      const auto o = [&](std::int64_t i, std::int64_t d) { return dout[std::size_t((off + i) * D + h * hd + d)]; };
+      const auto P = [&](std::int64_t i, std::int64_t j) { return probs[L.poff[s] + std::size_t(h * n * n + i * n + j)]; };
+      std::vector<double> ds(static_cast<std::size_t>(n * n));
+      for (std::int64_t i = 0; i < n; ++i) {
+        std::vector<double> dp(static_cast<std::size_t>(n));
+        double dot = 0;
+        for (std::int64_t j = 0; j < n; ++j) {
+          double acc = 0;
+          for (std::int64_t d = 0; d < hd; ++d) acc += b(o(i, d)) * b(v(j, d));
+          dp[std::size_t(j)] = acc;
+          dot += acc * double(P(i, j));
+        }
+        for (std::int64_t j = 0; j < n; ++j) {
+          ds[std::size_t(i * n + j)] = double(P(i, j)) * (dp[std::size_t(j)] - dot);
+          r.ds[L.poff[s] + std::size_t(h * n * n + i * n + j)] = float(ds[std::size_t(i * n + j)]);
+        }
+      }
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t d = 0; d < hd; ++d) {
+          double gq = 0, gk = 0, gv = 0;
+          for (std::int64_t j = 0; j < n; ++j) {
+            gq += b(float(ds[std::size_t(i * n + j)])) * b(k(j, d));
+            gk += b(float(ds[std::size_t(j * n + i)])) * b(q(j, d));
+            gv += b(P(j, i)) * b(o(j, d));
+          }
+          r.dqkv[std::size_t((off + i) * 3 * D + h * hd + d)] = float(gq * scale);
+          r.dqkv[std::size_t((off + i) * 3 * D + D + h * hd + d)] = float(gk * scale);
+          r.dqkv[std::size_t((off + i) * 3 * D + 2 * D + h * hd + d)] = float(gv);
+        }
+    }
+  }
+  return r;
+}
+
+template <int HD>
+void check_backward(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::uint64_t seed, bool vec) {
+  CAPTURE(HD);
+  CAPTURE(lengths.front());
+  CAPTURE(vec);
+  const std::int64_t D = heads * HD;
+  const layout L = make_layout(lengths, heads);
+  const auto qkv = random_qkv(L.tokens, D, seed);
+  std::vector<float> dout(std::size_t(L.tokens * D));
+  {
+    std::mt19937_64 gen(seed + 1000);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto& x : dout) x = u(gen);
+  }
+  std::vector<float> out32(std::size_t(L.tokens * D)), probs(L.probs), dqkv32(std::size_t(L.tokens * 3 * D)),
+      ds32(L.probs);
+  const dino::cpu_policy cpu{1};
+  dino::nn::attention_forward(cpu, heads, D, L.segs, L.poff, qkv.data(), out32.data(), probs.data());
+  dino::nn::attention_backward(cpu, heads, D, L.segs, L.poff, qkv.data(), probs.data(), dout.data(), dqkv32.data(),
+                               ds32.data());
+  const grads k = run_backward<HD>(L, heads, qkv, probs, dout, vec);
+  const grads ref = reference_backward(L, heads, HD, qkv, probs, dout);
+  const double e_ds = normwise(k.ds, ref.ds), e_g = normwise(k.dqkv, ref.dqkv), e_32 = normwise(k.dqkv, dqkv32);
+  MESSAGE("backward, head dim " << HD << ", n " << lengths.front() << ": normwise dS " << e_ds << ", dqkv " << e_g
+                                << " from the rounded reference, dqkv " << e_32 << " from the CPU's fp32");
+  CHECK(e_ds <= 1e-4);
+  CHECK(e_g <= 2e-3);
+  CHECK(e_32 <= 4e-2);
+}
+
+TEST_CASE("emulated bf16 attention kernel: one segment per launch, chunk edges, head dims 32, 64, 128") {
+  std::uint64_t seed = 1;
+  for (std::int64_t n : {1, 2, 37, 64, 65, 130}) check<32>({n}, 2, seed++, true);
+  check<32>({37}, 1, seed++, false);  // element-wise staging
+  for (std::int64_t n : {17, 197}) check<64>({n}, 1, seed++, true);
+  check<128>({70}, 1, seed++, true);
+  check<32>({5, 40, 3}, 2, seed++, true);  // several segments, one launch each
+}
+
+TEST_CASE("emulated bf16 attention kernel: a NaN query makes its own row NaN and no other") {
+  constexpr int HD = 32;
+  const std::int64_t heads = 2, D = heads * HD, tok = 3, h = 1;
+  const layout L = make_layout({40}, heads);
+  auto qkv = random_qkv(L.tokens, D, 77);
+  qkv[std::size_t(tok * 3 * D + h * HD + 5)] = std::numeric_limits<float>::quiet_NaN();
+  const result k = run_kernel<HD>(L, heads, qkv, true, true);
+  for (std::int64_t t = 0; t < L.tokens; ++t)
+    for (std::int64_t c = 0; c < D; ++c) {
+      const bool expect_nan = t == tok && c / HD == h;
+      CHECK_MESSAGE(std::isnan(k.out[std::size_t(t * D + c)]) == expect_nan, "token " << t << " column " << c);
+    }
+  const std::int64_t n = L.tokens;
+  for (std::int64_t j = 0; j < n; ++j) {
+    CHECK(std::isnan(k.probs[std::size_t(h * n * n + tok * n + j)]));
+    CHECK(!std::isnan(k.probs[std::size_t(h * n * n + (tok + 1) * n + j)]));
+  }
+}
+
+TEST_CASE("emulated bf16 attention backward kernels: chunk edges, head dims 32, 64, 128") {
+  std::uint64_t seed = 100;
+  for (std::int64_t n : {1, 2, 37, 64, 65, 130}) check_backward<32>({n}, 2, seed++, true);
+  check_backward<32>({37}, 1, seed++, false);  // element-wise staging
+  check_backward<64>({97}, 1, seed++, true);
+  check_backward<128>({40}, 1, seed++, true);
+  check_backward<32>({5, 40, 3}, 2, seed++, true);  // several segments
+}
