@@ -21,20 +21,22 @@
 // the device itself (method::step stages host input), so the copy is inside the timed step,
 // as `.cuda(non_blocking=True)` is on the PyTorch side. images_per_s = batch / median step.
 //
-// Each workload runs at precision fp32 (exact fp32 GEMMs), tf32 (ctx.policy(true)) and bf16
-// (ctx.policy(false, true): bf16 tensor cores for the GEMMs, TF32 ones for attention).
+// Each workload runs at precision fp32 (exact fp32 GEMMs), tf32 (ctx.policy(true)), bf16
+// (ctx.policy(false, true): bf16 tensor cores for the GEMMs and the attention) and
+// bf16_tf32attn (bf16 GEMMs, the TF32 attention kernels: the bf16 mode before the bf16
+// attention kernels, so that one run shows what they change).
 // peak_device_MiB: the device memory in use (cudaMemGetInfo: total - free) at its highest,
 // sampled after set-up, after the warm-up and after every timed step, minus the use before
 // the workload's set-up (the context and its cuBLASLt workspace are made before, so they are
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_tf32attn]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
 // Output: one line per workload and precision,
-//   dino <workload> precision=<fp32|tf32|bf16> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+//   dino <workload> precision=<fp32|tf32|bf16|bf16_tf32attn> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
 // Training rows add workspace_MiB (the step's planned workspace) and activations_MiB (the part
 // of it the backward keeps: the activation memory per step, method::memory()).
 // host_ms is the median time for a call to return before the stream is synchronised: the
@@ -57,11 +59,17 @@ namespace {
 
 using clk = std::chrono::steady_clock;
 
-/// The GEMM precision of a run: exact fp32, TF32 or bf16 tensor cores (cuda_policy).
+/// The precision of a run: exact fp32, TF32 or bf16 tensor cores (cuda_policy).
 struct precision {
-  int mode = 0;  // 0 fp32, 1 tf32, 2 bf16
-  const char* name() const { return mode == 2 ? "bf16" : mode == 1 ? "tf32" : "fp32"; }
-  dino::cuda_policy policy(const dino::cuda::context& ctx) const { return ctx.policy(mode == 1, mode == 2); }
+  int mode = 0;  // 0 fp32, 1 tf32, 2 bf16, 3 bf16 GEMMs with the TF32 attention kernels
+  const char* name() const {
+    return mode == 3 ? "bf16_tf32attn" : mode == 2 ? "bf16" : mode == 1 ? "tf32" : "fp32";
+  }
+  dino::cuda_policy policy(const dino::cuda::context& ctx) const {
+    dino::cuda_policy pol = ctx.policy(mode == 1, mode >= 2);
+    if (mode == 3) pol.bf16_attention = false;
+    return pol;
+  }
 };
 
 struct options {
@@ -69,7 +77,7 @@ struct options {
   int warmup = 3;
   std::int64_t batch = 0;  // 0: each workload's own
   std::string only;
-  std::string precision;  // empty: all three
+  std::string precision;  // empty: all four
   int profile = 0;        // > 0: after timing, that many more calls under a cuda::op_profile
 };
 
@@ -343,7 +351,7 @@ void bench_parts(const dino::cuda::context& ctx, precision pr, const options& o)
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16] "
+      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_tf32attn] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -369,7 +377,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
-  if (!o.precision.empty() && o.precision != "fp32" && o.precision != "tf32" && o.precision != "bf16") {
+  if (!o.precision.empty() && o.precision != "fp32" && o.precision != "tf32" && o.precision != "bf16" &&
+      o.precision != "bf16_tf32attn") {
     std::fprintf(stderr, "bench_cuda_dino: unknown precision '%s'\n%s", o.precision.c_str(), usage);
     return 2;
   }
@@ -389,6 +398,7 @@ int main(int argc, char** argv) {
     if (o.precision.empty() || o.precision == "fp32") precisions.push_back({0});
     if (o.precision.empty() || o.precision == "tf32") precisions.push_back({1});
     if (o.precision.empty() || o.precision == "bf16") precisions.push_back({2});
+    if (o.precision.empty() || o.precision == "bf16_tf32attn") precisions.push_back({3});
     // One workload's failure (out of device memory, say) is reported and the others still run.
     auto run = [&](const char* w, precision pr, auto&& f) {
       if (!o.only.empty() && o.only != w) return;
