@@ -14,8 +14,9 @@
 // dqkv and dS: bf16 keeps 7 mantissa bits, a rounding 8 times TF32's, so the TF32 bounds
 // times 8 (the host emulation of these kernels, tests/emu/, measured at most 4.3e-3 on dqkv
 // against the CPU's fp32); its results are further from the CPU's than the TF32 kernels' (the
-// bf16 paths are the ones that ran); without keep_probs it leaves P alone and gives the same
-// out and CLS rows bit for bit; a NaN query makes its own row NaN and no other.
+// bf16 paths are the ones that ran); without keep_probs it (and the TF32 forward) leaves P
+// alone and gives the same out and CLS rows bit for bit; a NaN query makes its own row NaN and
+// no other.
 //
 // Bounds, normwise (max |gpu - cpu| / max |cpu|, cuda_test_support.cuh), per quantity:
 //   fp32    out, probs, CLS rows, dqkv, dS (scratch): 1e-5 each. Measured on the CPU, a float
@@ -371,13 +372,14 @@ TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on
   const pack p = make_pack({197, 197, 37, 37}, heads);
   const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 999, -2.0, 2.0);
   const dino::cuda_policy pol = policy_for(bf16_mode);
-  {  // inference (keep_probs false): P left alone, the same out and CLS rows as with P kept
+  for (const int m : {int(bf16_mode), int(tf32_mode)}) {  // inference (keep_probs false), both tensor-core forwards:
+    CAPTURE(m);                                          // P left alone, the same out and CLS rows as with P kept
     auto d_qkv = upload(qkv);
     std::vector<std::vector<float>> outs, clss, probss;
     for (bool keep : {true, false}) {
       auto d_out = upload(nan_vector<float>(std::size_t(p.tokens * D))), d_probs = upload(nan_vector<float>(p.probs)),
            d_cls = upload(nan_vector<float>(p.cls));
-      dino::cuda::attention_forward(pol, heads, D, p.segs, p.poff, static_cast<const float*>(d_qkv.data()),
+      dino::cuda::attention_forward(policy_for(m), heads, D, p.segs, p.poff, static_cast<const float*>(d_qkv.data()),
                                     d_out.data(), d_probs.data(), d_cls.data(), p.cls_off.data(), keep);
       outs.push_back(download(d_out));
       clss.push_back(download(d_cls));
