@@ -78,10 +78,13 @@ inline void attention_forward(const cpu_policy& pol, std::int64_t heads, std::in
 }
 
 /// dqkv [T, 3D] (=) from dout [T, D], with the P kept by attention_forward. scratch: probs_elems.
+/// out (the forward's output) is for the GPU's bf16 path (policy/cuda/attention.cuh); the CPU
+/// ignores it.
 template <class T>
 inline void attention_backward(const cpu_policy& pol, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
                                const std::vector<std::size_t>& poff, const T* qkv, const T* probs, const T* dout, T* dqkv,
-                               T* scratch) {
+                               T* scratch, const T* out = nullptr) {
+  (void)out;
   const std::int64_t hd = D / heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const std::int64_t pairs = static_cast<std::int64_t>(segs.size()) * heads;

@@ -742,7 +742,7 @@ class vit {
       // attention branch: x_mid = x + dp1 * proj(attn(qkv(LN1(x))))
       copy_scaled(pol, pk, dx, b.dp, dz, D);
       blk.proj.backward(pol, P, cv(b.o, D, "attn"), cv(dz, D, "dy"), hv(d_o, D, "do"), grad_mode::write, G);
-      attention_backward(pol, cfg_.heads, D, pk.segs, pk.probs_off, b.qkv, b.probs, d_o, dqkv, dP);
+      attention_backward(pol, cfg_.heads, D, pk.segs, pk.probs_off, b.qkv, b.probs, d_o, dqkv, dP, b.o);
       blk.qkv.backward(pol, P, cv(b.a, D, "ln1"), cv(dqkv, 3 * D, "dqkv"), hv(da, D, "da"), grad_mode::write, G);
       blk.norm1.backward(pol, P, cv(b.x_in, D, "x"), tensor_view<const T, S>{b.ln1, {Tn, 2}, "stats"}, cv(da, D, "da"),
                          hv(dx, D, "dx"), grad_mode::accumulate, G, tensor_view<T, S>{});

@@ -51,13 +51,14 @@
 // softmax (forward_tc_kernel; the same contract, results within TF32 rounding). The backward
 // runs on tensor cores too under the same conditions (backward_rows_tc_kernel and
 // backward_cols_tc_kernel: dP, dQ, dK and dV on TF32, dS in fp32).
-// With pol.bf16_attention (float, head dim 32, 64 or 128, any n) the forward is
-// forward_bf16_kernel instead: a flash-attention form on bf16 tensor cores (mma.sync
-// m16n8k16, fp32 sums, an online fp32 softmax), which writes P only when it is kept (and
-// the CLS row when asked for); the backward is backward_rows_bf16_kernel and
-// backward_cols_bf16_kernel, the TF32 kernels' data flow on bf16 tensor cores; results
-// within bf16 rounding (policy/cuda/attention_bf16.cuh).
-// keep_probs false (inference) lets the tensor-core forwards skip writing P.
+// With pol.bf16_attention (float, head dim 32, 64 or 128, any n) attention is the flash-
+// attention form on bf16 tensor cores (mma.sync m16n8k16, fp32 sums, an online fp32 softmax;
+// policy/cuda/attention_bf16.cuh): the forward keeps only each row's lse2 (log2-sum-exp2 of
+// the scaled scores, in the first n floats of each probs block) and the CLS row when asked
+// for; the backward (backward_rows_bf16_kernel, backward_cols_bf16_kernel) recomputes P from
+// it and takes D = rowsum(dO o O) from the forward's output, so it needs `out`, and leaves D
+// (not dS) in the scratch. Results within bf16 rounding.
+// keep_probs false (inference) lets the tensor-core forwards skip writing P (or lse2).
 #pragma once
 
 #include <algorithm>
@@ -850,6 +851,12 @@ inline void with_head_dim(std::int64_t hd, F&& f) {
   else f(integral_constant<int, 128>{}, padded{});
 }
 
+/// Whether attention over float tensors with head dim hd takes the bf16 kernels.
+template <class T>
+inline bool bf16_path(const cuda_policy& pol, std::int64_t hd) {
+  return std::is_same_v<T, float> && pol.bf16_attention && (hd == 32 || hd == 64 || hd == 128);
+}
+
 template <class T, int HD, bool Padded>
 inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<segment>& segs,
                        const std::vector<std::size_t>& poff, const std::int64_t* cls_offsets, bool keep) {
@@ -934,18 +941,23 @@ inline void attention_forward(const cuda_policy& pol, std::int64_t heads, std::i
   });
 }
 
-/// dqkv [T, 3D] (=) from dout [T, D] with the P kept by attention_forward. scratch: probs_elems.
+/// dqkv [T, 3D] (=) from dout [T, D] with what attention_forward kept in probs (P, or the
+/// rows' lse2 on the bf16 path: call both with the same bf16_attention). scratch: probs_elems.
+/// out: the forward's output, which the bf16 path needs (D = rowsum(dout o out)); the other
+/// paths ignore it.
 template <class T>
 inline void attention_backward(const cuda_policy& pol, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
                                const std::vector<std::size_t>& poff, const T* qkv, const T* probs, const T* dout, T* dqkv,
-                               T* scratch) {
+                               T* scratch, const T* out = nullptr) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "attention_backward (CUDA): float or double");
   namespace a = detail::attn;
   const std::int64_t hd = a::check_args("attention_backward", heads, D, segs, poff);
   require<shape_error>(segs.empty() || (qkv && probs && dout && dqkv && scratch),
                        "attention_backward: qkv, probs, dout, dqkv and scratch are required");
-  a::group<T> g{qkv, dout, nullptr, const_cast<T*>(probs), nullptr, dqkv, scratch, D, heads, hd, 0, 0, 0, 0, 0,
-                T(1.0 / std::sqrt(double(hd)))};
+  require<shape_error>(segs.empty() || out || !a::bf16_path<T>(pol, hd),
+                       "attention_backward: the bf16 attention path needs the forward's output (out)");
+  a::group<T> g{qkv, dout, const_cast<T*>(out), const_cast<T*>(probs), nullptr, dqkv, scratch, D, heads, hd, 0, 0, 0, 0,
+                0, T(1.0 / std::sqrt(double(hd)))};
   a::with_head_dim(hd, [&](auto HD, auto padded) {
     a::backward_hd<T, decltype(HD)::value, decltype(padded)::value>(pol, g, segs, poff);
   });

@@ -19,16 +19,18 @@
 namespace dino::cuda::detail::attn {
 
 // ---- bf16 tensor-core forward (float tensors, head dim 32, 64 or 128, any n; pol.bf16_attention) ----
-// The flash-attention form of the forward: P is never kept in shared memory. One block of 4
+// The flash-attention form of the forward: P is never stored. One block of 4
 // warps per (segment, head, 64 queries); warp w owns queries 16w..16w+15. Its Q rows are
 // rounded to bf16 into mma.sync m16n8k16 A fragments in registers. Keys and values are staged
 // 64 rows at a time as bf16 (zeros past n); per staged chunk each warp computes its scores
 // S = Q K^T in fp32 fragments, the running row max m and the running sum l of exp(s - m)
 // (an online softmax, in base 2 with the scale folded in), rescales its O accumulators, and
 // adds P V with the unnormalised P rounded to bf16 (the scores' C fragments are the A
-// fragments of P, so P never leaves registers). At the end O is divided by l. When P is to be
-// kept (training) or the CLS row is asked for, a second pass recomputes the scores chunk by
-// chunk (the same products, so the same values) and writes exp(s - m) / l.
+// fragments of P, so P never leaves registers). At the end O is divided by l. With keep
+// (training) each row's lse2 = m + log2(l) goes to the first n floats of its (segment, head)
+// block of probs, for the backward. When the CLS row is asked for, a second pass recomputes
+// row 0's scores chunk by chunk (the same products, so the same values) and writes
+// exp2(s - m) / l.
 // A row with a NaN or +inf score, or with only -inf scores, becomes NaN (exp2 of NaN or of
 // inf - inf), as on the CPU.
 //
@@ -257,9 +259,14 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
     bf_accumulate<HD>(o, s, sV, kn, lane);
   }
   float inv[2] = {0.0f, 0.0f};
+  float* L = g.probs + g.poff0 + (seg * g.heads + h) * n * n;  // the block's first n floats: lse2
   if (active) {
+    float lsum[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) inv[r] = 1.0f / quad_sum(l[r]);
+    for (int r = 0; r < 2; ++r) {
+      lsum[r] = quad_sum(l[r]);
+      inv[r] = 1.0f / lsum[r];
+    }
     float* Ob = g.out + (g.row0 + seg * n) * g.D + h * HD;
 #pragma unroll
     for (int dt = 0; dt < ND; ++dt) {
@@ -273,60 +280,72 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
         Ob[rb * g.D + d + 1] = o[dt][3] * inv[1];
       }
     }
+    if (keep && tq == 0) {  // what the backward needs: P_ij = exp2(s_ij c - lse2_i)
+      if (ra < n) L[ra] = m[0] + log2f(lsum[0]);
+      if (rb < n) L[rb] = m[1] + log2f(lsum[1]);
+    }
   }
 
-  // P = exp2(s - m) / l for the kept probabilities and the CLS row (block-uniform condition)
+  // the CLS row, P = exp2(s - m) / l, recomputed chunk by chunk (block-uniform condition)
   float* cls = g.cls && q0 == 0 ? g.cls + g.cls0 + (seg * g.heads + h) * n : nullptr;
-  if (!keep && !cls) return;
-  float* P = g.probs + g.poff0 + (seg * g.heads + h) * n * n;
-  const bool writes = active && (keep || w == 0);  // without keep only warp 0 (row 0) writes
+  if (!cls) return;
   for (int ch = 0; ch < nch; ++ch) {
     const std::int64_t k0 = std::int64_t(ch) * bf::kc;
     __syncthreads();
     bf_stage<HD>(sK, Kb, ld, k0, n, vec);
     __syncthreads();
-    if (!writes) continue;
+    if (w != 0) continue;  // row 0 is warp 0's (lanes 0..3, the C fragments' c0 and c1)
     const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
     float s[JT][4];
     bf_scores<HD>(s, qa, sK, kn, c, gq, tq);
+    if (gq == 0)
 #pragma unroll
-    for (int jt = 0; jt < JT; ++jt)
+      for (int jt = 0; jt < JT; ++jt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int jj = 8 * jt + 2 * tq + (e & 1);
-        const std::int64_t i = e < 2 ? ra : rb;
-        if (jj < kn && i < n) {
-          const float p = exp2f(s[jt][e] - m[e >> 1]) * inv[e >> 1];
-          if (keep) P[i * n + k0 + jj] = p;
-          if (cls && i == 0) cls[k0 + jj] = p;
+        for (int e = 0; e < 2; ++e) {
+          const int jj = 8 * jt + 2 * tq + e;
+          if (jj < kn) cls[k0 + jj] = exp2f(s[jt][e] - m[0]) * inv[0];
         }
-      }
   }
 }
 
-
 // ---- bf16 tensor-core backward (the same conditions as the forward, pol.bf16_attention) ----
-// The two-kernel form of the TF32 backward, deterministic (no atomics), from the P the forward
-// kept (fp32) and writing dS = P o (dP - rowsum(dP o P)) to the scratch, as it does; the
-// products on bf16 tensor cores with fp32 sums, dS rounded to bf16 where it is an operand.
+// The flash-attention form, deterministic (no atomics): P is recomputed from the scores and
+// the rows' lse2 that the forward kept (in the first n floats of each (segment, head) block of
+// probs), never read; D_i = rowsum(dO_i o O_i) (= rowsum(dP o P)) comes from the forward's
+// output O. The products on bf16 tensor cores with fp32 sums; P and dS rounded to bf16 where
+// they are operands.
 //   rows:    one block of 4 warps per (segment, head, 64 queries); warp w owns queries
-//            16w..16w+15, its dO rows in A fragments. Pass 1 over the key chunks: dP = dO V^T,
-//            dot_i = sum_j dP_ij P_ij; pass 2: dP again (the same products), dS (written to the
-//            scratch), and dQ += dS K (dS from the C fragments, K read transposed by ldmatrix).
-//   columns: one block per (segment, head, 64 keys); warp w owns keys 16w..16w+15. For each
-//            64 queries, Q and dO are staged as bf16 rows and the [64 queries x 64 keys] blocks
-//            of dS and P as bf16; dK += dS^T Q and dV += P^T dO (dS^T, P^T, Q and dO all read
-//            by ldmatrix, transposed).
+//            16w..16w+15 (Q and dO rows in A fragments). It writes D of its rows to the
+//            first n floats of the block's scratch, then per key chunk: S = Q K^T, P, dP =
+//            dO V^T, dS = P o (dP - D), dQ += dS K.
+//   columns: one block per (segment, head, 64 keys); warp w owns keys 16w..16w+15 (K and V
+//            rows in A fragments). Per chunk of 64 queries (Q and dO staged as bf16 rows, their
+//            lse2 and D as floats): S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
+//            dS^T = P^T o (dP^T - D), dK += dS^T Q. It runs after the rows kernel (the same
+//            stream), which wrote D.
 namespace bf {
-inline constexpr int lb = kc + 8;  ///< row stride (bf16) of a staged [64 queries x 64 keys] block
 constexpr std::size_t rows_smem_bytes(int hd) { return smem_bytes(hd); }
-constexpr std::size_t cols_smem_bytes(int hd) {
-  return (2 * std::size_t(kc) * std::size_t(ld(hd)) + 2 * std::size_t(kc) * std::size_t(lb)) * 2;
-}
+constexpr std::size_t cols_smem_bytes(int hd) { return smem_bytes(hd) + 2 * std::size_t(kc) * sizeof(float); }
 }  // namespace bf
 
+/// D of rows ra and ra + 8 (zero at and past n): sum over d of dO[i][d] O[i][d], the four lanes
+/// of the quad splitting d.
 template <int HD>
-__global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_rows_bf16_kernel(group<float> g, bool vec) {
+__device__ __forceinline__ void bf_row_dots(float (&D)[2], const float* dO, const float* O, std::int64_t ld,
+                                            std::int64_t ra, std::int64_t n, int tq) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t i = ra + 8 * r;
+    float acc = 0.0f;
+    if (i < n)
+      for (int d = tq; d < HD; d += 4) acc += dO[i * ld + d] * O[i * ld + d];
+    D[r] = quad_sum(acc);
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(threads, 2) backward_rows_bf16_kernel(group<float> g, bool vec) {
   constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, JT = bf::kc / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] key chunk
@@ -334,44 +353,36 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_rows_bf16_
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
   const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
   const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
-  const float* Kb = g.qkv + first * ld + g.D + h * HD;
-  const float* Vb = Kb + g.D;
+  const float* Qb = g.qkv + first * ld + h * HD;
+  const float* Kb = Qb + g.D;
+  const float* Vb = Qb + 2 * g.D;
   const float* dOb = g.dout + first * g.D + h * HD;
+  const float* Ob = g.out + first * g.D + h * HD;
   const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
-  const float* P = g.probs + blk;
-  float* S = g.ds + blk;
+  const float* L = g.probs + blk;  // lse2 of the rows
+  float* Dw = g.ds + blk;          // D of the rows, for the columns kernel
   const bool active = q0 + 16 * w < n;
-  const std::int64_t ra = q0 + 16 * w + gq;
+  const std::int64_t ra = q0 + 16 * w + gq, rb = ra + 8;
+  const float c = g.scale * 1.4426950408889634f;  // scale * log2(e), as the forward
 
-  std::uint32_t oa[KD][4];
+  std::uint32_t qa[KD][4], oa[KD][4];
+  bf_row_fragments<HD>(qa, Qb, ld, ra, n, tq);
   bf_row_fragments<HD>(oa, dOb, g.D, ra, n, tq);
-  const int nch = int((n + bf::kc - 1) / bf::kc);
-
-  float dot[2] = {0.0f, 0.0f};  // pass 1: rowsum(dP o P), this lane's columns
-  for (int ch = 0; ch < nch; ++ch) {
-    const std::int64_t k0 = std::int64_t(ch) * bf::kc;
-    __syncthreads();
-    bf_stage<HD>(sV, Vb, ld, k0, n, vec);
-    __syncthreads();
-    if (!active) continue;
-    const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
-    float s[JT][4];
-    bf_products<HD>(s, oa, sV, kn, gq, tq);
-#pragma unroll
-    for (int jt = 0; jt < JT; ++jt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int jj = 8 * jt + 2 * tq + (e & 1);
-        const std::int64_t i = ra + (e >> 1) * 8;
-        if (jj < kn && i < n) dot[e >> 1] += s[jt][e] * P[i * n + k0 + jj];
-      }
+  float Dr[2] = {0.0f, 0.0f}, lse[2] = {0.0f, 0.0f};
+  if (active) {
+    bf_row_dots<HD>(Dr, dOb, Ob, g.D, ra, n, tq);
+    lse[0] = ra < n ? L[ra] : 0.0f;
+    lse[1] = rb < n ? L[rb] : 0.0f;
+    if (tq == 0) {
+      if (ra < n) Dw[ra] = Dr[0];
+      if (rb < n) Dw[rb] = Dr[1];
+    }
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) dot[r] = quad_sum(dot[r]);  // the row's sum (inactive warps: unused)
 
   float dq[ND][4];
   bf_zero(dq);
-  for (int ch = 0; ch < nch; ++ch) {  // pass 2: dS, dQ = dS K
+  const int nch = int((n + bf::kc - 1) / bf::kc);
+  for (int ch = 0; ch < nch; ++ch) {
     const std::int64_t k0 = std::int64_t(ch) * bf::kc;
     __syncthreads();
     bf_stage<HD>(sK, Kb, ld, k0, n, vec);
@@ -379,20 +390,17 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_rows_bf16_
     __syncthreads();
     if (!active) continue;
     const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
-    float s[JT][4];
-    bf_products<HD>(s, oa, sV, kn, gq, tq);
+    float s[JT][4], dp[JT][4];
+    bf_scores<HD>(s, qa, sK, kn, c, gq, tq);   // -inf past kn
+    bf_products<HD>(dp, oa, sV, kn, gq, tq);  // dP = dO V^T
 #pragma unroll
     for (int jt = 0; jt < JT; ++jt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int jj = 8 * jt + 2 * tq + (e & 1);
-        const std::int64_t i = ra + (e >> 1) * 8;
-        float ds = 0.0f;
-        if (jj < kn && i < n) {
-          ds = P[i * n + k0 + jj] * (s[jt][e] - dot[e >> 1]);
-          S[i * n + k0 + jj] = ds;
-        }
-        s[jt][e] = ds;
+        const int r = e >> 1;
+        const bool row_ok = (r ? rb : ra) < n;
+        const float p = row_ok ? exp2f(s[jt][e] - lse[r]) : 0.0f;  // 0 past kn
+        s[jt][e] = p * (dp[jt][e] - Dr[r]);                          // dS
       }
     bf_accumulate<HD>(dq, s, sK, kn, lane);
   }
@@ -413,24 +421,30 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_rows_bf16_
 }
 
 template <int HD>
-__global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_cols_bf16_kernel(group<float> g, bool vec) {
-  constexpr int LK = bf::ld(HD), ND = HD / 8, LB = bf::lb;
+__global__ void __launch_bounds__(threads, 2) backward_cols_bf16_kernel(group<float> g, bool vec) {
+  constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, JT = bf::kc / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] query chunk
   __nv_bfloat16* sO = sQ + bf::kc * LK;                              // [kc][LK] its dO
-  __nv_bfloat16* sS = sO + bf::kc * LK;                              // [kc queries][LB] dS of the block's keys
-  __nv_bfloat16* sP = sS + bf::kc * LB;                              // [kc queries][LB] P
+  float* sL = reinterpret_cast<float*>(sO + bf::kc * LK);            // [kc] its lse2
+  float* sD = sL + bf::kc;                                           // [kc] its D
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-  const int mi = lane >> 3, ri = lane & 7;  // this lane addresses row ri of ldmatrix matrix mi
   const std::int64_t seg = blockIdx.x / g.tiles, k0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
   const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
   const float* Qb = g.qkv + first * ld + h * HD;
+  const float* Kb = Qb + g.D;
+  const float* Vb = Qb + 2 * g.D;
   const float* dOb = g.dout + first * g.D + h * HD;
   const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
-  const float* P = g.probs + blk;
-  const float* S = g.ds + blk;
+  const float* L = g.probs + blk;
+  const float* Dg = g.ds + blk;
   const bool active = k0 + 16 * w < n;  // the warp has a key
+  const std::int64_t ja = k0 + 16 * w + gq, jb = ja + 8;
+  const float c = g.scale * 1.4426950408889634f;
 
+  std::uint32_t ka[KD][4], va[KD][4];
+  bf_row_fragments<HD>(ka, Kb, ld, ja, n, tq);
+  bf_row_fragments<HD>(va, Vb, ld, ja, n, tq);
   float dk[ND][4], dv[ND][4];
   bf_zero(dk);
   bf_zero(dv);
@@ -440,42 +454,38 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_cols_bf16_
     __syncthreads();
     bf_stage<HD>(sQ, Qb, ld, i0, n, vec);
     bf_stage<HD>(sO, dOb, g.D, i0, n, vec);
-    for (int idx = threadIdx.x; idx < bf::kc * bf::kc; idx += threads) {
-      const int r = idx / bf::kc, c = idx % bf::kc;  // r: query of the chunk, c: key of the block
-      const std::int64_t i = i0 + r, j = k0 + c;
-      const bool in = i < n && j < n;
-      sS[r * LB + c] = __float2bfloat16_rn(in ? S[i * n + j] : 0.0f);
-      sP[r * LB + c] = __float2bfloat16_rn(in ? P[i * n + j] : 0.0f);
+    for (int r = threadIdx.x; r < bf::kc; r += threads) {
+      const std::int64_t i = i0 + r;
+      sL[r] = i < n ? L[i] : 0.0f;
+      sD[r] = i < n ? Dg[i] : 0.0f;
     }
     __syncthreads();
     if (!active) continue;
     const int qn = n - i0 < bf::kc ? int(n - i0) : bf::kc;
+    float st[JT][4], dpt[JT][4];
+    bf_products<HD>(st, ka, sQ, qn, gq, tq);  // S^T = K Q^T (rows: keys, columns: queries)
 #pragma unroll
-    for (int kk = 0; kk < bf::kc / 16; ++kk) {
-      if (16 * kk >= qn) break;  // warp-uniform: the rest of the chunk is padding
-      // A = dS^T and P^T (16 keys x 16 queries): matrix mi holds queries 16 kk + 8 (mi >> 1) ..,
-      // keys 16 w + 8 (mi & 1) ..; transposed, lane 4 g + t gets (key g, queries 2t, 2t+1)
-      std::uint32_t as[4], ap[4];
-      const int off = (16 * kk + (mi >> 1) * 8 + ri) * LB + 16 * w + (mi & 1) * 8;
-      bf_ldmatrix_x4_trans(as, sS + off);
-      bf_ldmatrix_x4_trans(ap, sP + off);
+    for (int jt = 0; jt < JT; ++jt)
 #pragma unroll
-      for (int dt = 0; dt < ND; dt += 2) {
-        std::uint32_t bq[4], bo[4];  // B = Q and dO (16 queries x 8 dims), two dim tiles
-        const int boff = (16 * kk + (mi & 1) * 8 + ri) * LK + 8 * (dt + (mi >> 1));
-        bf_ldmatrix_x4_trans(bq, sQ + boff);
-        bf_ldmatrix_x4_trans(bo, sO + boff);
-        bf_mma(dk[dt], as, bq[0], bq[1]);
-        bf_mma(dk[dt + 1], as, bq[2], bq[3]);
-        bf_mma(dv[dt], ap, bo[0], bo[1]);
-        bf_mma(dv[dt + 1], ap, bo[2], bo[3]);
+      for (int e = 0; e < 4; ++e) {
+        const int qq = 8 * jt + 2 * tq + (e & 1);
+        const bool ok = qq < qn && (e < 2 ? ja : jb) < n;
+        st[jt][e] = ok ? exp2f(st[jt][e] * c - sL[qq]) : 0.0f;  // P^T
       }
-    }
+    bf_accumulate<HD>(dv, st, sO, qn, lane);   // dV += P^T dO
+    bf_products<HD>(dpt, va, sO, qn, gq, tq);  // dP^T = V dO^T
+#pragma unroll
+    for (int jt = 0; jt < JT; ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qq = 8 * jt + 2 * tq + (e & 1);
+        st[jt][e] = qq < qn ? st[jt][e] * (dpt[jt][e] - sD[qq]) : 0.0f;  // dS^T
+      }
+    bf_accumulate<HD>(dk, st, sQ, qn, lane);  // dK += dS^T Q
   }
   if (!active) return;
   float* dKb = g.dqkv + first * ld + g.D + h * HD;
   float* dVb = dKb + g.D;
-  const std::int64_t ja = k0 + 16 * w + gq;
 #pragma unroll
   for (int dt = 0; dt < ND; ++dt) {
     const int d = 8 * dt + 2 * tq;
@@ -491,5 +501,4 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) backward_cols_bf16_
     }
   }
 }
-
 }  // namespace dino::cuda::detail::attn

@@ -93,11 +93,12 @@ struct cuda_policy {
   /// cpu_policy::bf16. Wins over tf32 for GEMMs. The DINO head's prototype layer opts out
   /// (without_bf16).
   bool bf16 = false;
-  /// Attention on bf16 tensor cores (policy/cuda/attention_bf16.cuh): Q, K, V, dO and the
-  /// GEMM operands P and dS rounded to bf16, fp32 sums and an fp32 softmax, as PyTorch's bf16
-  /// autocast runs its attention. context::policy sets it with bf16; false keeps the TF32
-  /// kernels (finer than bf16). Float tensors and head dims 32, 64 and 128 only; other cases
-  /// take the paths they took before.
+  /// Attention on bf16 tensor cores in the flash-attention form (policy/cuda/attention_bf16.cuh):
+  /// Q, K, V, dO and the GEMM operands P and dS rounded to bf16, fp32 sums and an fp32 softmax,
+  /// as PyTorch's bf16 autocast runs its attention; the forward keeps each row's lse2 instead
+  /// of P, and the backward recomputes P (it needs the forward's output). context::policy sets
+  /// it with bf16; false keeps the TF32 kernels (finer than bf16). Float tensors and head dims
+  /// 32, 64 and 128 only; other cases take the paths they took before.
   bool bf16_attention = false;
   /// Whether attention may use its TF32 tensor-core kernels (tf32 or bf16 asked for).
   bool tensor_core_attention() const { return tf32 || bf16; }
