@@ -246,6 +246,14 @@ errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::u
   return e;
 }
 
+/// A tensor-core mode on the layouts that split launches and on the paths it does not take.
+void check_layouts(std::uint64_t& seed, int m) {
+  check_attention<float>(make_pack({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, m);  // gaps
+  check_attention<float>(make_pack({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, m);       // reversed
+  check_attention<float>(make_pack({17, 5, 5}, 3, 0, false), 3, 30, seed++, m);         // padded: fp32 path
+  check_attention<double>(make_pack({37, 3}, 3), 3, 192, seed++, m);                     // double: fp64 path
+}
+
 /// The forward on qkv one float past a 16-byte boundary (the kernels stage element by element),
 /// 3 heads of 64, against the CPU within `bound`.
 void check_misaligned_forward(const std::vector<std::int64_t>& lengths, std::uint64_t seed, int m, double bound) {
@@ -359,10 +367,7 @@ TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 roundin
         MESSAGE("TF32, one segment of 197, head dim " << hc.D / hc.heads << ": normwise errors out " << e.out
                                                       << ", P " << e.probs << ", dqkv " << e.dqkv << ", dS " << e.ds);
     }
-  check_attention<float>(make_pack({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, true);  // gaps
-  check_attention<float>(make_pack({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, true);       // reversed
-  check_attention<float>(make_pack({17, 5, 5}, 3, 0, false), 3, 30, seed++, true);         // padded: fp32 path
-  check_attention<double>(make_pack({37, 3}, 3), 3, 192, seed++, true);                     // double: fp64 path
+  check_layouts(seed, tf32_mode);
 
   check_misaligned_forward({50, 10, 10}, 798, tf32_mode, fwd_tf32_bound);  // element-wise staging
 
@@ -409,10 +414,7 @@ TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on
       }
       ++seed;
     }
-  check_attention<float>(make_pack({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, bf16_mode);  // gaps
-  check_attention<float>(make_pack({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, bf16_mode);       // reversed
-  check_attention<float>(make_pack({17, 5, 5}, 3, 0, false), 3, 30, seed++, bf16_mode);         // padded: fp32 path
-  check_attention<double>(make_pack({37, 3}, 3), 3, 192, seed++, bf16_mode);                     // double: fp64 path
+  check_layouts(seed, bf16_mode);
 
   check_misaligned_forward({50, 10, 70}, 998, bf16_mode, fwd_bf16_bound);  // element-wise staging
 

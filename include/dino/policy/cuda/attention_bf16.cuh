@@ -119,6 +119,25 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(full_mask, v, 2);
 }
 
+/// dst[i][d] (row stride ld) = acc (C fragments of rows ra, ra + 8) times mul[0] or mul[1]
+/// by row, for the rows under n.
+template <int HD>
+__device__ __forceinline__ void bf_store_rows(float* dst, std::int64_t ld, const float (&acc)[HD / 8][4],
+                                              std::int64_t ra, std::int64_t n, const float (&mul)[2], int tq) {
+#pragma unroll
+  for (int dt = 0; dt < HD / 8; ++dt) {
+    const int d = 8 * dt + 2 * tq;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const std::int64_t i = ra + 8 * r;
+      if (i < n) {
+        dst[i * ld + d] = acc[dt][2 * r] * mul[r];
+        dst[i * ld + d + 1] = acc[dt][2 * r + 1] * mul[r];
+      }
+    }
+  }
+}
+
 /// The warp's products of one staged chunk: s[jt] (keys 8 jt .. 8 jt + 7 of the chunk) = A B^T
 /// for the A rows of `a` (fragments) and the chunk's rows of sB (row-major [kc][ld(HD)]);
 /// tiles past the kn valid keys are 0 (their staged rows are zero too).
@@ -267,19 +286,7 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
       lsum[r] = quad_sum(l[r]);
       inv[r] = 1.0f / lsum[r];
     }
-    float* Ob = g.out + (g.row0 + seg * n) * g.D + h * HD;
-#pragma unroll
-    for (int dt = 0; dt < ND; ++dt) {
-      const int d = 8 * dt + 2 * tq;
-      if (ra < n) {
-        Ob[ra * g.D + d] = o[dt][0] * inv[0];
-        Ob[ra * g.D + d + 1] = o[dt][1] * inv[0];
-      }
-      if (rb < n) {
-        Ob[rb * g.D + d] = o[dt][2] * inv[1];
-        Ob[rb * g.D + d + 1] = o[dt][3] * inv[1];
-      }
-    }
+    bf_store_rows<HD>(g.out + (g.row0 + seg * n) * g.D + h * HD, g.D, o, ra, n, inv, tq);
     if (keep && tq == 0) {  // what the backward needs: P_ij = exp2(s_ij c - lse2_i)
       if (ra < n) L[ra] = m[0] + log2f(lsum[0]);
       if (rb < n) L[rb] = m[1] + log2f(lsum[1]);
@@ -405,19 +412,8 @@ __global__ void __launch_bounds__(threads, 2) backward_rows_bf16_kernel(group<fl
     bf_accumulate<HD>(dq, s, sK, kn, lane);
   }
   if (!active) return;
-  float* dQb = g.dqkv + first * ld + h * HD;
-#pragma unroll
-  for (int dt = 0; dt < ND; ++dt) {
-    const int d = 8 * dt + 2 * tq;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const std::int64_t i = ra + 8 * r;
-      if (i < n) {
-        dQb[i * ld + d] = dq[dt][2 * r] * g.scale;
-        dQb[i * ld + d + 1] = dq[dt][2 * r + 1] * g.scale;
-      }
-    }
-  }
+  const float mul[2] = {g.scale, g.scale};
+  bf_store_rows<HD>(g.dqkv + first * ld + h * HD, ld, dq, ra, n, mul, tq);
 }
 
 template <int HD>
@@ -484,21 +480,8 @@ __global__ void __launch_bounds__(threads, 2) backward_cols_bf16_kernel(group<fl
     bf_accumulate<HD>(dk, st, sQ, qn, lane);  // dK += dS^T Q
   }
   if (!active) return;
-  float* dKb = g.dqkv + first * ld + g.D + h * HD;
-  float* dVb = dKb + g.D;
-#pragma unroll
-  for (int dt = 0; dt < ND; ++dt) {
-    const int d = 8 * dt + 2 * tq;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const std::int64_t j = ja + 8 * r;
-      if (j < n) {
-        dKb[j * ld + d] = dk[dt][2 * r] * g.scale;
-        dKb[j * ld + d + 1] = dk[dt][2 * r + 1] * g.scale;
-        dVb[j * ld + d] = dv[dt][2 * r];
-        dVb[j * ld + d + 1] = dv[dt][2 * r + 1];
-      }
-    }
-  }
+  const float mul_k[2] = {g.scale, g.scale}, mul_v[2] = {1.0f, 1.0f};
+  bf_store_rows<HD>(g.dqkv + first * ld + g.D + h * HD, ld, dk, ja, n, mul_k, tq);
+  bf_store_rows<HD>(g.dqkv + first * ld + 2 * g.D + h * HD, ld, dv, ja, n, mul_v, tq);
 }
 }  // namespace dino::cuda::detail::attn
