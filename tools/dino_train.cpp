@@ -98,7 +98,7 @@ dino_cli::flags make_flags() {
       .add("device", "cpu", "where the model trains: cpu, or cuda in a build with DINO_ENABLE_CUDA")
       .add("tf32", "false", "with --device cuda: fp32 GEMMs on TF32 tensor cores (default exact fp32)")
       .add("bf16", "false",
-           "GEMM operands rounded to bf16, summed in fp32 (mixed precision; on the GPU: bf16 tensor cores)")
+           "GEMM operands rounded to bf16, summed in fp32 (mixed precision; on the GPU: bf16 tensor cores for the GEMMs and the attention)")
       .add("loader-threads", "1", "data loading threads")
       .add("prefetch", "2", "batches loaded ahead")
       .add("save-every", "0", "steps between checkpoints (0: at the end only)")
