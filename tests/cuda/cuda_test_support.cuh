@@ -14,20 +14,13 @@
 
 #include <dino/cuda.hpp>
 
+#include "attention_layout.hpp"  // random_vector
+
 namespace dino_test {
 
 inline dino::cuda::context& gpu() {
   static dino::cuda::context ctx;
   return ctx;
-}
-
-/// n values uniform in [lo, hi) from Philox (seed, stream).
-template <class T>
-std::vector<T> random_vector(std::size_t n, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  std::vector<T> v(n);
-  dino::philox rng(seed, 0);
-  for (auto& x : v) x = static_cast<T>(lo + (hi - lo) * rng.uniform_double());
-  return v;
 }
 
 template <class T>

@@ -67,40 +67,7 @@ namespace probe = dino::nn::cuda_attention_probe;
 
 namespace {
 
-struct pack {
-  std::vector<segment> segs;
-  std::vector<std::size_t> poff;
-  std::vector<std::int64_t> cls_off;
-  std::int64_t tokens = 0;
-  std::size_t probs = 0, cls = 0;
-};
-
-/// Segments of the given lengths back to back, `gap` unused rows after each; reversed: the
-/// probability and CLS blocks are laid out in reverse segment order.
-pack make_pack(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::int64_t gap = 0,
-               bool reversed = false) {
-  pack p;
-  for (std::int64_t n : lengths) {
-    p.segs.push_back({p.tokens, n});
-    p.tokens += n + gap;
-  }
-  p.probs = dino::nn::attention_probs_elems(p.segs, heads);
-  const std::size_t ns = p.segs.size();
-  p.poff.resize(ns);
-  p.cls_off.resize(ns);
-  std::size_t po = 0;
-  std::int64_t co = 0;
-  for (std::size_t k = 0; k < ns; ++k) {
-    const std::size_t i = reversed ? ns - 1 - k : k;
-    const std::int64_t n = p.segs[i].length;
-    p.poff[i] = po;
-    p.cls_off[i] = co;
-    po += std::size_t(heads * n * n);
-    co += heads * n;
-  }
-  p.cls = std::size_t(co);
-  return p;
-}
+using pack = attention_layout;
 
 /// The rows of a [tokens, cols] matrix that the segments cover, concatenated.
 template <class T>
@@ -248,17 +215,17 @@ errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::u
 
 /// A tensor-core mode on the layouts that split launches and on the paths it does not take.
 void check_layouts(std::uint64_t& seed, int m) {
-  check_attention<float>(make_pack({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, m);  // gaps
-  check_attention<float>(make_pack({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, m);       // reversed
-  check_attention<float>(make_pack({17, 5, 5}, 3, 0, false), 3, 30, seed++, m);         // padded: fp32 path
-  check_attention<double>(make_pack({37, 3}, 3), 3, 192, seed++, m);                     // double: fp64 path
+  check_attention<float>(make_attention_layout({9, 9, 9, 40, 40}, 3, 3, false), 3, 192, seed++, m);  // gaps
+  check_attention<float>(make_attention_layout({9, 9, 9, 9}, 3, 0, true), 3, 192, seed++, m);       // reversed
+  check_attention<float>(make_attention_layout({17, 5, 5}, 3, 0, false), 3, 30, seed++, m);         // padded: fp32 path
+  check_attention<double>(make_attention_layout({37, 3}, 3), 3, 192, seed++, m);                     // double: fp64 path
 }
 
 /// The forward on qkv one float past a 16-byte boundary (the kernels stage element by element),
 /// 3 heads of 64, against the CPU within `bound`.
 void check_misaligned_forward(const std::vector<std::int64_t>& lengths, std::uint64_t seed, int m, double bound) {
   const std::int64_t heads = 3, D = 192;
-  const pack p = make_pack(lengths, heads);
+  const pack p = make_attention_layout(lengths, heads);
   const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), seed, -2.0, 2.0);
   std::vector<float> out(std::size_t(p.tokens * D)), probs(p.probs);
   dino::nn::attention_forward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data());
@@ -290,7 +257,7 @@ TEST_CASE("cuda attention: one segment, two groups of equal lengths, odd lengths
       CAPTURE(hc.D / hc.heads);
       CAPTURE(lengths.size());
       CAPTURE(lengths.front());
-      const pack p = make_pack(lengths, hc.heads);
+      const pack p = make_attention_layout(lengths, hc.heads);
       check_attention<float>(p, hc.heads, hc.D, seed++);
     }
 }
@@ -299,9 +266,9 @@ TEST_CASE("cuda attention: gaps between segments and reversed probability/CLS la
   std::uint64_t seed = 200;
   for (const auto& hc : head_cases) {
     CAPTURE(hc.D / hc.heads);
-    check_attention<float>(make_pack({9, 9, 9, 9}, hc.heads, 0, true), hc.heads, hc.D, seed++);
-    check_attention<float>(make_pack({9, 9, 9, 40, 40}, hc.heads, 3, false), hc.heads, hc.D, seed++);
-    check_attention<float>(make_pack({5, 5, 0, 5, 70}, hc.heads, 0, false), hc.heads, hc.D, seed++);
+    check_attention<float>(make_attention_layout({9, 9, 9, 9}, hc.heads, 0, true), hc.heads, hc.D, seed++);
+    check_attention<float>(make_attention_layout({9, 9, 9, 40, 40}, hc.heads, 3, false), hc.heads, hc.D, seed++);
+    check_attention<float>(make_attention_layout({5, 5, 0, 5, 70}, hc.heads, 0, false), hc.heads, hc.D, seed++);
   }
 }
 
@@ -309,8 +276,8 @@ TEST_CASE("cuda attention in double matches the CPU to rounding") {
   std::uint64_t seed = 300;
   for (const auto& hc : head_cases) {
     CAPTURE(hc.D / hc.heads);
-    check_attention<double>(make_pack({37, 37, 3, 3, 3}, hc.heads), hc.heads, hc.D, seed++);
-    check_attention<double>(make_pack({70}, hc.heads), hc.heads, hc.D, seed++);
+    check_attention<double>(make_attention_layout({37, 37, 3, 3, 3}, hc.heads), hc.heads, hc.D, seed++);
+    check_attention<double>(make_attention_layout({70}, hc.heads), hc.heads, hc.D, seed++);
   }
 }
 
@@ -319,7 +286,7 @@ TEST_CASE("cuda attention: the training call without CLS rows, and DINO-sized gr
   const std::int64_t heads = 6, D = 384;
   std::vector<std::int64_t> lengths(2, 197);
   lengths.insert(lengths.end(), 10, 37);
-  const pack p = make_pack(lengths, heads);
+  const pack p = make_attention_layout(lengths, heads);
   const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 400, -2.0, 2.0);
   std::vector<float> out(std::size_t(p.tokens * D)), probs(p.probs);
   dino::nn::attention_forward(cpu_policy{2}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data());
@@ -338,19 +305,19 @@ TEST_CASE("cuda attention: head dims other than 32, 64, 128 run padded to the ne
       CAPTURE(hc.D / hc.heads);
       CAPTURE(lengths.size());
       CAPTURE(lengths.front());
-      check_attention<float>(make_pack(lengths, hc.heads), hc.heads, hc.D, seed++);
+      check_attention<float>(make_attention_layout(lengths, hc.heads), hc.heads, hc.D, seed++);
     }
   for (const auto& hc : padded_head_cases) {
     CAPTURE(hc.D / hc.heads);  // launches split by gaps and reversed layouts
-    check_attention<float>(make_pack({9, 9, 9, 40, 40}, hc.heads, 3, false), hc.heads, hc.D, seed++);
-    check_attention<float>(make_pack({9, 9, 9, 9}, hc.heads, 0, true), hc.heads, hc.D, seed++);
+    check_attention<float>(make_attention_layout({9, 9, 9, 40, 40}, hc.heads, 3, false), hc.heads, hc.D, seed++);
+    check_attention<float>(make_attention_layout({9, 9, 9, 9}, hc.heads, 0, true), hc.heads, hc.D, seed++);
   }
 }
 
 TEST_CASE("cuda attention in double with a padded head dim (10) matches the CPU to rounding") {
   const std::int64_t heads = 3, D = 30;
-  check_attention<double>(make_pack({17, 17, 5, 5, 5, 5}, heads), heads, D, 600);
-  check_attention<double>(make_pack({197}, heads), heads, D, 601);
+  check_attention<double>(make_attention_layout({17, 17, 5, 5, 5, 5}, heads), heads, D, 600);
+  check_attention<double>(make_attention_layout({197}, heads), heads, D, 601);
 }
 
 TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 rounding, other shapes on the fp32 path") {
@@ -362,7 +329,7 @@ TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 roundin
       CAPTURE(hc.D / hc.heads);
       CAPTURE(lengths.size());
       CAPTURE(lengths.front());
-      const errors e = check_attention<float>(make_pack(lengths, hc.heads), hc.heads, hc.D, seed++, true);
+      const errors e = check_attention<float>(make_attention_layout(lengths, hc.heads), hc.heads, hc.D, seed++, true);
       if (lengths.size() == 1 && lengths[0] == 197)
         MESSAGE("TF32, one segment of 197, head dim " << hc.D / hc.heads << ": normwise errors out " << e.out
                                                       << ", P " << e.probs << ", dqkv " << e.dqkv << ", dS " << e.ds);
@@ -374,7 +341,7 @@ TEST_CASE("cuda attention with TF32: the tensor-core forward within TF32 roundin
   // The tensor-core path is the one that ran: its output is not the fp32 kernel's bit for bit
   // (TF32 rounds the operands), and it is close to it.
   const std::int64_t heads = 6, D = 384;
-  const pack p = make_pack({197, 197, 37}, heads);
+  const pack p = make_attention_layout({197, 197, 37}, heads);
   const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 799, -2.0, 2.0);
   auto d_qkv = upload(qkv);
   std::vector<std::vector<float>> outs;
@@ -400,7 +367,7 @@ TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on
       CAPTURE(hc.D / hc.heads);
       CAPTURE(lengths.size());
       CAPTURE(lengths.front());
-      const pack p = make_pack(lengths, hc.heads);
+      const pack p = make_attention_layout(lengths, hc.heads);
       const errors e = check_attention<float>(p, hc.heads, hc.D, seed, bf16_mode);
       if (lengths.size() == 1 && lengths[0] == 197) {
         // the bf16 kernel is the one that ran: further from the CPU than the TF32 kernel
@@ -419,7 +386,7 @@ TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on
   check_misaligned_forward({50, 10, 70}, 998, bf16_mode, fwd_bf16_bound);  // element-wise staging
 
   const std::int64_t heads = 6, D = 384;
-  const pack p = make_pack({197, 197, 37, 37}, heads);
+  const pack p = make_attention_layout({197, 197, 37, 37}, heads);
   const auto qkv = random_vector<float>(std::size_t(p.tokens * 3 * D), 999, -2.0, 2.0);
   const dino::cuda_policy pol = policy_for(bf16_mode);
   for (const int m : {int(bf16_mode), int(tf32_mode)}) {  // inference (keep_probs false), both tensor-core forwards:
@@ -464,7 +431,7 @@ TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on
 }
 
 TEST_CASE("cuda attention refuses head dims over 128") {
-  const pack p = make_pack({5}, 2);
+  const pack p = make_attention_layout({5}, 2);
   const std::int64_t D = 2 * 129;  // 2 heads of 129
   dino::cuda::device_buffer<float> qkv(5 * 3 * D), out(5 * D), probs(p.probs), dqkv(5 * 3 * D);
   const dino::cuda_policy pol = gpu().policy();
@@ -475,7 +442,7 @@ TEST_CASE("cuda attention refuses head dims over 128") {
                                                  static_cast<const float*>(probs.data()),
                                                  static_cast<const float*>(out.data()), dqkv.data(), probs.data()),
                   dino::shape_error);
-  const pack p1 = make_pack({5}, 1);
+  const pack p1 = make_attention_layout({5}, 1);
   CHECK_THROWS_AS(dino::cuda::attention_forward(pol, 1, 129, p1.segs, p1.poff, static_cast<const float*>(qkv.data()),
                                                 out.data(), probs.data()),
                   dino::shape_error);  // one head of 129

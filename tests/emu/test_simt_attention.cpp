@@ -21,13 +21,14 @@
 #include <dino/nn/attention.hpp>
 #include <dino/policy/cuda/attention_bf16.cuh>
 
+#include "attention_layout.hpp"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <random>
 #include <vector>
 
 namespace {
@@ -35,30 +36,9 @@ namespace {
 using dino::nn::segment;
 namespace attn = dino::cuda::detail::attn;
 
-struct layout {
-  std::vector<segment> segs;
-  std::vector<std::size_t> poff;
-  std::vector<std::int64_t> cls_off;
-  std::int64_t tokens = 0;
-  std::size_t probs = 0, cls = 0;
-};
-
-layout make_layout(const std::vector<std::int64_t>& lengths, std::int64_t heads) {
-  layout L;
-  std::size_t po = 0;
-  std::int64_t co = 0;
-  for (std::int64_t n : lengths) {
-    L.segs.push_back({L.tokens, n});
-    L.poff.push_back(po);
-    L.cls_off.push_back(co);
-    L.tokens += n;
-    po += std::size_t(heads * n * n);
-    co += heads * n;
-  }
-  L.probs = po;
-  L.cls = std::size_t(co);
-  return L;
-}
+using dino_test::make_attention_layout;
+using dino_test::random_vector;
+using layout = dino_test::attention_layout;
 
 float bf16_round(float f) { return emu_bf16_bits_to_float(emu_float_to_bf16_bits(f)); }
 
@@ -146,22 +126,14 @@ double nan_aware_normwise(const std::vector<float>& a, const std::vector<float>&
   return normwise(x, y);
 }
 
-std::vector<float> random_qkv(std::int64_t tokens, std::int64_t D, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
-  std::vector<float> v(std::size_t(tokens * 3 * D));
-  for (auto& x : v) x = u(gen);
-  return v;
-}
-
 template <int HD>
 void check(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::uint64_t seed, bool vec) {
   CAPTURE(HD);
   CAPTURE(lengths.front());
   CAPTURE(vec);
   const std::int64_t D = heads * HD;
-  const layout L = make_layout(lengths, heads);
-  const auto qkv = random_qkv(L.tokens, D, seed);
+  const layout L = make_attention_layout(lengths, heads);
+  const auto qkv = random_vector<float>(std::size_t(L.tokens * 3 * D), seed, -2.0, 2.0);
   const result k = run_kernel<HD>(L, heads, qkv, true, vec);
   const result ref = reference(L, heads, HD, qkv);
   const double e_out = normwise(k.out, ref.out), e_cls = normwise(k.cls, ref.cls);
@@ -269,14 +241,9 @@ void check_backward(const std::vector<std::int64_t>& lengths, std::int64_t heads
   CAPTURE(lengths.front());
   CAPTURE(vec);
   const std::int64_t D = heads * HD;
-  const layout L = make_layout(lengths, heads);
-  const auto qkv = random_qkv(L.tokens, D, seed);
-  std::vector<float> dout(std::size_t(L.tokens * D));
-  {
-    std::mt19937_64 gen(seed + 1000);
-    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    for (auto& x : dout) x = u(gen);
-  }
+  const layout L = make_attention_layout(lengths, heads);
+  const auto qkv = random_vector<float>(std::size_t(L.tokens * 3 * D), seed, -2.0, 2.0);
+  const auto dout = random_vector<float>(std::size_t(L.tokens * D), seed + 1000);
   std::vector<float> out32(std::size_t(L.tokens * D)), probs(L.probs), dqkv32(std::size_t(L.tokens * 3 * D)),
       ds32(L.probs);
   const dino::cpu_policy cpu{1};
@@ -306,8 +273,8 @@ TEST_CASE("emulated bf16 attention kernel: one segment per launch, chunk edges, 
 TEST_CASE("emulated bf16 attention kernel: a NaN query makes its own row NaN and no other") {
   constexpr int HD = 32;
   const std::int64_t heads = 2, D = heads * HD, tok = 3, h = 1;
-  const layout L = make_layout({40}, heads);
-  auto qkv = random_qkv(L.tokens, D, 77);
+  const layout L = make_attention_layout({40}, heads);
+  auto qkv = random_vector<float>(std::size_t(L.tokens * 3 * D), 77, -2.0, 2.0);
   qkv[std::size_t(tok * 3 * D + h * HD + 5)] = std::numeric_limits<float>::quiet_NaN();
   const result k = run_kernel<HD>(L, heads, qkv, true, true);
   for (std::int64_t t = 0; t < L.tokens; ++t)

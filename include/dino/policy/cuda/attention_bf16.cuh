@@ -216,21 +216,33 @@ __device__ __forceinline__ void bf_accumulate(float (&acc)[HD / 8][4], const flo
   }
 }
 
+/// What a thread of a bf16 kernel knows from its launch position: lane, warp w and quad
+/// coordinates (gq = lane / 4, tq = lane % 4), the segment and head of its block, t0 (its 64
+/// query or key rows), the head's columns of the packed qkv (Qb, Kb, Vb; row stride ld), the
+/// offset of the (segment, head) block in probs and scratch, and the two rows ra, rb = ra + 8
+/// of its warp's 16 that this lane's fragments hold. active: the warp has a row (warp-uniform).
+template <int HD>
+struct bf_place {
+  int lane, w, gq, tq;
+  std::int64_t seg, t0, h, n, ld, first, blk, ra, rb;
+  const float *Qb, *Kb, *Vb;
+  bool active;
+  float c;  ///< scale * log2(e): scores in base 2
+  __device__ __forceinline__ explicit bf_place(const group<float>& g)
+      : lane(int(threadIdx.x & 31)), w(int(threadIdx.x >> 5)), gq(lane >> 2), tq(lane & 3),
+        seg(std::int64_t(blockIdx.x) / g.tiles), t0((std::int64_t(blockIdx.x) % g.tiles) * bf::qrows),
+        h(blockIdx.y), n(g.n), ld(3 * g.D), first(g.row0 + seg * n), blk(g.poff0 + (seg * g.heads + h) * n * n),
+        ra(t0 + 16 * w + gq), rb(ra + 8), Qb(g.qkv + first * ld + h * HD), Kb(Qb + g.D), Vb(Qb + 2 * g.D),
+        active(t0 + 16 * w < n), c(g.scale * 1.4426950408889634f) {}
+};
+
 template <int HD>
 __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel(group<float> g, bool keep, bool vec) {
   constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, JT = bf::kc / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] key chunk
   __nv_bfloat16* sV = sK + bf::kc * LK;                              // [kc][LK] value chunk
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-  const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
-  const std::int64_t n = g.n, ld = 3 * g.D;
-  const float* Qb = g.qkv + (g.row0 + seg * n) * ld + h * HD;
-  const float* Kb = Qb + g.D;
-  const float* Vb = Qb + 2 * g.D;
-  const bool active = q0 + 16 * w < n;                           // the warp has a query (warp-uniform)
-  const std::int64_t ra = q0 + 16 * w + gq, rb = ra + 8;         // this lane's two rows
-  const float c = g.scale * 1.4426950408889634f;                  // scale * log2(e)
+  const auto [lane, w, gq, tq, seg, q0, h, n, ld, first, blk, ra, rb, Qb, Kb, Vb, active, c] = bf_place<HD>(g);
 
   std::uint32_t qa[KD][4];
   bf_row_fragments<HD>(qa, Qb, ld, ra, n, tq);
@@ -278,7 +290,7 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
     bf_accumulate<HD>(o, s, sV, kn, lane);
   }
   float inv[2] = {0.0f, 0.0f};
-  float* L = g.probs + g.poff0 + (seg * g.heads + h) * n * n;  // the block's first n floats: lse2
+  float* L = g.probs + blk;  // the block's first n floats: lse2
   if (active) {
     float lsum[2];
 #pragma unroll
@@ -286,7 +298,7 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
       lsum[r] = quad_sum(l[r]);
       inv[r] = 1.0f / lsum[r];
     }
-    bf_store_rows<HD>(g.out + (g.row0 + seg * n) * g.D + h * HD, g.D, o, ra, n, inv, tq);
+    bf_store_rows<HD>(g.out + first * g.D + h * HD, g.D, o, ra, n, inv, tq);
     if (keep && tq == 0) {  // what the backward needs: P_ij = exp2(s_ij c - lse2_i)
       if (ra < n) L[ra] = m[0] + log2f(lsum[0]);
       if (rb < n) L[rb] = m[1] + log2f(lsum[1]);
@@ -357,20 +369,11 @@ __global__ void __launch_bounds__(threads, 2) backward_rows_bf16_kernel(group<fl
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] key chunk
   __nv_bfloat16* sV = sK + bf::kc * LK;                              // [kc][LK] value chunk
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-  const std::int64_t seg = blockIdx.x / g.tiles, q0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
-  const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
-  const float* Qb = g.qkv + first * ld + h * HD;
-  const float* Kb = Qb + g.D;
-  const float* Vb = Qb + 2 * g.D;
+  const auto [lane, w, gq, tq, seg, q0, h, n, ld, first, blk, ra, rb, Qb, Kb, Vb, active, c] = bf_place<HD>(g);
   const float* dOb = g.dout + first * g.D + h * HD;
   const float* Ob = g.out + first * g.D + h * HD;
-  const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
   const float* L = g.probs + blk;  // lse2 of the rows
   float* Dw = g.ds + blk;          // D of the rows, for the columns kernel
-  const bool active = q0 + 16 * w < n;
-  const std::int64_t ra = q0 + 16 * w + gq, rb = ra + 8;
-  const float c = g.scale * 1.4426950408889634f;  // scale * log2(e), as the forward
 
   std::uint32_t qa[KD][4], oa[KD][4];
   bf_row_fragments<HD>(qa, Qb, ld, ra, n, tq);
@@ -424,19 +427,11 @@ __global__ void __launch_bounds__(threads, 2) backward_cols_bf16_kernel(group<fl
   __nv_bfloat16* sO = sQ + bf::kc * LK;                              // [kc][LK] its dO
   float* sL = reinterpret_cast<float*>(sO + bf::kc * LK);            // [kc] its lse2
   float* sD = sL + bf::kc;                                           // [kc] its D
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-  const std::int64_t seg = blockIdx.x / g.tiles, k0 = (blockIdx.x % g.tiles) * bf::qrows, h = blockIdx.y;
-  const std::int64_t n = g.n, ld = 3 * g.D, first = g.row0 + seg * n;
-  const float* Qb = g.qkv + first * ld + h * HD;
-  const float* Kb = Qb + g.D;
-  const float* Vb = Qb + 2 * g.D;
+  // this block's 64 keys start at k0; the lane's fragments hold keys ja and jb
+  const auto [lane, w, gq, tq, seg, k0, h, n, ld, first, blk, ja, jb, Qb, Kb, Vb, active, c] = bf_place<HD>(g);
   const float* dOb = g.dout + first * g.D + h * HD;
-  const std::int64_t blk = g.poff0 + (seg * g.heads + h) * n * n;
   const float* L = g.probs + blk;
   const float* Dg = g.ds + blk;
-  const bool active = k0 + 16 * w < n;  // the warp has a key
-  const std::int64_t ja = k0 + 16 * w + gq, jb = ja + 8;
-  const float c = g.scale * 1.4426950408889634f;
 
   std::uint32_t ka[KD][4], va[KD][4];
   bf_row_fragments<HD>(ka, Kb, ld, ja, n, tq);
