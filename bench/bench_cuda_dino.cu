@@ -241,6 +241,7 @@ void bench_train(const dino::cuda::context& ctx, train_spec s, precision pr, con
   c.train.schedule.iters_per_epoch = 100;
   c.train.schedule.batch_size = s.batch;
   auto m = dino::ssl::make_dino<dino::nn::vit, float, dino::cuda_policy>(s.vit, s.vit.embed_dim, c);
+  m.plan_for(pol);  // the bf16 attention keeps rows, not P
   const std::int64_t C = s.vit.in_chans;
   const std::size_t ng = std::size_t(2 * s.batch * C * s.global * s.global);
   const std::size_t nl = std::size_t(s.n_local * s.batch * C * s.local * s.local);

@@ -127,6 +127,7 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
              std::int64_t N, Make make) {
   const auto& s = c.train.schedule;
   auto model = make();
+  model.plan_for(pol);  // the step's buffers for this policy (the bf16 attention keeps rows, not P)
   const std::string out = f.str("output"), ckpt = out + "/checkpoint.safetensors";
   std::uint64_t run_seed = seed;
   if (f.boolean("resume")) {

@@ -112,19 +112,23 @@ errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::u
   const auto qkv = random_vector<T>(std::size_t(Tn * 3 * D), seed, -2.0, 2.0);
   const auto dout = random_vector<T>(std::size_t(Tn * D), seed + 1);
 
-  // CPU reference
-  auto out = nan_vector<T>(std::size_t(Tn * D)), probs = nan_vector<T>(p.probs), cls = nan_vector<T>(p.cls);
-  dino::nn::attention_forward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), out.data(), probs.data(), cls.data(),
-                              p.cls_off.data());
-  auto dqkv = nan_vector<T>(std::size_t(Tn * 3 * D)), dP = nan_vector<T>(p.probs);
-  dino::nn::attention_backward(cpu_policy{1}, heads, D, p.segs, p.poff, qkv.data(), probs.data(), dout.data(),
+  // CPU reference (P kept: for a GPU layout of rows, the CPU's own matrix offsets)
+  const bool rows = p.store == dino::nn::attention_store::rows;
+  const auto cpu_poff = rows ? dino::nn::detail::probs_offsets(p.segs, heads) : p.poff;
+  const std::size_t cpu_probs = rows ? dino::nn::attention_probs_elems(p.segs, heads) : p.probs;
+  auto out = nan_vector<T>(std::size_t(Tn * D)), probs = nan_vector<T>(cpu_probs), cls = nan_vector<T>(p.cls);
+  dino::nn::attention_forward(cpu_policy{1}, heads, D, p.segs, cpu_poff, qkv.data(), out.data(), probs.data(),
+                              cls.data(), p.cls_off.data());
+  auto dqkv = nan_vector<T>(std::size_t(Tn * 3 * D)), dP = nan_vector<T>(cpu_probs);
+  dino::nn::attention_backward(cpu_policy{1}, heads, D, p.segs, cpu_poff, qkv.data(), probs.data(), dout.data(),
                                dqkv.data(), dP.data());
 
-  // The bf16 (flash) path keeps each row's lse2 at the start of its (segment, head) probs block
-  // and leaves D = rowsum(dout o out) at the same places of the scratch; their references in
-  // double, from the CPU's inputs and output.
+  // The bf16 (flash) path keeps each row's lse2 at poff[segment] + h*n + i of probs (in a
+  // layout of rows or of matrices) and leaves D = rowsum(dout o out) at the same places of the
+  // scratch; their references in double, from the CPU's inputs and output.
   const std::int64_t hd = D / heads;
   const bool flash = fp32 && m == bf16_mode && (hd == 32 || hd == 64 || hd == 128);
+  REQUIRE((flash || !rows));  // only the bf16 path takes a layout of rows
   std::vector<std::size_t> at;
   std::vector<T> lse_ref, D_ref;
   if (flash)
@@ -132,7 +136,7 @@ errors check_attention(const pack& p, std::int64_t heads, std::int64_t D, std::u
       const std::int64_t n = p.segs[s].length, off = p.segs[s].offset;
       for (std::int64_t h = 0; h < heads; ++h)
         for (std::int64_t i = 0; i < n; ++i) {
-          at.push_back(p.poff[s] + std::size_t(h * n * n + i));
+          at.push_back(p.poff[s] + std::size_t(h * n + i));
           std::vector<double> sc(static_cast<std::size_t>(n));
           double mx = -INFINITY, sum = 0, d = 0;
           for (std::int64_t j = 0; j < n; ++j) {
@@ -367,11 +371,12 @@ TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on
       CAPTURE(hc.D / hc.heads);
       CAPTURE(lengths.size());
       CAPTURE(lengths.front());
-      const pack p = make_attention_layout(lengths, hc.heads);
+      // the layout of rows that vit packs planned for this path have (attention_store_for)
+      const pack p = make_attention_layout(lengths, hc.heads, 0, false, dino::nn::attention_store::rows);
       const errors e = check_attention<float>(p, hc.heads, hc.D, seed, bf16_mode);
       if (lengths.size() == 1 && lengths[0] == 197) {
         // the bf16 kernel is the one that ran: further from the CPU than the TF32 kernel
-        const errors t = check_attention<float>(p, hc.heads, hc.D, seed, tf32_mode);
+        const errors t = check_attention<float>(make_attention_layout(lengths, hc.heads), hc.heads, hc.D, seed, tf32_mode);
         MESSAGE("bf16, one segment of 197, head dim " << hc.D / hc.heads << ": normwise errors out " << e.out
                                                       << ", lse2 " << e.probs << ", dqkv " << e.dqkv << ", D " << e.ds
                                                       << " (TF32: out " << t.out << ", P " << t.probs << ", dqkv "
@@ -381,7 +386,7 @@ TEST_CASE("cuda attention with bf16: the flash-style forward and the backward on
       }
       ++seed;
     }
-  check_layouts(seed, bf16_mode);
+  check_layouts(seed, bf16_mode);  // layouts that keep P (gaps, reversed blocks) serve the bf16 path too
 
   check_misaligned_forward({50, 10, 70}, 998, bf16_mode, fwd_bf16_bound);  // element-wise staging
 

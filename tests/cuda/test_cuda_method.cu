@@ -524,3 +524,53 @@ TEST_CASE("GPU: a step with a NaN input is skipped on the device: parameters, mo
   DINO_CHECK_CLOSE(dino::cuda::to_host(gc.data, std::size_t(gc.numel())),
                    std::vector<float>(cc.data, cc.data + cc.numel()), 1e-4);
 }
+
+TEST_CASE("GPU: a ViT DINO method planned for the bf16 attention (plan_for) keeps rows, not P, and steps as before") {
+  // head dim 32: the bf16 attention path; 2 x 16 px global crops (17 tokens), 2 x 8 px local (5)
+  dino::nn::vit_config vc;
+  vc.img_size = 16, vc.patch = 4, vc.in_chans = 1, vc.embed_dim = 64, vc.depth = 2, vc.heads = 2;
+  dino::ssl::dino_config c;
+  c.head.out_dim = 64, c.head.hidden_dim = 32, c.head.bottleneck_dim = 16;
+  c.local_crops = 2;
+  const std::int64_t B = 4;
+  c.train.max_batch = B;
+  c.train.crops = {16, 8};
+  c.train.schedule.epochs = 2;
+  c.train.schedule.iters_per_epoch = 4;
+  c.train.schedule.warmup_epochs = 0;
+  const cuda_policy pol = gpu().policy(false, true);  // bf16: the attention keeps each row's lse2
+  auto dflt = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
+  auto rows = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
+  const auto m0 = dflt.memory();
+  rows.plan_for(pol);
+  const auto m1 = rows.memory();
+  // per block, the student pack's probs shrink from heads x n x n to heads x n per crop
+  const std::size_t per_block = std::size_t(vc.heads) * (2 * B * (17 * 17 - 17) + 2 * B * (5 * 5 - 5));
+  CHECK(m0.activations - m1.activations == std::size_t(vc.depth) * per_block * sizeof(float));
+  CHECK(m1.scratch < m0.scratch);
+  CHECK(m1.workspace < m0.workspace);
+  for (int s = 0; s < 3; ++s) {
+    CAPTURE(s);
+    const auto g = random_vector<float>(std::size_t(2 * B * 16 * 16), 700 + s);
+    const auto l = random_vector<float>(std::size_t(2 * B * 8 * 8), 800 + s);
+    auto a = dflt.step(pol, dino::ssl::image_crops<float>{g.data(), l.data()});
+    auto b = rows.step(pol, dino::ssl::image_crops<float>{g.data(), l.data()});
+    dflt.read_stats(pol, a);
+    rows.read_stats(pol, b);
+    REQUIRE_FALSE(a.skipped);
+    REQUIRE_FALSE(b.skipped);
+    CHECK(std::abs(a.loss - b.loss) <= 1e-6 * std::abs(a.loss));  // the same kernels and sums
+  }
+  flat_params<float> pa(dflt.layout()), pb(rows.layout());
+  dino::assign_params(pa, dflt.student());
+  dino::assign_params(pb, rows.student());
+  DINO_CHECK_CLOSE(std::vector<float>(pb.data(), pb.data() + pb.size()),
+                   std::vector<float>(pa.data(), pa.data() + pa.size()), 1e-6);
+  CHECK_THROWS_AS(rows.plan_for(pol), dino::config_error);  // after a step
+  // make_pack(pol) plans what pol's attention keeps (a mismatch is refused: test_errors)
+  dino::param_layout L;
+  const dino::nn::vit v(vc, L);
+  const auto pk = v.make_pack<float>(pol, {{2, 16, 16}});
+  CHECK(pk.store == dino::nn::attention_store::rows);
+  CHECK(v.make_pack<float>(gpu().policy(true), {{2, 16, 16}}).store == dino::nn::attention_store::matrix);
+}

@@ -10,7 +10,9 @@
 //     where the kernels do (a value a hair from a rounding boundary may round the other way:
 //     a bf16 step on a few terms), and within 4e-2 of the CPU's fp32 backward.
 // Head dims 32, 64 and 128; lengths 1, 2, 37 (one partial chunk), 64, 65, 97, 130 (chunk
-// edges, three chunks), several segments, float4 and element-wise staging; without keep_probs
+// edges, three chunks), several segments, float4 and element-wise staging; segments grouped
+// into launches by the dispatch's own attn::for_each_group, in a probs layout of n floats per
+// (segment, head) (attention_store::rows) and in one that keeps P; without keep_probs
 // (inference) nothing is written to probs and out and the CLS rows are the same bits; a NaN
 // query makes its own row NaN and no other. An indexing, masking or fragment mistake in a
 // kernel shows as an O(1) error. This checks the kernels against the PTX layouts as simt.hpp
@@ -43,29 +45,44 @@ using layout = dino_test::attention_layout;
 float bf16_round(float f) { return emu_bf16_bits_to_float(emu_float_to_bf16_bits(f)); }
 
 struct result {
-  std::vector<float> out, probs, cls;  // probs: the rows' lse2 at each (segment, head) block's start
+  std::vector<float> out, probs, cls;  // probs: the rows' lse2 at poff[segment] + h*n
 };
 
-/// forward_bf16_kernel<HD> over each segment (one launch each), as forward_hd launches it.
+/// Calls launch(g, count) for each launch of the bf16 path over the layout's segments, grouped
+/// as forward_hd and backward_hd group them (attn::for_each_group), g filled from `base`.
+template <class F>
+void for_each_launch(const layout& L, attn::group<float> base, bool cls, F&& launch) {
+  attn::for_each_group(base.heads, L.segs, L.poff, cls ? L.cls_off.data() : nullptr, true,
+                       [&](std::size_t a, std::int64_t count, std::int64_t pstride) {
+                         attn::group<float> g = base;
+                         g.n = L.segs[a].length;
+                         g.row0 = L.segs[a].offset;
+                         g.poff0 = std::int64_t(L.poff[a]);
+                         g.pstride = pstride;
+                         g.cls0 = cls ? L.cls_off[a] : 0;
+                         g.tiles = (g.n + attn::bf::qrows - 1) / attn::bf::qrows;
+                         launch(g, count);
+                       });
+}
+
+/// forward_bf16_kernel<HD> over the layout, launched as forward_hd launches it.
 template <int HD>
 result run_kernel(const layout& L, std::int64_t heads, const std::vector<float>& qkv, bool keep, bool vec) {
   const std::int64_t D = heads * HD;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   result r{std::vector<float>(std::size_t(L.tokens * D), nan), std::vector<float>(L.probs, nan),
            std::vector<float>(L.cls, nan)};
-  for (std::size_t s = 0; s < L.segs.size(); ++s) {
-    const std::int64_t n = L.segs[s].length;
-    attn::group<float> g{qkv.data(), nullptr, r.out.data(), r.probs.data(), r.cls.data(), nullptr, nullptr, D, heads,
-                         HD, n, L.segs[s].offset, std::int64_t(L.poff[s]), L.cls_off[s],
-                         (n + attn::bf::qrows - 1) / attn::bf::qrows, float(1.0 / std::sqrt(double(HD)))};
-    simt::launch(unsigned(g.tiles), unsigned(heads), [&] { attn::forward_bf16_kernel<HD>(g, keep, vec); });
-  }
+  const attn::group<float> base{qkv.data(), nullptr, r.out.data(), r.probs.data(), r.cls.data(), nullptr, nullptr, D,
+                                heads, HD, 0, 0, 0, 0, 0, float(1.0 / std::sqrt(double(HD)))};
+  for_each_launch(L, base, true, [&](const attn::group<float>& g, std::int64_t count) {
+    simt::launch(unsigned(count * g.tiles), unsigned(heads), [&] { attn::forward_bf16_kernel<HD>(g, keep, vec); });
+  });
   return r;
 }
 
 /// The double reference from bf16-rounded Q, K, V: P = softmax(Q K^T / sqrt(hd)), out = P V,
-/// lse2_i = log2 sum_j exp2(s_ij scale log2(e)) at the start of each (segment, head) block of
-/// probs (the rest NaN, as the kernel leaves it).
+/// lse2_i = log2 sum_j exp2(s_ij scale log2(e)) at poff[segment] + h*n + i of probs (the rest
+/// NaN, as the kernel leaves it).
 result reference(const layout& L, std::int64_t heads, std::int64_t hd, const std::vector<float>& qkv) {
   const std::int64_t D = heads * hd;
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -87,7 +104,7 @@ result reference(const layout& L, std::int64_t heads, std::int64_t hd, const std
         }
         double sum = 0;
         for (auto& v : p) sum += (v = std::exp(v - mx));
-        r.probs[L.poff[s] + std::size_t(h * n * n + i)] = float((mx + std::log(sum)) / std::log(2.0));
+        r.probs[L.poff[s] + std::size_t(h * n + i)] = float((mx + std::log(sum)) / std::log(2.0));
         for (std::int64_t j = 0; j < n; ++j)
           if (i == 0) r.cls[std::size_t(L.cls_off[s] + h * n + j)] = float(p[std::size_t(j)] / sum);
         for (std::int64_t d = 0; d < hd; ++d) {
@@ -126,13 +143,18 @@ double nan_aware_normwise(const std::vector<float>& a, const std::vector<float>&
   return normwise(x, y);
 }
 
+using store = dino::nn::attention_store;
+
 template <int HD>
-void check(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::uint64_t seed, bool vec) {
+void check(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::uint64_t seed, bool vec,
+           store st = store::rows) {
   CAPTURE(HD);
   CAPTURE(lengths.front());
   CAPTURE(vec);
+  CAPTURE(st == store::rows);
   const std::int64_t D = heads * HD;
-  const layout L = make_attention_layout(lengths, heads);
+  const layout L = make_attention_layout(lengths, heads, 0, false, st);
+  const layout M = make_attention_layout(lengths, heads);  // the CPU's (P kept)
   const auto qkv = random_vector<float>(std::size_t(L.tokens * 3 * D), seed, -2.0, 2.0);
   const result k = run_kernel<HD>(L, heads, qkv, true, vec);
   const result ref = reference(L, heads, HD, qkv);
@@ -144,8 +166,8 @@ void check(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::ui
   CHECK(e_lse <= 1e-5);
   CHECK(e_cls <= 1e-4);
 
-  std::vector<float> out32(std::size_t(L.tokens * D)), probs32(L.probs);  // the CPU's fp32 attention
-  dino::nn::attention_forward(dino::cpu_policy{1}, heads, D, L.segs, L.poff, qkv.data(), out32.data(), probs32.data());
+  std::vector<float> out32(std::size_t(M.tokens * D)), probs32(M.probs);  // the CPU's fp32 attention
+  dino::nn::attention_forward(dino::cpu_policy{1}, heads, D, M.segs, M.poff, qkv.data(), out32.data(), probs32.data());
   CHECK(normwise(k.out, out32) <= 4e-2);
 
   // inference: P untouched, out and CLS rows the same bits
@@ -161,7 +183,7 @@ struct grads {
   std::vector<float> dqkv, ds;
 };
 
-/// The backward kernels over each segment, as backward_hd launches them, from the forward's
+/// The backward kernels over the layout, as backward_hd launches them, from the forward's
 /// probs (lse2) and out.
 template <int HD>
 grads run_backward(const layout& L, std::int64_t heads, const std::vector<float>& qkv, const result& fwd,
@@ -169,22 +191,20 @@ grads run_backward(const layout& L, std::int64_t heads, const std::vector<float>
   const std::int64_t D = heads * HD;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   grads r{std::vector<float>(std::size_t(L.tokens * 3 * D), nan), std::vector<float>(L.probs, nan)};
-  for (std::size_t s = 0; s < L.segs.size(); ++s) {
-    const std::int64_t n = L.segs[s].length;
-    attn::group<float> g{qkv.data(), dout.data(), const_cast<float*>(fwd.out.data()),
-                         const_cast<float*>(fwd.probs.data()), nullptr, r.dqkv.data(), r.ds.data(), D, heads, HD, n,
-                         L.segs[s].offset, std::int64_t(L.poff[s]), 0, (n + attn::bf::qrows - 1) / attn::bf::qrows,
-                         float(1.0 / std::sqrt(double(HD)))};
-    simt::launch(unsigned(g.tiles), unsigned(heads), [&] { attn::backward_rows_bf16_kernel<HD>(g, vec); });
-    simt::launch(unsigned(g.tiles), unsigned(heads), [&] { attn::backward_cols_bf16_kernel<HD>(g, vec); });
-  }
+  const attn::group<float> base{qkv.data(), dout.data(), const_cast<float*>(fwd.out.data()),
+                                const_cast<float*>(fwd.probs.data()), nullptr, r.dqkv.data(), r.ds.data(), D, heads, HD,
+                                0, 0, 0, 0, 0, float(1.0 / std::sqrt(double(HD)))};
+  for_each_launch(L, base, false, [&](const attn::group<float>& g, std::int64_t count) {
+    simt::launch(unsigned(count * g.tiles), unsigned(heads), [&] { attn::backward_rows_bf16_kernel<HD>(g, vec); });
+    simt::launch(unsigned(count * g.tiles), unsigned(heads), [&] { attn::backward_cols_bf16_kernel<HD>(g, vec); });
+  });
   return r;
 }
 
 /// The double reference of the backward with the kernels' roundings, from the kernel forward's
 /// lse2 and out: P = exp2(s c - lse2) (s from bf16 Q, K), dP from bf16 dO, V, D = rowsum(dO o O),
-/// dS = P (dP - D); dQ, dK, dV from bf16-rounded dS, P, Q, K, dO. ds receives D at each
-/// block's start (the rest NaN, as the kernels leave it).
+/// dS = P (dP - D); dQ, dK, dV from bf16-rounded dS, P, Q, K, dO. ds receives D at
+/// poff[segment] + h*n + i (the rest NaN, as the kernels leave it).
 grads reference_backward(const layout& L, std::int64_t heads, std::int64_t hd, const std::vector<float>& qkv,
                          const result& fwd, const std::vector<float>& dout) {
   const std::int64_t D = heads * hd;
@@ -200,7 +220,7 @@ grads reference_backward(const layout& L, std::int64_t heads, std::int64_t hd, c
       const auto v = [&](std::int64_t i, std::int64_t d) { return qkv[std::size_t((off + i) * 3 * D + 2 * D + h * hd + d)]; };
       const auto o = [&](std::int64_t i, std::int64_t d) { return dout[std::size_t((off + i) * D + h * hd + d)]; };
       const auto O = [&](std::int64_t i, std::int64_t d) { return fwd.out[std::size_t((off + i) * D + h * hd + d)]; };
-      const std::size_t blk = L.poff[s] + std::size_t(h * n * n);
+      const std::size_t blk = L.poff[s] + std::size_t(h * n);
       std::vector<double> P(static_cast<std::size_t>(n * n)), ds(static_cast<std::size_t>(n * n));
       for (std::int64_t i = 0; i < n; ++i) {
         double Di = 0;
@@ -236,19 +256,22 @@ grads reference_backward(const layout& L, std::int64_t heads, std::int64_t hd, c
 }
 
 template <int HD>
-void check_backward(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::uint64_t seed, bool vec) {
+void check_backward(const std::vector<std::int64_t>& lengths, std::int64_t heads, std::uint64_t seed, bool vec,
+                    store st = store::rows) {
   CAPTURE(HD);
   CAPTURE(lengths.front());
   CAPTURE(vec);
+  CAPTURE(st == store::rows);
   const std::int64_t D = heads * HD;
-  const layout L = make_attention_layout(lengths, heads);
+  const layout L = make_attention_layout(lengths, heads, 0, false, st);
+  const layout M = make_attention_layout(lengths, heads);  // the CPU's (P kept)
   const auto qkv = random_vector<float>(std::size_t(L.tokens * 3 * D), seed, -2.0, 2.0);
   const auto dout = random_vector<float>(std::size_t(L.tokens * D), seed + 1000);
-  std::vector<float> out32(std::size_t(L.tokens * D)), probs(L.probs), dqkv32(std::size_t(L.tokens * 3 * D)),
-      ds32(L.probs);
+  std::vector<float> out32(std::size_t(M.tokens * D)), probs(M.probs), dqkv32(std::size_t(M.tokens * 3 * D)),
+      ds32(M.probs);
   const dino::cpu_policy cpu{1};
-  dino::nn::attention_forward(cpu, heads, D, L.segs, L.poff, qkv.data(), out32.data(), probs.data());
-  dino::nn::attention_backward(cpu, heads, D, L.segs, L.poff, qkv.data(), probs.data(), dout.data(), dqkv32.data(),
+  dino::nn::attention_forward(cpu, heads, D, M.segs, M.poff, qkv.data(), out32.data(), probs.data());
+  dino::nn::attention_backward(cpu, heads, D, M.segs, M.poff, qkv.data(), probs.data(), dout.data(), dqkv32.data(),
                                ds32.data());
   const result fwd = run_kernel<HD>(L, heads, qkv, true, vec);
   const grads k = run_backward<HD>(L, heads, qkv, fwd, dout, vec);
@@ -268,6 +291,8 @@ TEST_CASE("emulated bf16 attention kernel: one segment per launch, chunk edges, 
   for (std::int64_t n : {17, 197}) check<64>({n}, 1, seed++, true);
   check<128>({70}, 1, seed++, true);
   check<32>({5, 40, 3}, 2, seed++, true);  // several segments, one launch each
+  check<32>({37, 37, 37, 5}, 2, seed++, true);                // a group of three in one launch (rows layout)
+  check<32>({37, 37, 37, 5}, 2, seed++, true, store::matrix);  // the same in a layout that keeps P
 }
 
 TEST_CASE("emulated bf16 attention kernel: a NaN query makes its own row NaN and no other") {
@@ -282,9 +307,9 @@ TEST_CASE("emulated bf16 attention kernel: a NaN query makes its own row NaN and
       const bool expect_nan = t == tok && c / HD == h;
       CHECK_MESSAGE(std::isnan(k.out[std::size_t(t * D + c)]) == expect_nan, "token " << t << " column " << c);
     }
-  const std::int64_t n = L.tokens;  // lse2 of head h's rows at the start of its probs block
-  CHECK(std::isnan(k.probs[std::size_t(h * n * n + tok)]));
-  CHECK(!std::isnan(k.probs[std::size_t(h * n * n + tok + 1)]));
+  const std::int64_t n = L.tokens;  // lse2 of head h's rows at h*n
+  CHECK(std::isnan(k.probs[std::size_t(h * n + tok)]));
+  CHECK(!std::isnan(k.probs[std::size_t(h * n + tok + 1)]));
 }
 
 TEST_CASE("emulated bf16 attention backward kernels: chunk edges, head dims 32, 64, 128") {
@@ -295,4 +320,6 @@ TEST_CASE("emulated bf16 attention backward kernels: chunk edges, head dims 32, 
   check_backward<64>({17}, 2, seed++, true);
   check_backward<128>({40}, 1, seed++, true);
   check_backward<32>({5, 40, 3}, 2, seed++, true);  // several segments
+  check_backward<32>({37, 37, 37, 5}, 2, seed++, true);                // a group of three (rows layout)
+  check_backward<32>({37, 37, 37, 5}, 2, seed++, true, store::matrix);  // in a layout that keeps P
 }

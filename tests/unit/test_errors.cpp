@@ -127,3 +127,48 @@ TEST_CASE("a method whose parts do not fit together") {
   m = message_of<shape_error>([&] { good.step(cpu_policy{1}, host_view<const float>{x.data(), {6, 4}, "crops"}); });
   CHECK(contains(m, "crops has 6 rows, more than planned (4 = 2 crops x max_batch 2)"));
 }
+
+TEST_CASE("attention: a probs layout of rows (the GPU's bf16 path) is refused where P is kept") {
+  const std::vector<nn::segment> segs = {{0, 5}, {5, 5}, {10, 3}};
+  const std::int64_t heads = 2, D = 8;
+  const auto rows = nn::detail::probs_offsets(segs, heads, nn::attention_store::rows);
+  CHECK(rows == std::vector<std::size_t>{0, 10, 20});  // heads * n per segment
+  CHECK(nn::attention_probs_elems(segs, heads, nn::attention_store::rows) == 26);
+  CHECK(nn::attention_probs_elems(segs, heads) == 2 * (25 + 25 + 9));
+  std::vector<float> qkv(std::size_t(13 * 3 * D), 0.5f), out(std::size_t(13 * D)), probs(200), dqkv(qkv.size()),
+      scratch(200);
+  auto m = message_of<shape_error>([&] {
+    nn::attention_forward(cpu_policy{1}, heads, D, segs, rows, qkv.data(), out.data(), probs.data());
+  });
+  CHECK(contains(m, "attention_forward: the probs regions of segments 0 and 1 overlap (offsets 0 and 10"));
+  CHECK(contains(m, "attention_store::rows"));
+  CHECK_THROWS_AS(nn::attention_backward(cpu_policy{1}, heads, D, segs, rows, qkv.data(), probs.data(), out.data(),
+                                         dqkv.data(), scratch.data()),
+                  shape_error);
+  // the matrix layout, in either order of regions, runs
+  nn::attention_forward(cpu_policy{1}, heads, D, segs, nn::detail::probs_offsets(segs, heads), qkv.data(), out.data(),
+                        probs.data());
+  nn::attention_forward(cpu_policy{1}, heads, D, segs, std::vector<std::size_t>{68, 18, 0}, qkv.data(), out.data(),
+                        probs.data());
+  CHECK(std::isfinite(out[0]));
+}
+
+TEST_CASE("vit: a pack planned for row statistics is refused by a policy whose attention keeps P") {
+  param_layout L;
+  nn::vit_config vc;
+  vc.img_size = 8, vc.patch = 2, vc.in_chans = 1, vc.embed_dim = 8, vc.depth = 1, vc.heads = 2;
+  nn::vit v(vc, L);
+  flat_params<float> P(L);
+  const cpu_policy pol{1};
+  CHECK(v.make_pack<float>(pol, {{2, 8, 8}}).store == nn::attention_store::matrix);  // what the CPU keeps
+  auto pk = v.make_pack<float>({{2, 8, 8}}, nn::attention_store::rows);
+  CHECK(pk.probs == std::size_t(2 * 2 * 17));  // 2 crops of 17 tokens, 2 heads, one float per row
+  std::vector<float> img(2 * 64, 0.1f), y(2 * 8), saved(v.saved_elems(pk));
+  const float* imgs[1] = {img.data()};
+  const auto m = message_of<config_error>([&] {
+    v.forward(pol, host_view<const float>{P.data(), {std::int64_t(P.size())}, "P"}, pk,
+              std::span<const float* const>(imgs, 1), host_view<float>{y.data(), {2, 8}, "y"},
+              host_view<float>{saved.data(), {std::int64_t(saved.size())}, "saved"});
+  });
+  CHECK(contains(m, "vit: the pack was planned for the bf16 attention's row statistics"));
+}

@@ -284,6 +284,21 @@ TEST_CASE("the memory report: parameters, optimizer, workspace and the activatio
   CHECK(b.workspace > a.workspace);
 }
 
+TEST_CASE("plan_for: planning again for the policy, only before the first step") {
+  const std::int64_t B = 4;
+  auto m = ssl::make_dino<nn::mlp>(backbone_config(), 32, small_config(B, 2, 10));
+  const cpu_policy pol{1};
+  const auto before = m.memory();
+  m.plan_for(pol);  // the CPU's attention keeps P: the same plan
+  CHECK(m.memory().workspace == before.workspace);
+  CHECK(m.memory().activations == before.activations);
+  synthetic data(5);
+  auto x = data.crops(B, 6, 0);
+  const auto st = m.step(pol, host_view<const float>{x.data(), {6 * B, kIn}, "crops"});
+  CHECK(std::isfinite(st.loss));
+  CHECK_THROWS_AS(m.plan_for(pol), config_error);
+}
+
 // The example part of docs/api.md ("Writing a part"), verbatim.
 template <class T>
 struct sharpen_only {

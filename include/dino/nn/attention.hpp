@@ -7,9 +7,11 @@
 //
 //   P = softmax(Q K^T * head_dim^-0.5)   [n, n]      O = P V   [n, hd] -> out[:, h*hd : (h+1)*hd]
 //
-// Attention never crosses segments. Training keeps every P (probs_elems() elements) for the
-// backward; inference uses the same amount of scratch and can return each segment's CLS row
-// of P ([segments, heads, n_s], the reference's get_last_selfattention()[:, :, 0, :]).
+// Attention never crosses segments. Training keeps every P (attention_probs_elems()
+// elements) for the backward; inference uses the same amount of scratch and can return each
+// segment's CLS row of P ([segments, heads, n_s], the reference's
+// get_last_selfattention()[:, :, 0, :]). The GPU's bf16 path keeps one float per row instead
+// (attention_store::rows), in a probs buffer planned for it or in a matrix one.
 // Backward, from dO = dout:
 //   dP = dO V^T;  dV = P^T dO;  dS = P o (dP - rowsum(dP o P));  dQ = dS K s;  dK = dS^T Q s
 // dqkv is written (every element). Work runs in parallel over (segment, head) pairs, dealt to
@@ -20,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dino/core/error.hpp"
 #include "dino/math/softmax.hpp"
 #include "dino/policy/cpu.hpp"
 
@@ -29,24 +32,62 @@ struct segment {
   std::int64_t offset = 0, length = 0;
 };
 
-/// Elements of the per-(segment, head) probability matrices: sum_s heads * n_s^2.
-inline std::size_t attention_probs_elems(const std::vector<segment>& segs, std::int64_t heads) {
+/// What the forward keeps for the backward in its probs buffer, per (segment, head) of n
+/// tokens. matrix: P itself, n x n (the CPU; the GPU's fp32 and TF32 paths). rows: one float
+/// per row, the log2-sum-exp of its scaled scores (the GPU's bf16 path, which recomputes P in
+/// the backward). A matrix layout serves every path; a rows layout only the bf16 path.
+/// attention_store_for<T>(pol, head_dim) says which one a policy's attention needs.
+enum class attention_store { matrix, rows };
+
+/// Elements of one segment's probs region: heads * n^2 (matrix) or heads * n (rows).
+inline std::size_t attention_probs_elems(std::int64_t heads, std::int64_t n,
+                                         attention_store store = attention_store::matrix) {
+  return static_cast<std::size_t>(heads * n * (store == attention_store::matrix ? n : 1));
+}
+/// Elements of the probs buffer of a pack of segments: the sum of their regions.
+inline std::size_t attention_probs_elems(const std::vector<segment>& segs, std::int64_t heads,
+                                         attention_store store = attention_store::matrix) {
   std::size_t n = 0;
-  for (const auto& s : segs) n += static_cast<std::size_t>(heads * s.length * s.length);
+  for (const auto& s : segs) n += attention_probs_elems(heads, s.length, store);
   return n;
 }
 
+/// The host's attention keeps P: matrix.
+template <class T>
+constexpr attention_store attention_store_for(const cpu_policy&, std::int64_t) {
+  return attention_store::matrix;
+}
+
 namespace detail {
-/// Offsets of each segment's probability block (heads * n^2 elements each).
-inline std::vector<std::size_t> probs_offsets(const std::vector<segment>& segs, std::int64_t heads) {
+/// Offsets of each segment's probs region, back to back.
+inline std::vector<std::size_t> probs_offsets(const std::vector<segment>& segs, std::int64_t heads,
+                                              attention_store store = attention_store::matrix) {
   std::vector<std::size_t> off(segs.size());
   std::size_t o = 0;
   for (std::size_t i = 0; i < segs.size(); ++i) {
     off[i] = o;
-    o += static_cast<std::size_t>(heads * segs[i].length * segs[i].length);
+    o += attention_probs_elems(heads, segs[i].length, store);
   }
   return off;
 }
+/// The paths that keep P (the CPU's, the GPU's fp32 and TF32) need heads*n*n floats per
+/// segment: a layout in which a segment's region reaches into the next one's (of consecutive
+/// segments, in offset order) is refused, as a probs buffer planned for the GPU's bf16 path
+/// (attention_store::rows) would be.
+inline void check_matrix_room(const char* name, std::int64_t heads, const std::vector<segment>& segs,
+                              const std::vector<std::size_t>& poff) {
+  for (std::size_t s = 0; s + 1 < segs.size(); ++s) {
+    const bool up = poff[s] <= poff[s + 1];
+    const std::size_t lo = up ? s : s + 1, hi = up ? s + 1 : s;
+    const std::size_t need = attention_probs_elems(heads, segs[lo].length);
+    require<shape_error>(poff[hi] - poff[lo] >= need || (poff[hi] == poff[lo] && need == 0), name,
+                         ": the probs regions of segments ", lo, " and ", hi, " overlap (offsets ", poff[lo], " and ",
+                         poff[hi], "; this path keeps P, heads x n x n = ", need,
+                         " floats per segment): is the buffer planned for the bf16 path's rows "
+                         "(attention_store::rows) under a policy without bf16 attention?");
+  }
+}
+
 }  // namespace detail
 
 /// out [T, D] (=) attention of qkv [T, 3D]; probs receives every P (training) or is scratch
@@ -59,6 +100,7 @@ inline void attention_forward(const cpu_policy& pol, std::int64_t heads, std::in
                               const std::vector<std::size_t>& poff, const T* qkv, T* out, T* probs, T* cls_attn = nullptr,
                               const std::int64_t* cls_offsets = nullptr, bool keep_probs = true) {
   (void)keep_probs;
+  detail::check_matrix_room("attention_forward", heads, segs, poff);
   const std::int64_t hd = D / heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const std::int64_t pairs = static_cast<std::int64_t>(segs.size()) * heads;
@@ -85,6 +127,7 @@ inline void attention_backward(const cpu_policy& pol, std::int64_t heads, std::i
                                const std::vector<std::size_t>& poff, const T* qkv, const T* probs, const T* dout, T* dqkv,
                                T* scratch, const T* out = nullptr) {
   (void)out;
+  detail::check_matrix_room("attention_backward", heads, segs, poff);
   const std::int64_t hd = D / heads;
   const T scale = T(1.0 / std::sqrt(double(hd)));
   const std::int64_t pairs = static_cast<std::int64_t>(segs.size()) * heads;

@@ -116,7 +116,8 @@ struct vit_pack {
   std::vector<std::vector<std::int64_t>> keep;  ///< per set: [count, kept] kept patch indices, ascending per crop (masked sets; else empty)
   std::vector<std::int64_t> set_first;    ///< first crop of each set
   std::vector<pos_resize<T>> resize;      ///< position grid resize per set
-  std::vector<std::size_t> probs_off;     ///< attention probability offsets per segment
+  std::vector<std::size_t> probs_off;     ///< attention probs region offsets per segment
+  attention_store store = attention_store::matrix;  ///< what the probs regions hold (make_pack)
   std::vector<std::int64_t> cls_attn_off; ///< [segment] offset into a CLS-attention output
   std::int64_t tokens = 0, crops = 0, patches = 0, max_set_patches = 0;
   std::size_t probs = 0;
@@ -469,10 +470,13 @@ class vit {
   std::int64_t out_dim() const { return cfg_.embed_dim; }
 
   /// Plans the token layout of a pack; throws shape_error for sizes the patch does not divide.
+  /// store: what the attention keeps for the backward (nn/attention.hpp): matrix (P, any
+  /// policy) or rows (the GPU's bf16 attention only; make_pack(pol, sets) picks it for pol).
   template <class T = float>
-  vit_pack<T> make_pack(std::vector<crop_set> sets) const {
+  vit_pack<T> make_pack(std::vector<crop_set> sets, attention_store store = attention_store::matrix) const {
     vit_pack<T> pk;
     pk.sets = std::move(sets);
+    pk.store = store;
     const std::int64_t p = cfg_.patch;
     for (std::size_t si = 0; si < pk.sets.size(); ++si) {
       const crop_set& s = pk.sets[si];
@@ -502,8 +506,8 @@ class vit {
         ++pk.crops;
       }
     }
-    pk.probs_off = detail::probs_offsets(pk.segs, cfg_.heads);
-    pk.probs = attention_probs_elems(pk.segs, cfg_.heads);
+    pk.probs_off = detail::probs_offsets(pk.segs, cfg_.heads, store);
+    pk.probs = attention_probs_elems(pk.segs, cfg_.heads, store);
     std::int64_t o = 0;
     for (std::size_t i = 0; i < pk.segs.size(); ++i) {
       pk.cls_attn_off[i] = o;
@@ -512,11 +516,13 @@ class vit {
     return pk;
   }
 
-  /// make_pack(sets), with the tables a device path reads uploaded for `pol` (no-op on the CPU).
+  /// make_pack(sets), planned for what pol's attention keeps (attention_store_for: one float
+  /// per row instead of P on the GPU's bf16 path), with the tables a device path reads
+  /// uploaded for `pol` (no upload on the CPU).
   template <class T = float, class Policy>
     requires execution_policy<Policy>
   vit_pack<T> make_pack(const Policy& pol, std::vector<crop_set> sets) const {
-    vit_pack<T> pk = make_pack<T>(std::move(sets));
+    vit_pack<T> pk = make_pack<T>(std::move(sets), attention_store_for<T>(pol, cfg_.embed_dim / cfg_.heads));
     upload(pol, pk);
     return pk;
   }
@@ -868,7 +874,11 @@ class vit {
   }
 
   template <class Policy, class T>
-  void check_pack(const Policy&, const vit_pack<T>& pk) const {
+  void check_pack(const Policy& pol, const vit_pack<T>& pk) const {
+    require<config_error>(pk.store == attention_store::matrix ||
+                              pk.store == attention_store_for<T>(pol, cfg_.embed_dim / cfg_.heads),
+                          "vit: the pack was planned for the bf16 attention's row statistics (attention_store::rows), "
+                          "but this policy's attention keeps P: make the pack with make_pack(policy, sets) for it");
     if constexpr (!policy_traits<Policy>::is_host)
       require<config_error>(pk.device.ready, "vit: the pack's tables are not in device memory: make the pack with "
                                              "make_pack(policy, sets) or call upload(policy, pack) once");

@@ -47,7 +47,7 @@ concept image_backbone = requires(const M& m, typename M::config_type c, param_l
   M(c, layout, prefix);
   { m.out_dim() } -> std::convertible_to<std::int64_t>;
   { m.config().in_chans } -> std::convertible_to<std::int64_t>;
-  m.template make_pack<T>(std::vector<nn::crop_set>{});
+  m.template make_pack<T>(pol, std::vector<nn::crop_set>{});
 };
 
 /// Turns raw teacher logits into target distributions and keeps its own running state.

@@ -265,12 +265,23 @@ class method {
   method(const method&) = delete;
   method& operator=(const method&) = delete;
 
+  /// Plans the step's buffers again for `pol` (set-up: allocates; before the first step). A
+  /// method is planned at construction for a default policy, whose plan serves every policy;
+  /// on the GPU with pol.bf16_attention the ViT's attention keeps one float per row instead
+  /// of P (nn::attention_store), and planning for it shrinks the saved activations and the
+  /// scratch by the n x n blocks (memory() tells by how much).
+  void plan_for(const Policy& pol) {
+    require<config_error>(!stepped_, "method::plan_for: plan before the first step");
+    plan(tc_.max_batch, pol);
+  }
+
   /// One optimizer step on one micro-batch.
   step_stats step(const Policy& pol, input_type crops) { return step(pol, std::span<const input_type>(&crops, 1)); }
 
   /// One optimizer step accumulated over several micro-batches (each crop-major).
   step_stats step(const Policy& pol, std::span<const input_type> micro) {
     require<config_error>(!micro.empty(), "method::step: no micro-batch given");
+    stepped_ = true;
     require<config_error>(iteration_ < sched_.total_iters(), "method::step: iteration ", iteration_,
                           " is past the end of the schedules (", sched_.total_iters(), " iterations)");
     const auto sv = sched_.at(iteration_);
@@ -425,7 +436,7 @@ class method {
 
   // Every buffer of a step, sized by the parts' queries for the largest micro-batch and taken
   // from one workspace allocated here: the step itself allocates nothing.
-  void plan(std::int64_t b) {
+  void plan(std::int64_t b, const Policy& pol = Policy{}) {
     const std::int64_t ns = crops() * b, nt = globals() * b, D = backbone_.out_dim(), K = head_.out_dim();
     const auto n = [](std::int64_t v) { return static_cast<std::size_t>(v); };
     std::size_t bb_saved = 0, bb_scratch = 0;
@@ -439,13 +450,13 @@ class method {
                               " patches (it must keep 1 to ", np, ")");
         if (k < np) global.keep = k, mask_patches_ = np;
       }
-      student_pack_ = backbone_.template make_pack<T>({global});
-      if (ns > nt) student_pack_ = backbone_.template make_pack<T>({global, {ns - nt, cp.local_size, cp.local_size}});
-      teacher_pack_ = backbone_.template make_pack<T>({{nt, cp.global_size, cp.global_size}});
-      if constexpr (!on_host) {  // the packs' tables in device memory (set-up: the default stream)
-        backbone_.upload(Policy{}, student_pack_);
-        backbone_.upload(Policy{}, teacher_pack_);
-      }
+      // planned for pol's attention, the tables in device memory on the GPU (set-up)
+      const auto pack = [&](std::vector<nn::crop_set> sets) {
+        return backbone_.template make_pack<T>(pol, std::move(sets));
+      };
+      student_pack_ = pack({global});
+      if (ns > nt) student_pack_ = pack({global, {ns - nt, cp.local_size, cp.local_size}});
+      teacher_pack_ = pack({{nt, cp.global_size, cp.global_size}});
       bb_saved = backbone_.saved_elems(student_pack_);
       bb_scratch = std::max({backbone_.scratch_elems(student_pack_), backbone_.infer_scratch_elems(teacher_pack_),
                              static_cast<std::size_t>(student_pack_.tokens * D)});
@@ -489,6 +500,7 @@ class method {
       p.add_bytes(r_.input_n * sizeof(T));
       p.add_bytes(step_result_slots * sizeof(step_slot));  // the steps' results (GPU)
     }
+    ws_ = decltype(ws_)();  // a plan again (plan_for): the old buffers go first
     ws_ = decltype(ws_)(p);
     r_.saved = ws_.template take<T>(r_.saved_n, "saved activations");
     r_.scratch = ws_.template take<T>(r_.scratch_n, "scratch");
@@ -864,6 +876,7 @@ class method {
   regions r_;
   std::int64_t max_rows_ = 0;
   std::int64_t iteration_ = 0;
+  bool stepped_ = false;  // a step was taken (plan_for refuses from then on)
   std::uint64_t ticket_ = 0;                           // GPU steps so far (the slot ring's position)
   std::array<slot_host, step_result_slots> slots_host_{};  // GPU only
   typename readback_ring_for<space>::type readback_{};      // GPU: the slots' host mirrors and events

@@ -27,7 +27,10 @@
 // Segments are launched in groups: consecutive segments of equal length n whose token
 // offsets, probs offsets and CLS offsets advance by n, heads*n*n and heads*n form one
 // launch (a DINO pack: one launch per crop resolution); other layouts only make more
-// launches.
+// launches. The bf16 path (attention_bf16.cuh) keeps n floats per (segment, head), at
+// poff[segment] + h*n, and groups segments whose probs offsets advance by heads*n
+// (attention_store::rows, a pack planned by attention_store_for) or by heads*n*n; the
+// other paths keep P and check that no segment's heads*n*n floats overlap the next one's.
 //
 // Kernels (128 threads = 4 warps; a tile is 32 rows; warp w owns rows 8w..8w+7 of a tile,
 // lane l owns key column l of a key tile and dims l, l+32, ... of the padded head dim HD):
@@ -796,32 +799,6 @@ inline void launch(const cuda_policy& pol, K kernel, const group<T>& g, std::int
   DINO_CUDA_LAUNCHED(name);
 }
 
-/// Calls f(first, count) for each run of consecutive segments that one launch can take:
-/// equal length n > 0, token offsets advancing by n, probs offsets by heads*n*n and (when
-/// cls_offsets is given) CLS offsets by heads*n. Empty segments are skipped.
-template <class F>
-inline void for_each_group(std::int64_t heads, const std::vector<segment>& segs, const std::vector<std::size_t>& poff,
-                           const std::int64_t* cls_offsets, F&& f) {
-  const std::size_t ns = segs.size();
-  std::size_t a = 0;
-  while (a < ns) {
-    const std::int64_t n = segs[a].length;
-    if (n == 0) {
-      ++a;
-      continue;
-    }
-    std::size_t b = a + 1;
-    for (; b < ns; ++b) {
-      const std::int64_t k = static_cast<std::int64_t>(b - a);
-      if (segs[b].length != n || segs[b].offset != segs[a].offset + k * n) break;
-      if (poff[b] != poff[a] + static_cast<std::size_t>(k * heads * n * n)) break;
-      if (cls_offsets && cls_offsets[b] != cls_offsets[a] + k * heads * n) break;
-    }
-    f(a, static_cast<std::int64_t>(b - a));
-    a = b;
-  }
-}
-
 /// Checks the arguments shared by forward and backward; returns head_dim.
 inline std::int64_t check_args(const char* name, std::int64_t heads, std::int64_t D, const std::vector<segment>& segs,
                                const std::vector<std::size_t>& poff) {
@@ -860,14 +837,17 @@ inline bool bf16_path(const cuda_policy& pol, std::int64_t hd) {
 template <class T, int HD, bool Padded>
 inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<segment>& segs,
                        const std::vector<std::size_t>& poff, const std::int64_t* cls_offsets, bool keep) {
-  for_each_group(g.heads, segs, poff, g.cls ? cls_offsets : nullptr, [&](std::size_t a, std::int64_t count) {
+  const bool rows = bf16_path<T>(pol, g.hd);
+  for_each_group(g.heads, segs, poff, g.cls ? cls_offsets : nullptr, rows, [&](std::size_t a, std::int64_t count,
+                                                                                std::int64_t pstride) {
     g.n = segs[a].length;
     g.row0 = segs[a].offset;
     g.poff0 = static_cast<std::int64_t>(poff[a]);
+    g.pstride = pstride;
     g.cls0 = g.cls ? cls_offsets[a] : 0;
     if constexpr (std::is_same_v<T, float> && !Padded) {
       const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 && g.D % 4 == 0;
-      if (pol.bf16_attention) {  // bf16 tensor cores, online softmax (see forward_bf16_kernel)
+      if (rows) {  // bf16 tensor cores, online softmax (see forward_bf16_kernel)
         g.tiles = (g.n + bf::qrows - 1) / bf::qrows;
         launch(pol, forward_bf16_kernel<HD>, g, count, bf::smem_bytes(HD), "attention_forward (bf16 tensor cores)",
                keep, vec);
@@ -888,15 +868,17 @@ inline void forward_hd(const cuda_policy& pol, group<T> g, const std::vector<seg
 template <class T, int HD, bool Padded>
 inline void backward_hd(const cuda_policy& pol, group<T> g, const std::vector<segment>& segs,
                         const std::vector<std::size_t>& poff) {
-  for_each_group(g.heads, segs, poff, nullptr, [&](std::size_t a, std::int64_t count) {
+  const bool rows = bf16_path<T>(pol, g.hd);
+  for_each_group(g.heads, segs, poff, nullptr, rows, [&](std::size_t a, std::int64_t count, std::int64_t pstride) {
     g.n = segs[a].length;
     g.row0 = segs[a].offset;
     g.poff0 = static_cast<std::int64_t>(poff[a]);
+    g.pstride = pstride;
     g.cls0 = 0;
     if constexpr (std::is_same_v<T, float> && !Padded) {
       const bool vec = reinterpret_cast<std::uintptr_t>(g.qkv) % 16 == 0 &&
                        reinterpret_cast<std::uintptr_t>(g.dout) % 16 == 0 && g.D % 4 == 0;
-      if (pol.bf16_attention) {  // bf16 tensor cores (see backward_rows_bf16_kernel)
+      if (rows) {  // bf16 tensor cores (see backward_rows_bf16_kernel)
         g.tiles = (g.n + bf::qrows - 1) / bf::qrows;  // 64 queries, then 64 keys, per block
         launch(pol, backward_rows_bf16_kernel<HD>, g, count, bf::rows_smem_bytes(HD),
                "attention_backward (rows, bf16 tensor cores)", vec);
@@ -934,6 +916,7 @@ inline void attention_forward(const cuda_policy& pol, std::int64_t heads, std::i
   require<shape_error>(cls_attn == nullptr || cls_offsets != nullptr,
                        "attention_forward: cls_attn needs cls_offsets (host memory)");
   require<shape_error>(segs.empty() || (qkv && out && probs), "attention_forward: qkv, out and probs are required");
+  if (!a::bf16_path<T>(pol, hd)) nn::detail::check_matrix_room("attention_forward", heads, segs, poff);
   a::group<T> g{qkv, nullptr, out, probs, cls_attn, nullptr, nullptr, D, heads, hd, 0, 0, 0, 0, 0,
                 T(1.0 / std::sqrt(double(hd)))};
   a::with_head_dim(hd, [&](auto HD, auto padded) {
@@ -956,6 +939,7 @@ inline void attention_backward(const cuda_policy& pol, std::int64_t heads, std::
                        "attention_backward: qkv, probs, dout, dqkv and scratch are required");
   require<shape_error>(segs.empty() || out || !a::bf16_path<T>(pol, hd),
                        "attention_backward: the bf16 attention path needs the forward's output (out)");
+  if (!a::bf16_path<T>(pol, hd)) nn::detail::check_matrix_room("attention_backward", heads, segs, poff);
   a::group<T> g{qkv, dout, const_cast<T*>(out), const_cast<T*>(probs), nullptr, dqkv, scratch, D, heads, hd, 0, 0, 0, 0,
                 0, T(1.0 / std::sqrt(double(hd)))};
   a::with_head_dim(hd, [&](auto HD, auto padded) {
@@ -964,6 +948,16 @@ inline void attention_backward(const cuda_policy& pol, std::int64_t heads, std::
 }
 
 }  // namespace dino::cuda
+
+namespace dino {
+/// What this policy's attention keeps for the backward (nn/attention.hpp): rows on the bf16
+/// path (float tensors, head dims 32, 64, 128, pol.bf16_attention), else matrix. In namespace
+/// dino, where cuda_policy is, so that nn code finds it by argument-dependent lookup.
+template <class T>
+inline nn::attention_store attention_store_for(const cuda_policy& pol, std::int64_t head_dim) {
+  return cuda::detail::attn::bf16_path<T>(pol, head_dim) ? nn::attention_store::rows : nn::attention_store::matrix;
+}
+}  // namespace dino
 
 namespace dino::nn {
 // Found from nn code (vit.hpp calls attention_forward(pol, ...) unqualified) by argument-

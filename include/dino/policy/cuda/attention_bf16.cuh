@@ -27,8 +27,9 @@ namespace dino::cuda::detail::attn {
 // (an online softmax, in base 2 with the scale folded in), rescales its O accumulators, and
 // adds P V with the unnormalised P rounded to bf16 (the scores' C fragments are the A
 // fragments of P, so P never leaves registers). At the end O is divided by l. With keep
-// (training) each row's lse2 = m + log2(l) goes to the first n floats of its (segment, head)
-// block of probs, for the backward. When the CLS row is asked for, a second pass recomputes
+// (training) each row's lse2 = m + log2(l) goes to n floats at poff[segment] + h*n of probs
+// (the segment's region holds heads*n floats: attention_store::rows; a matrix layout has
+// room to spare), for the backward. When the CLS row is asked for, a second pass recomputes
 // row 0's scores chunk by chunk (the same products, so the same values) and writes
 // exp2(s - m) / l.
 // A row with a NaN or +inf score, or with only -inf scores, becomes NaN (exp2 of NaN or of
@@ -219,7 +220,7 @@ __device__ __forceinline__ void bf_accumulate(float (&acc)[HD / 8][4], const flo
 /// What a thread of a bf16 kernel knows from its launch position: lane, warp w and quad
 /// coordinates (gq = lane / 4, tq = lane % 4), the segment and head of its block, t0 (its 64
 /// query or key rows), the head's columns of the packed qkv (Qb, Kb, Vb; row stride ld), the
-/// offset of the (segment, head) block in probs and scratch, and the two rows ra, rb = ra + 8
+/// offset blk of the (segment, head) rows in probs and scratch (n floats at poff + h*n), and the two rows ra, rb = ra + 8
 /// of its warp's 16 that this lane's fragments hold. active: the warp has a row (warp-uniform).
 template <int HD>
 struct bf_place {
@@ -231,7 +232,7 @@ struct bf_place {
   __device__ __forceinline__ explicit bf_place(const group<float>& g)
       : lane(int(threadIdx.x & 31)), w(int(threadIdx.x >> 5)), gq(lane >> 2), tq(lane & 3),
         seg(std::int64_t(blockIdx.x) / g.tiles), t0((std::int64_t(blockIdx.x) % g.tiles) * bf::qrows),
-        h(blockIdx.y), n(g.n), ld(3 * g.D), first(g.row0 + seg * n), blk(g.poff0 + (seg * g.heads + h) * n * n),
+        h(blockIdx.y), n(g.n), ld(3 * g.D), first(g.row0 + seg * n), blk(g.poff0 + seg * g.pstride + h * n),
         ra(t0 + 16 * w + gq), rb(ra + 8), Qb(g.qkv + first * ld + h * HD), Kb(Qb + g.D), Vb(Qb + 2 * g.D),
         active(t0 + 16 * w < n), c(g.scale * 1.4426950408889634f) {}
 };
@@ -290,7 +291,7 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
     bf_accumulate<HD>(o, s, sV, kn, lane);
   }
   float inv[2] = {0.0f, 0.0f};
-  float* L = g.probs + blk;  // the block's first n floats: lse2
+  float* L = g.probs + blk;  // lse2 of the rows
   if (active) {
     float lsum[2];
 #pragma unroll
@@ -330,13 +331,13 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
 
 // ---- bf16 tensor-core backward (the same conditions as the forward, pol.bf16_attention) ----
 // The flash-attention form, deterministic (no atomics): P is recomputed from the scores and
-// the rows' lse2 that the forward kept (in the first n floats of each (segment, head) block of
-// probs), never read; D_i = rowsum(dO_i o O_i) (= rowsum(dP o P)) comes from the forward's
+// the rows' lse2 that the forward kept (n floats at poff[segment] + h*n of probs), never
+// read; D_i = rowsum(dO_i o O_i) (= rowsum(dP o P)) comes from the forward's
 // output O. The products on bf16 tensor cores with fp32 sums; P and dS rounded to bf16 where
 // they are operands.
 //   rows:    one block of 4 warps per (segment, head, 64 queries); warp w owns queries
-//            16w..16w+15 (Q and dO rows in A fragments). It writes D of its rows to the
-//            first n floats of the block's scratch, then per key chunk: S = Q K^T, P, dP =
+//            16w..16w+15 (Q and dO rows in A fragments). It writes D of its rows to
+//            scratch (laid out as probs: n floats at poff[segment] + h*n), then per key chunk: S = Q K^T, P, dP =
 //            dO V^T, dS = P o (dP - D), dQ += dS K.
 //   columns: one block per (segment, head, 64 keys); warp w owns keys 16w..16w+15 (K and V
 //            rows in A fragments). Per chunk of 64 queries (Q and dO staged as bf16 rows, their
