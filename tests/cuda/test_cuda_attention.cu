@@ -9,10 +9,11 @@
 // packs and on 256/257-token segments, within 5e-3 (TF32 keeps 10 mantissa bits: about 5e-4
 // per rounded operand; scores of 64-term dot products of values in [-2, 2]); its backward
 // (dP, dQ, dK, dV on tensor cores too) within 1e-2 on dqkv and dS. With a bf16 policy, the
-// flash-style bf16 kernels (float, head dims 32/64/128, any length: 300 tokens too): the
-// forward within 4e-2 on out and the CLS rows, the rows' lse2 it keeps (instead of P) within
-// 4e-2 of a double reference, and the backward (from that lse2 and the GPU's out) within 8e-2
-// on dqkv, the D = rowsum(dout o out) it leaves in the scratch (instead of dS) within 4e-2:
+// flash-style bf16 kernels (float, head dims 32/64/128, any length: 300 tokens too), in the
+// probs layout of rows that vit packs plan for them (attention_store::rows) and in layouts that
+// keep P (gaps, reversed): the forward within 4e-2 on out and the CLS rows, the rows' lse2 it
+// keeps (instead of P) within 4e-2 of a double reference, and the backward (from that lse2 and
+// the GPU's out) within 8e-2 on dqkv, the D = rowsum(dout o out) it leaves in the scratch (instead of dS) within 4e-2:
 // bf16 keeps 7 mantissa bits, a rounding 8 times TF32's, so the TF32 bounds times 8 (the
 // host emulation of these kernels, tests/emu/, measured at most 6.9e-3 on dqkv against the
 // CPU's fp32); its out and dqkv are further from the CPU's than the TF32 kernels' (the bf16
