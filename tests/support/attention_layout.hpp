@@ -5,8 +5,9 @@
 // make_attention_layout(lengths, heads, gap, reversed, store): segments of the given lengths
 // back to back with `gap` unused rows after each, and the offsets of each segment's probs
 // region (heads x n x n, or heads x n for attention_store::rows) and CLS rows (heads x n);
-// reversed lays those regions out in reverse segment order. random_vector<T>(n, seed, lo, hi): n values uniform in [lo, hi) from Philox
-// (seed, 0); the same arguments, the same values.
+// reversed lays those regions out in reverse segment order.
+// random_vector<T>(n, seed, lo, hi): n values uniform in [lo, hi) from Philox (seed, 0); the
+// same arguments, the same values.
 #pragma once
 
 #include <cstddef>

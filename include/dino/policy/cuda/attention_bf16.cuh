@@ -220,8 +220,9 @@ __device__ __forceinline__ void bf_accumulate(float (&acc)[HD / 8][4], const flo
 /// What a thread of a bf16 kernel knows from its launch position: lane, warp w and quad
 /// coordinates (gq = lane / 4, tq = lane % 4), the segment and head of its block, t0 (its 64
 /// query or key rows), the head's columns of the packed qkv (Qb, Kb, Vb; row stride ld), the
-/// offset blk of the (segment, head) rows in probs and scratch (n floats at poff + h*n), and the two rows ra, rb = ra + 8
-/// of its warp's 16 that this lane's fragments hold. active: the warp has a row (warp-uniform).
+/// offset blk of the (segment, head) rows in probs and scratch (n floats at poff + h*n), and
+/// the two rows ra, rb = ra + 8 of its warp's 16 that this lane's fragments hold. active: the
+/// warp has a row (warp-uniform).
 template <int HD>
 struct bf_place {
   int lane, w, gq, tq;
