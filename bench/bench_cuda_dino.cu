@@ -8,6 +8,8 @@
 //                 clip 3.0, AdamW, EMA teacher, centering (the library's reference defaults).
 //   train_vits16_ckpt  the same step with activation checkpointing of all 12 student
 //                 blocks (vit_config::checkpoint_blocks = 12).
+//   train_vits16_ckpt5  the same with the first 5 blocks checkpointed, in bf16 only: the
+//                 fewest that the plan puts under PyTorch's bf16 peak (docs/perf-notes.md, v8).
 //   train_small   the SMALL step of bench/bench_vit.cpp: nn::vit_small28(4) (D 192, depth 6,
 //                 3 heads, patch 4, 1 x 28 x 28), DropPath 0.1, 2 x 28 + 6 x 12 crops,
 //                 K 4096, hidden 512, bottleneck 128, batch 64.
@@ -31,7 +33,7 @@
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_tf32attn]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_tf32attn]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
@@ -211,12 +213,12 @@ train_spec vits16_spec() {
   v.drop_path_rate = 0.1;
   return {"train_vits16", v, 64, 224, 96, 10, 65536, 2048, 256};
 }
-// The same step with activation checkpointing of all 12 blocks (vit_config::checkpoint_blocks):
-// the activation memory against one more forward of the student's blocks.
-train_spec vits16_ckpt_spec() {
+// The same step with activation checkpointing of the first `blocks` blocks
+// (vit_config::checkpoint_blocks): the activation memory against one more forward of them.
+train_spec vits16_ckpt_spec(int blocks, const char* name) {
   train_spec s = vits16_spec();
-  s.name = "train_vits16_ckpt";
-  s.vit.checkpoint_blocks = s.vit.depth;
+  s.name = name;
+  s.vit.checkpoint_blocks = blocks;
   return s;
 }
 train_spec small_spec() {
@@ -352,7 +354,8 @@ void bench_parts(const dino::cuda::context& ctx, precision pr, const options& o)
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_tf32attn] "
+      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_small|infer_vits16|parts_vits16] "
+      "[--precision fp32|tf32|bf16|bf16_tf32attn] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -373,8 +376,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_vits16_ckpt" && o.only != "train_small" && o.only != "infer_vits16" &&
-      o.only != "parts_vits16") {
+  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_vits16_ckpt" && o.only != "train_vits16_ckpt5" &&
+      o.only != "train_small" && o.only != "infer_vits16" && o.only != "parts_vits16") {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
@@ -414,7 +417,9 @@ int main(int argc, char** argv) {
     };
     for (precision pr : precisions) {
       run("train_vits16", pr, [&] { bench_train(ctx, vits16_spec(), pr, o); });
-      run("train_vits16_ckpt", pr, [&] { bench_train(ctx, vits16_ckpt_spec(), pr, o); });
+      run("train_vits16_ckpt", pr, [&] { bench_train(ctx, vits16_ckpt_spec(12, "train_vits16_ckpt"), pr, o); });
+      if (pr.mode == 2)
+        run("train_vits16_ckpt5", pr, [&] { bench_train(ctx, vits16_ckpt_spec(5, "train_vits16_ckpt5"), pr, o); });
       run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
       run("infer_vits16", pr, [&] { bench_infer(ctx, pr, o); });
       run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });
