@@ -522,7 +522,7 @@ class vit {
   template <class T = float, class Policy>
     requires execution_policy<Policy>
   vit_pack<T> make_pack(const Policy& pol, std::vector<crop_set> sets) const {
-    vit_pack<T> pk = make_pack<T>(std::move(sets), attention_store_for<T>(pol, cfg_.embed_dim / cfg_.heads));
+    vit_pack<T> pk = make_pack<T>(std::move(sets), store_for<T>(pol));
     upload(pol, pk);
     return pk;
   }
@@ -873,10 +873,14 @@ class vit {
     return s;
   }
 
+  // What pol's attention keeps for the backward at this ViT's head dim (nn/attention.hpp).
+  template <class T, class Policy>
+  attention_store store_for(const Policy& pol) const {
+    return attention_store_for<T>(pol, cfg_.embed_dim / cfg_.heads);
+  }
   template <class Policy, class T>
   void check_pack(const Policy& pol, const vit_pack<T>& pk) const {
-    require<config_error>(pk.store == attention_store::matrix ||
-                              pk.store == attention_store_for<T>(pol, cfg_.embed_dim / cfg_.heads),
+    require<config_error>(pk.store == attention_store::matrix || pk.store == store_for<T>(pol),
                           "vit: the pack was planned for the bf16 attention's row statistics (attention_store::rows), "
                           "but this policy's attention keeps P: make the pack with make_pack(policy, sets) for it");
     if constexpr (!policy_traits<Policy>::is_host)
