@@ -262,16 +262,19 @@ class MultiCropWrapper(nn.Module):
     def forward(self, x):
         if not isinstance(x, list):
             x = [x]
-        idx_crops = torch.cumsum(torch.unique_consecutive(
-            torch.tensor([inp.shape[-1] for inp in x]), return_counts=True)[1], 0)
-        start_idx, output = 0, torch.empty(0).to(x[0].device)
+        # The official code takes the ends of the runs of equal crop sizes from
+        # torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0); the same ends
+        # as Python ints, so that torch.compile traces the loop without a Tensor.item() graph break.
+        sizes = [inp.shape[-1] for inp in x]
+        idx_crops = [i + 1 for i in range(len(sizes)) if i + 1 == len(sizes) or sizes[i + 1] != sizes[i]]
+        start_idx, outputs = 0, []
         for end_idx in idx_crops:
             _out = self.backbone(torch.cat(x[start_idx:end_idx]))
             if isinstance(_out, tuple):
                 _out = _out[0]
-            output = torch.cat((output, _out))
+            outputs.append(_out)
             start_idx = end_idx
-        return self.head(output)
+        return self.head(torch.cat(outputs))
 
 
 class DINOLoss(nn.Module):

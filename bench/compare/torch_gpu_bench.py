@@ -47,6 +47,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,6 +250,8 @@ def main():
                 failed += 1
                 print("torch %s precision=%s failed" % (name, precision), flush=True)
                 print("torch_gpu_bench.py: %s (%s): %s" % (name, precision, e), file=sys.stderr, flush=True)
+                if args.compile:  # torch.compile's own errors say little without their stack
+                    traceback.print_exc(file=sys.stderr)
             reset_memory(device)
     sys.exit(1 if failed else 0)
 
