@@ -60,13 +60,23 @@ __global__ void column_sums_kernel(const T* x, std::int64_t rows, std::int64_t c
   }
 }
 // out[c] (=|+=) the sum of part[k * cols + c] over k in [0, chunks), in chunk order.
+// A thread per column: few threads, so the loads of 8 chunks are issued before their adds
+// (the unrolled loop), which keeps the order of the adds and hides the loads' latency.
 template <class U>
-__global__ void sum_chunks_kernel(const double* part, std::int64_t chunks, std::int64_t cols, U* out,
-                                  bool accumulate) {
+__global__ void sum_chunks_kernel(const double* __restrict__ part, std::int64_t chunks, std::int64_t cols,
+                                  U* __restrict__ out, bool accumulate) {
   const std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   double s = 0.0;
-  for (std::int64_t k = 0; k < chunks; ++k) s += part[k * cols + c];
+  std::int64_t k = 0;
+  for (; k + 8 <= chunks; k += 8) {
+    double v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = part[(k + j) * cols + c];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s += v[j];
+  }
+  for (; k < chunks; ++k) s += part[k * cols + c];
   out[c] = accumulate ? static_cast<U>(out[c] + s) : static_cast<U>(s);
 }
 template <class U>
