@@ -10,6 +10,9 @@
 //                 blocks (vit_config::checkpoint_blocks = 12).
 //   train_vits16_ckpt5  the same with the first 5 blocks checkpointed, in bf16 only: the
 //                 fewest that the plan puts under PyTorch's bf16 peak (docs/perf-notes.md, v8).
+//   train_vits16_pointwise  the same with no block checkpointed but the LayerNorm and GELU
+//                 outputs recomputed in the backward (vit_config::recompute_pointwise), in
+//                 bf16 only (docs/perf-notes.md, v10).
 //   train_small   the SMALL step of bench/bench_vit.cpp: nn::vit_small28(4) (D 192, depth 6,
 //                 3 heads, patch 4, 1 x 28 x 28), DropPath 0.1, 2 x 28 + 6 x 12 crops,
 //                 K 4096, hidden 512, bottleneck 128, batch 64.
@@ -33,7 +36,7 @@
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_tf32attn]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_tf32attn]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
@@ -221,6 +224,13 @@ train_spec vits16_ckpt_spec(int blocks, const char* name) {
   s.vit.checkpoint_blocks = blocks;
   return s;
 }
+// The same step with the LayerNorm and GELU outputs recomputed (vit_config::recompute_pointwise).
+train_spec vits16_pointwise_spec() {
+  train_spec s = vits16_spec();
+  s.name = "train_vits16_pointwise";
+  s.vit.recompute_pointwise = true;
+  return s;
+}
 train_spec small_spec() {
   dino::nn::vit_config v = dino::nn::vit_small28(4);
   v.drop_path_rate = 0.1;
@@ -354,7 +364,7 @@ void bench_parts(const dino::cuda::context& ctx, precision pr, const options& o)
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_small|infer_vits16|parts_vits16] "
+      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|infer_vits16|parts_vits16] "
       "[--precision fp32|tf32|bf16|bf16_tf32attn] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
@@ -377,7 +387,7 @@ int main(int argc, char** argv) {
     }
   }
   if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_vits16_ckpt" && o.only != "train_vits16_ckpt5" &&
-      o.only != "train_small" && o.only != "infer_vits16" && o.only != "parts_vits16") {
+      o.only != "train_vits16_pointwise" && o.only != "train_small" && o.only != "infer_vits16" && o.only != "parts_vits16") {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
@@ -420,6 +430,8 @@ int main(int argc, char** argv) {
       run("train_vits16_ckpt", pr, [&] { bench_train(ctx, vits16_ckpt_spec(12, "train_vits16_ckpt"), pr, o); });
       if (pr.mode == 2)
         run("train_vits16_ckpt5", pr, [&] { bench_train(ctx, vits16_ckpt_spec(5, "train_vits16_ckpt5"), pr, o); });
+      if (pr.mode == 2)
+        run("train_vits16_pointwise", pr, [&] { bench_train(ctx, vits16_pointwise_spec(), pr, o); });
       run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
       run("infer_vits16", pr, [&] { bench_infer(ctx, pr, o); });
       run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });

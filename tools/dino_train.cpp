@@ -67,6 +67,9 @@ dino_cli::flags make_flags() {
       .add("checkpoint-blocks", "0",
            "activation checkpointing: the student's first N blocks are recomputed in the backward instead of keeping "
            "their activations (0: none; the ViT's depth: all); the same results, less memory, one more forward of them")
+      .add("recompute-pointwise", "false",
+           "the student's LayerNorm and GELU outputs are recomputed in the backward instead of kept (a third of a "
+           "block's activations); the same results, less memory, one more LayerNorm pair and GELU per block")
       .add("out-dim", "65536", "K, the head's output dimension (the preset's when not given: 256 byol, 128 mocov2 and simclr, 3000 swav_like)")
       .add("head-hidden", "2048", "the DINO head's hidden size")
       .add("head-bottleneck", "256", "the DINO head's bottleneck size")
@@ -273,6 +276,7 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
                                              f.integer("patch"));
   vc.drop_path_rate = f.num("drop-path");
   vc.checkpoint_blocks = f.integer("checkpoint-blocks", 0);
+  vc.recompute_pointwise = f.boolean("recompute-pointwise");
   if (vc.checkpoint_blocks > vc.depth)
     throw dino_cli::usage_error("--checkpoint-blocks " + std::to_string(vc.checkpoint_blocks) + " exceeds the ViT's depth " +
                                 std::to_string(vc.depth));

@@ -376,11 +376,14 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
     DINO_CHECK_CLOSE(slice(Gd, e.offset, e.numel()), slice(G, e.offset, e.numel()), 1e-4);
   }
 
-  // activation checkpointing of both blocks on the device: the same bits as the device run
-  // above (recomputed with the same kernels; nothing in the ViT's path uses atomics)
-  {
+  // activation checkpointing of both blocks, and pointwise recomputation (LayerNorm and GELU
+  // outputs) alone, on the device: the same bits as the device run above (recomputed with
+  // the same kernels; nothing in the ViT's path uses atomics)
+  for (const bool pointwise : {false, true}) {
+    CAPTURE(pointwise);
     nn::vit_config cc = c;
-    cc.checkpoint_blocks = c.depth;
+    cc.checkpoint_blocks = pointwise ? 0 : c.depth;
+    cc.recompute_pointwise = pointwise;
     param_layout Lc;
     nn::vit vc(cc, Lc);
     REQUIRE(Lc.size() == L.size());

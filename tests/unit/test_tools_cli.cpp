@@ -131,6 +131,18 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
     return p == std::string::npos ? NAN : std::strtod(err.c_str() + p + key.size(), nullptr);
   };
   CHECK(kept(r1.err) < kept(r0.err));
+  // --recompute-pointwise with one block checkpointed: the same log and checkpoint again
+  // (the CPU's GELU derivative is then evaluated in the backward, not kept), and fewer kept
+  // activations than checkpointing that block alone would leave
+  const fs::path d = fs::path(kDir) / "run_pointwise";
+  fs::remove_all(d);
+  auto rp = train(flags + d.string() + " --checkpoint-blocks 1 --recompute-pointwise");
+  INFO(rp.err);
+  REQUIRE(rp.code == 0);
+  CHECK(log_numbers((d / "log.jsonl").string()) == n0);
+  CHECK(slurp((a / "checkpoint.safetensors").string()) == slurp((d / "checkpoint.safetensors").string()));
+  CHECK(kept(rp.err) < kept(r0.err));
+  CHECK(kept(rp.err) > kept(r1.err));
   auto r2 = train(flags + b.string() + " --checkpoint-blocks 5");
   CHECK(r2.code == 2);
   CHECK(r2.err.find("--checkpoint-blocks 5 exceeds the ViT's depth 4") != std::string::npos);

@@ -168,17 +168,22 @@ TEST_CASE("vit: every gradient against central differences (two resolutions, Dro
   }
 }
 
-TEST_CASE("vit: activation checkpointing gives the same bits with less saved memory") {
+TEST_CASE("vit: activation checkpointing and pointwise recomputation give the same bits with less saved memory") {
   for (bool masked : {false, true}) {
     CAPTURE(masked);
-    // depth 3, DropPath on: checkpoint 0 (reference), 1, 2 and all 3 blocks
+    // depth 3, DropPath on: checkpoint 0 (reference), 1, 2 and all 3 blocks; then the
+    // LayerNorm and GELU outputs recomputed, alone and with 1 or 3 blocks checkpointed
     std::vector<float> y0, tok0, g0;
-    std::size_t saved0 = 0;
-    for (std::int64_t n : {0, 1, 2, 3}) {
+    std::size_t saved0 = 0, saved_ckpt1 = 0;
+    const std::pair<std::int64_t, bool> runs[] = {{0, false}, {1, false}, {2, false}, {3, false},
+                                                  {0, true},  {1, true},  {3, true}};
+    for (const auto& [n, rp] : runs) {
       CAPTURE(n);
+      CAPTURE(rp);
       nn::vit_config c = tiny(0.5);
       c.depth = 3;
       c.checkpoint_blocks = n;
+      c.recompute_pointwise = rp;
       param_layout L;
       nn::vit v(c, L);
       flat_params<float> P(L), G(L);
@@ -215,6 +220,16 @@ TEST_CASE("vit: activation checkpointing gives the same bits with less saved mem
       CHECK(y == y0);
       CHECK(tokens == tok0);
       CHECK(g == g0);
+      const std::size_t pointwise = std::size_t(Tn * (2 * D + 4 * D));  // a, c [T, D] and g [T, 4D]
+      if (rp) {
+        // one shared area instead of one per block: (depth - 1) areas fewer without checkpointing,
+        // fewer with 1 checkpointed block too, nothing gained when all blocks are recomputed
+        if (n == 0) CHECK(saved0 - v.saved_elems(pk) == 2 * pointwise);
+        if (n == 1) CHECK(saved_ckpt1 - v.saved_elems(pk) == pointwise);
+        if (n == 3) CHECK(v.saved_elems(pk) < saved0);
+        continue;
+      }
+      if (n == 1) saved_ckpt1 = v.saved_elems(pk);
       // each checkpointed block keeps its input and DropPath scales instead of all its activations
       const std::size_t per_block = (saved0 - v.saved_elems(pk)) / std::size_t(n < 3 ? n : n - 1);
       CHECK(v.saved_elems(pk) < saved0);

@@ -34,6 +34,15 @@
 // trades one more forward of those blocks for their activations: saved_elems shrinks by
 // n x (one block's activations - T x D - 2 x crops), by (depth - 1) x that for n = depth.
 //
+// Pointwise recomputation (vit_config::recompute_pointwise): no block keeps its two LayerNorm
+// outputs and its GELU output (2 T D + T H elements, a third of a block's activations at
+// mlp_ratio 4); every block writes them into one shared area of `saved`, and backward()
+// recomputes them there from what the block keeps (its input and x_mid, fc1's output)
+// before they are read, with the same arithmetic: the same bits again, for one more
+// LayerNorm pair and GELU forward per block. saved_elems shrinks by (depth - 1) x
+// (2 T D + T H) without checkpointing. The CPU policy then keeps fc1's output rather than
+// gelu'(fc1) (nn::gelu_saves_grad) and its backward evaluates GELU's derivative again.
+//
 // Forms: forward() (training: keeps what backward needs in `saved`, draws DropPath masks
 // from Philox keyed by (seed, step, block, branch) and the crop index), infer() (no saved
 // state, no DropPath; optionally the last block's CLS attention row and the normalised
@@ -87,6 +96,10 @@ struct vit_config {
   /// Activation checkpointing: the first n blocks are recomputed in backward() instead of
   /// keeping their activations (0: none, depth: all). Training memory only; infer() ignores it.
   std::int64_t checkpoint_blocks = 0;
+  /// Pointwise recomputation: the blocks' LayerNorm and GELU outputs are recomputed in
+  /// backward() instead of kept (one shared area for all blocks). The same results, less
+  /// training memory; infer() ignores it.
+  bool recompute_pointwise = false;
 
   constexpr std::int64_t grid() const { return img_size / patch; }
   constexpr std::int64_t mlp_hidden() const { return static_cast<std::int64_t>(double(embed_dim) * mlp_ratio); }
@@ -592,7 +605,7 @@ class vit {
   std::size_t saved_elems(const vit_pack<T>& pk) const {
     return static_cast<std::size_t>(pk.patches * patch_dim()) + pos_elems(pk) + blocks_elems(pk) +
            static_cast<std::size_t>(pk.tokens * (cfg_.embed_dim + 2)) + static_cast<std::size_t>(pk.tokens * cfg_.embed_dim) +
-           (cfg_.checkpoint_blocks == cfg_.depth ? block_saved(pk) : 0);
+           (cfg_.checkpoint_blocks == cfg_.depth ? block_saved(pk) : 0) + pointwise_elems(pk);
   }
   template <class T>
   std::size_t scratch_elems(const vit_pack<T>& pk) const {
@@ -731,16 +744,17 @@ class vit {
     for (std::int64_t l = cfg_.depth - 1; l >= 0; --l) {
       const block& blk = blocks_[std::size_t(l)];
       const block_saved_parts<T> b = block_parts(s, pk, l);
-      if (l < cfg_.checkpoint_blocks)  // recompute: the same forward, the kept DropPath scales; x_out into b's spare rows
+      const bool checkpointed = l < cfg_.checkpoint_blocks;
+      if (checkpointed)  // recompute: the same forward, the kept DropPath scales; x_out into b's spare rows
         block_forward(pol, P, pk, blk, static_cast<const T*>(b.x_in), b, s.recompute, 0, 0, l, false);
+      else if (cfg_.recompute_pointwise) {  // LN2's output and GELU's, as the forward made them
+        blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
+        gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
+      }
       // MLP branch: x_out = x_mid + dp2 * fc2(gelu(fc1(LN2(x_mid))))
       copy_scaled(pol, pk, dx, b.dp + pk.crops, dz, D);
       blk.fc2.backward(pol, P, cv(b.g, H, "gelu"), cv(dz, D, "dz"), hv(dh, H, "dg"), grad_mode::write, G);
-      if constexpr (gelu_saves_grad<Policy, T>)  // b.h holds gelu'(fc1)
-        gelu_backward_from_grad(pol, cv(b.h, H, "gelu'"), cv(dh, H, "dg"), hv(dh, H, "dh"), false);
-      else
-        gelu_backward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<const T, S>{dh, {Tn, H}, "dg"},
-                      tensor_view<T, S>{dh, {Tn, H}, "dh"}, false);
+      gelu_grad_of_block<S>(pol, b, dh, Tn, H);
       blk.fc1.backward(pol, P, cv(b.c, D, "ln2"), cv(dh, H, "dh"), hv(da, D, "dc"), grad_mode::write, G);
       // dx_mid = dx + LN2'(dc), in dx
       blk.norm2.backward(pol, P, cv(b.x_mid, D, "x_mid"), tensor_view<const T, S>{b.ln2, {Tn, 2}, "stats"}, cv(da, D, "dc"),
@@ -749,6 +763,8 @@ class vit {
       copy_scaled(pol, pk, dx, b.dp, dz, D);
       blk.proj.backward(pol, P, cv(b.o, D, "attn"), cv(dz, D, "dy"), hv(d_o, D, "do"), grad_mode::write, G);
       attention_backward(pol, cfg_.heads, D, pk.segs, pk.probs_off, b.qkv, b.probs, d_o, dqkv, dP, b.o);
+      if (cfg_.recompute_pointwise && !checkpointed)  // LN1's output, as the forward made it
+        blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
       blk.qkv.backward(pol, P, cv(b.a, D, "ln1"), cv(dqkv, 3 * D, "dqkv"), hv(da, D, "da"), grad_mode::write, G);
       blk.norm1.backward(pol, P, cv(b.x_in, D, "x"), tensor_view<const T, S>{b.ln1, {Tn, 2}, "stats"}, cv(da, D, "da"),
                          hv(dx, D, "dx"), grad_mode::accumulate, G, tensor_view<T, S>{});
@@ -795,40 +811,74 @@ class vit {
   // per block: x_in [T,D] | ln1 stats [T,2] | a [T,D] | qkv [T,3D] | probs | o [T,D] | x_mid [T,D]
   //            | ln2 stats [T,2] | c [T,D] | h [T,H] | g [T,H] | drop-path scales [2 * crops]
   // h: fc1's output, or gelu'(fc1's output) where the policy keeps the GELU derivative
-  // (nn::gelu_saves_grad, the CPU policy); g = gelu(fc1's output).
+  // (nn::gelu_saves_grad, the CPU policy; gelu_of_block); g = gelu(fc1's output). With
+  // recompute_pointwise, a, c and g live in the shared pointwise area instead [a | c | g].
   template <class T>
   std::size_t block_saved(const vit_pack<T>& pk) const {
     const std::size_t Tn = static_cast<std::size_t>(pk.tokens), D = static_cast<std::size_t>(cfg_.embed_dim),
                       H = static_cast<std::size_t>(cfg_.mlp_hidden());
     return Tn * D + 2 * Tn + Tn * D + 3 * Tn * D + pk.probs + Tn * D + Tn * D + 2 * Tn + Tn * D + 2 * Tn * H +
-           2 * static_cast<std::size_t>(pk.crops);
+           2 * static_cast<std::size_t>(pk.crops) - pointwise_elems(pk);
+  }
+  // The shared area of a, c and g under recompute_pointwise (else nothing).
+  template <class T>
+  std::size_t pointwise_elems(const vit_pack<T>& pk) const {
+    return cfg_.recompute_pointwise ? static_cast<std::size_t>(pk.tokens * (2 * cfg_.embed_dim + cfg_.mlp_hidden())) : 0;
   }
   template <class T>
   struct block_saved_parts {
     T *x_in, *ln1, *a, *qkv, *probs, *o, *x_mid, *ln2, *c, *h, *g, *dp;
   };
+  // A block's parts at base (block_saved elements); a, c and g at pw when recompute_pointwise.
   template <class T, class VP>
-  block_saved_parts<T> split_block(T* base, const VP& pk) const {
+  block_saved_parts<T> split_block(T* base, const VP& pk, T* pw) const {
     const std::size_t Tn = static_cast<std::size_t>(pk.tokens), D = static_cast<std::size_t>(cfg_.embed_dim),
                       H = static_cast<std::size_t>(cfg_.mlp_hidden());
+    const bool shared = cfg_.recompute_pointwise;
+    T* p = base;
+    const auto take = [&p](std::size_t n) { T* q = p; p += n; return q; };
     block_saved_parts<T> b;
-    b.x_in = base;
-    b.ln1 = b.x_in + Tn * D;
-    b.a = b.ln1 + 2 * Tn;
-    b.qkv = b.a + Tn * D;
-    b.probs = b.qkv + 3 * Tn * D;
-    b.o = b.probs + pk.probs;
-    b.x_mid = b.o + Tn * D;
-    b.ln2 = b.x_mid + Tn * D;
-    b.c = b.ln2 + 2 * Tn;
-    b.h = b.c + Tn * D;
-    b.g = b.h + Tn * H;
-    b.dp = b.g + Tn * H;
+    b.x_in = take(Tn * D);
+    b.ln1 = take(2 * Tn);
+    b.a = shared ? pw : take(Tn * D);
+    b.qkv = take(3 * Tn * D);
+    b.probs = take(pk.probs);
+    b.o = take(Tn * D);
+    b.x_mid = take(Tn * D);
+    b.ln2 = take(2 * Tn);
+    b.c = shared ? pw + Tn * D : take(Tn * D);
+    b.h = take(Tn * H);
+    b.g = shared ? pw + 2 * Tn * D : take(Tn * H);
+    b.dp = take(2 * static_cast<std::size_t>(pk.crops));
     return b;
+  }
+  // A block's GELU in the training forward: g = gelu(h). A policy with nn::gelu_saves_grad
+  // (the CPU) keeps gelu'(h) in place of h, unless recompute_pointwise needs h to make g again.
+  template <class S, class Policy, class T>
+  void gelu_of_block(const Policy& pol, const block_saved_parts<T>& b, std::int64_t Tn, std::int64_t H) const {
+    if constexpr (gelu_saves_grad<Policy, T>)
+      if (!cfg_.recompute_pointwise) {
+        gelu_forward_keep_grad(pol, tensor_view<T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
+        return;
+      }
+    gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
+  }
+  // dh (=) dh * gelu'(fc1's output), from what gelu_of_block left in b.h.
+  template <class S, class Policy, class T>
+  void gelu_grad_of_block(const Policy& pol, const block_saved_parts<T>& b, T* dh, std::int64_t Tn, std::int64_t H) const {
+    const tensor_view<const T, S> dg{dh, {Tn, H}, "dg"};
+    const tensor_view<T, S> out{dh, {Tn, H}, "dh"};
+    if constexpr (gelu_saves_grad<Policy, T>)
+      if (!cfg_.recompute_pointwise) {  // b.h holds gelu'(fc1)
+        gelu_backward_from_grad(pol, tensor_view<const T, S>{b.h, {Tn, H}, "gelu'"}, dg, out, false);
+        return;
+      }
+    gelu_backward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, dg, out, false);
   }
   // saved: unfolded patches [patches, C p p] | resized pos per set | blocks (x_in of block 0 is x0)
   //        | x_last [T, D] (the last block's output) and final norm stats [T, 2] | final tokens [T, D]
-  //        | with checkpoint_blocks = depth, one block area where the blocks are recomputed.
+  //        | with checkpoint_blocks = depth, one block area where the blocks are recomputed
+  //        | with recompute_pointwise, the shared area of the blocks' a, c and g.
   // A block's slot: block_saved elements, or for a checkpointed block x_in [T, D] and its
   // DropPath scales [2 * crops] only. The checkpointed blocks 0..n-1 run their forward in the
   // slot of block n (in backward() after block n's backward is done with it; in forward()
@@ -837,7 +887,7 @@ class vit {
   // that for n = depth).
   template <class T>
   struct saved_parts {
-    T *unfold, *pos, *blocks, *x0, *x_last, *final_stats, *final_tok, *recompute;
+    T *unfold, *pos, *blocks, *x0, *x_last, *final_stats, *final_tok, *recompute, *pointwise;
   };
   template <class T>
   std::size_t block_offset(const vit_pack<T>& pk, std::int64_t l) const {
@@ -852,8 +902,8 @@ class vit {
   template <class T>
   block_saved_parts<T> block_parts(const saved_parts<T>& s, const vit_pack<T>& pk, std::int64_t l) const {
     T* slot = s.blocks + block_offset(pk, l);
-    if (l >= cfg_.checkpoint_blocks) return split_block<T>(slot, pk);
-    block_saved_parts<T> b = split_block<T>(s.recompute, pk);
+    if (l >= cfg_.checkpoint_blocks) return split_block<T>(slot, pk, s.pointwise);
+    block_saved_parts<T> b = split_block<T>(s.recompute, pk, s.pointwise);
     b.x_in = slot;
     b.dp = slot + static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
     return b;
@@ -870,6 +920,7 @@ class vit {
     s.final_stats = s.x_last + TD;
     s.final_tok = s.final_stats + static_cast<std::size_t>(2 * pk.tokens);
     s.recompute = cfg_.checkpoint_blocks == cfg_.depth ? s.final_tok + TD : s.blocks + block_offset(pk, cfg_.checkpoint_blocks);
+    s.pointwise = s.final_tok + TD + (cfg_.checkpoint_blocks == cfg_.depth ? block_saved(pk) : 0);
     return s;
   }
 
@@ -1032,10 +1083,7 @@ class vit {
     residual(pol, pk, b.x_mid, b.x_in, b.dp, D);  // x_mid = x + dp1 * proj
     blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
     blk.fc1.forward(pol, P, cv(b.c, D, "ln2"), hv(b.h, H, "fc1"));
-    if constexpr (gelu_saves_grad<Policy, T>)  // b.h: gelu'(fc1) from here on (nn/gelu.hpp)
-      gelu_forward_keep_grad(pol, hv(b.h, H, "fc1"), hv(b.g, H, "gelu"));
-    else
-      gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
+    gelu_of_block<S>(pol, b, Tn, H);
     blk.fc2.forward(pol, P, cv(b.g, H, "gelu"), hv(x_out, D, "fc2"));
     residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
   }
