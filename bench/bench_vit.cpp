@@ -16,9 +16,11 @@
 //           first N counted allocations to stderr (addresses: resolve with addr2line -f -C).
 //
 // Usage: bench_vit [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N]
-//                  [--precision fp32|bf16]
+//                  [--recompute-pointwise] [--precision fp32|bf16]
 // --checkpoint-blocks N: the train workload with activation checkpointing of the student's
 // first N blocks (vit_config::checkpoint_blocks; the name gets "_ckpt<N>").
+// --recompute-pointwise: the train workload with the student's LayerNorm and GELU outputs
+// recomputed in the backward (vit_config::recompute_pointwise; the name gets "_pointwise").
 // --precision bf16: GEMM operands in bf16, summed in fp32 (cpu_policy::bf16; the names get
 // "_bf16"); default fp32.
 // Output: one line per workload, "dino <workload> <name> key=value ..." (numeric values).
@@ -175,6 +177,7 @@ struct options {
   std::string only;
   std::string out;
   int checkpoint_blocks = 0;  // train: vit_config::checkpoint_blocks of the student
+  bool pointwise = false;     // train: vit_config::recompute_pointwise of the student
   bool bf16 = false;          // --precision bf16: cpu_policy::bf16
   std::string suffix() const { return bf16 ? "_bf16" : ""; }
 };
@@ -268,10 +271,11 @@ struct train_case {
   double last_loss = 0;
   long skipped = 0;
 
-  static dino::nn::vit_config vcfg(int checkpoint_blocks) {
+  static dino::nn::vit_config vcfg(int checkpoint_blocks, bool pointwise = false) {
     dino::nn::vit_config c = dino::nn::vit_small28(4);
     c.drop_path_rate = 0.1;
     c.checkpoint_blocks = checkpoint_blocks;
+    c.recompute_pointwise = pointwise;
     return c;
   }
   static dino::ssl::dino_config dcfg() {
@@ -288,8 +292,8 @@ struct train_case {
     c.train.schedule.batch_size = batch;
     return c;
   }
-  explicit train_case(int checkpoint_blocks = 0)
-      : m(dino::ssl::make_dino<dino::nn::vit>(vcfg(checkpoint_blocks), vcfg(0).embed_dim, dcfg())) {
+  explicit train_case(int checkpoint_blocks = 0, bool pointwise = false)
+      : m(dino::ssl::make_dino<dino::nn::vit>(vcfg(checkpoint_blocks, pointwise), vcfg(0).embed_dim, dcfg())) {
     for (int s = 0; s < 2; ++s) {
       g[s].resize(static_cast<std::size_t>(2 * batch * global * global));
       l[s].resize(static_cast<std::size_t>(n_local * batch * local * local));
@@ -316,9 +320,10 @@ void bench_infer(const options& o) {
 
 void bench_train(const options& o) {
   const dino::cpu_policy pol{o.threads, o.bf16};
-  train_case c(o.checkpoint_blocks);
+  train_case c(o.checkpoint_blocks, o.pointwise);
   const timing t = time_calls(o.warmup, o.reps, [&] { c.run(pol); });
-  emit("dino train small28_b64" + std::string(o.checkpoint_blocks ? "_ckpt" + std::to_string(o.checkpoint_blocks) : "") + o.suffix() +
+  emit("dino train small28_b64" + std::string(o.checkpoint_blocks ? "_ckpt" + std::to_string(o.checkpoint_blocks) : "") +
+       (o.pointwise ? "_pointwise" : "") + o.suffix() +
        " threads=" + std::to_string(o.threads) + " images_per_s=" +
        fmt("%.2f", double(train_case::batch) * 1e3 / t.median_ms) + " ms_per_step=" + fmt("%.1f", t.median_ms) +
        " min_ms=" + fmt("%.1f", t.min_ms) + " max_ms=" + fmt("%.1f", t.max_ms) + " reps=" + std::to_string(o.reps) +
@@ -371,12 +376,13 @@ int main(int argc, char** argv) {
     else if (const char* v = val("--warmup")) o.warmup = std::max(0, std::atoi(v));
     else if (const char* v = val("--only")) o.only = v;
     else if (const char* v = val("--checkpoint-blocks")) o.checkpoint_blocks = std::max(0, std::atoi(v));
+    else if (a == "--recompute-pointwise") o.pointwise = true;
     else if (const char* v = val("--precision"); v && (std::strcmp(v, "fp32") == 0 || std::strcmp(v, "bf16") == 0))
       o.bf16 = std::strcmp(v, "bf16") == 0;
     else if (const char* v = val("--benchmark_out")) o.out = v;
     else if (a.rfind("--benchmark_", 0) == 0) continue;  // other Google Benchmark flags: ignored
     else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N] [--precision fp32|bf16]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N] [--recompute-pointwise] [--precision fp32|bf16]\n", argv[0]);
       return 2;
     }
   }
