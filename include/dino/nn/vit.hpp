@@ -254,6 +254,17 @@ struct kept_pos_sum_fn {  // device: dpos[g, d] = sum over kept rows r in order 
   }
 };
 template <class T>
+struct gather_cls_elems_fn {  // device: y[c, d] = tokens[offset_c, d], one element per index
+  static constexpr const char* profile_name = "CLS gather";
+  const segment* segs;
+  const T* tokens;
+  T* y;
+  std::int64_t D;
+  DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
+    for (std::int64_t e = lo; e < hi; ++e) y[e] = tokens[segs[e / D].offset * D + e % D];
+  }
+};
+template <class T>
 struct gather_cls_fn {  // y[c, :] = tokens[offset_c, :]
   static constexpr const char* profile_name = "CLS gather";
   const segment* segs;
@@ -406,12 +417,27 @@ struct cls_grad_fn {  // device: column d of the CLS and pos[0] gradients, crops
   T* gcls;
   T* gpos;
   std::int64_t count, np, D;
+  // The sums run in registers, the crops' values loaded 8 at a time ahead of their adds (a
+  // thread per column is few threads); the adds keep the CPU's order, so the same bits.
   DINO_HD void operator()(std::int64_t d) const {
-    for (std::int64_t c = 0; c < count; ++c) {
-      const T v = dx0[c * (1 + np) * D + d];
-      gcls[d] += v;
-      gpos[d] += v;
+    T a = gcls[d], b = gpos[d];
+    const std::int64_t stride = (1 + np) * D;
+    std::int64_t c = 0;
+    for (; c + 8 <= count; c += 8) {
+      T v[8];
+      for (int j = 0; j < 8; ++j) v[j] = dx0[(c + j) * stride + d];
+      for (int j = 0; j < 8; ++j) {
+        a += v[j];
+        b += v[j];
+      }
     }
+    for (; c < count; ++c) {
+      const T v = dx0[c * stride + d];
+      a += v;
+      b += v;
+    }
+    gcls[d] = a;
+    gpos[d] = b;
   }
 };
 template <class T>
@@ -946,13 +972,6 @@ class vit {
     check_pack(pol, pk);
   }
 
-  // The segment table in the policy's memory.
-  template <class Policy, class T>
-  static const segment* segs_of(const Policy&, const vit_pack<T>& pk) {
-    if constexpr (policy_traits<Policy>::is_host) return pk.segs.data();
-    else return pk.device.segs;
-  }
-
   // dst = src scaled per crop by scale[crop] (drop path).
   template <class Policy, class T>
   static void copy_scaled(const Policy& pol, const vit_pack<T>& pk, const T* src, const T* scale, T* dst,
@@ -965,7 +984,11 @@ class vit {
 
   template <class Policy, class T>
   void gather_cls(const Policy& pol, const vit_pack<T>& pk, const T* tokens, T* y) const {
-    for_each_row(pol, pk.crops, detail::gather_cls_fn<T>{segs_of(pol, pk), tokens, y, cfg_.embed_dim});
+    if constexpr (policy_traits<Policy>::is_host)
+      for_each_row(pol, pk.crops, detail::gather_cls_fn<T>{pk.segs.data(), tokens, y, cfg_.embed_dim});
+    else  // coalesced: consecutive threads on consecutive columns of a CLS row
+      for_each_chunk(pol, pk.crops * cfg_.embed_dim,
+                     detail::gather_cls_elems_fn<T>{pk.device.segs, tokens, y, cfg_.embed_dim});
   }
 
   // Unfolds the patches of every set (all kept in `unfold` for the weight gradient when
