@@ -515,6 +515,28 @@ TEST_CASE("cuda per-tensor gradient clipping matches the CPU") {
     CHECK(download(count)[0] == n_cpu);
     DINO_CHECK_CLOSE(flat_host(D), flat_host(H), 1e-6);
   }
+  // Tensors above clip_split_elems are summed and scaled by several blocks: one clipped, one
+  // not, one of an odd size (a last chunk shorter than the others), between small ones.
+  {
+    dino::param_layout B;
+    B.add("small", {1000}, dino::param_none, dino::param_init::zeros);
+    B.add("head.last_layer", {2 * dino::cuda::optim_kernels::clip_split_elems + 12345}, dino::param_none,
+          dino::param_init::zeros);
+    B.add("quiet", {dino::cuda::optim_kernels::clip_split_elems + 1}, dino::param_none, dino::param_init::zeros);
+    B.add("tail", {77}, dino::param_none, dino::param_init::zeros);
+    auto gb = random_vector<float>(B.size(), 103, -1, 1);
+    const auto& quiet = B.entries()[2];
+    for (std::size_t i = quiet.offset; i < quiet.offset + quiet.numel(); ++i) gb[i] *= 1e-6f;  // norm about 1.2e-3
+    dino::flat_params<float> H(B);
+    std::copy(gb.begin(), gb.end(), H.data());
+    dino::flat_params<float, device_space> D(B);
+    upload_into(D, H);
+    const int n_cpu = dino::optim::clip_gradients(cpu, H, 3.0, unsigned(dino::param_none));
+    const int n_gpu = dino::optim::clip_gradients(pol, D, 3.0, unsigned(dino::param_none));
+    CHECK(n_cpu == 3);  // all but "quiet"
+    CHECK(n_gpu == n_cpu);
+    DINO_CHECK_CLOSE(flat_host(D), flat_host(H), 1e-6);
+  }
   for (std::int64_t n : {1, 4099, 100003}) {
     auto x = random_vector<float>(static_cast<std::size_t>(n), 102);
     auto dx = upload(x);

@@ -21,7 +21,11 @@
 //       utils.clip_gradients per tensor: a block per tensor (128 per launch) sums the squares
 //       of its gradient in double (CUB, fixed order), computes clip / (norm + 1e-6) and scales
 //       the tensor when that is below 1; the number of scaled tensors is counted in device
-//       memory (pol.flags[1] for the form that returns it, which synchronises).
+//       memory (pol.flags[1] for the form that returns it, which synchronises). A tensor of
+//       more than clip_split_elems (a DINO head's last layer: 65,536 x 256) is split instead,
+//       where pol.scratch holds its partial sums: a block per chunk of clip_chunk_elems sums
+//       its squares, one block adds the chunks' sums in chunk order and sets the factor, and
+//       a block per chunk scales. Both orders depend on the sizes only, never on the device.
 //   optim::l2_norm(pol, x, n)          the norm returned to the host (synchronises)
 #pragma once
 
@@ -152,6 +156,47 @@ __global__ void __launch_bounds__(clip_threads) clip_kernel(const clip_batch bt,
   }
 }
 
+inline constexpr std::int64_t clip_split_elems = std::int64_t(1) << 21;
+inline constexpr std::int64_t clip_chunk_elems = std::int64_t(1) << 17;
+
+// part[blockIdx.x] = the sum of squares of x's chunk blockIdx.x, in double.
+template <class T>
+__global__ void __launch_bounds__(clip_threads) clip_chunk_sums_kernel(const T* x, std::int64_t n, double* part) {
+  __shared__ typename cub::BlockReduce<double, clip_threads>::TempStorage tmp;
+  const std::int64_t lo = std::int64_t(blockIdx.x) * clip_chunk_elems;
+  const std::int64_t hi = lo + clip_chunk_elems < n ? lo + clip_chunk_elems : n;
+  double acc = 0;
+  for (std::int64_t i = lo + threadIdx.x; i < hi; i += clip_threads) {
+    const double xi = double(x[i]);
+    acc += xi * xi;
+  }
+  const double total = cub::BlockReduce<double, clip_threads>(tmp).Sum(acc);
+  if (threadIdx.x == 0) part[blockIdx.x] = total;
+}
+// One block: part[chunks] = clip / (sqrt(sum of part[0, chunks)) + 1e-6), counted when below 1.
+__global__ void __launch_bounds__(clip_threads) clip_factor_kernel(double* part, std::int64_t chunks, double clip,
+                                                                    int* clipped) {
+  __shared__ typename cub::BlockReduce<double, clip_threads>::TempStorage tmp;
+  double acc = 0;
+  for (std::int64_t k = threadIdx.x; k < chunks; k += clip_threads) acc += part[k];
+  const double total = cub::BlockReduce<double, clip_threads>(tmp).Sum(acc);
+  if (threadIdx.x == 0) {
+    const double coef = clip / (::sqrt(total) + 1e-6);
+    part[chunks] = coef;
+    if (coef < 1.0) atomicAdd(clipped, 1);
+  }
+}
+// x's chunk blockIdx.x *= the factor at *coef, when it is below 1.
+template <class T>
+__global__ void clip_chunk_scale_kernel(T* x, std::int64_t n, const double* coef) {
+  const double c = *coef;
+  if (c >= 1.0) return;
+  const T ct = T(c);
+  const std::int64_t lo = std::int64_t(blockIdx.x) * clip_chunk_elems;
+  const std::int64_t hi = lo + clip_chunk_elems < n ? lo + clip_chunk_elems : n;
+  for (std::int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) x[i] *= ct;
+}
+
 }  // namespace optim_kernels
 
 /// AdamW over the active tensors of a flat buffer (see the file comment); no synchronisation.
@@ -229,6 +274,20 @@ inline void clip_tensors(const cuda_policy& pol, const std::vector<param_entry>&
   };
   for (const param_entry& e : entries) {
     if (!e.trainable() || (e.flags & skip) || e.numel() == 0) continue;
+    const std::int64_t n = std::int64_t(e.numel());
+    const std::int64_t chunks = (n + optim_kernels::clip_chunk_elems - 1) / optim_kernels::clip_chunk_elems;
+    if (n > optim_kernels::clip_split_elems && pol.scratch &&
+        pol.scratch_bytes >= std::size_t(chunks + 1) * sizeof(double)) {  // split over blocks (see the file comment)
+      double* part = static_cast<double*>(pol.scratch);
+      T* x = g + e.offset;
+      optim_kernels::clip_chunk_sums_kernel<T><<<unsigned(chunks), optim_kernels::clip_threads, 0, pol.stream>>>(x, n, part);
+      DINO_CUDA_LAUNCHED("clip_tensors (chunk sums)");
+      optim_kernels::clip_factor_kernel<<<1, optim_kernels::clip_threads, 0, pol.stream>>>(part, chunks, clip, clipped);
+      DINO_CUDA_LAUNCHED("clip_tensors (factor)");
+      optim_kernels::clip_chunk_scale_kernel<T><<<unsigned(chunks), 256, 0, pol.stream>>>(x, n, part + chunks);
+      DINO_CUDA_LAUNCHED("clip_tensors (chunk scale)");
+      continue;
+    }
     bt.offset[bt.count] = std::int64_t(e.offset);
     bt.numel[bt.count] = std::int64_t(e.numel());
     if (++bt.count == optim_kernels::clip_batch::capacity) flush();
