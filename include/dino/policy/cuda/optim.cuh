@@ -174,12 +174,15 @@ __global__ void __launch_bounds__(clip_threads) clip_chunk_sums_kernel(const T* 
   if (threadIdx.x == 0) part[blockIdx.x] = total;
 }
 // One block: part[chunks] = clip / (sqrt(sum of part[0, chunks)) + 1e-6), counted when below 1.
-__global__ void __launch_bounds__(clip_threads) clip_factor_kernel(double* part, std::int64_t chunks, double clip,
+// (A template, as every kernel of these headers, so that a program of several translation
+// units that include this header links.)
+template <int Threads>
+__global__ void __launch_bounds__(Threads) clip_factor_kernel(double* part, std::int64_t chunks, double clip,
                                                                     int* clipped) {
-  __shared__ typename cub::BlockReduce<double, clip_threads>::TempStorage tmp;
+  __shared__ typename cub::BlockReduce<double, Threads>::TempStorage tmp;
   double acc = 0;
-  for (std::int64_t k = threadIdx.x; k < chunks; k += clip_threads) acc += part[k];
-  const double total = cub::BlockReduce<double, clip_threads>(tmp).Sum(acc);
+  for (std::int64_t k = threadIdx.x; k < chunks; k += Threads) acc += part[k];
+  const double total = cub::BlockReduce<double, Threads>(tmp).Sum(acc);
   if (threadIdx.x == 0) {
     const double coef = clip / (::sqrt(total) + 1e-6);
     part[chunks] = coef;
@@ -282,7 +285,8 @@ inline void clip_tensors(const cuda_policy& pol, const std::vector<param_entry>&
       T* x = g + e.offset;
       optim_kernels::clip_chunk_sums_kernel<T><<<unsigned(chunks), optim_kernels::clip_threads, 0, pol.stream>>>(x, n, part);
       DINO_CUDA_LAUNCHED("clip_tensors (chunk sums)");
-      optim_kernels::clip_factor_kernel<<<1, optim_kernels::clip_threads, 0, pol.stream>>>(part, chunks, clip, clipped);
+      optim_kernels::clip_factor_kernel<optim_kernels::clip_threads>
+          <<<1, optim_kernels::clip_threads, 0, pol.stream>>>(part, chunks, clip, clipped);
       DINO_CUDA_LAUNCHED("clip_tensors (factor)");
       optim_kernels::clip_chunk_scale_kernel<T><<<unsigned(chunks), 256, 0, pol.stream>>>(x, n, part + chunks);
       DINO_CUDA_LAUNCHED("clip_tensors (chunk scale)");
