@@ -92,28 +92,30 @@ class device_buffer {
   std::size_t n_ = 0;
 };
 
+namespace detail {
+// One asynchronous copy on the stream, marked in an active cuda::op_profile as the kernels
+// are, so that a copy's time is not counted to the operation after it.
+template <class T>
+inline void copy_async(cudaStream_t s, T* dst, const T* src, std::size_t n, cudaMemcpyKind kind, const char* name) {
+  if (!n) return;
+  DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), kind, s));
+  profile_mark(name);
+}
+}  // namespace detail
 /// Host to device, on the stream (the host memory must stay alive until the stream reaches it).
-/// The copies mark themselves in an active cuda::op_profile, as the kernels do, so that a
-/// copy's time is not counted to the operation after it.
 template <class T>
 inline void copy_to_device(cudaStream_t s, T* dst, const T* src, std::size_t n) {
-  if (!n) return;
-  DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s));
-  detail::profile_mark("host-to-device copy");
+  detail::copy_async(s, dst, src, n, cudaMemcpyHostToDevice, "host-to-device copy");
 }
 /// Device to host, on the stream.
 template <class T>
 inline void copy_to_host(cudaStream_t s, T* dst, const T* src, std::size_t n) {
-  if (!n) return;
-  DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s));
-  detail::profile_mark("device-to-host copy");
+  detail::copy_async(s, dst, src, n, cudaMemcpyDeviceToHost, "device-to-host copy");
 }
 /// Device to device, on the stream.
 template <class T>
 inline void copy_on_device(cudaStream_t s, T* dst, const T* src, std::size_t n) {
-  if (!n) return;
-  DINO_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, s));
-  detail::profile_mark("device-to-device copy");
+  detail::copy_async(s, dst, src, n, cudaMemcpyDeviceToDevice, "device-to-device copy");
 }
 inline void synchronize(cudaStream_t s) { host_wait(s, "cuda::synchronize"); }
 
