@@ -447,6 +447,28 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
     }
     CHECK(dino_test::max_rel_error(gys[1], gys[0]) > 0.0);  // the bf16 attention kernels ran
     CHECK(dino_test::max_rel_error(gGs[1], gGs[0]) > 0.0);
+
+    // Staged bf16 operands (cuda_policy::bf16_staged) round as the CPU does (to nearest even):
+    // with the TF32 attention the two bf16 paths differ only where fp32 sums in another order
+    // tip a rounding, so the bound is the CPU's own bf16 error (not three times it).
+    auto spol = gpu().policy(false, true);
+    spol.bf16_attention = false;
+    spol.bf16_staged = true;
+    dc::device_buffer<float> sdy(y.size()), sdsaved(dsaved.size());
+    v.forward(spol, dcv(dP, {len(P)}), dpk, std::span<const float* const>(dimgs, 2), dv(sdy, {crops, D}),
+              dv(sdsaved, {std::int64_t(sdsaved.size())}), seed, step);
+    const auto sy = download(sdy);
+    auto sdG = upload(G0);
+    v.backward(spol, dcv(dP, {len(P)}), dpk, dcv(sdsaved, {std::int64_t(sdsaved.size())}), dcv(ddt, {Tn, D}),
+               dv(sdG, {len(G)}), dv(dscratch, {std::int64_t(dscratch.size())}));
+    const auto sG = download(sdG);
+    MESSAGE("ViT staged bf16: forward from CPU bf16 " << dino_test::max_rel_error(sy, by) << " (FAST_16BF "
+                                                      << dino_test::max_rel_error(gys[0], by) << "), gradients "
+                                                      << dino_test::max_rel_error(sG, bG) << " (FAST_16BF "
+                                                      << dino_test::max_rel_error(gGs[0], bG) << ")");
+    DINO_CHECK_CLOSE(sy, by, e_cpu_y);
+    DINO_CHECK_CLOSE(sG, bG, e_cpu_g);
+    CHECK(dino_test::max_rel_error(sy, y) > 1e-4);  // rounded
   }
 
   // a second step allocates nothing on the device

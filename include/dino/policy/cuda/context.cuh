@@ -35,6 +35,7 @@ class context {
   ~context() {
     if (stream_) (void)cudaStreamSynchronize(stream_);
     if (host_flags_) (void)cudaFreeHost(host_flags_);
+    device_free(stage_.data);
     if (lt_) (void)cublasLtDestroy(lt_);
     if (stream_) (void)cudaStreamDestroy(stream_);
   }
@@ -42,9 +43,11 @@ class context {
   /// A policy on this context's stream; tf32 turns on TF32 tensor cores for fp32 GEMMs, bf16
   /// bf16 tensor cores (operands rounded to bf16, fp32 sums; cuda_policy::bf16) and the bf16
   /// attention forward (cuda_policy::bf16_attention; set it false on the copy to keep TF32).
+  /// bf16_staged (cuda_policy::bf16_staged) is off; the policy carries the context's stage.
   cuda_policy policy(bool tf32 = false, bool bf16 = false) const {
     return cuda_policy{stream_,       lt_,         ws_.data(),      ws_.size(),      tf32, flags_.data(),
-                       host_flags_, scratch_.data(), scratch_.size(), bf16,            bf16};
+                       host_flags_, scratch_.data(), scratch_.size(), bf16,            bf16,
+                       false,       &stage_};
   }
   cudaStream_t stream() const { return stream_; }
   void synchronize() const { host_wait(stream_, "context::synchronize"); }
@@ -56,6 +59,7 @@ class context {
   mutable device_buffer<int> flags_;
   mutable device_buffer<std::byte> scratch_;
   int* host_flags_ = nullptr;
+  mutable detail::bf16_stage stage_;  // grown by the GEMMs of a bf16_staged policy
 };
 
 }  // namespace dino::cuda

@@ -11,6 +11,11 @@
 //   gemm_bias_rows(pol, d, A, B, bias, C[, R])  C = A op(B) + bias per row (+ R): cuBLASLt's bias
 //                                           epilogue, R read as the GEMM's C operand
 //
+// cuda_policy::bf16_staged (with bf16): single products round A and B to bf16 into the
+// context's stage by a pass each, then run on bf16 operands in memory (COMPUTE_32F, fp32 C):
+// the CPU's rounding (to nearest even) and cuBLASLt's native bf16 kernels. A shape with no
+// such algorithm falls back to FAST_16BF.
+//
 // Descriptors and the chosen algorithm are cached per shape and operand alignment (host
 // memory, made the first time a shape is seen, so a step's GEMMs allocate nothing after the
 // first step). The heuristic is told each operand's real alignment (cuBLASLt assumes 256
@@ -19,13 +24,17 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 
+#include <cuda_bf16.h>
+
 #include "dino/policy/cpu/gemm.hpp"  // gemm_desc (no Eigen type crosses into this file)
+#include "dino/policy/cuda/memory.cuh"
 #include "dino/policy/cuda/parallel.cuh"
 #include "dino/policy/cuda/policy.cuh"
 
@@ -42,7 +51,8 @@ struct lt_plan {
   bool found = false;  // false only for a bias-epilogue plan cuBLASLt has no algorithm for
 };
 
-// Key: handle, workspace size, dtype, fp32 mode (0 exact, 1 TF32, 2 bf16), transposes, sizes,
+// Key: handle, workspace size, dtype, fp32 mode (0 exact, 1 TF32, 2 bf16, 3 bf16 operands in
+// memory: bf16_staged), transposes, sizes,
 // leading dims, batch and strides, bias epilogue, the operands' pointer alignments.
 using lt_key = std::tuple<void*, std::size_t, int, int, bool, bool, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
@@ -81,11 +91,12 @@ inline void set_batch(cublasLtMatrixLayout_t l, std::int64_t batch, std::int64_t
 
 // bias: the plan adds a bias per row of the row-major C (CUBLASLT_EPILOGUE_BIAS over the rows
 // of the column-major C^T); its pointer is set on the descriptor before each call.
+// staged: A and B are bf16 in memory (cuda_policy::bf16_staged), C and D fp32, COMPUTE_32F.
 template <class T>
 inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::int64_t lda, std::int64_t ldb,
-                               std::int64_t ldc, operand_alignment al, bool bias = false) {
+                               std::int64_t ldc, operand_alignment al, bool bias = false, bool staged = false) {
   constexpr bool dbl = std::is_same_v<T, double>;
-  const int mode = dbl ? 0 : pol.bf16 ? 2 : pol.tf32 ? 1 : 0;
+  const int mode = dbl ? 0 : staged ? 3 : pol.bf16 ? 2 : pol.tf32 ? 1 : 0;
   const lt_key key{pol.lt,    pol.gemm_workspace_bytes, dbl ? 1 : 0, mode,       d.trans_a,  d.trans_b,
                    d.m,       d.n,                      d.k,         lda,        ldb,        ldc,
                    d.batch,   d.stride_a,               d.stride_b,  d.stride_c, bias,       al};
@@ -93,8 +104,9 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   auto& cache = lt_cache();
   if (auto it = cache.find(key); it != cache.end()) return it->second;
 
-  const cudaDataType_t dt = dbl ? CUDA_R_64F : CUDA_R_32F;
+  const cudaDataType_t dt = dbl ? CUDA_R_64F : CUDA_R_32F, dt_ab = mode == 3 ? CUDA_R_16BF : dt;
   const cublasComputeType_t ct = dbl         ? CUBLAS_COMPUTE_64F
+                                 : mode == 3 ? CUBLAS_COMPUTE_32F
                                  : mode == 2 ? CUBLAS_COMPUTE_32F_FAST_16BF
                                  : mode == 1 ? CUBLAS_COMPUTE_32F_FAST_TF32
                                              : CUBLAS_COMPUTE_32F;
@@ -109,8 +121,8 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
     DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
   }
   // Stored column-major shapes: B's memory is [n, k] (or [k, n] when transposed), A's [k, m] (or [m, k]).
-  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, dt, d.trans_b ? d.k : d.n, d.trans_b ? d.n : d.k, ldb));
-  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, dt, d.trans_a ? d.m : d.k, d.trans_a ? d.k : d.m, lda));
+  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, dt_ab, d.trans_b ? d.k : d.n, d.trans_b ? d.n : d.k, ldb));
+  DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, dt_ab, d.trans_a ? d.m : d.k, d.trans_a ? d.k : d.m, lda));
   DINO_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, dt, d.n, d.m, ldc));
   set_batch(p.a, d.batch, d.stride_b);
   set_batch(p.b, d.batch, d.stride_a);
@@ -132,7 +144,8 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   int found = 0;
   const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(pol.lt, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
   cublasLtMatmulPreferenceDestroy(pref);
-  if (bias && (s != CUBLAS_STATUS_SUCCESS || found == 0)) return cache.emplace(key, p).first->second;  // found: false
+  // found: false (the caller takes another path)
+  if ((bias || staged) && (s != CUBLAS_STATUS_SUCCESS || found == 0)) return cache.emplace(key, p).first->second;
   if (s != CUBLAS_STATUS_SUCCESS || found == 0)
     throw cuda_error(::dino::detail::concat("cuBLASLt: no algorithm for gemm m=", d.m, " n=", d.n, " k=", d.k,
                                             " batch=", d.batch, " (status ", int(s), ")"));
@@ -174,6 +187,84 @@ struct add_rows_fn {  // C[r, c] += R[r, c] (R packed [m, n])
   }
 };
 
+// y[r, c] = x[r, c] rounded to bf16 (to nearest even), x [rows, cols] with leading dimension
+// ld, y with leading dimension ldy: a GEMM operand staged for cuda_policy::bf16_staged.
+struct stage_bf16_fn {
+  const float* x;
+  __nv_bfloat16* y;
+  std::int64_t cols, ld, ldy;
+  static constexpr const char* profile_name = "bf16 operand staging";
+  static constexpr const char* profile_name_vec4 = "bf16 operand staging (float4)";
+  __device__ void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) {
+      const std::int64_t r = i / cols, c = i % cols;
+      y[r * ldy + c] = __float2bfloat16_rn(x[r * ld + c]);
+    }
+  }
+  __device__ void vec4(std::int64_t q) const {  // only when ld == ldy == cols (vec4_ok)
+    const float4 v = reinterpret_cast<const float4*>(x)[q];
+    __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    uint2 w;
+    std::memcpy(&w.x, &lo, 4);
+    std::memcpy(&w.y, &hi, 4);
+    reinterpret_cast<uint2*>(y)[q] = w;
+  }
+  bool vec4_ok() const {
+    return ld == cols && ldy == cols && alignment_of(x) >= 16 && alignment_of(y) >= 8;
+  }
+};
+
+// The stage's bytes for n bf16 elements, 256-byte aligned (the start of the next operand).
+inline std::size_t stage_span(std::int64_t n) { return (std::size_t(n) * 2 + 255) / 256 * 256; }
+
+// The stage, grown to at least `bytes` (a host wait first: queued products may still read it).
+inline void* stage_at_least(const cuda_policy& pol, std::size_t bytes) {
+  bf16_stage& s = *pol.stage;
+  if (s.bytes < bytes) {
+    host_wait(pol, "bf16 stage: growing");
+    device_free(s.data);
+    s.data = nullptr;
+    s.bytes = 0;
+    s.data = device_allocate(bytes, "bf16 GEMM operand stage");
+    s.bytes = bytes;
+  }
+  return s.data;
+}
+
+// d with A and B as stage_operands leaves them: each stored row's length rounded up to 8
+// elements (16 bytes: every row aligned for cuBLASLt's bf16 kernels).
+inline std::int64_t stage_ld(std::int64_t cols) { return (cols + 7) / 8 * 8; }
+inline gemm_desc packed_desc(gemm_desc d) {
+  d.lda = stage_ld(d.trans_a ? d.m : d.k);
+  d.ldb = stage_ld(d.trans_b ? d.k : d.n);
+  return d;
+}
+
+// A and B of d (leading dimensions lda, ldb) rounded to bf16 into the stage, laid out as
+// packed_desc(d) says; the product then runs on them.
+struct staged_operands {
+  const __nv_bfloat16 *a = nullptr, *b = nullptr;
+};
+inline staged_operands stage_operands(const cuda_policy& pol, const gemm_desc& d, const float* A, std::int64_t lda,
+                                      const float* B, std::int64_t ldb) {
+  const std::int64_t ar = d.trans_a ? d.k : d.m, ac = d.trans_a ? d.m : d.k;
+  const std::int64_t br = d.trans_b ? d.n : d.k, bc = d.trans_b ? d.k : d.n;
+  const std::int64_t sla = stage_ld(ac), slb = stage_ld(bc);
+  const std::size_t off_b = stage_span(ar * sla);
+  auto* base = static_cast<unsigned char*>(stage_at_least(pol, off_b + stage_span(br * slb)));
+  auto* sa = reinterpret_cast<__nv_bfloat16*>(base);
+  auto* sb = reinterpret_cast<__nv_bfloat16*>(base + off_b);
+  for_each_chunk(pol, ar * ac, stage_bf16_fn{A, sa, ac, lda, sla});
+  for_each_chunk(pol, br * bc, stage_bf16_fn{B, sb, bc, ldb, slb});
+  return {sa, sb};
+}
+
+// Whether this product takes the staged path (cuda_policy::bf16_staged).
+template <class T>
+bool use_stage(const cuda_policy& pol, const gemm_desc& d) {
+  return std::is_same_v<T, float> && pol.bf16 && pol.bf16_staged && pol.stage && d.batch == 1 && d.k > 0;
+}
+
 }  // namespace detail
 
 /// Runs the (batched) product described by d on pol.stream (no synchronisation).
@@ -190,6 +281,20 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
     for (std::int64_t i = 0; i < d.batch; ++i)
       for_each_chunk(pol, d.m * d.n, detail::scale_chunk<T>{C + i * d.stride_c, beta, d.n, ldc});
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (detail::use_stage<T>(pol, d)) {
+      const gemm_desc sd = detail::packed_desc(d);
+      const detail::lt_plan& p = detail::plan_for<T>(
+          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(C), detail::alignment_of(C)}, false, true);
+      if (p.found) {
+        const auto st = detail::stage_operands(pol, d, A, lda, B, ldb);
+        DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, st.b, p.a, st.a, p.b, &beta, C, p.c, C, p.c, &p.algo,
+                                         pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+        detail::profile_mark("gemm (bf16 operands)");
+        return;
+      }  // no algorithm for bf16 operands: FAST_16BF over the fp32 ones, below
+    }
   }
   const detail::lt_plan& p = detail::plan_for<T>(
       pol, d, lda, ldb, ldc,
@@ -218,6 +323,24 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
   const std::int64_t ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
   const std::int64_t ldc = d.ldc ? d.ldc : d.n;
   // cuBLASLt's bias epilogue needs a 16-byte aligned bias (a less aligned one can fail the call).
+  if constexpr (std::is_same_v<T, float>) {
+    if (detail::use_stage<T>(pol, d) && detail::alignment_of(bias) >= 16) {
+      const T* c_in = residual ? residual : C;
+      const gemm_desc sd = detail::packed_desc(d);
+      const detail::lt_plan& p = detail::plan_for<T>(
+          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(c_in), detail::alignment_of(C)}, true, true);
+      if (p.found) {
+        const auto st = detail::stage_operands(pol, d, A, lda, B, ldb);
+        DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+        const T one(1), beta(residual ? 1 : 0);
+        DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, st.b, p.a, st.a, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
+                                         pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+        detail::profile_mark(residual ? "gemm + bias epilogue + residual (bf16 operands)"
+                                      : "gemm + bias epilogue (bf16 operands)");
+        return;
+      }  // no bias-epilogue algorithm for bf16 operands: the bias rows and gemm (staged), below
+    }
+  }
   if (d.k > 0 && detail::alignment_of(bias) >= 16) {
     const T* c_in = residual ? residual : C;
     const detail::lt_plan& p = detail::plan_for<T>(

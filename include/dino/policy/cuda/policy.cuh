@@ -71,6 +71,15 @@ inline void profile_mark(const char* name) {
   (::dino::cuda::detail::check(cudaGetLastError(), name, __FILE__, __LINE__),      \
    ::dino::cuda::detail::profile_mark(name))
 
+namespace dino::cuda::detail {
+/// Device memory for the bf16 copies of GEMM operands (cuda_policy::bf16_staged), owned by a
+/// cuda::context and grown by the GEMMs to the largest pair of operands they stage.
+struct bf16_stage {
+  void* data = nullptr;
+  std::size_t bytes = 0;
+};
+}  // namespace dino::cuda::detail
+
 namespace dino {
 
 /// Runs operations on one CUDA stream: cuBLASLt GEMMs and kernels over rows and elements.
@@ -100,6 +109,16 @@ struct cuda_policy {
   /// it with bf16; false keeps the TF32 kernels (finer than bf16). Float tensors and head dims
   /// 32, 64 and 128 only; other cases take the paths they took before.
   bool bf16_attention = false;
+  /// With bf16: each GEMM's fp32 operands are rounded to bf16 (to nearest even, as the CPU's
+  /// cpu::bf16_bits) by a pass of their own into `stage`, and the product runs on those bf16
+  /// operands in memory (cuBLASLt CUDA_R_16BF A and B, fp32 C and output, COMPUTE_32F)
+  /// instead of COMPUTE_32F_FAST_16BF over the fp32 operands: cuBLASLt's native bf16 kernels,
+  /// and the CPU's rounding. Single products only (strided batches keep FAST_16BF). Off unless
+  /// set: what it gains is measured by bench_cuda_gemm and bench_cuda_dino's bf16_staged rows
+  /// (docs/perf-notes.md, v11). The stage grows on the first products of a new size (one host
+  /// wait and one allocation each), never afterwards.
+  bool bf16_staged = false;
+  cuda::detail::bf16_stage* stage = nullptr;  ///< the context's stage (null: no staging)
   /// Whether attention may use its TF32 tensor-core kernels (tf32 or bf16 asked for).
   bool tensor_core_attention() const { return tf32 || bf16; }
 };
