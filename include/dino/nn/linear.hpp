@@ -5,7 +5,7 @@
 //           dx (=|+=|skip, by grad_mode) = dy W
 // Parameters and gradients are flat buffers laid out by the param_layout the layer
 // registered in; the layer keeps only offsets. Any policy with gemm, gemm_bias_rows and
-// column_sums (CPU, CUDA); all views in the policy's memory space.
+// linear_param_grads (CPU, CUDA); all views in the policy's memory space.
 #pragma once
 
 #include <cstdint>
@@ -82,9 +82,8 @@ class linear {
     check_matrix("linear backward", x, cfg_.in);
     check_shape("linear backward", dy, {x.rows(), cfg_.out});
     const std::int64_t n = x.rows();
-    // dW[out, in] += dy^T[out, N] x[N, in]
-    gemm(pol, gemm_desc{true, false, cfg_.out, cfg_.in, n}, T(1), dy.data, x.data, T(1), G.data + w_);
-    if (cfg_.bias) column_sums(pol, dy.data, n, cfg_.out, G.data + b_, true);
+    // dW[out, in] += dy^T[out, N] x[N, in], db += sum over rows of dy
+    linear_param_grads(pol, dy.data, x.data, n, cfg_.out, cfg_.in, G.data + w_, cfg_.bias ? G.data + b_ : nullptr);
     if (mode != grad_mode::skip) {
       check_shape("linear backward", dx, {n, cfg_.in});
       gemm(pol, gemm_desc{false, false, n, cfg_.in, cfg_.out}, T(1), dy.data, P.data + w_,

@@ -1084,8 +1084,7 @@ class vit {
         pos_resize_backward(pol, pk.device.resize[si], static_cast<const T*>(dpos), gpos + D, D);
       }
       // patch projection
-      gemm(pol, gemm_desc{true, false, D, K, n}, T(1), static_cast<const T*>(tmp), u, T(1), G.data + patch_w_);
-      column_sums(pol, static_cast<const T*>(tmp), n, D, G.data + patch_b_, true);
+      linear_param_grads(pol, static_cast<const T*>(tmp), u, n, D, K, G.data + patch_w_, G.data + patch_b_);
       u += n * K;
     }
   }

@@ -3,6 +3,8 @@
 //
 //   broadcast_rows(pol, b, y, rows, cols)      y[r, :] = b                       (bias rows)
 //   gemm_bias_rows(pol, d, A, B, bias, C[, R]) C = A op(B) + bias per row (+ R)  (nn::linear)
+//   linear_param_grads(pol, dy, x, rows, out, in, dW, db)
+//       dW[out, in] += dy^T x, db[out] += sum_r dy[r, :] (db null: none)   (nn::linear)
 //   copy_elements(pol, src, dst, n)            dst[0, n) = src[0, n)
 //   layer_norm_rows(pol, x, w, b, y, stats, rows, D, eps)
 //       y = LN(x) per row (math/layernorm.hpp); stats [rows, 2] = (mean, rstd) unless null
@@ -22,6 +24,7 @@
 #include "dino/math/layernorm.hpp"
 #include "dino/policy/cpu/gemm.hpp"
 #include "dino/policy/cpu/parallel.hpp"
+#include "dino/policy/cpu/reduce.hpp"
 #include "dino/policy/cpu/simd.hpp"
 
 namespace dino::cpu {
@@ -51,6 +54,16 @@ inline void gemm_bias_rows(const cpu_policy& pol, const gemm_desc& d, const T* A
       const T* rr = residual + r * d.n;
       for (std::int64_t j = 0; j < d.n; ++j) cr[j] += rr[j];
     });
+}
+
+/// The parameter gradients of a linear layer (nn::linear): dW[out, in] += dy^T x over the
+/// rows, and db[out] += the column sums of dy (db null: no bias). Twin of the CUDA form,
+/// which may sum db in the GEMM's epilogue.
+template <class T>
+inline void linear_param_grads(const cpu_policy& pol, const T* dy, const T* x, std::int64_t rows, std::int64_t out,
+                               std::int64_t in, T* dW, T* db) {
+  gemm(pol, gemm_desc{true, false, out, in, rows}, T(1), dy, x, T(1), dW);
+  if (db) column_sums(pol, dy, rows, out, db, true);
 }
 
 template <class T>
@@ -220,6 +233,7 @@ namespace dino {
 using cpu::broadcast_rows;
 using cpu::copy_elements;
 using cpu::gemm_bias_rows;
+using cpu::linear_param_grads;
 using cpu::layer_norm_param_grads;
 using cpu::layer_norm_rows;
 using cpu::layer_norm_rows_backward;

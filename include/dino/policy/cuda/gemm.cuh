@@ -10,6 +10,8 @@
 //
 //   gemm_bias_rows(pol, d, A, B, bias, C[, R])  C = A op(B) + bias per row (+ R): cuBLASLt's bias
 //                                           epilogue, R read as the GEMM's C operand
+//   linear_param_grads(pol, dy, x, rows, out, in, dW, db)   dW += dy^T x, db += column sums of
+//                                           dy: with tensor cores, db in the GEMM's epilogue
 //
 // cuda_policy::bf16_staged (with bf16): single products round A and B to bf16 into the
 // context's stage by a pass each, then run on bf16 operands in memory (COMPUTE_32F, fp32 C):
@@ -37,6 +39,7 @@
 #include "dino/policy/cuda/memory.cuh"
 #include "dino/policy/cuda/parallel.cuh"
 #include "dino/policy/cuda/policy.cuh"
+#include "dino/policy/cuda/reduce.cuh"
 
 namespace dino::cuda {
 
@@ -53,10 +56,17 @@ struct lt_plan {
 
 // Key: handle, workspace size, dtype, fp32 mode (0 exact, 1 TF32, 2 bf16, 3 bf16 operands in
 // memory: bf16_staged), transposes, sizes,
-// leading dims, batch and strides, bias epilogue, the operands' pointer alignments.
+// leading dims, batch and strides, epilogue (lt_epilogue), the operands' pointer alignments.
 using lt_key = std::tuple<void*, std::size_t, int, int, bool, bool, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                          std::int64_t, bool, std::array<std::uint32_t, 4>>;
+                          std::int64_t, int, std::array<std::uint32_t, 4>>;
+
+// What a plan's epilogue adds to the product.
+enum lt_epilogue : int {
+  epi_none = 0,
+  epi_bias = 1,   // a bias per row of the row-major C (CUBLASLT_EPILOGUE_BIAS)
+  epi_bgrad = 2,  // the column sums of the row-major A of a trans_a product (CUBLASLT_EPILOGUE_BGRADB)
+};
 
 // The largest power of two (up to 256) that divides the address. cuBLASLt's heuristic assumes
 // 256-byte aligned operands unless told otherwise, and an algorithm chosen under that
@@ -89,17 +99,20 @@ inline void set_batch(cublasLtMatrixLayout_t l, std::int64_t batch, std::int64_t
       cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
 }
 
-// bias: the plan adds a bias per row of the row-major C (CUBLASLT_EPILOGUE_BIAS over the rows
-// of the column-major C^T); its pointer is set on the descriptor before each call.
+// epilogue: epi_bias adds a bias per row of the row-major C (CUBLASLT_EPILOGUE_BIAS over the
+// rows of the column-major C^T); epi_bgrad writes the column sums of a trans_a product's A (its
+// sum over k: CUBLASLT_EPILOGUE_BGRADB, the call's B being A's memory). The bias pointer is
+// set on the descriptor before each call. A plan with an epilogue, or a staged one, may come
+// back with found false: the caller then takes another path.
 // staged: A and B are bf16 in memory (cuda_policy::bf16_staged), C and D fp32, COMPUTE_32F.
 template <class T>
 inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::int64_t lda, std::int64_t ldb,
-                               std::int64_t ldc, operand_alignment al, bool bias = false, bool staged = false) {
+                               std::int64_t ldc, operand_alignment al, int epilogue = epi_none, bool staged = false) {
   constexpr bool dbl = std::is_same_v<T, double>;
   const int mode = dbl ? 0 : staged ? 3 : pol.bf16 ? 2 : pol.tf32 ? 1 : 0;
   const lt_key key{pol.lt,    pol.gemm_workspace_bytes, dbl ? 1 : 0, mode,       d.trans_a,  d.trans_b,
                    d.m,       d.n,                      d.k,         lda,        ldb,        ldc,
-                   d.batch,   d.stride_a,               d.stride_b,  d.stride_c, bias,       al};
+                   d.batch,   d.stride_a,               d.stride_b,  d.stride_c, epilogue,   al};
   std::lock_guard<std::mutex> lock(lt_mutex());
   auto& cache = lt_cache();
   if (auto it = cache.find(key); it != cache.end()) return it->second;
@@ -116,8 +129,8 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   const cublasOperation_t ta = d.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, tb = d.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-  if (bias) {
-    const cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+  if (epilogue != epi_none) {
+    const cublasLtEpilogue_t ep = epilogue == epi_bgrad ? CUBLASLT_EPILOGUE_BGRADB : CUBLASLT_EPILOGUE_BIAS;
     DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
   }
   // Stored column-major shapes: B's memory is [n, k] (or [k, n] when transposed), A's [k, m] (or [m, k]).
@@ -145,7 +158,8 @@ inline const lt_plan& plan_for(const cuda_policy& pol, const gemm_desc& d, std::
   const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(pol.lt, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   // found: false (the caller takes another path)
-  if ((bias || staged) && (s != CUBLAS_STATUS_SUCCESS || found == 0)) return cache.emplace(key, p).first->second;
+  if ((epilogue != epi_none || staged) && (s != CUBLAS_STATUS_SUCCESS || found == 0))
+    return cache.emplace(key, p).first->second;
   if (s != CUBLAS_STATUS_SUCCESS || found == 0)
     throw cuda_error(::dino::detail::concat("cuBLASLt: no algorithm for gemm m=", d.m, " n=", d.n, " k=", d.k,
                                             " batch=", d.batch, " (status ", int(s), ")"));
@@ -286,7 +300,8 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
     if (detail::use_stage<T>(pol, d)) {
       const gemm_desc sd = detail::packed_desc(d);
       const detail::lt_plan& p = detail::plan_for<T>(
-          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(C), detail::alignment_of(C)}, false, true);
+          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(C), detail::alignment_of(C)}, detail::epi_none,
+          true);
       if (p.found) {
         const auto st = detail::stage_operands(pol, d, A, lda, B, ldb);
         DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, st.b, p.a, st.a, p.b, &beta, C, p.c, C, p.c, &p.algo,
@@ -328,7 +343,8 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
       const T* c_in = residual ? residual : C;
       const gemm_desc sd = detail::packed_desc(d);
       const detail::lt_plan& p = detail::plan_for<T>(
-          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(c_in), detail::alignment_of(C)}, true, true);
+          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(c_in), detail::alignment_of(C)}, detail::epi_bias,
+          true);
       if (p.found) {
         const auto st = detail::stage_operands(pol, d, A, lda, B, ldb);
         DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
@@ -345,7 +361,8 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
     const T* c_in = residual ? residual : C;
     const detail::lt_plan& p = detail::plan_for<T>(
         pol, d, lda, ldb, ldc,
-        {detail::alignment_of(B), detail::alignment_of(A), detail::alignment_of(c_in), detail::alignment_of(C)}, true);
+        {detail::alignment_of(B), detail::alignment_of(A), detail::alignment_of(c_in), detail::alignment_of(C)},
+        detail::epi_bias);
     if (p.found) {
       DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
       const T one(1), beta(residual ? 1 : 0);
@@ -360,9 +377,56 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
   if (residual) for_each_chunk(pol, d.m * d.n, detail::add_rows_fn<T>{residual, C, d.n, ldc});
 }
 
+namespace detail {
+template <class T>
+struct add_into_fn {  // y[i] += x[i]
+  const T* x;
+  T* y;
+  DINO_HD void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) y[i] += x[i];
+  }
+};
+}  // namespace detail
+
+/// The parameter gradients of a linear layer (nn::linear): dW[out, in] += dy^T x over the
+/// rows, and db[out] += the column sums of dy (db null: no bias). Twin of the CPU form. With
+/// tensor cores (tf32 or bf16, not bf16_staged) and float, db is summed by the GEMM's
+/// epilogue (CUBLASLT_EPILOGUE_BGRADB: dy is read once instead of twice, and no column_sums
+/// launches), into pol.scratch and then added to db: fp32 sums, possibly of dy as the tensor
+/// cores round it, where column_sums sums the exact dy in double, so exact fp32 keeps
+/// column_sums. Where cuBLASLt has no such algorithm: the GEMM, then column_sums.
+template <class T>
+inline void linear_param_grads(const cuda_policy& pol, const T* dy, const T* x, std::int64_t rows, std::int64_t out,
+                               std::int64_t in, T* dW, T* db) {
+  const gemm_desc d{true, false, out, in, rows};
+  if constexpr (std::is_same_v<T, float>) {
+    const bool fast = (pol.tf32 || pol.bf16) && !detail::use_stage<T>(pol, d);
+    if (db && fast && rows > 0 && pol.scratch && pol.scratch_bytes >= std::size_t(out) * sizeof(T) &&
+        detail::alignment_of(pol.scratch) >= 16) {
+      const detail::lt_plan& p = detail::plan_for<T>(
+          pol, d, out, in, in,
+          {detail::alignment_of(x), detail::alignment_of(dy), detail::alignment_of(dW), detail::alignment_of(dW)},
+          detail::epi_bgrad);
+      if (p.found) {
+        T* part = static_cast<T*>(pol.scratch);
+        DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &part, sizeof(part)));
+        const T one(1);
+        DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, x, p.a, dy, p.b, &one, dW, p.c, dW, p.c, &p.algo,
+                                         pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+        detail::profile_mark("gemm + bias gradient epilogue");
+        for_each_chunk(pol, out, detail::add_into_fn<T>{part, db});
+        return;
+      }
+    }
+  }
+  gemm(pol, d, T(1), dy, x, T(1), dW);
+  if (db) column_sums(pol, dy, rows, out, db, true);
+}
+
 }  // namespace dino::cuda
 
 namespace dino {
 using cuda::gemm;
 using cuda::gemm_bias_rows;
+using cuda::linear_param_grads;
 }  // namespace dino
