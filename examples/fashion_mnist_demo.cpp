@@ -2,11 +2,13 @@
 // learned, measured (the README's demo; `bash scripts/demo`).
 //
 //   fashion_mnist_demo [--minutes 10] [--output demo-output] [--threads 2] [--loader-threads 1]
-//                      [--seed 0] [--eval-train 60000] [--eval-test 10000] [--attention-images 1000]
+//                      [--seed 0] [--batch-size 64] [--local-crops 6] [--eval-train 60000]
+//                      [--eval-test 10000] [--attention-images 1000]
 //
 // 1. k-NN top-1 (weighted, k = 20, T = 0.07, cosine; dino-spec §5.1) of the raw pixels and of
 //    the ViT at its random initialisation; the attention-mask Jaccard of the random ViT.
-// 2. DINO training (ViT D 96, depth 4, 3 heads, patch 4; 2 x 28 + 6 x 12 crops; K = 1024) for
+// 2. DINO training (ViT D 96, depth 4, 3 heads, patch 4; 2 x 28 + 6 x 12 crops, --local-crops
+//    sets the 6; K = 1024) for
 //    the budget: a short calibration measures the step time, and the schedules (linear lr
 //    warm-up over 10 % of the steps then cosine; weight decay 0.04 -> 0.4; teacher momentum
 //    0.99 -> 1) are laid over the number of steps that fit. A cheap k-NN (5,000 / 1,000
@@ -50,12 +52,12 @@ dino::nn::vit_config demo_vit() {
   return c;
 }
 
-dino::ssl::dino_config demo_config(std::int64_t batch, std::uint64_t seed) {
+dino::ssl::dino_config demo_config(std::int64_t batch, std::uint64_t seed, int local_crops) {
   dino::ssl::dino_config c;
   c.head.out_dim = 1024;
   c.head.hidden_dim = 256;
   c.head.bottleneck_dim = 64;
-  c.local_crops = 6;
+  c.local_crops = local_crops;
   c.train.max_batch = batch;
   c.train.seed = seed;
   c.train.crops = {28, 12};
@@ -117,6 +119,7 @@ int run(int argc, char** argv) {
       .add("loader-threads", "1", "data loading threads")
       .add("seed", "0", "seed")
       .add("batch-size", "64", "images per step")
+      .add("local-crops", "6", "local crops (12 px) per image beside the two global ones (28 px); 0: the global crops alone")
       .add("eval-train", "60000", "k-NN memory bank: the first N training images")
       .add("eval-test", "10000", "k-NN queries: the first N test images")
       .add("attention-images", "1000", "test images for the attention-mask Jaccard");
@@ -126,6 +129,7 @@ int run(int argc, char** argv) {
   const dino::cpu_policy pol{int(f.integer("threads", 1))};
   const std::uint64_t seed = std::uint64_t(f.integer("seed"));
   const std::int64_t B = f.integer("batch-size", 2);
+  const int n_local = int(f.integer("local-crops", 0));
   const auto train = dino::data::fashion_mnist("/usr/share/datasets/fashion-mnist", true);
   const auto test = dino::data::fashion_mnist("/usr/share/datasets/fashion-mnist", false);
   const std::int64_t n_train = std::min<std::int64_t>(f.integer("eval-train", 1), train.size()),
@@ -147,7 +151,7 @@ int run(int argc, char** argv) {
   std::fprintf(stderr, "k-NN top-1, raw pixels: %.4f\n", raw);
 
   // 2. The ViT at initialisation (teacher = student).
-  auto model = dino::ssl::make_dino<dino::nn::vit>(demo_vit(), 96, demo_config(B, seed));
+  auto model = dino::ssl::make_dino<dino::nn::vit>(demo_vit(), 96, demo_config(B, seed, n_local));
   const measures rnd = evaluate(pol, model, train, test, n_train, n_test, n_att, "random init", out + "/attention-random-init.png");
   std::fprintf(stderr, "random-init ViT: k-NN top-1 %.4f, attention Jaccard %.4f\n", rnd.knn, rnd.jaccard);
 
@@ -158,9 +162,9 @@ int run(int argc, char** argv) {
   lc.seed = seed;
   double step_s = 0;
   {
-    auto probe = dino::ssl::make_dino<dino::nn::vit>(demo_vit(), 96, demo_config(B, seed));
+    auto probe = dino::ssl::make_dino<dino::nn::vit>(demo_vit(), 96, demo_config(B, seed, n_local));
     probe.set_schedules(demo_schedules(100, B));
-    dino::data::multicrop_loader<dino::data::array_dataset> loader(train, dino::data::multicrop_28px(6), lc);
+    dino::data::multicrop_loader<dino::data::array_dataset> loader(train, dino::data::multicrop_28px(n_local), lc);
     for (int i = 0; i < 4; ++i) {
       auto b = loader.next();
       const auto t0 = std::chrono::steady_clock::now();
@@ -188,7 +192,7 @@ int run(int argc, char** argv) {
     kc.flush();
   };
   cheap(0);
-  dino::data::multicrop_loader<dino::data::array_dataset> loader(train, dino::data::multicrop_28px(6), lc);
+  dino::data::multicrop_loader<dino::data::array_dataset> loader(train, dino::data::multicrop_28px(n_local), lc);
   dino::train::run_config rc;
   rc.out_dir = out;
   rc.seed = seed;
