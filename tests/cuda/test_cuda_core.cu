@@ -71,6 +71,19 @@ std::vector<float> product_of_rounded(const gemm_desc& d, const std::vector<floa
   naive_gemm(d, 1.0f, A.data(), B.data(), 0.0f, C.data(), round);
   return C;
 }
+// f(ta, tb, m, n, k) over the four transposes and the bf16 tests' three shapes (captured).
+template <class F>
+void for_bf16_cases(F&& f) {
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb)
+      for (auto [m, n, k] : {std::tuple{7, 13, 5}, std::tuple{65, 33, 129}, std::tuple{200, 97, 384}}) {
+        CAPTURE(ta);
+        CAPTURE(tb);
+        CAPTURE(m);
+        CAPTURE(k);
+        f(ta, tb, std::int64_t(m), std::int64_t(n), std::int64_t(k));
+      }
+}
 }  // namespace
 
 TEST_CASE("cuda gemm in bf16 (cuda_policy::bf16): operands rounded to bf16, fp32 sums") {
@@ -81,36 +94,30 @@ TEST_CASE("cuda gemm in bf16 (cuda_policy::bf16): operands rounded to bf16, fp32
   // round-to-nearest-even and to a truncating reference are printed for docs/cuda.md.
   const auto rne = [](float x) { return dino::cpu::bf16_round(x); };
   const auto trunc = [](float x) { return std::bit_cast<float>(std::bit_cast<std::uint32_t>(x) & 0xFFFF0000u); };
-  for (int ta = 0; ta < 2; ++ta)
-    for (int tb = 0; tb < 2; ++tb)
-      for (auto [m, n, k] : {std::tuple{7, 13, 5}, std::tuple{65, 33, 129}, std::tuple{200, 97, 384}}) {
-        CAPTURE(ta);
-        CAPTURE(tb);
-        CAPTURE(m);
-        CAPTURE(k);
-        const gemm_desc d{bool(ta), bool(tb), m, n, k};
-        const auto A = random_vector<float>(std::size_t(m * k), 1 + m);
-        const auto B = random_vector<float>(std::size_t(k * n), 2 + n);
-        auto dA = upload(A), dB = upload(B);
-        dino::cuda::device_buffer<float> dC(std::size_t(m * n));
-        dino::gemm(gpu().policy(false, true), d, 1.0f, dA.data(), dB.data(), 0.0f, dC.data());
-        const auto C = download(dC);
-        const double e_rne = max_rel_error(C, product_of_rounded(d, A, B, rne));
-        const double e_trunc = max_rel_error(C, product_of_rounded(d, A, B, trunc));
-        const double e_fp32 = max_rel_error(C, product_of_rounded(d, A, B, [](float x) { return x; }));
-        MESSAGE("bf16 gemm m=" << m << " k=" << k << " ta=" << ta << " tb=" << tb << ": from the RNE product " << e_rne
-                               << ", from the truncating one " << e_trunc << ", from fp32 " << e_fp32);
-        CHECK(e_rne <= 1.5e-2);
-        CHECK(e_fp32 <= 2e-2);
-        if (k >= 129) CHECK(e_fp32 > 1e-4);  // the rounding is real (a few products may round exactly when k is 5)
-        // alpha and beta: the same product scaled and added to C
-        const auto C0 = random_vector<float>(C.size(), 3 + k);
-        auto dC2 = upload(C0);
-        dino::gemm(gpu().policy(false, true), d, -0.5f, dA.data(), dB.data(), 0.25f, dC2.data());
-        std::vector<float> ref(C.size());
-        for (std::size_t i = 0; i < C.size(); ++i) ref[i] = -0.5f * C[i] + 0.25f * C0[i];
-        DINO_CHECK_CLOSE(download(dC2), ref, 2e-5);
-      }
+  for_bf16_cases([&](int ta, int tb, std::int64_t m, std::int64_t n, std::int64_t k) {
+    const gemm_desc d{bool(ta), bool(tb), m, n, k};
+    const auto A = random_vector<float>(std::size_t(m * k), 1 + m);
+    const auto B = random_vector<float>(std::size_t(k * n), 2 + n);
+    auto dA = upload(A), dB = upload(B);
+    dino::cuda::device_buffer<float> dC(std::size_t(m * n));
+    dino::gemm(gpu().policy(false, true), d, 1.0f, dA.data(), dB.data(), 0.0f, dC.data());
+    const auto C = download(dC);
+    const double e_rne = max_rel_error(C, product_of_rounded(d, A, B, rne));
+    const double e_trunc = max_rel_error(C, product_of_rounded(d, A, B, trunc));
+    const double e_fp32 = max_rel_error(C, product_of_rounded(d, A, B, [](float x) { return x; }));
+    MESSAGE("bf16 gemm m=" << m << " k=" << k << " ta=" << ta << " tb=" << tb << ": from the RNE product " << e_rne
+                           << ", from the truncating one " << e_trunc << ", from fp32 " << e_fp32);
+    CHECK(e_rne <= 1.5e-2);
+    CHECK(e_fp32 <= 2e-2);
+    if (k >= 129) CHECK(e_fp32 > 1e-4);  // the rounding is real (a few products may round exactly when k is 5)
+    // alpha and beta: the same product scaled and added to C
+    const auto C0 = random_vector<float>(C.size(), 3 + k);
+    auto dC2 = upload(C0);
+    dino::gemm(gpu().policy(false, true), d, -0.5f, dA.data(), dB.data(), 0.25f, dC2.data());
+    std::vector<float> ref(C.size());
+    for (std::size_t i = 0; i < C.size(); ++i) ref[i] = -0.5f * C[i] + 0.25f * C0[i];
+    DINO_CHECK_CLOSE(download(dC2), ref, 2e-5);
+  });
   // a strided batch (the attention scores' shape) against the unbatched products
   const gemm_desc bd{false, true, 17, 17, 64, 0, 0, 0, 6, 17 * 64, 17 * 64, 17 * 17};
   const auto A = random_vector<float>(6 * 17 * 64, 5), B = random_vector<float>(6 * 17 * 64, 6);
@@ -135,42 +142,36 @@ TEST_CASE("cuda gemm with staged bf16 operands (cuda_policy::bf16_staged): the C
   dino::cuda_policy pol = gpu().policy(false, true);
   pol.bf16_staged = true;
   REQUIRE(pol.stage != nullptr);
-  for (int ta = 0; ta < 2; ++ta)
-    for (int tb = 0; tb < 2; ++tb)
-      for (auto [m, n, k] : {std::tuple{7, 13, 5}, std::tuple{65, 33, 129}, std::tuple{200, 97, 384}}) {
-        CAPTURE(ta);
-        CAPTURE(tb);
-        CAPTURE(m);
-        CAPTURE(k);
-        // leading dimensions past the rows' lengths: the stage packs them
-        const std::int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 5, ldc = n + 2;
-        const gemm_desc d{bool(ta), bool(tb), m, n, k, lda, ldb, ldc};
-        const auto A = random_vector<float>(std::size_t((ta ? k : m) * lda), 11 + m);
-        const auto B = random_vector<float>(std::size_t((tb ? n : k) * ldb), 12 + n);
-        const auto C0 = random_vector<float>(std::size_t(m * ldc), 13 + k);
-        std::vector<float> ref = C0;
-        naive_gemm(d, -0.5f, A.data(), B.data(), 0.25f, ref.data(), rne);
-        auto dA = upload(A), dB = upload(B), dC = upload(C0);
-        dino::gemm(pol, d, -0.5f, dA.data(), dB.data(), 0.25f, dC.data());
-        DINO_CHECK_CLOSE(download(dC), ref, 2e-5);
-        // the bias epilogue, with and without a residual
-        const gemm_desc p{bool(ta), bool(tb), m, n, k, lda, ldb};
-        const auto bias = random_vector<float>(std::size_t(n), 14 + n);
-        const auto R = random_vector<float>(std::size_t(m * n), 15 + m);
-        std::vector<float> with_bias(std::size_t(m * n)), with_res(std::size_t(m * n));
-        naive_gemm(p, 1.0f, A.data(), B.data(), 0.0f, with_bias.data(), rne);
-        for (std::int64_t i = 0; i < m; ++i)
-          for (std::int64_t j = 0; j < n; ++j) {
-            with_bias[std::size_t(i * n + j)] += bias[std::size_t(j)];
-            with_res[std::size_t(i * n + j)] = with_bias[std::size_t(i * n + j)] + R[std::size_t(i * n + j)];
-          }
-        auto dbias = upload(bias), dR = upload(R);
-        dino::cuda::device_buffer<float> dY(std::size_t(m * n));
-        dino::cuda::gemm_bias_rows(pol, p, dA.data(), dB.data(), dbias.data(), dY.data());
-        DINO_CHECK_CLOSE(download(dY), with_bias, 2e-5);
-        dino::cuda::gemm_bias_rows(pol, p, dA.data(), dB.data(), dbias.data(), dY.data(), dR.data());
-        DINO_CHECK_CLOSE(download(dY), with_res, 2e-5);
+  for_bf16_cases([&](int ta, int tb, std::int64_t m, std::int64_t n, std::int64_t k) {
+    // leading dimensions past the rows' lengths: the stage packs them
+    const std::int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 5, ldc = n + 2;
+    const gemm_desc d{bool(ta), bool(tb), m, n, k, lda, ldb, ldc};
+    const auto A = random_vector<float>(std::size_t((ta ? k : m) * lda), 11 + m);
+    const auto B = random_vector<float>(std::size_t((tb ? n : k) * ldb), 12 + n);
+    const auto C0 = random_vector<float>(std::size_t(m * ldc), 13 + k);
+    std::vector<float> ref = C0;
+    naive_gemm(d, -0.5f, A.data(), B.data(), 0.25f, ref.data(), rne);
+    auto dA = upload(A), dB = upload(B), dC = upload(C0);
+    dino::gemm(pol, d, -0.5f, dA.data(), dB.data(), 0.25f, dC.data());
+    DINO_CHECK_CLOSE(download(dC), ref, 2e-5);
+    // the bias epilogue, with and without a residual
+    const gemm_desc p{bool(ta), bool(tb), m, n, k, lda, ldb};
+    const auto bias = random_vector<float>(std::size_t(n), 14 + n);
+    const auto R = random_vector<float>(std::size_t(m * n), 15 + m);
+    std::vector<float> with_bias(std::size_t(m * n)), with_res(std::size_t(m * n));
+    naive_gemm(p, 1.0f, A.data(), B.data(), 0.0f, with_bias.data(), rne);
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j) {
+        with_bias[std::size_t(i * n + j)] += bias[std::size_t(j)];
+        with_res[std::size_t(i * n + j)] = with_bias[std::size_t(i * n + j)] + R[std::size_t(i * n + j)];
       }
+    auto dbias = upload(bias), dR = upload(R);
+    dino::cuda::device_buffer<float> dY(std::size_t(m * n));
+    dino::cuda::gemm_bias_rows(pol, p, dA.data(), dB.data(), dbias.data(), dY.data());
+    DINO_CHECK_CLOSE(download(dY), with_bias, 2e-5);
+    dino::cuda::gemm_bias_rows(pol, p, dA.data(), dB.data(), dbias.data(), dY.data(), dR.data());
+    DINO_CHECK_CLOSE(download(dY), with_res, 2e-5);
+  });
   // The stage has grown to the largest pair above; products that fit allocate nothing and
   // wait for nothing.
   const auto allocs = dino::cuda::device_allocations();

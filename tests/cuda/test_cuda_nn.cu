@@ -126,8 +126,7 @@ TEST_CASE("cuda linear with tensor cores: the bias gradient summed in the GEMM's
   lin.backward(cpu, hc(P, {len(P)}), hc(x, {n, in}), hc(g, {n, out}), hv(gx, {n, in}), grad_mode::write,
                hv(G, {len(G)}));
   const std::size_t b = lin.bias_offset(), w = lin.weight_offset();
-  const std::vector<float> db(G.begin() + std::ptrdiff_t(b), G.begin() + std::ptrdiff_t(b + std::size_t(out)));
-  const std::vector<float> dW(G.begin() + std::ptrdiff_t(w), G.begin() + std::ptrdiff_t(w + std::size_t(out * in)));
+  const auto db = slice(G, b, std::size_t(out)), dW = slice(G, w, std::size_t(out * in));
   auto dP = upload(P), dx = upload(x), dg = upload(g);
   for (const bool bf16 : {false, true}) {
     CAPTURE(bf16);
@@ -143,14 +142,12 @@ TEST_CASE("cuda linear with tensor cores: the bias gradient summed in the GEMM's
     for (const auto& r : prof.summary()) epilogue |= r.name == "gemm + bias gradient epilogue";
     MESSAGE("bias gradient in the GEMM epilogue: " << (epilogue ? "yes" : "no (cuBLASLt had no algorithm: column_sums)"));
     const auto Gg = download(dG);
-    const std::vector<float> gdb(Gg.begin() + std::ptrdiff_t(b), Gg.begin() + std::ptrdiff_t(b + std::size_t(out)));
+    const auto gdb = slice(Gg, b, std::size_t(out));
     // The epilogue may sum dy as its tensor cores see it (rounded to TF32 or bf16), so the
     // bound is the mode's, not fp32's; the distance is printed for docs/perf-notes.md (v12).
     MESSAGE("bias gradient from the CPU's: " << max_rel_error(gdb, db));
     DINO_CHECK_CLOSE(gdb, db, bf16 ? 1e-2 : 2e-3);
-    DINO_CHECK_CLOSE(std::vector<float>(Gg.begin() + std::ptrdiff_t(w),
-                                        Gg.begin() + std::ptrdiff_t(w + std::size_t(out * in))),
-                     dW, bf16 ? 2e-2 : 5e-3);
+    DINO_CHECK_CLOSE(slice(Gg, w, std::size_t(out * in)), dW, bf16 ? 2e-2 : 5e-3);
   }
 }
 

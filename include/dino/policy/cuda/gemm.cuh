@@ -51,12 +51,12 @@ struct lt_plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  bool found = false;  // false only for a bias-epilogue plan cuBLASLt has no algorithm for
+  bool found = false;  // false only for an epilogue or staged plan cuBLASLt has no algorithm for
 };
 
 // Key: handle, workspace size, dtype, fp32 mode (0 exact, 1 TF32, 2 bf16, 3 bf16 operands in
-// memory: bf16_staged), transposes, sizes,
-// leading dims, batch and strides, epilogue (lt_epilogue), the operands' pointer alignments.
+// memory: bf16_staged), transposes, sizes, leading dims, batch and strides, epilogue
+// (lt_epilogue), the operands' pointer alignments.
 using lt_key = std::tuple<void*, std::size_t, int, int, bool, bool, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                           std::int64_t, int, std::array<std::uint32_t, 4>>;
@@ -273,10 +273,28 @@ inline staged_operands stage_operands(const cuda_policy& pol, const gemm_desc& d
   return {sa, sb};
 }
 
-// Whether this product takes the staged path (cuda_policy::bf16_staged).
-template <class T>
-bool use_stage(const cuda_policy& pol, const gemm_desc& d) {
-  return std::is_same_v<T, float> && pol.bf16 && pol.bf16_staged && pol.stage && d.batch == 1 && d.k > 0;
+// Whether a float product takes the staged path (cuda_policy::bf16_staged).
+inline bool use_stage(const cuda_policy& pol, const gemm_desc& d) {
+  return pol.bf16 && pol.bf16_staged && pol.stage && d.batch == 1 && d.k > 0;
+}
+
+// The staged product (use_stage): D = alpha op(A) op(B) + beta C_in, with the plan's epilogue
+// (epi_none, or epi_bias with `bias`), A and B rounded into the stage first. False, with
+// nothing queued, when cuBLASLt has no such algorithm: the caller takes its FAST_16BF path.
+inline bool staged_matmul(const cuda_policy& pol, const gemm_desc& d, std::int64_t lda, std::int64_t ldb,
+                          std::int64_t ldc, float alpha, const float* A, const float* B, float beta, const float* c_in,
+                          float* C, const float* bias, const char* mark) {
+  const gemm_desc sd = packed_desc(d);
+  const lt_plan& p = plan_for<float>(pol, sd, sd.lda, sd.ldb, ldc, {256, 256, alignment_of(c_in), alignment_of(C)},
+                                     bias ? epi_bias : epi_none, true);
+  if (!p.found) return false;
+  const staged_operands st = stage_operands(pol, d, A, lda, B, ldb);
+  if (bias)
+    DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, st.b, p.a, st.a, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
+                                   pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+  profile_mark(mark);
+  return true;
 }
 
 }  // namespace detail
@@ -296,20 +314,10 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
       for_each_chunk(pol, d.m * d.n, detail::scale_chunk<T>{C + i * d.stride_c, beta, d.n, ldc});
     return;
   }
-  if constexpr (std::is_same_v<T, float>) {
-    if (detail::use_stage<T>(pol, d)) {
-      const gemm_desc sd = detail::packed_desc(d);
-      const detail::lt_plan& p = detail::plan_for<T>(
-          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(C), detail::alignment_of(C)}, detail::epi_none,
-          true);
-      if (p.found) {
-        const auto st = detail::stage_operands(pol, d, A, lda, B, ldb);
-        DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, st.b, p.a, st.a, p.b, &beta, C, p.c, C, p.c, &p.algo,
-                                         pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-        detail::profile_mark("gemm (bf16 operands)");
-        return;
-      }  // no algorithm for bf16 operands: FAST_16BF over the fp32 ones, below
-    }
+  if constexpr (std::is_same_v<T, float>) {  // else (no algorithm): FAST_16BF over the fp32 operands, below
+    if (detail::use_stage(pol, d) &&
+        detail::staged_matmul(pol, d, lda, ldb, ldc, alpha, A, B, beta, C, C, nullptr, "gemm (bf16 operands)"))
+      return;
   }
   const detail::lt_plan& p = detail::plan_for<T>(
       pol, d, lda, ldb, ldc,
@@ -338,24 +346,14 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
   const std::int64_t ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
   const std::int64_t ldc = d.ldc ? d.ldc : d.n;
   // cuBLASLt's bias epilogue needs a 16-byte aligned bias (a less aligned one can fail the call).
+  // Staged bf16 operands first; without a bias-epilogue algorithm for them, the paths below.
   if constexpr (std::is_same_v<T, float>) {
-    if (detail::use_stage<T>(pol, d) && detail::alignment_of(bias) >= 16) {
-      const T* c_in = residual ? residual : C;
-      const gemm_desc sd = detail::packed_desc(d);
-      const detail::lt_plan& p = detail::plan_for<T>(
-          pol, sd, sd.lda, sd.ldb, ldc, {256, 256, detail::alignment_of(c_in), detail::alignment_of(C)}, detail::epi_bias,
-          true);
-      if (p.found) {
-        const auto st = detail::stage_operands(pol, d, A, lda, B, ldb);
-        DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-        const T one(1), beta(residual ? 1 : 0);
-        DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, st.b, p.a, st.a, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
-                                         pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-        detail::profile_mark(residual ? "gemm + bias epilogue + residual (bf16 operands)"
-                                      : "gemm + bias epilogue (bf16 operands)");
-        return;
-      }  // no bias-epilogue algorithm for bf16 operands: the bias rows and gemm (staged), below
-    }
+    if (detail::use_stage(pol, d) && detail::alignment_of(bias) >= 16 &&
+        detail::staged_matmul(pol, d, lda, ldb, ldc, 1.0f, A, B, residual ? 1.0f : 0.0f, residual ? residual : C, C,
+                              bias,
+                              residual ? "gemm + bias epilogue + residual (bf16 operands)"
+                                       : "gemm + bias epilogue (bf16 operands)"))
+      return;
   }
   if (d.k > 0 && detail::alignment_of(bias) >= 16) {
     const T* c_in = residual ? residual : C;
@@ -377,17 +375,6 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
   if (residual) for_each_chunk(pol, d.m * d.n, detail::add_rows_fn<T>{residual, C, d.n, ldc});
 }
 
-namespace detail {
-template <class T>
-struct add_into_fn {  // y[i] += x[i]
-  const T* x;
-  T* y;
-  DINO_HD void operator()(std::int64_t b, std::int64_t e) const {
-    for (std::int64_t i = b; i < e; ++i) y[i] += x[i];
-  }
-};
-}  // namespace detail
-
 /// The parameter gradients of a linear layer (nn::linear): dW[out, in] += dy^T x over the
 /// rows, and db[out] += the column sums of dy (db null: no bias). Twin of the CPU form. With
 /// tensor cores (tf32 or bf16, not bf16_staged) and float, db is summed by the GEMM's
@@ -400,7 +387,7 @@ inline void linear_param_grads(const cuda_policy& pol, const T* dy, const T* x, 
                                std::int64_t in, T* dW, T* db) {
   const gemm_desc d{true, false, out, in, rows};
   if constexpr (std::is_same_v<T, float>) {
-    const bool fast = (pol.tf32 || pol.bf16) && !detail::use_stage<T>(pol, d);
+    const bool fast = (pol.tf32 || pol.bf16) && !detail::use_stage(pol, d);
     if (db && fast && rows > 0 && pol.scratch && pol.scratch_bytes >= std::size_t(out) * sizeof(T) &&
         detail::alignment_of(pol.scratch) >= 16) {
       const detail::lt_plan& p = detail::plan_for<T>(
@@ -414,7 +401,7 @@ inline void linear_param_grads(const cuda_policy& pol, const T* dy, const T* x, 
         DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, x, p.a, dy, p.b, &one, dW, p.c, dW, p.c, &p.algo,
                                          pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
         detail::profile_mark("gemm + bias gradient epilogue");
-        for_each_chunk(pol, out, detail::add_into_fn<T>{part, db});
+        for_each_chunk(pol, out, detail::add_rows_fn<T>{part, db, out, out});  // db += part (one row)
         return;
       }
     }
