@@ -20,6 +20,12 @@ struct cpu_policy {
   /// precision of the linear layers. Parameters, optimizer, EMA, LayerNorm, softmax and
   /// loss stay fp32; attention's per-head products too. false: exact fp32, the reference.
   bool bf16 = false;
+  /// With bf16: the ViT writes the operands of its forward qkv, fc1 and fc2 products (the
+  /// LayerNorm and GELU outputs, and copies of those weights) as bf16 in memory, and the
+  /// products read them (cpu/bf16_operands.hpp, nn/vit.hpp): in infer() always, in the
+  /// training forward with vit_config::recompute_pointwise. The same rounding as bf16's, so
+  /// the same results; a pack must be planned for it (vit::make_pack(pol, sets)).
+  bool bf16_operands = false;
 };
 
 template <class P>

@@ -201,26 +201,24 @@ DINO_TARGET_AVX512BF16 inline void kernel(std::int64_t kp, const std::uint32_t* 
   pgemm::store_tile_avx512<MR, NV>(acc, c, ldc, mr, nr, alpha, beta, bias);
 }
 
-/// The bf16 twin of pgemm::gemm_blocked (same loop nest, depth blocks and bias contract).
-/// Returns false when the thread's packing buffers could not be allocated.
-inline bool gemm_blocked(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
-                         const float* A, std::int64_t lda, const float* B, std::int64_t ldb, float beta, float* C,
-                         std::int64_t ldc, const float* bias) {
+/// The loop nest of the bf16 GEMMs (pgemm::gemm_blocked's, its depth blocks and bias
+/// contract): pack_a(ic, pc, mc, kc, dst) and pack_b(pc, jc, nc, kc, dst) fill the panels;
+/// ta: A's panel holds depth pairs of MR rows (else rows of pair words).
+template <class PackA, class PackB>
+inline void blocked_loop(bool ta, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, float beta, float* C,
+                         std::int64_t ldc, const float* bias, buffers& buf, PackA&& pack_a_at, PackB&& pack_b_at) {
   static_assert(MC % MR == 0 && NC % NR == 0);
-  buffers& buf = thread_buffers();
-  if (!buf.a) return false;
-  if (k == 0) return pgemm::gemm_blocked<pgemm::isa_avx512>(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, bias);
   const std::int64_t kb = pgemm::depth_block(k);
   for (std::int64_t jc = 0; jc < n; jc += NC) {
     const std::int64_t nc = std::min(NC, n - jc);
     for (std::int64_t pc = 0; pc < k; pc += kb) {
       const std::int64_t kc = std::min(kb, k - pc), kp = (kc + 1) / 2;
-      pack_b(tb, B, ldb, pc, jc, nc, kc, buf.b);
+      pack_b_at(pc, jc, nc, kc, buf.b);
       const float bet = pc == 0 ? beta : 1.0f;
       const float* bias_c = pc == 0 && bias ? bias + jc : nullptr;
       for (std::int64_t ic = 0; ic < m; ic += MC) {
         const std::int64_t mc = std::min(MC, m - ic);
-        pack_a(ta, A, lda, ic, pc, mc, kc, buf.a);
+        pack_a_at(ic, pc, mc, kc, buf.a);
         const std::uint32_t* bp = buf.b;
         for (std::int64_t j = 0; j < nc; j += NR) {
           const int w = pgemm::panel_width<NR>(nc, j);
@@ -243,6 +241,83 @@ inline bool gemm_blocked(bool ta, bool tb, std::int64_t m, std::int64_t n, std::
       }
     }
   }
+}
+
+/// The bf16 twin of pgemm::gemm_blocked (same loop nest, depth blocks and bias contract).
+/// Returns false when the thread's packing buffers could not be allocated.
+inline bool gemm_blocked(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                         const float* A, std::int64_t lda, const float* B, std::int64_t ldb, float beta, float* C,
+                         std::int64_t ldc, const float* bias) {
+  buffers& buf = thread_buffers();
+  if (!buf.a) return false;
+  if (k == 0) return pgemm::gemm_blocked<pgemm::isa_avx512>(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+  blocked_loop(
+      ta, m, n, k, alpha, beta, C, ldc, bias, buf,
+      [&](std::int64_t ic, std::int64_t pc, std::int64_t mc, std::int64_t kc, std::uint32_t* d) {
+        pack_a(ta, A, lda, ic, pc, mc, kc, d);
+      },
+      [&](std::int64_t pc, std::int64_t jc, std::int64_t nc, std::int64_t kc, std::uint32_t* d) {
+        pack_b(tb, B, ldb, pc, jc, nc, kc, d);
+      });
+  return true;
+}
+
+// ---- operands already bf16 in memory (cpu/bf16_operands.hpp): C = X W^T, X [m, k] and W
+// [n, k] bf16 bits in rows. Their pair words are consecutive values of a row, so packing is a
+// copy of words (no rounding); the panels, the kernel and the depth blocks are gemm_blocked's,
+// so C is the same bits as gemm_blocked(false, true, ...) on the fp32 values the bits stand for.
+
+/// The pair words of cnt values of a bf16 row (the high half of a last, odd word zero).
+inline void pairs_of_bf16_run(const std::uint16_t* s, std::int64_t cnt, std::uint32_t* d) {
+  const std::int64_t whole = cnt / 2;
+  std::memcpy(d, s, sizeof(std::uint32_t) * std::size_t(whole));
+  if (cnt % 2) d[whole] = s[cnt - 1];
+}
+
+/// pack_a(false, ...) from bf16 rows: row r's words at dst[r kp + t], zero rows past mc.
+inline void pack_a_bf16(const std::uint16_t* A, std::int64_t lda, std::int64_t i0, std::int64_t p0, std::int64_t mc,
+                        std::int64_t kc, std::uint32_t* dst) {
+  const std::int64_t kp = (kc + 1) / 2;
+  for (std::int64_t i = 0; i < mc; i += MR, dst += MR * kp) {
+    const int rows = int(std::min<std::int64_t>(MR, mc - i));
+    if (rows < MR) std::memset(dst, 0, sizeof(std::uint32_t) * std::size_t(MR * kp));
+    for (int r = 0; r < rows; ++r) pairs_of_bf16_run(A + (i0 + i + r) * lda + p0, kc, dst + r * kp);
+  }
+}
+
+/// pack_b(true, ...) from bf16 rows of B^T (column j of op(B) is row j of W): panel words
+/// (t, c) at dst[t w + c], zero columns past nc.
+inline void pack_b_bf16(const std::uint16_t* B, std::int64_t ldb, std::int64_t p0, std::int64_t j0, std::int64_t nc,
+                        std::int64_t kc, std::uint32_t* dst) {
+  const std::int64_t kp = (kc + 1) / 2;
+  std::uint32_t col[KC / 2 + 1];
+  for (std::int64_t j = 0; j < nc; j += NR) {
+    const int w = pgemm::panel_width<NR>(nc, j);
+    const int cols = int(std::min<std::int64_t>(w, nc - j));
+    if (cols < w) std::memset(dst, 0, sizeof(std::uint32_t) * std::size_t(w * kp));
+    for (int c = 0; c < cols; ++c) {
+      pairs_of_bf16_run(B + (j0 + j + c) * ldb + p0, kc, col);
+      for (std::int64_t t = 0; t < kp; ++t) dst[t * w + c] = col[t];
+    }
+    dst += std::int64_t(w) * kp;
+  }
+}
+
+/// gemm_blocked(false, true, m, n, k, 1, X, lda, W, ldb, 0, C, ldc, bias) on bf16 operands
+/// in memory. Returns false when the thread's packing buffers could not be allocated.
+inline bool gemm_blocked_bf16_operands(std::int64_t m, std::int64_t n, std::int64_t k, const std::uint16_t* X,
+                                       std::int64_t lda, const std::uint16_t* W, std::int64_t ldb, float* C,
+                                       std::int64_t ldc, const float* bias) {
+  buffers& buf = thread_buffers();
+  if (!buf.a || k == 0) return false;
+  blocked_loop(
+      false, m, n, k, 1.0f, 0.0f, C, ldc, bias, buf,
+      [&](std::int64_t ic, std::int64_t pc, std::int64_t mc, std::int64_t kc, std::uint32_t* d) {
+        pack_a_bf16(X, lda, ic, pc, mc, kc, d);
+      },
+      [&](std::int64_t pc, std::int64_t jc, std::int64_t nc, std::int64_t kc, std::uint32_t* d) {
+        pack_b_bf16(W, ldb, pc, jc, nc, kc, d);
+      });
   return true;
 }
 #endif  // DINO_GEMM_X86

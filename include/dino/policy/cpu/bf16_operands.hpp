@@ -1,0 +1,171 @@
+// dino/policy/cpu/bf16_operands.hpp: GEMM operands kept in memory as bf16 (the bf16_operands
+// option of the bf16 mixed precision; twin of policy/cuda/bf16_operands.cuh).
+//
+//   round_bf16_apply(pol, x, y16, n)        y16[i] = bf16 bits of x[i] (nearest even, cpu::bf16_bits)
+//   layer_norm_rows_bf16(pol, x, w, b, y16, stats, rows, D, eps)
+//                                           y16 = bf16(LN(x)) per row; stats as layer_norm_rows
+//   gelu_apply_bf16(pol, a, y16, n)         y16 = bf16(gelu(a))
+//   gemm_bias_rows_bf16(pol, m, n, k, X16, W16, bias, C[, R])
+//                                           C[m, n] = X16 W16^T + bias (+ R), X16 [m, k] and
+//                                           W16 [n, k] bf16 bits, C, bias and R fp32 (bias null: none)
+//
+// The bf16 path of the linear layers (cpu_policy::bf16) rounds each fp32 operand to bf16 as
+// the GEMM packs it. Here the producers of an operand (LayerNorm, GELU, a weight's copy) round
+// as they write, with the same rounding, and the product reads the bf16 values: the operands
+// the product sees are the same values, so the results are the same bits as the fp32-operand
+// bf16 path (the tests check this). That also makes the CPU the test bed of the ViT's bf16
+// operand layout (nn/vit.hpp): the same areas and buffers as on the GPU, where halving the
+// bytes the products read is what the option is for. On the CPU the product packs bf16
+// operands as they lie on the AVX512_BF16 kernel (a copy of words instead of a rounding pass
+// over fp32), and elsewhere widens them to fp32 in blocks of rows; the producers' rounding is
+// a pass of its own here. Off by default on both policies; docs/benchmarks.md has what it
+// costs or saves on the CPU.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <vector>
+
+#include "dino/policy/cpu/gelu_kernel.hpp"
+#include "dino/policy/cpu/nn_ops.hpp"
+
+namespace dino::cpu {
+
+/// The float a bf16 bit pattern stands for (exact).
+inline float bf16_value(std::uint16_t h) { return std::bit_cast<float>(std::uint32_t(h) << 16); }
+
+/// y16[i] = the bf16 bits of x[i], rounded to nearest even (bf16_bits), in parallel chunks.
+inline void round_bf16_apply(const cpu_policy& pol, const float* x, std::uint16_t* y, std::int64_t n) {
+  for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) y[i] = bf16_bits(x[i]);
+  });
+}
+
+/// y16 = LN(x) per row rounded to bf16; stats [rows, 2] = (mean, rstd) unless null. The fp32
+/// values are layer_norm_rows' (the same row kernel), rounded as they are stored.
+inline void layer_norm_rows_bf16(const cpu_policy& pol, const float* x, const float* w, const float* b,
+                                 std::uint16_t* y, float* stats, std::int64_t rows, std::int64_t D, float eps) {
+#if DINO_GEMM_X86
+  const bool wide = simd_avx512();
+#endif
+  detail::for_each_row_block(pol, rows, [&](std::int64_t r0, std::int64_t r1) {
+    thread_local std::vector<float> row;  // one row in fp32, grown once per thread
+    if (row.size() < std::size_t(D)) row.resize(std::size_t(D));
+    for (std::int64_t r = r0; r < r1; ++r) {
+      float* st = stats ? stats + 2 * r : nullptr;
+#if DINO_GEMM_X86
+      if (wide) detail::layer_norm_block_avx512(x + r * D, w, b, row.data(), st, 0, 1, D, eps);
+      else
+#endif
+        detail::layer_norm_block(x + r * D, w, b, row.data(), st, 0, 1, D, eps);
+      std::uint16_t* yr = y + r * D;
+      for (std::int64_t i = 0; i < D; ++i) yr[i] = bf16_bits(row[std::size_t(i)]);
+    }
+  });
+}
+
+/// y16 = gelu(a) rounded to bf16 over n elements (gelu_range's values), in parallel chunks.
+inline void gelu_apply_bf16(const cpu_policy& pol, const float* a, std::uint16_t* y, std::int64_t n) {
+  for_each_chunk(pol, n, [&](std::int64_t b, std::int64_t e) {
+    constexpr std::int64_t L = 1024;
+    alignas(64) float t[L];
+    for (std::int64_t i = b; i < e; i += L) {
+      const std::int64_t len = std::min(L, e - i);
+      gelu_range(a + i, t, len);
+      for (std::int64_t j = 0; j < len; ++j) y[i + j] = bf16_bits(t[j]);
+    }
+  });
+}
+
+/// C[m, n] += R (packed; R null: nothing), as gemm_bias_rows adds its residual.
+inline void add_residual_rows(const cpu_policy& pol, std::int64_t m, std::int64_t n, const float* R, float* C) {
+  if (!R) return;
+  for_each_row(pol, m, [&](std::int64_t r) {
+    float* cr = C + r * n;
+    const float* rr = R + r * n;
+    for (std::int64_t j = 0; j < n; ++j) cr[j] += rr[j];
+  });
+}
+
+namespace detail {
+/// The AVX512_BF16 kernel on the bf16 operands as they lie (pgemm16::gemm_blocked_bf16_operands),
+/// split over threads as gemm() splits a product; false: not run (no such kernel active, an
+/// empty depth, or no packing buffers), C then to be written by another path.
+inline bool gemm_bf16_operands_native(const cpu_policy& pol, std::int64_t m, std::int64_t n, std::int64_t k,
+                                      const std::uint16_t* X, const std::uint16_t* W, const float* bias, float* C) {
+#if DINO_GEMM_X86
+  if (!gemm_bf16_native() || k == 0) return false;
+  const int threads = pol.threads > 1 ? pol.threads : 1;
+  if (threads == 1 || double(m) * double(n) * double(k) < 262144.0 || (m < 32 && n < 32))
+    return pgemm16::gemm_blocked_bf16_operands(m, n, k, X, k, W, k, C, n, bias);
+  const bool split_rows = m >= n;  // the larger of m and n, in blocks of the kernel's tile
+  const std::int64_t extent = split_rows ? m : n, g = split_rows ? 48 : 32;
+  const std::int64_t per = ((extent + threads - 1) / threads + g - 1) / g * g;
+  const int blocks = int((extent + per - 1) / per);
+  bool ok = true;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(&& : ok)
+#endif
+  for (int bi = 0; bi < blocks; ++bi) {
+    const std::int64_t lo = per * bi, len = std::min(extent - lo, per);
+    ok = (split_rows ? pgemm16::gemm_blocked_bf16_operands(len, n, k, X + lo * k, k, W, k, C + lo * n, n, bias)
+                     : pgemm16::gemm_blocked_bf16_operands(m, len, k, X, k, W + lo * k, k, C + lo, n,
+                                                            bias ? bias + lo : nullptr)) &&
+         ok;
+  }
+  return ok;
+#else
+  (void)pol, (void)m, (void)n, (void)k, (void)X, (void)W, (void)bias, (void)C;
+  return false;
+#endif
+}
+}  // namespace detail
+
+/// C[m, n] = X16 W16^T + bias (+ R) with X16 [m, k] and W16 [n, k] bf16 bits (packed rows),
+/// summed in fp32 as the bf16 GEMM sums (gemm_bf16.hpp), so C is the same bits as
+/// gemm_bias_rows with pol.bf16 on the fp32 values the bits stand for. On the AVX512_BF16
+/// kernel the operands are packed as they lie (a copy of words: half the bytes of the fp32
+/// path's packing, and no rounding); elsewhere W16 is widened once and X16 in blocks of rows
+/// for the bf16 GEMM (bf16 values are exact in fp32, and an element of C is summed the same way
+/// whatever the block of rows it is computed in). The residual is added after, as
+/// gemm_bias_rows adds it.
+inline void gemm_bias_rows_bf16(const cpu_policy& pol, std::int64_t m, std::int64_t n, std::int64_t k,
+                                const std::uint16_t* X, const std::uint16_t* W, const float* bias, float* C,
+                                const float* residual = nullptr) {
+  require<shape_error>(m >= 0 && n >= 0 && k >= 0, "gemm_bias_rows_bf16: invalid sizes m=", m, " n=", n, " k=", k);
+  if (m == 0 || n == 0) return;
+  if (detail::gemm_bf16_operands_native(pol, m, n, k, X, W, bias, C)) {
+    add_residual_rows(pol, m, n, residual, C);
+    return;
+  }
+  constexpr std::int64_t R = 512;  // rows of X widened at a time
+  thread_local std::vector<float> w, x;
+  w.resize(std::size_t(n * k));
+  x.resize(std::size_t(std::min(m, R) * k));
+  const auto widen = [&pol](const std::uint16_t* src, float* dst, std::int64_t cnt) {
+    for_each_chunk(pol, cnt, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t i = b; i < e; ++i) dst[i] = bf16_value(src[i]);
+    });
+  };
+  widen(W, w.data(), n * k);
+  cpu_policy bp = pol;
+  bp.bf16 = true;  // rounding bf16 values to bf16 changes nothing: the same kernel as the fp32-operand path
+  for (std::int64_t r0 = 0; r0 < m; r0 += R) {
+    const std::int64_t rows = std::min(R, m - r0);
+    widen(X + r0 * k, x.data(), rows * k);
+    const gemm_desc d{false, true, rows, n, k};
+    if (bias) gemm_bias(bp, d, x.data(), w.data(), bias, C + r0 * n);
+    else gemm(bp, d, 1.0f, x.data(), w.data(), 0.0f, C + r0 * n);
+  }
+  add_residual_rows(pol, m, n, residual, C);
+}
+
+}  // namespace dino::cpu
+
+namespace dino {
+using cpu::gelu_apply_bf16;
+using cpu::gemm_bias_rows_bf16;
+using cpu::layer_norm_rows_bf16;
+using cpu::round_bf16_apply;
+}  // namespace dino
