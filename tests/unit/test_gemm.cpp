@@ -292,6 +292,75 @@ TEST_CASE("bf16 operands (cpu_policy::bf16): the rounded operands' products summ
   }
 }
 
+TEST_CASE("bf16 operands in memory (cpu_policy::bf16_operands): the bits of the fp32-operand bf16 path") {
+  // The producers round as they store (LayerNorm, GELU, a weight's copy) and the product
+  // reads bf16: every op must give the bits of the fp32 op followed by the bf16 product's own
+  // rounding, on every kernel, over several 512-row blocks of X, odd depths, with and without
+  // bias and residual, for 1 and 2 threads.
+  kernel_guard guard;
+  std::vector<cpu::gemm_kernel> kernels;
+  if (cpu::gemm_bf16_native_supported()) kernels.push_back(cpu::gemm_kernel::avx512);
+  kernels.push_back(cpu::gemm_kernel_supported(cpu::gemm_kernel::avx2) ? cpu::gemm_kernel::avx2
+                                                                       : cpu::gemm_kernel::eigen);
+  const auto bits = [](const std::vector<float>& v) {
+    std::vector<std::uint16_t> b(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) b[i] = cpu::bf16_bits(v[i]);
+    return b;
+  };
+  std::uint64_t seed = 9100;
+  for (auto kern : kernels) {
+    REQUIRE(cpu::set_gemm_kernel(kern));
+    CAPTURE(std::string(cpu::gemm_kernel_name(kern)));
+    for (int threads : {1, 2}) {
+      CAPTURE(threads);
+      const cpu_policy pol{threads, true};
+      for (auto [m, n, k] : std::vector<std::tuple<int, int, int>>{{1, 1, 1}, {37, 19, 23}, {1100, 40, 33}, {600, 96, 96}, {40, 700, 65}}) {
+        CAPTURE(m);
+        CAPTURE(n);
+        CAPTURE(k);
+        std::vector<float> X(std::size_t(m) * k), W(std::size_t(n) * k), bias(static_cast<std::size_t>(n)), R(std::size_t(m) * n);
+        dino_test::fill_normal(X.data(), X.size(), seed++);
+        dino_test::fill_normal(W.data(), W.size(), seed++);
+        dino_test::fill_normal(bias.data(), bias.size(), seed++);
+        dino_test::fill_normal(R.data(), R.size(), seed++);
+        std::vector<std::uint16_t> W16(W.size()), X16 = bits(X);
+        round_bf16_apply(pol, W.data(), W16.data(), std::int64_t(W.size()));
+        CHECK(W16 == bits(W));
+        const gemm_desc d{false, true, m, n, k};
+        for (int variant = 0; variant < 3; ++variant) {  // bias, bias + residual, no bias
+          CAPTURE(variant);
+          std::vector<float> ref(std::size_t(m) * n, std::nanf("")), got(ref.size(), std::nanf(""));
+          const float* b = variant < 2 ? bias.data() : nullptr;
+          const float* r = variant == 1 ? R.data() : nullptr;
+          if (b) gemm_bias_rows(pol, d, X.data(), W.data(), b, ref.data(), r);
+          else gemm(pol, d, 1.0f, X.data(), W.data(), 0.0f, ref.data());
+          gemm_bias_rows_bf16(pol, m, n, k, X16.data(), W16.data(), b, got.data(), r);
+          CHECK(std::memcmp(ref.data(), got.data(), ref.size() * sizeof(float)) == 0);
+        }
+      }
+      // LayerNorm and GELU: the fp32 op's values, rounded
+      const std::int64_t rows = 300, D = 72;
+      std::vector<float> x(static_cast<std::size_t>(rows * D)), w(static_cast<std::size_t>(D)), b(static_cast<std::size_t>(D)), y(x.size()), st(2 * rows),
+          st16(2 * rows, std::nanf(""));
+      dino_test::fill_normal(x.data(), x.size(), seed++);
+      dino_test::fill_normal(w.data(), w.size(), seed++);
+      dino_test::fill_normal(b.data(), b.size(), seed++);
+      std::vector<std::uint16_t> y16(x.size());
+      layer_norm_rows(pol, x.data(), w.data(), b.data(), y.data(), st.data(), rows, D, 1e-6f);
+      layer_norm_rows_bf16(pol, x.data(), w.data(), b.data(), y16.data(), st16.data(), rows, D, 1e-6f);
+      CHECK(y16 == bits(y));
+      CHECK(std::memcmp(st.data(), st16.data(), st.size() * sizeof(float)) == 0);
+      const std::int64_t ne = 5000 + 13;
+      std::vector<float> a(std::size_t(ne) + 1), g(static_cast<std::size_t>(ne));
+      dino_test::fill_normal(a.data(), a.size(), seed++);
+      std::vector<std::uint16_t> g16(static_cast<std::size_t>(ne));
+      gelu_apply(pol, a.data() + 1, g.data(), ne);  // an unaligned start
+      gelu_apply_bf16(pol, a.data() + 1, g16.data(), ne);
+      CHECK(g16 == bits(g));
+    }
+  }
+}
+
 TEST_CASE("bf16 operands: the same bits for any thread count; gemm_bias equals bias rows then gemm") {
   kernel_guard guard;
   std::vector<cpu::gemm_kernel> kernels;

@@ -22,6 +22,7 @@ using dino_test::fill_normal;
 using dino_test::rel_error;
 
 namespace {
+using crop_set_t = nn::crop_set;
 nn::vit_config tiny(double drop = 0.0) {
   nn::vit_config c;
   c.img_size = 8;
@@ -41,6 +42,21 @@ void perturb(flat_params<T>& P, std::uint64_t seed, double scale) {
     fill_normal(noise, seed + e.offset, scale);
     for (std::size_t i = 0; i < e.numel(); ++i) P.data()[e.offset + i] += T(noise[i]);
   }
+}
+
+// tiny(0.5) at depth 3 with n blocks checkpointed and pointwise recomputation rp.
+nn::vit_config tiny3(std::int64_t n, bool rp) {
+  nn::vit_config c = tiny(0.5);
+  c.depth = 3;
+  c.checkpoint_blocks = n;
+  c.recompute_pointwise = rp;
+  return c;
+}
+// The kept patches of the masked two-set pack {{2, 8, 8, 9}, {3, 4, 6, 4}}.
+template <class Pack>
+void keep_some(Pack& pk) {
+  pk.keep[0] = {0, 2, 3, 5, 7, 8, 11, 13, 15, /**/ 1, 4, 5, 6, 9, 10, 12, 14, 15};
+  pk.keep[1] = {0, 1, 3, 5, /**/ 1, 2, 3, 4, /**/ 0, 2, 4, 5};
 }
 
 // The tiny ViT with its parameters initialised (seed) and perturbed (seed + 1) by N(0, 0.3^2).
@@ -180,20 +196,13 @@ TEST_CASE("vit: activation checkpointing and pointwise recomputation give the sa
     for (const auto& [n, rp] : runs) {
       CAPTURE(n);
       CAPTURE(rp);
-      nn::vit_config c = tiny(0.5);
-      c.depth = 3;
-      c.checkpoint_blocks = n;
-      c.recompute_pointwise = rp;
       param_layout L;
-      nn::vit v(c, L);
+      nn::vit v(tiny3(n, rp), L);
       flat_params<float> P(L), G(L);
       nn::initialize(P, 21);
       perturb(P, 22, 0.3);
       auto pk = masked ? v.make_pack<float>({{2, 8, 8, 9}, {3, 4, 6, 4}}) : v.make_pack<float>({{2, 8, 8}, {3, 4, 6}});
-      if (masked) {
-        pk.keep[0] = {0, 2, 3, 5, 7, 8, 11, 13, 15, /**/ 1, 4, 5, 6, 9, 10, 12, 14, 15};
-        pk.keep[1] = {0, 1, 3, 5, /**/ 1, 2, 3, 4, /**/ 0, 2, 4, 5};
-      }
+      if (masked) keep_some(pk);
       std::vector<float> img0(2 * 2 * 8 * 8), img1(3 * 2 * 4 * 6);
       fill_normal(img0, 5);
       fill_normal(img1, 6);
@@ -241,6 +250,101 @@ TEST_CASE("vit: activation checkpointing and pointwise recomputation give the sa
   nn::vit_config c = tiny();
   c.checkpoint_blocks = 3;  // depth 2
   CHECK_THROWS_AS(nn::vit(c, L), config_error);
+}
+
+TEST_CASE("vit: bf16 operands in memory (bf16_operands) give the bits of the bf16 products, trained and inferred") {
+  // A pack planned for cpu_policy::bf16_operands against one planned for plain bf16 products:
+  // the training forward and backward (pointwise recomputation on, with 0, 1 and all 3 blocks
+  // checkpointed, masked and not, DropPath on) and inference with every optional output must
+  // be the same bits. Without recompute_pointwise the training forward keeps the fp32 path
+  // (its a, c and g are read by the backward) and only inference changes.
+  const cpu_policy plain{2, true};
+  cpu_policy ops = plain;
+  ops.bf16_operands = true;
+  for (bool masked : {false, true})
+    for (const auto& [n, rp] : std::vector<std::pair<std::int64_t, bool>>{{0, true}, {1, true}, {3, true}, {0, false}}) {
+      CAPTURE(masked);
+      CAPTURE(n);
+      CAPTURE(rp);
+      param_layout L;
+      nn::vit v(tiny3(n, rp), L);
+      flat_params<float> P(L);
+      nn::initialize(P, 31);
+      perturb(P, 32, 0.3);
+      std::vector<crop_set_t> sets = masked ? std::vector<crop_set_t>{{2, 8, 8, 9}, {3, 4, 6, 4}}
+                                            : std::vector<crop_set_t>{{2, 8, 8}, {3, 4, 6}};
+      std::vector<float> img0(2 * 2 * 8 * 8), img1(3 * 2 * 4 * 6);
+      fill_normal(img0, 15);
+      fill_normal(img1, 16);
+      const float* imgs[2] = {img0.data(), img1.data()};
+      struct result {
+        std::vector<float> y, tokens, g, yi, toki, attn, inter;
+        std::size_t saved = 0, tail_written = 0;
+      };
+      const auto run = [&](const cpu_policy& pol) {
+        auto pk = v.make_pack(pol, sets);
+        if (masked) keep_some(pk);
+        const std::int64_t D = 8, nc = pk.crops, Tn = pk.tokens;
+        result r;
+        r.saved = v.saved_elems(pk);
+        flat_params<float> G(L);
+        std::vector<float> saved(r.saved, std::nanf("")), dtok(std::size_t(Tn * D)), scratch(v.scratch_elems(pk));
+        r.y.resize(std::size_t(nc * D));
+        host_view<const float> Pv{P.data(), {std::int64_t(P.size())}, "P"};
+        v.forward(pol, Pv, pk, std::span<const float* const>(imgs, 2), host_view<float>{r.y.data(), {nc, D}, "y"},
+                  host_view<float>{saved.data(), {std::int64_t(saved.size())}, "saved"}, 11, 3);
+        const float* tok = v.saved_tokens(pk, host_view<const float>{saved.data(), {std::int64_t(saved.size())}, "s"});
+        r.tokens.assign(tok, tok + Tn * D);
+        // what the forward wrote past the plain pack's saved size (the weights' bf16 copies)
+        const std::size_t plain_saved = v.saved_elems(v.make_pack<float>(sets));
+        for (std::size_t i = plain_saved; i < saved.size(); ++i) r.tail_written += !std::isnan(saved[i]);
+        fill_normal(dtok, 19);
+        v.backward(pol, Pv, pk, host_view<const float>{saved.data(), {std::int64_t(saved.size())}, "saved"},
+                   host_view<const float>{dtok.data(), {Tn, D}, "dtok"},
+                   host_view<float>{G.data(), {std::int64_t(G.size())}, "G"},
+                   host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"});
+        r.g.assign(G.data(), G.data() + G.size());
+        std::vector<float> iscratch(v.infer_scratch_elems(pk), std::nanf(""));
+        r.yi.resize(std::size_t(nc * D));
+        r.toki.resize(std::size_t(Tn * D));
+        r.attn.resize(v.cls_attention_elems(pk));
+        r.inter.resize(std::size_t(2 * Tn * D));
+        nn::vit::infer_outputs<float> out{r.toki.data(), r.attn.data(), 2, r.inter.data()};
+        v.infer(pol, Pv, pk, std::span<const float* const>(imgs, 2), host_view<float>{r.yi.data(), {nc, D}, "y"},
+                host_view<float>{iscratch.data(), {std::int64_t(iscratch.size())}, "scratch"}, out);
+        return r;
+      };
+      const result a = run(plain), b = run(ops);
+      CHECK(b.y == a.y);
+      CHECK(b.tokens == a.tokens);
+      CHECK(b.g == a.g);
+      CHECK(b.yi == a.yi);
+      CHECK(b.toki == a.toki);
+      CHECK(b.attn == a.attn);
+      CHECK(b.inter == a.inter);
+      if (rp) {  // the training forward took the bf16 path: its weight area was written
+        CHECK(b.saved > a.saved);
+        CHECK(b.tail_written > 0);
+      } else {
+        CHECK(b.saved == a.saved);
+      }
+    }
+  // a pack planned for bf16 operands refuses a policy whose products are fp32
+  param_layout L;
+  nn::vit v(tiny(), L);
+  flat_params<float> P(L);
+  nn::initialize(P, 1);
+  cpu_policy ops1{1, true};
+  ops1.bf16_operands = true;
+  auto pk = v.make_pack(ops1, std::vector<crop_set_t>{{1, 8, 8}});
+  CHECK(pk.bf16_operands);
+  CHECK_FALSE(v.make_pack(cpu_policy{1, false}, std::vector<crop_set_t>{{1, 8, 8}}).bf16_operands);
+  std::vector<float> img(2 * 64), y(8), scratch(v.infer_scratch_elems(pk));
+  const float* imgs[1] = {img.data()};
+  CHECK_THROWS_AS(v.infer(cpu_policy{1}, host_view<const float>{P.data(), {std::int64_t(P.size())}, "P"}, pk,
+                          std::span<const float* const>(imgs, 1), host_view<float>{y.data(), {1, 8}, "y"},
+                          host_view<float>{scratch.data(), {std::int64_t(scratch.size())}, "scratch"}),
+                  config_error);
 }
 
 namespace {

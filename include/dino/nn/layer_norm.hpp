@@ -13,6 +13,7 @@
 #include "dino/core/param_store.hpp"
 #include "dino/math/layernorm.hpp"
 #include "dino/policy/cpu.hpp"
+#include "dino/policy/cpu/bf16_operands.hpp"
 #include "dino/policy/cpu/nn_ops.hpp"
 
 namespace dino::nn {
@@ -43,6 +44,15 @@ class layer_norm {
     check_matrix("layer_norm forward", x, cfg_.dim);
     check_shape("layer_norm forward", y, x.shape);
     layer_norm_rows(pol, x.data, P.data + w_, P.data + b_, y.data, saved.data, x.rows(), cfg_.dim, T(cfg_.eps));
+  }
+  /// forward() with y rounded to bf16 as it is stored (y16 [N, dim] bf16 bits; policy op
+  /// layer_norm_rows_bf16): the operand of a bf16 product (nn::linear::forward_bf16).
+  template <class Policy, class S>
+  void forward_bf16(const Policy& pol, tensor_view<const float, S> P, tensor_view<const float, S> x,
+                    std::uint16_t* y16, tensor_view<float, S> saved) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_matrix("layer_norm forward", x, cfg_.dim);
+    layer_norm_rows_bf16(pol, x.data, P.data + w_, P.data + b_, y16, saved.data, x.rows(), cfg_.dim, float(cfg_.eps));
   }
   template <class Policy, class T, class S>
   void infer(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<T, S> y,

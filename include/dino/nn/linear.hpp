@@ -5,7 +5,8 @@
 //           dx (=|+=|skip, by grad_mode) = dy W
 // Parameters and gradients are flat buffers laid out by the param_layout the layer
 // registered in; the layer keeps only offsets. Any policy with gemm, gemm_bias_rows and
-// linear_param_grads (CPU, CUDA); all views in the policy's memory space.
+// linear_param_grads (CPU, CUDA); all views in the policy's memory space. The bf16-operand
+// forms (round_weight, forward_bf16) also need round_bf16_apply and gemm_bias_rows_bf16.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,7 @@
 #include "dino/core/param_store.hpp"
 #include "dino/core/tensor.hpp"
 #include "dino/policy/cpu.hpp"
+#include "dino/policy/cpu/bf16_operands.hpp"
 #include "dino/policy/cpu/nn_ops.hpp"
 
 namespace dino::nn {
@@ -73,6 +75,27 @@ class linear {
     require<shape_error>(residual.data != y.data, "linear forward_residual: the residual must not be the output");
     gemm_bias_rows(pol, gemm_desc{false, true, x.rows(), cfg_.out, cfg_.in}, x.data, P.data + w_, P.data + b_, y.data,
                    residual.data);
+  }
+
+  /// w16 (=) the weight rounded to bf16 ([out, in] bf16 bits): the weight operand of
+  /// forward_bf16 (policy op round_bf16_apply).
+  template <class Policy, class S>
+  void round_weight(const Policy& pol, tensor_view<const float, S> P, std::uint16_t* w16) const {
+    DINO_CHECK_SPACE(Policy, S);
+    round_bf16_apply(pol, P.data + w_, w16, cfg_.out * cfg_.in);
+  }
+  /// y = x16 w16^T + b (+ residual, [N, out], not y) with both operands bf16 in memory: x16
+  /// [N, in] (N = y's rows) and w16 from round_weight (policy op gemm_bias_rows_bf16). The
+  /// same values as forward() with pol.bf16 on the fp32 x that x16 rounds.
+  template <class Policy, class S>
+  void forward_bf16(const Policy& pol, tensor_view<const float, S> P, const std::uint16_t* x16,
+                    const std::uint16_t* w16, tensor_view<float, S> y, const float* residual = nullptr) const {
+    DINO_CHECK_SPACE(Policy, S);
+    check_matrix("linear forward (bf16 operands)", y, cfg_.out);
+    require<shape_error>(!residual || residual != y.data,
+                         "linear forward (bf16 operands): the residual must not be the output");
+    gemm_bias_rows_bf16(pol, y.rows(), cfg_.out, cfg_.in, x16, w16, cfg_.bias ? P.data + b_ : nullptr, y.data,
+                        residual);
   }
 
   template <class Policy, class T, class S>

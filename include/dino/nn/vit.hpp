@@ -43,6 +43,16 @@
 // (2 T D + T H) without checkpointing. The CPU policy then keeps fc1's output rather than
 // gelu'(fc1) (nn::gelu_saves_grad) and its backward evaluates GELU's derivative again.
 //
+// bf16 operands (vit_pack::bf16_operands, planned by make_pack(pol, sets) for a policy with
+// bf16 and bf16_operands): the operands of the qkv, fc1 and fc2 products are written as bf16
+// by their producers (LN1, LN2 and GELU round as they store; each block's three weights are
+// rounded into a copy before its products) and the products read bf16 from memory. It is the
+// rounding the bf16 products do to fp32 operands, moved to the producers: the same values on
+// the CPU (the same bits, tested), half the bytes for the GPU's products to read. infer() runs
+// so for such a pack; forward() with recompute_pointwise only, when nothing but those products
+// reads a, c and g (the backward makes its own fp32 copies). proj reads the attention's fp32
+// output as before.
+//
 // Forms: forward() (training: keeps what backward needs in `saved`, draws DropPath masks
 // from Philox keyed by (seed, step, block, branch) and the crop index), infer() (no saved
 // state, no DropPath; optionally the last block's CLS attention row and the normalised
@@ -131,6 +141,9 @@ struct vit_pack {
   std::vector<pos_resize<T>> resize;      ///< position grid resize per set
   std::vector<std::size_t> probs_off;     ///< attention probs region offsets per segment
   attention_store store = attention_store::matrix;  ///< what the probs regions hold (make_pack)
+  /// The forward products' operands stored as bf16 (make_pack(pol, sets) for a policy with
+  /// bf16 and bf16_operands; see "bf16 operands" above): sizes the areas that hold them.
+  bool bf16_operands = false;
   std::vector<std::int64_t> cls_attn_off; ///< [segment] offset into a CLS-attention output
   std::int64_t tokens = 0, crops = 0, patches = 0, max_set_patches = 0;
   std::size_t probs = 0;
@@ -562,6 +575,8 @@ class vit {
     requires execution_policy<Policy>
   vit_pack<T> make_pack(const Policy& pol, std::vector<crop_set> sets) const {
     vit_pack<T> pk = make_pack<T>(std::move(sets), store_for<T>(pol));
+    if constexpr (std::is_same_v<T, float> && requires { pol.bf16_operands; })
+      pk.bf16_operands = pol.bf16 && pol.bf16_operands;
     upload(pol, pk);
     return pk;
   }
@@ -631,7 +646,7 @@ class vit {
   std::size_t saved_elems(const vit_pack<T>& pk) const {
     return static_cast<std::size_t>(pk.patches * patch_dim()) + pos_elems(pk) + blocks_elems(pk) +
            static_cast<std::size_t>(pk.tokens * (cfg_.embed_dim + 2)) + static_cast<std::size_t>(pk.tokens * cfg_.embed_dim) +
-           (cfg_.checkpoint_blocks == cfg_.depth ? block_saved(pk) : 0) + pointwise_elems(pk);
+           (cfg_.checkpoint_blocks == cfg_.depth ? block_saved(pk) : 0) + pointwise_elems(pk) + fwd16_extra(pk);
   }
   template <class T>
   std::size_t scratch_elems(const vit_pack<T>& pk) const {
@@ -648,7 +663,8 @@ class vit {
     const std::size_t TD = static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
     const std::size_t TH = static_cast<std::size_t>(pk.tokens * cfg_.mlp_hidden());
     const std::size_t embed = static_cast<std::size_t>(pk.max_set_patches * std::max(patch_dim(), cfg_.embed_dim));
-    return 2 * TD + TD + 3 * TD + TD + TH + pk.probs + static_cast<std::size_t>(2 * pk.tokens) + embed + pos_elems(pk);
+    return 2 * TD + TD + 3 * TD + TD + TH + pk.probs + static_cast<std::size_t>(2 * pk.tokens) + embed + pos_elems(pk) +
+           (pk.bf16_operands ? align_slack + op16_elems(pk) + w16_elems() : 0);
   }
 
   /// Which outputs infer() should write besides the CLS features.
@@ -674,10 +690,13 @@ class vit {
     // The patch GEMM's output goes through block 0's saved area (not yet written) on its way into x0.
     embed(pol, P, pk, images, s.unfold, true, s.pos, s.x0, s.x0 + static_cast<std::size_t>(Tn * D));
     const T* x = s.x0;
+    const bool b16 = fwd16(pk);  // bf16 operands: a, c and g as bf16 in the pointwise area
+    const op16_parts o16 = b16 ? split_op16(s.pointwise, s.w16, pk) : op16_parts{};
     for (std::int64_t l = 0; l < cfg_.depth; ++l) {
       const block_saved_parts<T> b = block_parts(s, pk, l);
       T* x_out = l + 1 < cfg_.depth ? s.blocks + block_offset(pk, l + 1) : s.x_last;
-      block_forward(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l, true);
+      if (b16) block_forward16(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l, o16);
+      else block_forward(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l, true);
       x = x_out;
     }
     // final norm over all tokens, CLS rows out
@@ -717,20 +736,41 @@ class vit {
     embed(pol, P, pk, images, emb, false, pos, xa, xb);
     const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
     const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
+    const tensor_view<T, S> st{stats, {Tn, 2}, "stats"};
+    const bool b16 = pk.bf16_operands;  // bf16 operands: a, c, g and the weights' copies after pos
+    T* o16_base = b16 ? align256(pos + pos_elems(pk)) : nullptr;
+    const op16_parts o16 = b16 ? split_op16(o16_base, o16_base + op16_elems(pk), pk) : op16_parts{};
     for (std::int64_t l = 0; l < cfg_.depth; ++l) {
       const block& blk = blocks_[std::size_t(l)];
       const bool last = l + 1 == cfg_.depth;
-      blk.norm1.forward(pol, P, cv(xa, D, "x"), hv(a, D, "ln1"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
-      blk.qkv.forward(pol, P, cv(a, D, "ln1"), hv(qkv, 3 * D, "qkv"));
+      if (b16) {
+        if constexpr (std::is_same_v<T, float>) {
+          round_block_weights(pol, P, blk, o16);
+          blk.norm1.forward_bf16(pol, P, cv(xa, D, "x"), o16.a, st);
+          blk.qkv.forward_bf16(pol, P, o16.a, o16.wqkv, hv(qkv, 3 * D, "qkv"));
+        }
+      } else {
+        blk.norm1.forward(pol, P, cv(xa, D, "x"), hv(a, D, "ln1"), st);
+        blk.qkv.forward(pol, P, cv(a, D, "ln1"), hv(qkv, 3 * D, "qkv"));
+      }
       attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, qkv, o, probs,
                         last ? out.cls_attention : static_cast<T*>(nullptr), pk.cls_attn_off.data(),
                         /*keep_probs=*/false);
       // x_mid = x + proj(o), into xb
       blk.proj.forward_residual(pol, P, cv(o, D, "attn"), cv(xa, D, "x"), hv(xb, D, "x_mid"));
-      blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
-      blk.fc1.forward(pol, P, cv(a, D, "ln2"), hv(h, H, "fc1"));
-      gelu_forward(pol, tensor_view<const T, S>{h, {Tn, H}, "fc1"}, tensor_view<T, S>{h, {Tn, H}, "gelu"});
-      blk.fc2.forward_residual(pol, P, cv(h, H, "gelu"), cv(xb, D, "x_mid"), hv(xa, D, "x"));  // x_mid + mlp
+      if (b16) {
+        if constexpr (std::is_same_v<T, float>) {
+          blk.norm2.forward_bf16(pol, P, cv(xb, D, "x_mid"), o16.c, st);
+          blk.fc1.forward_bf16(pol, P, o16.c, o16.wfc1, hv(h, H, "fc1"));
+          gelu_apply_bf16(pol, static_cast<const T*>(h), o16.g, Tn * H);
+          blk.fc2.forward_bf16(pol, P, o16.g, o16.wfc2, hv(xa, D, "x"), static_cast<const T*>(xb));  // x_mid + mlp
+        }
+      } else {
+        blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), st);
+        blk.fc1.forward(pol, P, cv(a, D, "ln2"), hv(h, H, "fc1"));
+        gelu_forward(pol, tensor_view<const T, S>{h, {Tn, H}, "fc1"}, tensor_view<T, S>{h, {Tn, H}, "gelu"});
+        blk.fc2.forward_residual(pol, P, cv(h, H, "gelu"), cv(xb, D, "x_mid"), hv(xa, D, "x"));  // x_mid + mlp
+      }
       if (out.intermediate && l >= cfg_.depth - out.n_last) {
         T* dst = out.intermediate + static_cast<std::size_t>(l - (cfg_.depth - out.n_last)) * TD;
         norm_.forward(pol, P, cv(xa, D, "x"), hv(dst, D, "intermediate"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
@@ -914,6 +954,7 @@ class vit {
   template <class T>
   struct saved_parts {
     T *unfold, *pos, *blocks, *x0, *x_last, *final_stats, *final_tok, *recompute, *pointwise;
+    T* w16 = nullptr;  // the blocks' bf16 weight copies (fwd16 only)
   };
   template <class T>
   std::size_t block_offset(const vit_pack<T>& pk, std::int64_t l) const {
@@ -947,7 +988,71 @@ class vit {
     s.final_tok = s.final_stats + static_cast<std::size_t>(2 * pk.tokens);
     s.recompute = cfg_.checkpoint_blocks == cfg_.depth ? s.final_tok + TD : s.blocks + block_offset(pk, cfg_.checkpoint_blocks);
     s.pointwise = s.final_tok + TD + (cfg_.checkpoint_blocks == cfg_.depth ? block_saved(pk) : 0);
+    if (fwd16(pk)) {  // the area aligned for the bf16 products; the weights' copies after it
+      s.pointwise = align256(s.pointwise);
+      s.w16 = align256(s.pointwise + std::max(pointwise_elems(pk), op16_elems(pk)));
+    }
     return s;
+  }
+
+  // ---- bf16 operands (vit_pack::bf16_operands) ------------------------------------------
+  // The forward writes the operands of its qkv, fc1 and fc2 products as bf16: a = LN1(x) and
+  // c = LN2(x_mid) [T, D], g = gelu(h) [T, H], and a block's three weights rounded into one
+  // area before its products (22 M values for ViT-S/16, one pass each time). infer() keeps
+  // them after its other scratch; forward() does so with recompute_pointwise only (fwd16),
+  // in the pointwise area (the backward recomputes a, c and g in fp32 there) and an area for
+  // the weights after it. Areas are whole multiples of 256 bytes from a 256-byte aligned
+  // start (align_slack elements of room for it), as cuBLASLt's bf16 kernels want them.
+  static constexpr std::size_t align_slack = 64;
+  static std::size_t bf16_area(std::size_t n) { return (n + 127) / 128 * 64; }  // n bf16 in floats
+  template <class T>
+  static T* align256(T* p) {
+    const auto u = reinterpret_cast<std::uintptr_t>(p);
+    return p + ((256 - u % 256) % 256) / sizeof(T);
+  }
+  std::size_t w16_elems() const {
+    const std::size_t D = static_cast<std::size_t>(cfg_.embed_dim), H = static_cast<std::size_t>(cfg_.mlp_hidden());
+    return bf16_area(3 * D * D) + 2 * bf16_area(H * D);
+  }
+  template <class T>
+  std::size_t op16_elems(const vit_pack<T>& pk) const {
+    const std::size_t Tn = static_cast<std::size_t>(pk.tokens);
+    return 2 * bf16_area(Tn * static_cast<std::size_t>(cfg_.embed_dim)) +
+           bf16_area(Tn * static_cast<std::size_t>(cfg_.mlp_hidden()));
+  }
+  template <class T>
+  bool fwd16(const vit_pack<T>& pk) const { return pk.bf16_operands && cfg_.recompute_pointwise; }
+  // What fwd16 adds to saved_elems: the alignments, the operands past the pointwise area, the weights.
+  template <class T>
+  std::size_t fwd16_extra(const vit_pack<T>& pk) const {
+    if (!fwd16(pk)) return 0;
+    const std::size_t pw = pointwise_elems(pk), op = op16_elems(pk);
+    return 2 * align_slack + (op > pw ? op - pw : 0) + w16_elems();
+  }
+  struct op16_parts {
+    std::uint16_t *a = nullptr, *c = nullptr, *g = nullptr, *wqkv = nullptr, *wfc1 = nullptr, *wfc2 = nullptr;
+  };
+  // The parts of the operand area at ops (op16_elems) and the weight area at w (w16_elems).
+  template <class T>
+  op16_parts split_op16(T* ops, T* w, const vit_pack<T>& pk) const {
+    const std::size_t TD = static_cast<std::size_t>(pk.tokens * cfg_.embed_dim);
+    const std::size_t D = static_cast<std::size_t>(cfg_.embed_dim), H = static_cast<std::size_t>(cfg_.mlp_hidden());
+    const auto at = [](T* base, std::size_t off) { return reinterpret_cast<std::uint16_t*>(base + off); };
+    op16_parts o;
+    o.a = at(ops, 0);
+    o.c = at(ops, bf16_area(TD));
+    o.g = at(ops, 2 * bf16_area(TD));
+    o.wqkv = at(w, 0);
+    o.wfc1 = at(w, bf16_area(3 * D * D));
+    o.wfc2 = at(w, bf16_area(3 * D * D) + bf16_area(H * D));
+    return o;
+  }
+  template <class Policy, class S>
+  static void round_block_weights(const Policy& pol, tensor_view<const float, S> P, const block& blk,
+                                  const op16_parts& o) {
+    blk.qkv.round_weight(pol, P, o.wqkv);
+    blk.fc1.round_weight(pol, P, o.wfc1);
+    blk.fc2.round_weight(pol, P, o.wfc2);
   }
 
   // What pol's attention keeps for the backward at this ViT's head dim (nn/attention.hpp).
@@ -960,6 +1065,12 @@ class vit {
     require<config_error>(pk.store == attention_store::matrix || pk.store == store_for<T>(pol),
                           "vit: the pack was planned for the bf16 attention's row statistics (attention_store::rows), "
                           "but this policy's attention keeps P: make the pack with make_pack(policy, sets) for it");
+    if (pk.bf16_operands) {
+      bool bf16 = false;
+      if constexpr (requires { pol.bf16; }) bf16 = pol.bf16;
+      require<config_error>(bf16, "vit: the pack was planned for bf16 operands (bf16_operands), but this policy's ",
+                            "products are fp32: make the pack with make_pack(policy, sets) for it");
+    }
     if constexpr (!policy_traits<Policy>::is_host)
       require<config_error>(pk.device.ready, "vit: the pack's tables are not in device memory: make the pack with "
                                              "make_pack(policy, sets) or call upload(policy, pack) once");
@@ -1108,6 +1219,35 @@ class vit {
     gelu_of_block<S>(pol, b, Tn, H);
     blk.fc2.forward(pol, P, cv(b.g, H, "gelu"), hv(x_out, D, "fc2"));
     residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
+  }
+
+  // block_forward with the bf16 operands of o (fwd16): the same values, as the rounding the
+  // products did moves to the producers (LN1, LN2, GELU and the weights' copies).
+  template <class Policy, class T, class S>
+  void block_forward16(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, const block& blk,
+                       const T* x, block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step,
+                       std::int64_t l, const op16_parts& o) const {
+    if constexpr (std::is_same_v<T, float>) {
+      const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
+      const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
+      const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
+      require<config_error>(b.x_in == x, "vit: block input must be the previous block's output in place");
+      draw_drop_path(pol, pk, blk.drop, seed, step, l, b.dp);
+      round_block_weights(pol, P, blk, o);
+      blk.norm1.forward_bf16(pol, P, cv(b.x_in, D, "x"), o.a, tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
+      blk.qkv.forward_bf16(pol, P, o.a, o.wqkv, hv(b.qkv, 3 * D, "qkv"));
+      attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, static_cast<const T*>(b.qkv), b.o, b.probs);
+      blk.proj.forward(pol, P, cv(b.o, D, "attn"), hv(b.x_mid, D, "proj"));
+      residual(pol, pk, b.x_mid, b.x_in, b.dp, D);  // x_mid = x + dp1 * proj
+      blk.norm2.forward_bf16(pol, P, cv(b.x_mid, D, "x_mid"), o.c, tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
+      blk.fc1.forward_bf16(pol, P, o.c, o.wfc1, hv(b.h, H, "fc1"));
+      gelu_apply_bf16(pol, static_cast<const T*>(b.h), o.g, Tn * H);
+      blk.fc2.forward_bf16(pol, P, o.g, o.wfc2, hv(x_out, D, "fc2"));
+      residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
+    } else {
+      (void)pol, (void)P, (void)pk, (void)blk, (void)x, (void)b, (void)x_out, (void)seed, (void)step, (void)l, (void)o;
+      throw config_error("vit: bf16 operands need float tensors");
+    }
   }
 
   // branch = dp[crop] * branch + base, per crop
