@@ -30,7 +30,11 @@
 // (ctx.policy(false, true): bf16 tensor cores for the GEMMs and the attention) and
 // bf16_staged (bf16 with every single GEMM's operands rounded to bf16 by a pass of their own
 // and multiplied as bf16 in memory: cuda_policy::bf16_staged, docs/perf-notes.md v11; not the
-// checkpointed workloads) and
+// checkpointed workloads),
+// bf16_operands (bf16 with the forward products' operands stored as bf16 by their producers:
+// cuda_policy::bf16_operands, docs/perf-notes.md v13; in training it needs pointwise
+// recomputation, so it runs train_vits16_pointwise, SMALL with recomputation, the inference
+// and its parts) and
 // bf16_tf32attn (bf16 GEMMs, the TF32 attention kernels: the bf16 mode before the bf16
 // attention kernels, so that one run shows what they change).
 // peak_device_MiB: the device memory in use (cudaMemGetInfo: total - free) at its highest,
@@ -39,12 +43,12 @@
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_staged|bf16_tf32attn]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|train_small_pointwise|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_tf32attn]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
 // Output: one line per workload and precision,
-//   dino <workload> precision=<fp32|tf32|bf16|bf16_staged|bf16_tf32attn> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+//   dino <workload> precision=<fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_tf32attn> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
 // Training rows add workspace_MiB (the step's planned workspace) and activations_MiB (the part
 // of it the backward keeps: the activation memory per step, method::memory()).
 // host_ms is the median time for a call to return before the stream is synchronised: the
@@ -70,15 +74,22 @@ using clk = std::chrono::steady_clock;
 /// The precision of a run: exact fp32, TF32 or bf16 tensor cores (cuda_policy).
 struct precision {
   // 0 fp32, 1 tf32, 2 bf16, 3 bf16 GEMMs with the TF32 attention kernels, 4 bf16 with the
-  // GEMM operands staged in bf16 (cuda_policy::bf16_staged)
+  // GEMM operands staged in bf16 (cuda_policy::bf16_staged), 5 bf16 with the forward
+  // products' operands stored as bf16 (cuda_policy::bf16_operands)
   int mode = 0;
   const char* name() const {
-    return mode == 4 ? "bf16_staged" : mode == 3 ? "bf16_tf32attn" : mode == 2 ? "bf16" : mode == 1 ? "tf32" : "fp32";
+    return mode == 5   ? "bf16_operands"
+           : mode == 4 ? "bf16_staged"
+           : mode == 3 ? "bf16_tf32attn"
+           : mode == 2 ? "bf16"
+           : mode == 1 ? "tf32"
+                       : "fp32";
   }
   dino::cuda_policy policy(const dino::cuda::context& ctx) const {
     dino::cuda_policy pol = ctx.policy(mode == 1, mode >= 2);
     if (mode == 3) pol.bf16_attention = false;
     if (mode == 4) pol.bf16_staged = true;
+    if (mode == 5) pol.bf16_operands = true;
     return pol;
   }
 };
@@ -242,6 +253,12 @@ train_spec small_spec() {
   v.drop_path_rate = 0.1;
   return {"train_small", v, 64, 28, 12, 6, 4096, 512, 128};
 }
+train_spec small_pointwise_spec() {
+  train_spec s = small_spec();
+  s.name = "train_small_pointwise";
+  s.vit.recompute_pointwise = true;
+  return s;
+}
 
 void bench_train(const dino::cuda::context& ctx, train_spec s, precision pr, const options& o) {
   if (o.batch > 0) s.batch = o.batch;
@@ -370,8 +387,8 @@ void bench_parts(const dino::cuda::context& ctx, precision pr, const options& o)
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|infer_vits16|parts_vits16] "
-      "[--precision fp32|tf32|bf16|bf16_staged|bf16_tf32attn] "
+      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|train_small_pointwise|infer_vits16|parts_vits16] "
+      "[--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_tf32attn] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -393,12 +410,12 @@ int main(int argc, char** argv) {
     }
   }
   if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_vits16_ckpt" && o.only != "train_vits16_ckpt5" &&
-      o.only != "train_vits16_pointwise" && o.only != "train_small" && o.only != "infer_vits16" && o.only != "parts_vits16") {
+      o.only != "train_vits16_pointwise" && o.only != "train_small" && o.only != "train_small_pointwise" && o.only != "infer_vits16" && o.only != "parts_vits16") {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
   if (!o.precision.empty() && o.precision != "fp32" && o.precision != "tf32" && o.precision != "bf16" &&
-      o.precision != "bf16_staged" && o.precision != "bf16_tf32attn") {
+      o.precision != "bf16_staged" && o.precision != "bf16_operands" && o.precision != "bf16_tf32attn") {
     std::fprintf(stderr, "bench_cuda_dino: unknown precision '%s'\n%s", o.precision.c_str(), usage);
     return 2;
   }
@@ -419,6 +436,7 @@ int main(int argc, char** argv) {
     if (o.precision.empty() || o.precision == "tf32") precisions.push_back({1});
     if (o.precision.empty() || o.precision == "bf16") precisions.push_back({2});
     if (o.precision.empty() || o.precision == "bf16_staged") precisions.push_back({4});
+    if (o.precision.empty() || o.precision == "bf16_operands") precisions.push_back({5});
     if (o.precision.empty() || o.precision == "bf16_tf32attn") precisions.push_back({3});
     // One workload's failure (out of device memory, say) is reported and the others still run.
     auto run = [&](const char* w, precision pr, auto&& f) {
@@ -433,16 +451,18 @@ int main(int argc, char** argv) {
       }
     };
     for (precision pr : precisions) {
-      run("train_vits16", pr, [&] { bench_train(ctx, vits16_spec(), pr, o); });
-      if (pr.mode != 4)
+      if (pr.mode != 5) run("train_vits16", pr, [&] { bench_train(ctx, vits16_spec(), pr, o); });
+      if (pr.mode != 4 && pr.mode != 5)
         run("train_vits16_ckpt", pr, [&] { bench_train(ctx, vits16_ckpt_spec(12, "train_vits16_ckpt"), pr, o); });
       if (pr.mode == 2)
         run("train_vits16_ckpt5", pr, [&] { bench_train(ctx, vits16_ckpt_spec(5, "train_vits16_ckpt5"), pr, o); });
-      if (pr.mode == 2 || pr.mode == 4)
+      if (pr.mode == 2 || pr.mode == 4 || pr.mode == 5)
         run("train_vits16_pointwise", pr, [&] { bench_train(ctx, vits16_pointwise_spec(), pr, o); });
-      run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
+      if (pr.mode != 5) run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
+      if (pr.mode == 2 || pr.mode == 5)
+        run("train_small_pointwise", pr, [&] { bench_train(ctx, small_pointwise_spec(), pr, o); });
       run("infer_vits16", pr, [&] { bench_infer(ctx, pr, o); });
-      run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });
+      if (pr.mode != 5) run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });  // its GEMMs read fp32
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_dino: %s\n", e.what());

@@ -9,6 +9,7 @@
 
 #include "dino/dino.hpp"
 #include "dino/policy/cuda/attention.cuh"
+#include "dino/policy/cuda/bf16_operands.cuh"
 #include "dino/policy/cuda/context.cuh"
 #include "dino/policy/cuda/gemm.cuh"
 #include "dino/policy/cuda/loss.cuh"

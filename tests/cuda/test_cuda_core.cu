@@ -3,6 +3,8 @@
 // sums, the non-finite check, the row and chunk runners, device memory and the allocation
 // counter.
 #include <bit>
+#include <cstdint>
+#include <tuple>
 
 #include "cuda_test_support.cuh"
 #include "naive_gemm.hpp"
@@ -190,6 +192,68 @@ TEST_CASE("cuda gemm with staged bf16 operands (cuda_policy::bf16_staged): the C
   std::vector<float> ref(64 * 48);
   naive_gemm(d, 1.0f, A.data(), B.data(), 0.0f, ref.data(), rne);
   DINO_CHECK_CLOSE(download(dC), ref, 2e-5);
+}
+
+TEST_CASE("cuda bf16 operands in memory (cuda_policy::bf16_operands ops) match the CPU's") {
+  // gemm_bias_rows_bf16 on the bits the CPU rounds: the same bf16 operands, so the CPU's
+  // product up to the order of fp32 sums (2e-5), with the bias in the epilogue, with a
+  // residual, without a bias, and with a bias too little aligned for the epilogue (the bias
+  // rows path). The producers: LayerNorm's and GELU's fp32 values differ from the CPU's in
+  // their last bits (double sums here, another erf there), so a value near a rounding
+  // boundary may round to the other bf16 neighbour: within one bf16 step (2^-8 relative).
+  const dino::cuda_policy pol = gpu().policy(false, true);
+  const cpu_policy cpol{1, true};
+  const auto widen = [](const std::vector<std::uint16_t>& h) {
+    std::vector<float> f(h.size());
+    for (std::size_t i = 0; i < h.size(); ++i) f[i] = dino::cpu::bf16_value(h[i]);
+    return f;
+  };
+  for (auto [m, n, k] : std::vector<std::tuple<std::int64_t, std::int64_t, std::int64_t>>{
+           {37, 24, 16}, {300, 96, 64}, {1100, 192, 384}}) {
+    CAPTURE(m);
+    CAPTURE(n);
+    CAPTURE(k);
+    const auto X = random_vector<float>(std::size_t(m * k), 31 + m), W = random_vector<float>(std::size_t(n * k), 32 + n);
+    const auto bias = random_vector<float>(std::size_t(n + 1), 33), R = random_vector<float>(std::size_t(m * n), 34);
+    std::vector<std::uint16_t> X16(X.size()), W16(W.size());
+    dino::cpu::round_bf16_apply(cpol, X.data(), X16.data(), std::int64_t(X.size()));
+    dino::cpu::round_bf16_apply(cpol, W.data(), W16.data(), std::int64_t(W.size()));
+    auto dX = upload(X), dW = upload(W), dbias = upload(bias), dR = upload(R);
+    dino::cuda::device_buffer<std::uint16_t> dX16(X.size()), dW16(W.size());
+    dino::cuda::round_bf16_apply(pol, dX.data(), dX16.data(), std::int64_t(X.size()));
+    dino::cuda::round_bf16_apply(pol, dW.data(), dW16.data(), std::int64_t(W.size()));
+    dino::cuda::synchronize(gpu().stream());
+    CHECK(dino::cuda::to_host(dX16.data(), X16.size()) == X16);  // the same rounding
+    CHECK(dino::cuda::to_host(dW16.data(), W16.size()) == W16);
+    for (int variant = 0; variant < 4; ++variant) {  // bias, bias + residual, none, an 4-byte aligned bias
+      CAPTURE(variant);
+      const float* hb = variant == 2 ? nullptr : variant == 3 ? bias.data() + 1 : bias.data();
+      const float* db = variant == 2 ? nullptr : variant == 3 ? dbias.data() + 1 : dbias.data();
+      const float* hr = variant == 1 ? R.data() : nullptr;
+      const float* dr = variant == 1 ? dR.data() : nullptr;
+      std::vector<float> ref(std::size_t(m * n));
+      dino::cpu::gemm_bias_rows_bf16(cpol, m, n, k, X16.data(), W16.data(), hb, ref.data(), hr);
+      dino::cuda::device_buffer<float> dY(ref.size());
+      dino::cuda::gemm_bias_rows_bf16(pol, m, n, k, dX16.data(), dW16.data(), db, dY.data(), dr);
+      DINO_CHECK_CLOSE(download(dY), ref, 2e-5);
+    }
+  }
+  const std::int64_t rows = 257, D = 384;
+  const auto x = random_vector<float>(std::size_t(rows * D), 41, -3.0, 3.0);
+  const auto w = random_vector<float>(std::size_t(D), 42, 0.5, 1.5), b = random_vector<float>(std::size_t(D), 43);
+  std::vector<std::uint16_t> y16(x.size()), g16(x.size());
+  std::vector<float> st(std::size_t(2 * rows));
+  dino::cpu::layer_norm_rows_bf16(cpol, x.data(), w.data(), b.data(), y16.data(), st.data(), rows, D, 1e-6f);
+  dino::cpu::gelu_apply_bf16(cpol, x.data(), g16.data(), std::int64_t(x.size()));
+  auto dx = upload(x), dw = upload(w), db = upload(b);
+  dino::cuda::device_buffer<std::uint16_t> dy16(x.size()), dg16(x.size());
+  dino::cuda::device_buffer<float> dst(st.size());
+  dino::cuda::layer_norm_rows_bf16(pol, dx.data(), dw.data(), db.data(), dy16.data(), dst.data(), rows, D, 1e-6f);
+  dino::cuda::gelu_apply_bf16(pol, dx.data(), dg16.data(), std::int64_t(x.size()));
+  dino::cuda::synchronize(gpu().stream());
+  DINO_CHECK_CLOSE(widen(dino::cuda::to_host(dy16.data(), y16.size())), widen(y16), 4e-3);
+  DINO_CHECK_CLOSE(widen(dino::cuda::to_host(dg16.data(), g16.size())), widen(g16), 4e-3);
+  DINO_CHECK_CLOSE(download(dst), st, 1e-5);
 }
 
 TEST_CASE("cuda gemm with beta = 0 never reads C") {

@@ -17,6 +17,8 @@
 // All pointers are device pointers; kernels go to pol.stream without synchronising.
 #pragma once
 
+#include <cuda_bf16.h>
+
 #include <cstdint>
 #include <memory>
 #include <type_traits>
@@ -104,14 +106,16 @@ __device__ __forceinline__ double warp_sum(double v) {
 
 inline constexpr int ln_warps = 8;  // rows per block of 256 threads
 
-template <class T>
-__global__ void layer_norm_rows_kernel(const T* x, const T* w, const T* b, T* y, T* stats, std::int64_t rows, int D,
+// Y: the output's type, T or __nv_bfloat16 (rounded to nearest even as it is stored:
+// layer_norm_rows_bf16 in bf16_operands.cuh).
+template <class T, class Y = T>
+__global__ void layer_norm_rows_kernel(const T* x, const T* w, const T* b, Y* y, T* stats, std::int64_t rows, int D,
                                        T eps) {
   const std::int64_t r = std::int64_t(blockIdx.x) * ln_warps + threadIdx.x / 32;
   const int lane = static_cast<int>(threadIdx.x % 32);
   if (r >= rows) return;  // the whole warp leaves together
   const T* xr = x + r * D;
-  T* yr = y + r * D;
+  Y* yr = y + r * D;
   double s = 0;
   for (int i = lane; i < D; i += 32) s += static_cast<double>(xr[i]);
   const double mean = warp_sum(s) / D;
@@ -123,7 +127,11 @@ __global__ void layer_norm_rows_kernel(const T* x, const T* w, const T* b, T* y,
   const double var = warp_sum(v) / D;
   const T m = static_cast<T>(mean);
   const T rstd = static_cast<T>(1.0 / sqrt(var + static_cast<double>(eps)));
-  for (int i = lane; i < D; i += 32) yr[i] = (xr[i] - m) * rstd * (w ? w[i] : T(1)) + (b ? b[i] : T(0));
+  for (int i = lane; i < D; i += 32) {
+    const T v = (xr[i] - m) * rstd * (w ? w[i] : T(1)) + (b ? b[i] : T(0));
+    if constexpr (std::is_same_v<Y, T>) yr[i] = v;
+    else yr[i] = __float2bfloat16_rn(static_cast<float>(v));
+  }
   if (stats && lane == 0) {
     stats[2 * r] = m;
     stats[2 * r + 1] = rstd;

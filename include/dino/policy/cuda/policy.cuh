@@ -119,6 +119,13 @@ struct cuda_policy {
   /// wait and one allocation each), never afterwards.
   bool bf16_staged = false;
   cuda::detail::bf16_stage* stage = nullptr;  ///< the context's stage (null: no staging)
+  /// With bf16: the ViT writes the operands of its forward qkv, fc1 and fc2 products as bf16
+  /// (LayerNorm and GELU round as they store, the weights get bf16 copies) and those products
+  /// read bf16 from memory on cuBLASLt's native bf16 kernels (policy/cuda/bf16_operands.cuh,
+  /// nn/vit.hpp): in infer() always, in the training forward with recompute_pointwise. The
+  /// twin of cpu_policy::bf16_operands; off unless set, until a GPU run has measured it
+  /// (docs/perf-notes.md, v13). A pack must be planned for it (vit::make_pack(pol, sets)).
+  bool bf16_operands = false;
   /// Whether attention may use its TF32 tensor-core kernels (tf32 or bf16 asked for).
   bool tensor_core_attention() const { return tf32 || bf16; }
 };
