@@ -16,13 +16,15 @@
 //           first N counted allocations to stderr (addresses: resolve with addr2line -f -C).
 //
 // Usage: bench_vit [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N]
-//                  [--recompute-pointwise] [--precision fp32|bf16]
+//                  [--recompute-pointwise] [--precision fp32|bf16|bf16_operands]
 // --checkpoint-blocks N: the train workload with activation checkpointing of the student's
 // first N blocks (vit_config::checkpoint_blocks; the name gets "_ckpt<N>").
 // --recompute-pointwise: the train workload with the student's LayerNorm and GELU outputs
 // recomputed in the backward (vit_config::recompute_pointwise; the name gets "_pointwise").
 // --precision bf16: GEMM operands in bf16, summed in fp32 (cpu_policy::bf16; the names get
-// "_bf16"); default fp32.
+// "_bf16"); --precision bf16_operands: bf16 with the ViT's forward products reading bf16
+// operands stored by their producers (cpu_policy::bf16_operands: the same results; the
+// student's forward only with --recompute-pointwise; the names get "_bf16_operands"). Default fp32.
 // Output: one line per workload, "dino <workload> <name> key=value ..." (numeric values).
 // Google Benchmark flags are accepted, as scripts/bench passes them: --benchmark_out=FILE
 // gets the same results as JSON, the others are ignored.
@@ -179,7 +181,13 @@ struct options {
   int checkpoint_blocks = 0;  // train: vit_config::checkpoint_blocks of the student
   bool pointwise = false;     // train: vit_config::recompute_pointwise of the student
   bool bf16 = false;          // --precision bf16: cpu_policy::bf16
-  std::string suffix() const { return bf16 ? "_bf16" : ""; }
+  bool operands = false;      // --precision bf16_operands: and cpu_policy::bf16_operands
+  std::string suffix() const { return operands ? "_bf16_operands" : bf16 ? "_bf16" : ""; }
+  dino::cpu_policy policy() const {
+    dino::cpu_policy pol{threads, bf16};
+    pol.bf16_operands = operands;
+    return pol;
+  }
 };
 
 struct timing {
@@ -244,9 +252,9 @@ struct infer_case {
   dino::flat_params<float> P;
   dino::nn::vit_pack<float> pk;
   std::vector<float> img, y, scratch;
-  infer_case() : v(dino::nn::vit_small(16), L), P(L) {
+  explicit infer_case(const dino::cpu_policy& pol) : v(dino::nn::vit_small(16), L), P(L) {
     dino::nn::initialize(P, 1);
-    pk = v.make_pack<float>({{batch, size, size}});
+    pk = v.make_pack<float>(pol, {{batch, size, size}});
     img.resize(static_cast<std::size_t>(batch * 3 * size * size));
     fill_normal(img, 2);
     y.resize(static_cast<std::size_t>(batch * v.out_dim()));
@@ -292,8 +300,9 @@ struct train_case {
     c.train.schedule.batch_size = batch;
     return c;
   }
-  explicit train_case(int checkpoint_blocks = 0, bool pointwise = false)
+  explicit train_case(int checkpoint_blocks = 0, bool pointwise = false, const dino::cpu_policy* plan = nullptr)
       : m(dino::ssl::make_dino<dino::nn::vit>(vcfg(checkpoint_blocks, pointwise), vcfg(0).embed_dim, dcfg())) {
+    if (plan) m.plan_for(*plan);
     for (int s = 0; s < 2; ++s) {
       g[s].resize(static_cast<std::size_t>(2 * batch * global * global));
       l[s].resize(static_cast<std::size_t>(n_local * batch * local * local));
@@ -310,8 +319,8 @@ struct train_case {
 };
 
 void bench_infer(const options& o) {
-  const dino::cpu_policy pol{o.threads, o.bf16};
-  infer_case c;
+  const dino::cpu_policy pol = o.policy();
+  infer_case c(pol);
   const timing t = time_calls(o.warmup, o.reps, [&] { c.run(pol); });
   emit("dino infer vit_s16_224_b8" + o.suffix() + " threads=" + std::to_string(o.threads) + " images_per_s=" +
        fmt("%.2f", double(infer_case::batch) * 1e3 / t.median_ms) + " ms_per_step=" + fmt("%.2f", t.median_ms) +
@@ -319,8 +328,8 @@ void bench_infer(const options& o) {
 }
 
 void bench_train(const options& o) {
-  const dino::cpu_policy pol{o.threads, o.bf16};
-  train_case c(o.checkpoint_blocks, o.pointwise);
+  const dino::cpu_policy pol = o.policy();
+  train_case c(o.checkpoint_blocks, o.pointwise, &pol);
   const timing t = time_calls(o.warmup, o.reps, [&] { c.run(pol); });
   emit("dino train small28_b64" + std::string(o.checkpoint_blocks ? "_ckpt" + std::to_string(o.checkpoint_blocks) : "") +
        (o.pointwise ? "_pointwise" : "") + o.suffix() +
@@ -333,10 +342,10 @@ void bench_train(const options& o) {
 }
 
 void bench_allocs(const options& o) {
-  const dino::cpu_policy pol{o.threads, o.bf16};
+  const dino::cpu_policy pol = o.policy();
   const int steps = 3;
   {
-    train_case c;
+    train_case c(0, false, &pol);
     for (int i = 0; i < std::max(2, o.warmup); ++i) c.run(pol);
     alloc_window w;
     w.start();
@@ -347,7 +356,7 @@ void bench_allocs(const options& o) {
          " steps=" + std::to_string(steps));
   }
   {
-    infer_case c;
+    infer_case c(pol);
     for (int i = 0; i < 2; ++i) c.run(pol);
     alloc_window w;
     w.start();
@@ -377,12 +386,15 @@ int main(int argc, char** argv) {
     else if (const char* v = val("--only")) o.only = v;
     else if (const char* v = val("--checkpoint-blocks")) o.checkpoint_blocks = std::max(0, std::atoi(v));
     else if (a == "--recompute-pointwise") o.pointwise = true;
-    else if (const char* v = val("--precision"); v && (std::strcmp(v, "fp32") == 0 || std::strcmp(v, "bf16") == 0))
-      o.bf16 = std::strcmp(v, "bf16") == 0;
+    else if (const char* v = val("--precision"); v && (std::strcmp(v, "fp32") == 0 || std::strcmp(v, "bf16") == 0 ||
+                                                       std::strcmp(v, "bf16_operands") == 0)) {
+      o.bf16 = std::strcmp(v, "fp32") != 0;
+      o.operands = std::strcmp(v, "bf16_operands") == 0;
+    }
     else if (const char* v = val("--benchmark_out")) o.out = v;
     else if (a.rfind("--benchmark_", 0) == 0) continue;  // other Google Benchmark flags: ignored
     else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N] [--recompute-pointwise] [--precision fp32|bf16]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W] [--only infer|train|allocs] [--checkpoint-blocks N] [--recompute-pointwise] [--precision fp32|bf16|bf16_operands]\n", argv[0]);
       return 2;
     }
   }

@@ -102,6 +102,10 @@ dino_cli::flags make_flags() {
       .add("tf32", "false", "with --device cuda: fp32 GEMMs on TF32 tensor cores (default exact fp32)")
       .add("bf16", "false",
            "GEMM operands rounded to bf16, summed in fp32 (mixed precision; on the GPU: bf16 tensor cores for the GEMMs and the attention)")
+      .add("bf16-operands", "false",
+           "with --bf16: the ViT's qkv, fc1 and fc2 products read bf16 operands that their producers (LayerNorm, GELU, a "
+           "weight copy) round as they store: the same values; on the GPU half the bytes (the teacher and inference "
+           "always, the student with --recompute-pointwise)")
       .add("loader-threads", "1", "data loading threads")
       .add("prefetch", "2", "batches loaded ahead")
       .add("save-every", "0", "steps between checkpoints (0: at the end only)")
@@ -347,12 +351,19 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   s.warmup_teacher_temp_epochs = f.integer("warmup-teacher-temp-epochs");
 
   const std::string device = f.str("device");
-  if (device == "cpu")
-    return train_method(dino::cpu_policy{int(f.integer("threads", 1)), f.boolean("bf16")}, f, ds, vc, mc, c, seed, B, N);
+  if (f.boolean("bf16-operands") && !f.boolean("bf16"))
+    throw dino_cli::usage_error("--bf16-operands needs --bf16 (it stores the bf16 products' operands)");
+  if (device == "cpu") {
+    dino::cpu_policy pol{int(f.integer("threads", 1)), f.boolean("bf16")};
+    pol.bf16_operands = f.boolean("bf16-operands");
+    return train_method(pol, f, ds, vc, mc, c, seed, B, N);
+  }
 #if defined(DINO_WITH_CUDA)
   if (device == "cuda") {
     dino::cuda::context ctx;
-    return train_method(ctx.policy(f.boolean("tf32"), f.boolean("bf16")), f, ds, vc, mc, c, seed, B, N);
+    dino::cuda_policy pol = ctx.policy(f.boolean("tf32"), f.boolean("bf16"));
+    pol.bf16_operands = f.boolean("bf16-operands");
+    return train_method(pol, f, ds, vc, mc, c, seed, B, N);
   }
   throw dino::config_error("dino-train: --device must be cpu or cuda, got '" + device + "'");
 #else

@@ -160,6 +160,23 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   CHECK(slurp((c / "run.json").string()).find("\"precision\": \"bf16\"") != std::string::npos);
   CHECK(slurp((a / "run.json").string()).find("\"precision\": \"fp32\"") != std::string::npos);
   CHECK(r3.err.find("GEMMs bf16") != std::string::npos);
+  // --bf16-operands (the bf16 products' operands stored as bf16 by their producers) with
+  // --recompute-pointwise, against --bf16 with --recompute-pointwise: the same log and checkpoint
+  const fs::path e = fs::path(kDir) / "run_bf16_pw", g = fs::path(kDir) / "run_bf16_ops";
+  fs::remove_all(e);
+  fs::remove_all(g);
+  auto r4 = train(flags + e.string() + " --bf16 --recompute-pointwise");
+  INFO(r4.err);
+  REQUIRE(r4.code == 0);
+  auto r5 = train(flags + g.string() + " --bf16 --bf16-operands --recompute-pointwise");
+  INFO(r5.err);
+  REQUIRE(r5.code == 0);
+  CHECK(log_numbers((g / "log.jsonl").string()) == log_numbers((e / "log.jsonl").string()));
+  CHECK(slurp((e / "checkpoint.safetensors").string()) == slurp((g / "checkpoint.safetensors").string()));
+  CHECK(log_numbers((g / "log.jsonl").string()) != n0);  // bf16, not fp32
+  auto r6 = train(flags + g.string() + " --bf16-operands");
+  CHECK(r6.code == 2);
+  CHECK(r6.err.find("--bf16-operands needs --bf16") != std::string::npos);
 }
 
 TEST_CASE("dino-train stops on SIGTERM with its state saved, and says so in its exit code") {
