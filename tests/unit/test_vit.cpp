@@ -53,6 +53,7 @@ nn::vit_config tiny3(std::int64_t n, bool rp) {
   return c;
 }
 // The kept patches of the masked two-set pack {{2, 8, 8, 9}, {3, 4, 6, 4}}.
+std::int64_t pk_tokens(const nn::vit& v, const std::vector<nn::crop_set>& sets) { return v.make_pack<float>(sets).tokens; }
 template <class Pack>
 void keep_some(Pack& pk) {
   pk.keep[0] = {0, 2, 3, 5, 7, 8, 11, 13, 15, /**/ 1, 4, 5, 6, 9, 10, 12, 14, 15};
@@ -279,7 +280,7 @@ TEST_CASE("vit: bf16 operands in memory (bf16_operands) give the bits of the bf1
       const float* imgs[2] = {img0.data(), img1.data()};
       struct result {
         std::vector<float> y, tokens, g, yi, toki, attn, inter;
-        std::size_t saved = 0, tail_written = 0;
+        std::size_t saved = 0, tail_written = 0, infer_tail_written = 0;
       };
       const auto run = [&](const cpu_policy& pol) {
         auto pk = v.make_pack(pol, sets);
@@ -312,6 +313,9 @@ TEST_CASE("vit: bf16 operands in memory (bf16_operands) give the bits of the bf1
         nn::vit::infer_outputs<float> out{r.toki.data(), r.attn.data(), 2, r.inter.data()};
         v.infer(pol, Pv, pk, std::span<const float* const>(imgs, 2), host_view<float>{r.yi.data(), {nc, D}, "y"},
                 host_view<float>{iscratch.data(), {std::int64_t(iscratch.size())}, "scratch"}, out);
+        // what inference wrote past the plain pack's scratch (its bf16 operands and weights)
+        for (std::size_t i = v.infer_scratch_elems(v.make_pack<float>(sets)); i < iscratch.size(); ++i)
+          r.infer_tail_written += !std::isnan(iscratch[i]);
         return r;
       };
       const result a = run(plain), b = run(ops);
@@ -322,6 +326,8 @@ TEST_CASE("vit: bf16 operands in memory (bf16_operands) give the bits of the bf1
       CHECK(b.toki == a.toki);
       CHECK(b.attn == a.attn);
       CHECK(b.inter == a.inter);
+      // inference took the bf16 path: its operand areas (a alone is T D / 2 floats) were written
+      CHECK(b.infer_tail_written > std::size_t(pk_tokens(v, sets) * 8 / 2));
       if (rp) {  // the training forward took the bf16 path: its weight area was written
         CHECK(b.saved > a.saved);
         CHECK(b.tail_written > 0);
