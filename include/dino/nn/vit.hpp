@@ -998,7 +998,7 @@ class vit {
   // ---- bf16 operands (vit_pack::bf16_operands) ------------------------------------------
   // The forward writes the operands of its qkv, fc1 and fc2 products as bf16: a = LN1(x) and
   // c = LN2(x_mid) [T, D], g = gelu(h) [T, H], and a block's three weights rounded into one
-  // area before its products (22 M values for ViT-S/16, one pass each time). infer() keeps
+  // area before its products (1.6 M values a block for ViT-S/16, one pass each). infer() keeps
   // them after its other scratch; forward() does so with recompute_pointwise only (fwd16),
   // in the pointwise area (the backward recomputes a, c and g in fp32 there) and an area for
   // the weights after it. Areas are whole multiples of 256 bytes from a 256-byte aligned
