@@ -106,9 +106,6 @@ inline void gemm_bias_rows_bf16(const cuda_policy& pol, std::int64_t m, std::int
     return;
   }
   const gemm_desc d{false, true, m, n, k};
-  const auto* xb = reinterpret_cast<const __nv_bfloat16*>(X);
-  const auto* wb = reinterpret_cast<const __nv_bfloat16*>(W);
-  const float one = 1.0f;
   if (!bias || detail::alignment_of(bias) >= 16) {
     const float* c_in = residual ? residual : C;
     const float beta = residual ? 1.0f : 0.0f;
@@ -116,13 +113,10 @@ inline void gemm_bias_rows_bf16(const cuda_policy& pol, std::int64_t m, std::int
         pol, d, k, k, n, {detail::alignment_of(W), detail::alignment_of(X), detail::alignment_of(c_in), detail::alignment_of(C)},
         bias ? detail::epi_bias : detail::epi_none, /*staged=*/true);
     if (p.found) {
-      if (bias)
-        DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-      DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, wb, p.a, xb, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
-                                       pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-      detail::profile_mark(residual ? "gemm + bias + residual (bf16 in memory)"
-                           : bias   ? "gemm + bias epilogue (bf16 in memory)"
-                                    : "gemm (bf16 in memory)");
+      detail::lt_run(pol, p, 1.0f, X, W, beta, c_in, C, bias,
+                     residual ? "gemm + bias + residual (bf16 in memory)"
+                     : bias   ? "gemm + bias epilogue (bf16 in memory)"
+                              : "gemm (bf16 in memory)");
       return;
     }
   }
@@ -132,10 +126,7 @@ inline void gemm_bias_rows_bf16(const cuda_policy& pol, std::int64_t m, std::int
   require<cuda_error>(q.found, "gemm_bias_rows_bf16: cuBLASLt has no bf16 algorithm for m=", m, " n=", n, " k=", k,
                       " (operand alignment ", detail::alignment_of(X), " and ", detail::alignment_of(W), " bytes)");
   if (bias) for_each_chunk(pol, m * n, detail::bias_rows_fn<float>{bias, C, n, n});
-  const float beta = bias ? 1.0f : 0.0f;
-  DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, q.op, &one, wb, q.a, xb, q.b, &beta, C, q.c, C, q.c, &q.algo,
-                                   pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-  detail::profile_mark("gemm (bf16 in memory)");
+  detail::lt_run(pol, q, 1.0f, X, W, bias ? 1.0f : 0.0f, C, C, nullptr, "gemm (bf16 in memory)");
   if (residual) for_each_chunk(pol, m * n, detail::add_rows_fn<float>{residual, C, n, n});
 }
 

@@ -273,6 +273,19 @@ inline staged_operands stage_operands(const cuda_policy& pol, const gemm_desc& d
   return {sa, sb};
 }
 
+// Runs a found plan p: C = alpha op(A) op(B) + beta c_in, A and B the row-major operands as
+// the product's gemm_desc names them (cuBLASLt's column-major view takes B's memory as its A);
+// epi: the epilogue's vector (the bias, or the bias gradient's output) for a plan that has one.
+// Then marks the profile.
+template <class S>
+inline void lt_run(const cuda_policy& pol, const lt_plan& p, S alpha, const void* A, const void* B, S beta,
+                   const void* c_in, void* C, const void* epi, const char* mark) {
+  if (epi) DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &epi, sizeof(epi)));
+  DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, B, p.a, A, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
+                                   pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
+  profile_mark(mark);
+}
+
 // Whether a float product takes the staged path (cuda_policy::bf16_staged).
 inline bool use_stage(const cuda_policy& pol, const gemm_desc& d) {
   return pol.bf16 && pol.bf16_staged && pol.stage && d.batch == 1 && d.k > 0;
@@ -289,11 +302,7 @@ inline bool staged_matmul(const cuda_policy& pol, const gemm_desc& d, std::int64
                                      bias ? epi_bias : epi_none, true);
   if (!p.found) return false;
   const staged_operands st = stage_operands(pol, d, A, lda, B, ldb);
-  if (bias)
-    DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-  DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, st.b, p.a, st.a, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
-                                   pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-  profile_mark(mark);
+  lt_run(pol, p, alpha, st.a, st.b, beta, c_in, C, bias, mark);
   return true;
 }
 
@@ -322,9 +331,7 @@ inline void gemm(const cuda_policy& pol, const gemm_desc& d, T alpha, const T* A
   const detail::lt_plan& p = detail::plan_for<T>(
       pol, d, lda, ldb, ldc,
       {detail::alignment_of(B), detail::alignment_of(A), detail::alignment_of(C), detail::alignment_of(C)});
-  DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
-                                   pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-  detail::profile_mark(d.batch > 1 ? "gemm (batched)" : "gemm");
+  detail::lt_run(pol, p, alpha, A, B, beta, C, C, nullptr, d.batch > 1 ? "gemm (batched)" : "gemm");
 }
 
 /// C[m, n] = A op(B) + bias (the same bias row added to every row of C; d.batch 1), with the
@@ -362,11 +369,8 @@ inline void gemm_bias_rows(const cuda_policy& pol, const gemm_desc& d, const T* 
         {detail::alignment_of(B), detail::alignment_of(A), detail::alignment_of(c_in), detail::alignment_of(C)},
         detail::epi_bias);
     if (p.found) {
-      DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-      const T one(1), beta(residual ? 1 : 0);
-      DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, B, p.a, A, p.b, &beta, c_in, p.c, C, p.c, &p.algo,
-                                       pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-      detail::profile_mark(residual ? "gemm + bias epilogue + residual" : "gemm + bias epilogue");
+      detail::lt_run(pol, p, T(1), A, B, T(residual ? 1 : 0), c_in, C, bias,
+                     residual ? "gemm + bias epilogue + residual" : "gemm + bias epilogue");
       return;
     }
   }
@@ -396,11 +400,7 @@ inline void linear_param_grads(const cuda_policy& pol, const T* dy, const T* x, 
           detail::epi_bgrad);
       if (p.found) {
         T* part = static_cast<T*>(pol.scratch);
-        DINO_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &part, sizeof(part)));
-        const T one(1);
-        DINO_CUBLAS_CHECK(cublasLtMatmul(pol.lt, p.op, &one, x, p.a, dy, p.b, &one, dW, p.c, dW, p.c, &p.algo,
-                                         pol.gemm_workspace, pol.gemm_workspace_bytes, pol.stream));
-        detail::profile_mark("gemm + bias gradient epilogue");
+        detail::lt_run(pol, p, T(1), dy, x, T(1), dW, dW, part, "gemm + bias gradient epilogue");
         for_each_chunk(pol, out, detail::add_rows_fn<T>{part, db, out, out});  // db += part (one row)
         return;
       }
