@@ -46,22 +46,12 @@ inline void round_bf16_apply(const cpu_policy& pol, const float* x, std::uint16_
 /// values are layer_norm_rows' (the same row kernel), rounded as they are stored.
 inline void layer_norm_rows_bf16(const cpu_policy& pol, const float* x, const float* w, const float* b,
                                  std::uint16_t* y, float* stats, std::int64_t rows, std::int64_t D, float eps) {
-#if DINO_GEMM_X86
-  const bool wide = simd_avx512();
-#endif
   detail::for_each_row_block(pol, rows, [&](std::int64_t r0, std::int64_t r1) {
-    thread_local std::vector<float> row;  // one row in fp32, grown once per thread
-    if (row.size() < std::size_t(D)) row.resize(std::size_t(D));
-    for (std::int64_t r = r0; r < r1; ++r) {
-      float* st = stats ? stats + 2 * r : nullptr;
-#if DINO_GEMM_X86
-      if (wide) detail::layer_norm_block_avx512(x + r * D, w, b, row.data(), st, 0, 1, D, eps);
-      else
-#endif
-        detail::layer_norm_block(x + r * D, w, b, row.data(), st, 0, 1, D, eps);
-      std::uint16_t* yr = y + r * D;
-      for (std::int64_t i = 0; i < D; ++i) yr[i] = bf16_bits(row[std::size_t(i)]);
-    }
+    thread_local std::vector<float> block;  // the block's rows in fp32, grown once per thread
+    const std::size_t n = std::size_t((r1 - r0) * D);
+    if (block.size() < n) block.resize(n);
+    layer_norm_rows(cpu_policy{1}, x + r0 * D, w, b, block.data(), stats ? stats + 2 * r0 : nullptr, r1 - r0, D, eps);
+    for (std::size_t i = 0; i < n; ++i) y[std::size_t(r0 * D) + i] = bf16_bits(block[i]);
   });
 }
 
@@ -78,16 +68,6 @@ inline void gelu_apply_bf16(const cpu_policy& pol, const float* a, std::uint16_t
   });
 }
 
-/// C[m, n] += R (packed; R null: nothing), as gemm_bias_rows adds its residual.
-inline void add_residual_rows(const cpu_policy& pol, std::int64_t m, std::int64_t n, const float* R, float* C) {
-  if (!R) return;
-  for_each_row(pol, m, [&](std::int64_t r) {
-    float* cr = C + r * n;
-    const float* rr = R + r * n;
-    for (std::int64_t j = 0; j < n; ++j) cr[j] += rr[j];
-  });
-}
-
 namespace detail {
 /// The AVX512_BF16 kernel on the bf16 operands as they lie (pgemm16::gemm_blocked_bf16_operands),
 /// split over threads as gemm() splits a product; false: not run (no such kernel active, an
@@ -96,25 +76,11 @@ inline bool gemm_bf16_operands_native(const cpu_policy& pol, std::int64_t m, std
                                       const std::uint16_t* X, const std::uint16_t* W, const float* bias, float* C) {
 #if DINO_GEMM_X86
   if (!gemm_bf16_native() || k == 0) return false;
-  const int threads = pol.threads > 1 ? pol.threads : 1;
-  if (threads == 1 || double(m) * double(n) * double(k) < 262144.0 || (m < 32 && n < 32))
-    return pgemm16::gemm_blocked_bf16_operands(m, n, k, X, k, W, k, C, n, bias);
-  const bool split_rows = m >= n;  // the larger of m and n, in blocks of the kernel's tile
-  const std::int64_t extent = split_rows ? m : n, g = split_rows ? 48 : 32;
-  const std::int64_t per = ((extent + threads - 1) / threads + g - 1) / g * g;
-  const int blocks = int((extent + per - 1) / per);
-  bool ok = true;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(&& : ok)
-#endif
-  for (int bi = 0; bi < blocks; ++bi) {
-    const std::int64_t lo = per * bi, len = std::min(extent - lo, per);
-    ok = (split_rows ? pgemm16::gemm_blocked_bf16_operands(len, n, k, X + lo * k, k, W, k, C + lo * n, n, bias)
-                     : pgemm16::gemm_blocked_bf16_operands(m, len, k, X, k, W + lo * k, k, C + lo, n,
-                                                            bias ? bias + lo : nullptr)) &&
-         ok;
-  }
-  return ok;
+  return split_product(pol, m, n, k, 48, 32, [&](bool split_rows, std::int64_t lo, std::int64_t len) {
+    return split_rows ? pgemm16::gemm_blocked_bf16_operands(len, n, k, X + lo * k, k, W, k, C + lo * n, n, bias)
+                      : pgemm16::gemm_blocked_bf16_operands(m, len, k, X, k, W + lo * k, k, C + lo, n,
+                                                             bias ? bias + lo : nullptr);
+  });
 #else
   (void)pol, (void)m, (void)n, (void)k, (void)X, (void)W, (void)bias, (void)C;
   return false;
@@ -136,7 +102,7 @@ inline void gemm_bias_rows_bf16(const cpu_policy& pol, std::int64_t m, std::int6
   require<shape_error>(m >= 0 && n >= 0 && k >= 0, "gemm_bias_rows_bf16: invalid sizes m=", m, " n=", n, " k=", k);
   if (m == 0 || n == 0) return;
   if (detail::gemm_bf16_operands_native(pol, m, n, k, X, W, bias, C)) {
-    add_residual_rows(pol, m, n, residual, C);
+    detail::add_residual_rows(pol, m, n, residual, C);
     return;
   }
   constexpr std::int64_t R = 512;  // rows of X widened at a time
@@ -158,7 +124,7 @@ inline void gemm_bias_rows_bf16(const cpu_policy& pol, std::int64_t m, std::int6
     if (bias) gemm_bias(bp, d, x.data(), w.data(), bias, C + r0 * n);
     else gemm(bp, d, 1.0f, x.data(), w.data(), 0.0f, C + r0 * n);
   }
-  add_residual_rows(pol, m, n, residual, C);
+  detail::add_residual_rows(pol, m, n, residual, C);
 }
 
 }  // namespace dino::cpu

@@ -173,32 +173,41 @@ inline void gemm_bias(const cpu_policy& pol, const gemm_desc& d, const T* A, con
 }
 
 namespace detail {
+/// The split of one product (see gemm()): the larger of m and n into one block per thread, in
+/// multiples of g_rows (rows of C) or g_cols (columns of C), each block handed to
+/// f(split_rows, lo, len) in parallel; a small product, or one thread, is one call
+/// f(true, 0, m) on the calling thread. True when every call returned true.
+template <class F>
+inline bool split_product(const cpu_policy& pol, std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t g_rows,
+                          std::int64_t g_cols, F&& f) {
+  const int threads = pol.threads > 1 ? pol.threads : 1;
+  const double work = double(m) * double(n) * double(k);
+  if (threads == 1 || work < 262144.0 || (m < 32 && n < 32)) return f(true, std::int64_t(0), m);
+  const bool split_rows = m >= n;
+  const std::int64_t extent = split_rows ? m : n, g = split_rows ? g_rows : g_cols;
+  const std::int64_t per = ((extent + threads - 1) / threads + g - 1) / g * g;
+  const int blocks = int((extent + per - 1) / per);
+  bool ok = true;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(&& : ok)
+#endif
+  for (int bi = 0; bi < blocks; ++bi) {
+    const std::int64_t lo = per * bi;
+    ok = f(split_rows, lo, std::min(extent - lo, per)) && ok;
+  }
+  return ok;
+}
+
 /// One product (batch 1) split into one block per thread (see gemm()); bias may be null.
 template <class T>
 inline void gemm_split(const cpu_policy& pol, const gemm_desc& d, T alpha, const T* A, const T* B, T beta, T* C,
                        const T* bias) {
-  const int threads = pol.threads > 1 ? pol.threads : 1;
-  const double work = double(d.m) * double(d.n) * double(d.k);
-  if (threads == 1 || work < 262144.0 || (d.m < 32 && d.n < 32)) {
-    detail::gemm_one(d, alpha, A, B, beta, C, bias, pol.bf16);
-    return;
-  }
   const std::int64_t lda = d.lda ? d.lda : (d.trans_a ? d.m : d.k);
   const std::int64_t ldb = d.ldb ? d.ldb : (d.trans_b ? d.k : d.n);
   const std::int64_t ldc = d.ldc ? d.ldc : d.n;
-  const bool split_rows = d.m >= d.n;
-  const std::int64_t extent = split_rows ? d.m : d.n;
   // Block granule: 16, or a multiple of the fp32 kernel's tile (12 or 6 rows, 32 or 16 columns).
-  const std::int64_t g = (!std::is_same_v<T, float> || gemm_active_kernel() == gemm_kernel::eigen) ? 16
-                         : split_rows                                                            ? 48
-                                                                                                 : 32;
-  const std::int64_t per = ((extent + threads - 1) / threads + g - 1) / g * g;
-  const int blocks = int((extent + per - 1) / per);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads)
-#endif
-  for (int bi = 0; bi < blocks; ++bi) {
-    const std::int64_t lo = per * bi, len = std::min(extent - lo, per);
+  const bool eigen = !std::is_same_v<T, float> || gemm_active_kernel() == gemm_kernel::eigen;
+  split_product(pol, d.m, d.n, d.k, eigen ? 16 : 48, eigen ? 16 : 32, [&](bool split_rows, std::int64_t lo, std::int64_t len) {
     gemm_desc part = d;
     part.lda = lda;
     part.ldb = ldb;
@@ -211,7 +220,8 @@ inline void gemm_split(const cpu_policy& pol, const gemm_desc& d, T alpha, const
       detail::gemm_one(part, alpha, A, d.trans_b ? B + lo * ldb : B + lo, beta, C + lo, bias ? bias + lo : bias,
                        pol.bf16);
     }
-  }
+    return true;
+  });
 }
 }  // namespace detail
 

@@ -29,6 +29,19 @@
 
 namespace dino::cpu {
 
+namespace detail {
+/// C[m, n] += R (both packed; R null: nothing): gemm_bias_rows' residual, added after the product.
+template <class T>
+inline void add_residual_rows(const cpu_policy& pol, std::int64_t m, std::int64_t n, const T* R, T* C) {
+  if (!R) return;
+  for_each_row(pol, m, [&](std::int64_t r) {
+    T* cr = C + r * n;
+    const T* rr = R + r * n;
+    for (std::int64_t j = 0; j < n; ++j) cr[j] += rr[j];
+  });
+}
+}  // namespace detail
+
 template <class T>
 inline void broadcast_rows(const cpu_policy& pol, const T* b, T* y, std::int64_t rows, std::int64_t cols) {
   for_each_row(pol, rows, [&](std::int64_t r) {
@@ -48,12 +61,7 @@ inline void gemm_bias_rows(const cpu_policy& pol, const gemm_desc& d, const T* A
   require<shape_error>(d.batch == 1, "gemm_bias_rows: one product only, got batch=", d.batch);
   require<shape_error>(d.ldc == 0 || d.ldc == d.n, "gemm_bias_rows: C must be packed (ldc ", d.ldc, ", n ", d.n, ")");
   gemm_bias(pol, d, A, B, bias, C);
-  if (residual)
-    for_each_row(pol, d.m, [&](std::int64_t r) {
-      T* cr = C + r * d.n;
-      const T* rr = residual + r * d.n;
-      for (std::int64_t j = 0; j < d.n; ++j) cr[j] += rr[j];
-    });
+  detail::add_residual_rows(pol, d.m, d.n, residual, C);
 }
 
 /// The parameter gradients of a linear layer (nn::linear): dW[out, in] += dy^T x over the
