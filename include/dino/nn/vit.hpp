@@ -695,8 +695,7 @@ class vit {
     for (std::int64_t l = 0; l < cfg_.depth; ++l) {
       const block_saved_parts<T> b = block_parts(s, pk, l);
       T* x_out = l + 1 < cfg_.depth ? s.blocks + block_offset(pk, l + 1) : s.x_last;
-      if (b16) block_forward16(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l, o16);
-      else block_forward(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l, true);
+      block_forward(pol, P, pk, blocks_[std::size_t(l)], x, b, x_out, seed, step, l, true, b16 ? &o16 : nullptr);
       x = x_out;
     }
     // final norm over all tokens, CLS rows out
@@ -743,41 +742,31 @@ class vit {
     for (std::int64_t l = 0; l < cfg_.depth; ++l) {
       const block& blk = blocks_[std::size_t(l)];
       const bool last = l + 1 == cfg_.depth;
-      if (b16) {
-        if constexpr (std::is_same_v<T, float>) {
-          round_block_weights(pol, P, blk, o16);
-          blk.norm1.forward_bf16(pol, P, cv(xa, D, "x"), o16.a, st);
-          blk.qkv.forward_bf16(pol, P, o16.a, o16.wqkv, hv(qkv, 3 * D, "qkv"));
-        }
-      } else {
-        blk.norm1.forward(pol, P, cv(xa, D, "x"), hv(a, D, "ln1"), st);
-        blk.qkv.forward(pol, P, cv(a, D, "ln1"), hv(qkv, 3 * D, "qkv"));
-      }
+      if (b16) round_block_weights(pol, P, blk, o16);
+      norm_then_linear<S>(pol, P, blk.norm1, blk.qkv, xa, stats, a, o16.a, o16.wqkv, qkv, Tn);
       attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, qkv, o, probs,
                         last ? out.cls_attention : static_cast<T*>(nullptr), pk.cls_attn_off.data(),
                         /*keep_probs=*/false);
       // x_mid = x + proj(o), into xb
       blk.proj.forward_residual(pol, P, cv(o, D, "attn"), cv(xa, D, "x"), hv(xb, D, "x_mid"));
-      if (b16) {
-        if constexpr (std::is_same_v<T, float>) {
-          blk.norm2.forward_bf16(pol, P, cv(xb, D, "x_mid"), o16.c, st);
-          blk.fc1.forward_bf16(pol, P, o16.c, o16.wfc1, hv(h, H, "fc1"));
+      norm_then_linear<S>(pol, P, blk.norm2, blk.fc1, xb, stats, a, o16.c, o16.wfc1, h, Tn);
+      if constexpr (std::is_same_v<T, float>) {
+        if (b16) {
           gelu_apply_bf16(pol, static_cast<const T*>(h), o16.g, Tn * H);
           blk.fc2.forward_bf16(pol, P, o16.g, o16.wfc2, hv(xa, D, "x"), static_cast<const T*>(xb));  // x_mid + mlp
         }
-      } else {
-        blk.norm2.forward(pol, P, cv(xb, D, "x_mid"), hv(a, D, "ln2"), st);
-        blk.fc1.forward(pol, P, cv(a, D, "ln2"), hv(h, H, "fc1"));
+      }
+      if (!b16) {
         gelu_forward(pol, tensor_view<const T, S>{h, {Tn, H}, "fc1"}, tensor_view<T, S>{h, {Tn, H}, "gelu"});
         blk.fc2.forward_residual(pol, P, cv(h, H, "gelu"), cv(xb, D, "x_mid"), hv(xa, D, "x"));  // x_mid + mlp
       }
       if (out.intermediate && l >= cfg_.depth - out.n_last) {
         T* dst = out.intermediate + static_cast<std::size_t>(l - (cfg_.depth - out.n_last)) * TD;
-        norm_.forward(pol, P, cv(xa, D, "x"), hv(dst, D, "intermediate"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
+        norm_.forward(pol, P, cv(xa, D, "x"), hv(dst, D, "intermediate"), st);
       }
     }
     T* fin = out.tokens ? out.tokens : xb;
-    norm_.forward(pol, P, cv(xa, D, "x"), hv(fin, D, "final tokens"), tensor_view<T, S>{stats, {Tn, 2}, "stats"});
+    norm_.forward(pol, P, cv(xa, D, "x"), hv(fin, D, "final tokens"), st);
     gather_cls(pol, pk, fin, y.data);
   }
 
@@ -1047,12 +1036,16 @@ class vit {
     o.wfc2 = at(w, bf16_area(3 * D * D) + bf16_area(H * D));
     return o;
   }
-  template <class Policy, class S>
-  static void round_block_weights(const Policy& pol, tensor_view<const float, S> P, const block& blk,
+  template <class Policy, class T, class S>
+  static void round_block_weights(const Policy& pol, tensor_view<const T, S> P, const block& blk,
                                   const op16_parts& o) {
-    blk.qkv.round_weight(pol, P, o.wqkv);
-    blk.fc1.round_weight(pol, P, o.wfc1);
-    blk.fc2.round_weight(pol, P, o.wfc2);
+    if constexpr (std::is_same_v<T, float>) {  // float tensors only (fwd16 and infer's b16 need them)
+      blk.qkv.round_weight(pol, P, o.wqkv);
+      blk.fc1.round_weight(pol, P, o.wfc1);
+      blk.fc2.round_weight(pol, P, o.wfc2);
+    } else {
+      (void)pol, (void)P, (void)blk, (void)o;
+    }
   }
 
   // What pol's attention keeps for the backward at this ViT's head dim (nn/attention.hpp).
@@ -1203,51 +1196,52 @@ class vit {
   template <class Policy, class T, class S>
   void block_forward(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, const block& blk, const T* x,
                      block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step, std::int64_t l,
-                     bool draw_dp) const {
+                     bool draw_dp, const op16_parts* o16 = nullptr) const {
     const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
     const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
     const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
     require<config_error>(b.x_in == x, "vit: block input must be the previous block's output in place");
     if (draw_dp) draw_drop_path(pol, pk, blk.drop, seed, step, l, b.dp);
-    blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
-    blk.qkv.forward(pol, P, cv(b.a, D, "ln1"), hv(b.qkv, 3 * D, "qkv"));
+    if (o16) round_block_weights(pol, P, blk, *o16);  // o16: bf16 operands (fwd16), the same values
+    norm_then_linear<S>(pol, P, blk.norm1, blk.qkv, b.x_in, b.ln1, b.a, o16 ? o16->a : nullptr,
+                        o16 ? o16->wqkv : nullptr, b.qkv, Tn);
     attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, static_cast<const T*>(b.qkv), b.o, b.probs);
     blk.proj.forward(pol, P, cv(b.o, D, "attn"), hv(b.x_mid, D, "proj"));
     residual(pol, pk, b.x_mid, b.x_in, b.dp, D);  // x_mid = x + dp1 * proj
-    blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
-    blk.fc1.forward(pol, P, cv(b.c, D, "ln2"), hv(b.h, H, "fc1"));
-    gelu_of_block<S>(pol, b, Tn, H);
-    blk.fc2.forward(pol, P, cv(b.g, H, "gelu"), hv(x_out, D, "fc2"));
+    norm_then_linear<S>(pol, P, blk.norm2, blk.fc1, b.x_mid, b.ln2, b.c, o16 ? o16->c : nullptr,
+                        o16 ? o16->wfc1 : nullptr, b.h, Tn);
+    if constexpr (std::is_same_v<T, float>) {
+      if (o16) {
+        gelu_apply_bf16(pol, static_cast<const T*>(b.h), o16->g, Tn * H);
+        blk.fc2.forward_bf16(pol, P, o16->g, o16->wfc2, hv(x_out, D, "fc2"));
+      }
+    }
+    if (!o16) {
+      gelu_of_block<S>(pol, b, Tn, H);
+      blk.fc2.forward(pol, P, cv(b.g, H, "gelu"), hv(x_out, D, "fc2"));
+    }
     residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
   }
 
-  // block_forward with the bf16 operands of o (fwd16): the same values, as the rounding the
-  // products did moves to the producers (LN1, LN2, GELU and the weights' copies).
-  template <class Policy, class T, class S>
-  void block_forward16(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, const block& blk,
-                       const T* x, block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step,
-                       std::int64_t l, const op16_parts& o) const {
+  // y = lin(norm(x)) over the pack's Tn rows, norm's statistics in stats and its output in a;
+  // with a16 (bf16 operands) norm's output is stored as bf16 there instead and lin reads it
+  // and w16, the weight's bf16 copy: the same values.
+  template <class S, class Policy, class T>
+  void norm_then_linear(const Policy& pol, tensor_view<const T, S> P, const layer_norm& norm, const linear& lin,
+                        const T* x, T* stats, T* a, std::uint16_t* a16, const std::uint16_t* w16, T* y,
+                        std::int64_t Tn) const {
+    const std::int64_t D = cfg_.embed_dim;
+    const tensor_view<const T, S> xv{x, {Tn, D}, "layer_norm input"};
+    const tensor_view<T, S> st{stats, {Tn, 2}, "layer_norm stats"}, yv{y, {Tn, lin.out_dim()}, "linear output"};
     if constexpr (std::is_same_v<T, float>) {
-      const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
-      const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
-      const auto cv = [&](const T* p, std::int64_t cols, const char* n) { return tensor_view<const T, S>{p, {Tn, cols}, n}; };
-      require<config_error>(b.x_in == x, "vit: block input must be the previous block's output in place");
-      draw_drop_path(pol, pk, blk.drop, seed, step, l, b.dp);
-      round_block_weights(pol, P, blk, o);
-      blk.norm1.forward_bf16(pol, P, cv(b.x_in, D, "x"), o.a, tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
-      blk.qkv.forward_bf16(pol, P, o.a, o.wqkv, hv(b.qkv, 3 * D, "qkv"));
-      attention_forward(pol, cfg_.heads, D, pk.segs, pk.probs_off, static_cast<const T*>(b.qkv), b.o, b.probs);
-      blk.proj.forward(pol, P, cv(b.o, D, "attn"), hv(b.x_mid, D, "proj"));
-      residual(pol, pk, b.x_mid, b.x_in, b.dp, D);  // x_mid = x + dp1 * proj
-      blk.norm2.forward_bf16(pol, P, cv(b.x_mid, D, "x_mid"), o.c, tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
-      blk.fc1.forward_bf16(pol, P, o.c, o.wfc1, hv(b.h, H, "fc1"));
-      gelu_apply_bf16(pol, static_cast<const T*>(b.h), o.g, Tn * H);
-      blk.fc2.forward_bf16(pol, P, o.g, o.wfc2, hv(x_out, D, "fc2"));
-      residual(pol, pk, x_out, b.x_mid, b.dp + pk.crops, D);  // x_out = x_mid + dp2 * mlp
-    } else {
-      (void)pol, (void)P, (void)pk, (void)blk, (void)x, (void)b, (void)x_out, (void)seed, (void)step, (void)l, (void)o;
-      throw config_error("vit: bf16 operands need float tensors");
+      if (a16) {
+        norm.forward_bf16(pol, P, xv, a16, st);
+        lin.forward_bf16(pol, P, a16, w16, yv);
+        return;
+      }
     }
+    norm.forward(pol, P, xv, tensor_view<T, S>{a, {Tn, D}, "layer_norm output"}, st);
+    lin.forward(pol, P, tensor_view<const T, S>{a, {Tn, D}, "layer_norm output"}, yv);
   }
 
   // branch = dp[crop] * branch + base, per crop
