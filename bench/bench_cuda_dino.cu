@@ -33,8 +33,8 @@
 // checkpointed workloads),
 // bf16_operands (bf16 with the forward products' operands stored as bf16 by their producers:
 // cuda_policy::bf16_operands, docs/perf-notes.md v13; in training it needs pointwise
-// recomputation, so it runs train_vits16_pointwise, SMALL with recomputation, the inference
-// and its parts) and
+// recomputation, so it runs train_vits16_pointwise, SMALL with recomputation and the
+// inference; not parts_vits16, whose GEMMs read fp32) and
 // bf16_tf32attn (bf16 GEMMs, the TF32 attention kernels: the bf16 mode before the bf16
 // attention kernels, so that one run shows what they change).
 // peak_device_MiB: the device memory in use (cudaMemGetInfo: total - free) at its highest,
@@ -60,6 +60,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <span>
 #include <string>
 #include <vector>
@@ -76,15 +77,10 @@ struct precision {
   // 0 fp32, 1 tf32, 2 bf16, 3 bf16 GEMMs with the TF32 attention kernels, 4 bf16 with the
   // GEMM operands staged in bf16 (cuda_policy::bf16_staged), 5 bf16 with the forward
   // products' operands stored as bf16 (cuda_policy::bf16_operands)
+  static constexpr const char* names[] = {"fp32", "tf32", "bf16", "bf16_tf32attn", "bf16_staged", "bf16_operands"};
+  static constexpr int run_order[] = {0, 1, 2, 4, 5, 3};  // the rows' order when all run
   int mode = 0;
-  const char* name() const {
-    return mode == 5   ? "bf16_operands"
-           : mode == 4 ? "bf16_staged"
-           : mode == 3 ? "bf16_tf32attn"
-           : mode == 2 ? "bf16"
-           : mode == 1 ? "tf32"
-                       : "fp32";
-  }
+  const char* name() const { return names[mode]; }
   dino::cuda_policy policy(const dino::cuda::context& ctx) const {
     dino::cuda_policy pol = ctx.policy(mode == 1, mode >= 2);
     if (mode == 3) pol.bf16_attention = false;
@@ -414,8 +410,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
-  if (!o.precision.empty() && o.precision != "fp32" && o.precision != "tf32" && o.precision != "bf16" &&
-      o.precision != "bf16_staged" && o.precision != "bf16_operands" && o.precision != "bf16_tf32attn") {
+  if (!o.precision.empty() &&
+      std::none_of(std::begin(precision::names), std::end(precision::names), [&](const char* n) { return o.precision == n; })) {
     std::fprintf(stderr, "bench_cuda_dino: unknown precision '%s'\n%s", o.precision.c_str(), usage);
     return 2;
   }
@@ -432,12 +428,8 @@ int main(int argc, char** argv) {
                 "the level before each workload's set-up\n",
                 prop.name, o.warmup, o.reps);
     std::vector<precision> precisions;
-    if (o.precision.empty() || o.precision == "fp32") precisions.push_back({0});
-    if (o.precision.empty() || o.precision == "tf32") precisions.push_back({1});
-    if (o.precision.empty() || o.precision == "bf16") precisions.push_back({2});
-    if (o.precision.empty() || o.precision == "bf16_staged") precisions.push_back({4});
-    if (o.precision.empty() || o.precision == "bf16_operands") precisions.push_back({5});
-    if (o.precision.empty() || o.precision == "bf16_tf32attn") precisions.push_back({3});
+    for (int m : precision::run_order)
+      if (o.precision.empty() || o.precision == precision::names[m]) precisions.push_back({m});
     // One workload's failure (out of device memory, say) is reported and the others still run.
     auto run = [&](const char* w, precision pr, auto&& f) {
       if (!o.only.empty() && o.only != w) return;
