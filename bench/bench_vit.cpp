@@ -300,9 +300,10 @@ struct train_case {
     c.train.schedule.batch_size = batch;
     return c;
   }
-  explicit train_case(int checkpoint_blocks = 0, bool pointwise = false, const dino::cpu_policy* plan = nullptr)
+  // The step's buffers planned for pol (a bf16_operands policy needs its packs).
+  train_case(int checkpoint_blocks, bool pointwise, const dino::cpu_policy& pol)
       : m(dino::ssl::make_dino<dino::nn::vit>(vcfg(checkpoint_blocks, pointwise), vcfg(0).embed_dim, dcfg())) {
-    if (plan) m.plan_for(*plan);
+    m.plan_for(pol);
     for (int s = 0; s < 2; ++s) {
       g[s].resize(static_cast<std::size_t>(2 * batch * global * global));
       l[s].resize(static_cast<std::size_t>(n_local * batch * local * local));
@@ -329,7 +330,7 @@ void bench_infer(const options& o) {
 
 void bench_train(const options& o) {
   const dino::cpu_policy pol = o.policy();
-  train_case c(o.checkpoint_blocks, o.pointwise, &pol);
+  train_case c(o.checkpoint_blocks, o.pointwise, pol);
   const timing t = time_calls(o.warmup, o.reps, [&] { c.run(pol); });
   emit("dino train small28_b64" + std::string(o.checkpoint_blocks ? "_ckpt" + std::to_string(o.checkpoint_blocks) : "") +
        (o.pointwise ? "_pointwise" : "") + o.suffix() +
@@ -345,7 +346,7 @@ void bench_allocs(const options& o) {
   const dino::cpu_policy pol = o.policy();
   const int steps = 3;
   {
-    train_case c(0, false, &pol);
+    train_case c(0, false, pol);
     for (int i = 0; i < std::max(2, o.warmup); ++i) c.run(pol);
     alloc_window w;
     w.start();
