@@ -140,7 +140,8 @@ TEST_CASE("cuda linear with tensor cores: the bias gradient summed in the GEMM's
     prof.stop();
     bool epilogue = false;
     for (const auto& r : prof.summary()) epilogue |= r.name == "gemm + bias gradient epilogue";
-    MESSAGE("bias gradient in the GEMM epilogue: " << (epilogue ? "yes" : "no (cuBLASLt had no algorithm: column_sums)"));
+    // std::string: doctest prints a bare const char* as a pointer
+    MESSAGE("bias gradient in the GEMM epilogue: " << std::string(epilogue ? "yes" : "no (cuBLASLt had no algorithm: column_sums)"));
     const auto Gg = download(dG);
     const auto gdb = slice(Gg, b, std::size_t(out));
     // The epilogue may sum dy as its tensor cores see it (rounded to TF32 or bf16), so the
