@@ -28,7 +28,12 @@ max_memory_reserved. Neither counts the CUDA context.
 
 --compile MODE wraps the student and the teacher (training) or the model (inference) in
 torch.compile(mode=MODE) (default, reduce-overhead: CUDA graphs, max-autotune); the step
-around them stays eager, as the official code's. The workload is then printed as
+around them stays eager, as the official code's. With reduce-overhead each training step
+first calls torch.compiler.cudagraph_mark_step_begin() and clones the teacher's output before
+the student runs: CUDA graph trees may start a new generation at the student's forward and
+reuse the memory of the teacher's output, which the loss still reads ("accessing tensor
+output of CUDAGraphs that has been overwritten by a subsequent run", seen on an H200 with
+torch 2.11). The clone copies batch x 2 x K values once a step. The workload is then printed as
 <workload>+compile_<mode> (compile_default, compile_reduce-overhead, ...), and the warm-up
 steps, which run the compilation, are not timed.
 
@@ -163,6 +168,7 @@ def bench_train(name, precision, device, args):
         crops += [torch.randn(B, C, L, L, generator=g) for _ in range(n_local)]
         crop_sets.append([c.pin_memory() if pin else c for c in crops])
     state = {"it": 0, "loss": float("nan")}
+    graphs = args.compile == "reduce-overhead"
 
     def step():
         it = state["it"]
@@ -172,8 +178,12 @@ def bench_train(name, precision, device, args):
             param_group["lr"] = lr_schedule[it]
             if i == 0:
                 param_group["weight_decay"] = wd_schedule[it]
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(precision, device):
             teacher_output = teacher_fwd(images[:2])
+            if graphs:
+                teacher_output = teacher_output.clone()
             student_output = student_fwd(images)
             loss = dino_loss(student_output, teacher_output, epoch)
         if not math.isfinite(loss.item()):
