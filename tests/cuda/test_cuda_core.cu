@@ -194,6 +194,75 @@ TEST_CASE("cuda gemm with staged bf16 operands (cuda_policy::bf16_staged): the C
   DINO_CHECK_CLOSE(download(dC), ref, 2e-5);
 }
 
+TEST_CASE("cuda linear_backward under bf16_staged: dy staged once, the single products' bits") {
+  // linear_backward stages dy, x and W once and runs both products on them; the single
+  // products (linear_param_grads, then gemm) stage dy twice. Same plans, same staged values:
+  // the same bits, one staging pass fewer.
+  dino::cuda_policy pol = gpu().policy(false, true);
+  pol.bf16_staged = true;
+  REQUIRE(pol.stage != nullptr);
+  const auto staging_passes = [](const dino::cuda::op_profile& prof) {
+    std::int64_t n = 0;
+    for (const auto& r : prof.summary())
+      if (r.name.rfind("bf16 operand staging", 0) == 0) n += r.count;
+    return n;
+  };
+  // out 37 and in 29: rows of the stage padded to 8 elements; 197 rows: not a multiple of 8
+  for (auto [rows, out, in] : {std::tuple<std::int64_t, std::int64_t, std::int64_t>{197, 96, 64}, {197, 192, 64},
+                               {131, 37, 29}}) {
+    for (const bool bias : {true, false})
+      for (const float beta : {0.0f, 1.0f}) {
+        CAPTURE(rows);
+        CAPTURE(out);
+        CAPTURE(in);
+        CAPTURE(bias);
+        CAPTURE(beta);
+        const auto dy = random_vector<float>(std::size_t(rows * out), 31 + out);
+        const auto x = random_vector<float>(std::size_t(rows * in), 32 + in);
+        const auto W = random_vector<float>(std::size_t(out * in), 33);
+        const auto dW0 = random_vector<float>(std::size_t(out * in), 34);
+        const auto db0 = random_vector<float>(std::size_t(out), 35);
+        const auto dx0 = random_vector<float>(std::size_t(rows * in), 36);
+        auto ddy = upload(dy), dx_in = upload(x), dWt = upload(W);
+        auto rW = upload(dW0), rb = upload(db0), rx = upload(dx0);  // the single products
+        auto nW = upload(dW0), nb = upload(db0), nx = upload(dx0);  // linear_backward
+        dino::cuda::op_profile prof(pol.stream);
+        prof.start();
+        dino::cuda::linear_param_grads(pol, ddy.data(), dx_in.data(), rows, out, in, rW.data(),
+                                       bias ? rb.data() : nullptr);
+        dino::gemm(pol, gemm_desc{false, false, rows, in, out}, 1.0f, ddy.data(), dWt.data(), beta, rx.data());
+        prof.stop();
+        const auto single = staging_passes(prof);
+        prof.start();
+        dino::cuda::linear_backward(pol, ddy.data(), dx_in.data(), dWt.data(), rows, out, in, nW.data(),
+                                    bias ? nb.data() : nullptr, nx.data(), beta);
+        prof.stop();
+        const auto once = staging_passes(prof);
+        CHECK(single == 4);
+        CHECK(once == 3);
+        CHECK(download(nW) == download(rW));
+        CHECK(download(nb) == download(rb));
+        CHECK(download(nx) == download(rx));
+        // and the CPU's products on the same RNE operands, up to the order of fp32 sums
+        std::vector<float> cW = dW0, cx = dx0;
+        const auto rne = [](float v) { return dino::cpu::bf16_round(v); };
+        naive_gemm(gemm_desc{true, false, out, in, rows}, 1.0f, dy.data(), x.data(), 1.0f, cW.data(), rne);
+        naive_gemm(gemm_desc{false, false, rows, in, out}, 1.0f, dy.data(), W.data(), beta, cx.data(), rne);
+        DINO_CHECK_CLOSE(download(nW), cW, 2e-5);
+        DINO_CHECK_CLOSE(download(nx), cx, 2e-5);
+      }
+  }
+  // No dx (grad_mode::skip): the parameter gradients alone, as linear_param_grads gives them.
+  const std::int64_t rows = 64, out = 48, in = 32;
+  const auto dy = random_vector<float>(std::size_t(rows * out), 41), x = random_vector<float>(std::size_t(rows * in), 42);
+  const auto dW0 = random_vector<float>(std::size_t(out * in), 43);
+  auto ddy = upload(dy), dxin = upload(x), rW = upload(dW0), nW = upload(dW0);
+  dino::cuda::linear_param_grads(pol, ddy.data(), dxin.data(), rows, out, in, rW.data(), static_cast<float*>(nullptr));
+  dino::cuda::linear_backward(pol, ddy.data(), dxin.data(), static_cast<const float*>(nullptr), rows, out, in, nW.data(),
+                              static_cast<float*>(nullptr), static_cast<float*>(nullptr), 0.0f);
+  CHECK(download(nW) == download(rW));
+}
+
 TEST_CASE("cuda bf16 operands in memory (cuda_policy::bf16_operands ops) match the CPU's") {
   // gemm_bias_rows_bf16 on the bits the CPU rounds: the same bf16 operands, so the CPU's
   // product up to the order of fp32 sums (2e-5), with the bias in the epilogue, with a

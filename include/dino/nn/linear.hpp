@@ -105,13 +105,11 @@ class linear {
     check_matrix("linear backward", x, cfg_.in);
     check_shape("linear backward", dy, {x.rows(), cfg_.out});
     const std::int64_t n = x.rows();
-    // dW[out, in] += dy^T[out, N] x[N, in], db += sum over rows of dy
-    linear_param_grads(pol, dy.data, x.data, n, cfg_.out, cfg_.in, G.data + w_, cfg_.bias ? G.data + b_ : nullptr);
-    if (mode != grad_mode::skip) {
-      check_shape("linear backward", dx, {n, cfg_.in});
-      gemm(pol, gemm_desc{false, false, n, cfg_.in, cfg_.out}, T(1), dy.data, P.data + w_,
-           mode == grad_mode::accumulate ? T(1) : T(0), dx.data);
-    }
+    if (mode != grad_mode::skip) check_shape("linear backward", dx, {n, cfg_.in});
+    // dW[out, in] += dy^T[out, N] x[N, in], db += sum over rows of dy, dx[N, in] = dy W (+ dx)
+    linear_backward(pol, dy.data, x.data, P.data + w_, n, cfg_.out, cfg_.in, G.data + w_,
+                    cfg_.bias ? G.data + b_ : nullptr, mode == grad_mode::skip ? nullptr : dx.data,
+                    mode == grad_mode::accumulate ? T(1) : T(0));
   }
 
   // The network_module forms (ssl/concepts.hpp).

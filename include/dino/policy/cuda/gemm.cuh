@@ -12,6 +12,9 @@
 //                                           epilogue, R read as the GEMM's C operand
 //   linear_param_grads(pol, dy, x, rows, out, in, dW, db)   dW += dy^T x, db += column sums of
 //                                           dy: with tensor cores, db in the GEMM's epilogue
+//   linear_backward(pol, dy, x, W, rows, out, in, dW, db, dx, beta)   the above, and
+//                                           dx = dy W + beta dx: under bf16_staged dy is
+//                                           rounded into the stage once for both products
 //
 // cuda_policy::bf16_staged (with bf16): single products round A and B to bf16 into the
 // context's stage by a pass each, then run on bf16 operands in memory (COMPUTE_32F, fp32 C):
@@ -410,10 +413,60 @@ inline void linear_param_grads(const cuda_policy& pol, const T* dy, const T* x, 
   if (db) column_sums(pol, dy, rows, out, db, true);
 }
 
+namespace detail {
+// linear_backward's staged path (use_stage): dy, x and W rounded into the stage by a pass
+// each, then dW += dy^T x, db by column_sums (the staged single products' order), and
+// dx = dy W + beta dx on the same staged dy. The plans are the ones the two single staged
+// products take (packed_desc of each), so the same bits as linear_param_grads then gemm
+// under bf16_staged, with one staging pass of dy fewer. False, with nothing queued, when
+// cuBLASLt has no algorithm for either: the caller takes the single products.
+inline bool staged_linear_backward(const cuda_policy& pol, const float* dy, const float* x, const float* W,
+                                   std::int64_t rows, std::int64_t out, std::int64_t in, float* dW, float* db,
+                                   float* dx, float beta) {
+  const gemm_desc dw{true, false, out, in, rows}, dd{false, false, rows, in, out};
+  if (rows <= 0 || out <= 0 || in <= 0 || !use_stage(pol, dw) || !use_stage(pol, dd)) return false;
+  const gemm_desc sw = packed_desc(dw), sd = packed_desc(dd);
+  const lt_plan& pw = plan_for<float>(pol, sw, sw.lda, sw.ldb, in, {256, 256, alignment_of(dW), alignment_of(dW)},
+                                      epi_none, true);
+  const lt_plan& pd = plan_for<float>(pol, sd, sd.lda, sd.ldb, in, {256, 256, alignment_of(dx), alignment_of(dx)},
+                                      epi_none, true);
+  if (!pw.found || !pd.found) return false;
+  const std::int64_t ly = stage_ld(out), lx = stage_ld(in);  // dy [rows, out]; x [rows, in]; W [out, in]
+  const std::size_t ox = stage_span(rows * ly), ow = ox + stage_span(rows * lx);
+  auto* base = static_cast<unsigned char*>(stage_at_least(pol, ow + stage_span(out * lx)));
+  auto* sy = reinterpret_cast<__nv_bfloat16*>(base);
+  auto* sx = reinterpret_cast<__nv_bfloat16*>(base + ox);
+  auto* sW = reinterpret_cast<__nv_bfloat16*>(base + ow);
+  for_each_chunk(pol, rows * out, stage_bf16_fn{dy, sy, out, out, ly});
+  for_each_chunk(pol, rows * in, stage_bf16_fn{x, sx, in, in, lx});
+  for_each_chunk(pol, out * in, stage_bf16_fn{W, sW, in, in, lx});
+  lt_run(pol, pw, 1.0f, sy, sx, 1.0f, dW, dW, nullptr, "gemm (bf16 operands)");
+  if (db) column_sums(pol, dy, rows, out, db, true);
+  lt_run(pol, pd, 1.0f, sy, sW, beta, dx, dx, nullptr, "gemm (bf16 operands)");
+  return true;
+}
+}  // namespace detail
+
+/// The backward products of a linear layer (nn::linear) with weight W [out, in]: dW += dy^T x
+/// and db += the column sums of dy (linear_param_grads), then, with dx, dx[rows, in] = dy W +
+/// beta dx (beta 0: dx is not read). Twin of the CPU form. Under bf16_staged (float) dy is
+/// rounded to bf16 once for both products instead of once for each: the same bits as the two
+/// single products, one pass over dy fewer.
+template <class T>
+inline void linear_backward(const cuda_policy& pol, const T* dy, const T* x, const T* W, std::int64_t rows,
+                            std::int64_t out, std::int64_t in, T* dW, T* db, T* dx, T beta) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (dx && detail::staged_linear_backward(pol, dy, x, W, rows, out, in, dW, db, dx, beta)) return;
+  }
+  linear_param_grads(pol, dy, x, rows, out, in, dW, db);
+  if (dx) gemm(pol, gemm_desc{false, false, rows, in, out}, T(1), dy, W, beta, dx);
+}
+
 }  // namespace dino::cuda
 
 namespace dino {
 using cuda::gemm;
 using cuda::gemm_bias_rows;
+using cuda::linear_backward;
 using cuda::linear_param_grads;
 }  // namespace dino
