@@ -34,7 +34,9 @@
 // bf16_operands (bf16 with the forward products' operands stored as bf16 by their producers:
 // cuda_policy::bf16_operands, docs/perf-notes.md v13; in training it needs pointwise
 // recomputation, so it runs train_vits16_pointwise, SMALL with recomputation and the
-// inference; not parts_vits16, whose GEMMs read fp32) and
+// inference; not parts_vits16, whose GEMMs read fp32),
+// bf16_staged_operands (both: the forward's qkv, fc1 and fc2 read bf16 from their producers,
+// every other product is staged; docs/perf-notes.md v14; the workloads of bf16_operands) and
 // bf16_tf32attn (bf16 GEMMs, the TF32 attention kernels: the bf16 mode before the bf16
 // attention kernels, so that one run shows what they change).
 // peak_device_MiB: the device memory in use (cudaMemGetInfo: total - free) at its highest,
@@ -43,12 +45,12 @@
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|train_small_pointwise|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_tf32attn]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|train_small_pointwise|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_staged_operands|bf16_tf32attn]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
 // Output: one line per workload and precision,
-//   dino <workload> precision=<fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_tf32attn> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
+//   dino <workload> precision=<fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_staged_operands|bf16_tf32attn> images_per_s=... ms_per_step=... peak_device_MiB=... batch=...
 // Training rows add workspace_MiB (the step's planned workspace) and activations_MiB (the part
 // of it the backward keeps: the activation memory per step, method::memory()).
 // host_ms is the median time for a call to return before the stream is synchronised: the
@@ -76,16 +78,19 @@ using clk = std::chrono::steady_clock;
 struct precision {
   // 0 fp32, 1 tf32, 2 bf16, 3 bf16 GEMMs with the TF32 attention kernels, 4 bf16 with the
   // GEMM operands staged in bf16 (cuda_policy::bf16_staged), 5 bf16 with the forward
-  // products' operands stored as bf16 (cuda_policy::bf16_operands)
-  static constexpr const char* names[] = {"fp32", "tf32", "bf16", "bf16_tf32attn", "bf16_staged", "bf16_operands"};
-  static constexpr int run_order[] = {0, 1, 2, 4, 5, 3};  // the rows' order when all run
+  // products' operands stored as bf16 (cuda_policy::bf16_operands), 6 both
+  static constexpr const char* names[] = {"fp32",        "tf32",          "bf16", "bf16_tf32attn",
+                                          "bf16_staged", "bf16_operands", "bf16_staged_operands"};
+  static constexpr int run_order[] = {0, 1, 2, 4, 5, 6, 3};  // the rows' order when all run
   int mode = 0;
   const char* name() const { return names[mode]; }
+  bool staged() const { return mode == 4 || mode == 6; }
+  bool operands() const { return mode == 5 || mode == 6; }  // training needs pointwise recomputation
   dino::cuda_policy policy(const dino::cuda::context& ctx) const {
     dino::cuda_policy pol = ctx.policy(mode == 1, mode >= 2);
     if (mode == 3) pol.bf16_attention = false;
-    if (mode == 4) pol.bf16_staged = true;
-    if (mode == 5) pol.bf16_operands = true;
+    pol.bf16_staged = staged();
+    pol.bf16_operands = operands();
     return pol;
   }
 };
@@ -384,7 +389,7 @@ int main(int argc, char** argv) {
   options o;
   const char* usage =
       "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|train_small_pointwise|infer_vits16|parts_vits16] "
-      "[--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_tf32attn] "
+      "[--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_staged_operands|bf16_tf32attn] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -443,18 +448,18 @@ int main(int argc, char** argv) {
       }
     };
     for (precision pr : precisions) {
-      if (pr.mode != 5) run("train_vits16", pr, [&] { bench_train(ctx, vits16_spec(), pr, o); });
-      if (pr.mode != 4 && pr.mode != 5)
+      if (!pr.operands()) run("train_vits16", pr, [&] { bench_train(ctx, vits16_spec(), pr, o); });
+      if (!pr.staged() && !pr.operands())
         run("train_vits16_ckpt", pr, [&] { bench_train(ctx, vits16_ckpt_spec(12, "train_vits16_ckpt"), pr, o); });
       if (pr.mode == 2)
         run("train_vits16_ckpt5", pr, [&] { bench_train(ctx, vits16_ckpt_spec(5, "train_vits16_ckpt5"), pr, o); });
-      if (pr.mode == 2 || pr.mode == 4 || pr.mode == 5)
+      if (pr.mode == 2 || pr.staged() || pr.operands())
         run("train_vits16_pointwise", pr, [&] { bench_train(ctx, vits16_pointwise_spec(), pr, o); });
-      if (pr.mode != 5) run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
-      if (pr.mode == 2 || pr.mode == 5)
+      if (!pr.operands()) run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
+      if (pr.mode == 2 || pr.operands())
         run("train_small_pointwise", pr, [&] { bench_train(ctx, small_pointwise_spec(), pr, o); });
       run("infer_vits16", pr, [&] { bench_infer(ctx, pr, o); });
-      if (pr.mode != 5) run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });  // its GEMMs read fp32
+      if (!pr.operands()) run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });  // its GEMMs read fp32
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_dino: %s\n", e.what());

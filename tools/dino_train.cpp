@@ -106,6 +106,10 @@ dino_cli::flags make_flags() {
            "with --bf16: the ViT's qkv, fc1 and fc2 products read bf16 operands that their producers (LayerNorm, GELU, a "
            "weight copy) round as they store: the same values; on the GPU half the bytes (the teacher and inference "
            "always, the student with --recompute-pointwise)")
+      .add("bf16-staged", "false",
+           "with --bf16: on the GPU every product on fp32 operands first rounds them to bf16 (to nearest even) by a pass "
+           "of its own, then runs on bf16 in memory (the fastest training mode measured, docs/benchmarks.md); the CPU's "
+           "bf16 products already round this way, so on the CPU it changes nothing")
       .add("loader-threads", "1", "data loading threads")
       .add("prefetch", "2", "batches loaded ahead")
       .add("save-every", "0", "steps between checkpoints (0: at the end only)")
@@ -353,6 +357,8 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
   const std::string device = f.str("device");
   if (f.boolean("bf16-operands") && !f.boolean("bf16"))
     throw dino_cli::usage_error("--bf16-operands needs --bf16 (it stores the bf16 products' operands)");
+  if (f.boolean("bf16-staged") && !f.boolean("bf16"))
+    throw dino_cli::usage_error("--bf16-staged needs --bf16 (it rounds the bf16 products' operands by a pass)");
   if (device == "cpu") {
     dino::cpu_policy pol{int(f.integer("threads", 1)), f.boolean("bf16")};
     pol.bf16_operands = f.boolean("bf16-operands");
@@ -363,6 +369,7 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
     dino::cuda::context ctx;
     dino::cuda_policy pol = ctx.policy(f.boolean("tf32"), f.boolean("bf16"));
     pol.bf16_operands = f.boolean("bf16-operands");
+    pol.bf16_staged = f.boolean("bf16-staged");
     return train_method(pol, f, ds, vc, mc, c, seed, B, N);
   }
   throw dino::config_error("dino-train: --device must be cpu or cuda, got '" + device + "'");

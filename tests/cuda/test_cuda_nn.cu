@@ -568,6 +568,26 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
       MESSAGE("ViT bf16 operands in memory, inference: from CPU bf16 " << dino_test::max_rel_error(giy, iy16)
                                                                        << " (CPU bf16 from fp32 " << e_cpu_i << ")");
       DINO_CHECK_CLOSE(giy, iy16, e_cpu_i);
+      // With bf16_staged as well (bench_cuda_dino's bf16_staged_operands): the products the
+      // operands leave on fp32 (proj, the backward's) are staged, so every product reads
+      // operands rounded to nearest even, the CPU's rounding; the same bound.
+      {
+        auto bpol = opol;
+        bpol.bf16_staged = true;
+        dc::device_buffer<float> bdy(y.size()), bdsaved(odsaved.size());
+        vo.forward(bpol, dcv(dP, {len(P)}), odpk, std::span<const float* const>(dimgs, 2), dv(bdy, {crops, D}),
+                   dv(bdsaved, {std::int64_t(bdsaved.size())}), seed, step);
+        const auto y2 = download(bdy);
+        auto bdG = upload(G0);
+        vo.backward(bpol, dcv(dP, {len(P)}), odpk, dcv(bdsaved, {std::int64_t(bdsaved.size())}), dcv(ddt, {Tn, D}),
+                    dv(bdG, {len(G)}), dv(odscr, {std::int64_t(odscr.size())}));
+        const auto G2 = download(bdG);
+        MESSAGE("ViT bf16 operands and staging: forward from CPU bf16 " << dino_test::max_rel_error(y2, by)
+                                                                        << ", gradients " << dino_test::max_rel_error(G2, bG));
+        DINO_CHECK_CLOSE(y2, by, e_cpu_y);
+        DINO_CHECK_CLOSE(G2, bG, e_cpu_g);
+        CHECK(dino_test::max_rel_error(G2, gG16) > 0.0);  // the staged backward ran
+      }
       // a second step and inference allocate nothing on the device
       const auto before16 = dc::device_allocations();
       vo.forward(opol, dcv(dP, {len(P)}), odpk, std::span<const float* const>(dimgs, 2), dv(ody, {crops, D}),

@@ -177,6 +177,18 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   auto r6 = train(flags + g.string() + " --bf16-operands");
   CHECK(r6.code == 2);
   CHECK(r6.err.find("--bf16-operands needs --bf16") != std::string::npos);
+  // --bf16-staged: on the CPU the bf16 products round their operands so already, so the same
+  // log and checkpoint as --bf16; without --bf16 it is refused
+  const fs::path h = fs::path(kDir) / "run_bf16_staged";
+  fs::remove_all(h);
+  auto r7 = train(flags + h.string() + " --bf16 --bf16-staged");
+  INFO(r7.err);
+  REQUIRE(r7.code == 0);
+  CHECK(log_numbers((h / "log.jsonl").string()) == n3);
+  CHECK(slurp((h / "checkpoint.safetensors").string()) == slurp((c / "checkpoint.safetensors").string()));
+  auto r8 = train(flags + h.string() + " --bf16-staged");
+  CHECK(r8.code == 2);
+  CHECK(r8.err.find("--bf16-staged needs --bf16") != std::string::npos);
 }
 
 TEST_CASE("dino-train stops on SIGTERM with its state saved, and says so in its exit code") {
