@@ -35,8 +35,9 @@
 // cuda_policy::bf16_operands, docs/perf-notes.md v13; in training it needs pointwise
 // recomputation, so it runs train_vits16_pointwise, SMALL with recomputation and the
 // inference; not parts_vits16, whose GEMMs read fp32),
-// bf16_staged_operands (both: the forward's qkv, fc1 and fc2 read bf16 from their producers,
-// every other product is staged; docs/perf-notes.md v14; the workloads of bf16_operands) and
+// bf16_staged_operands (both: the forward's qkv, fc1 and fc2 and most of the backward's
+// products read bf16 written by their producers, the rest is staged; docs/perf-notes.md v14
+// and v15; the workloads of bf16_operands) and
 // bf16_tf32attn (bf16 GEMMs, the TF32 attention kernels: the bf16 mode before the bf16
 // attention kernels, so that one run shows what they change).
 // peak_device_MiB: the device memory in use (cudaMemGetInfo: total - free) at its highest,

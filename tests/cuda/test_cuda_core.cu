@@ -194,7 +194,7 @@ TEST_CASE("cuda gemm with staged bf16 operands (cuda_policy::bf16_staged): the C
   DINO_CHECK_CLOSE(download(dC), ref, 2e-5);
 }
 
-TEST_CASE("cuda linear_backward under bf16_staged: dy staged once, the single products' bits") {
+TEST_CASE("cuda linear_backward under bf16_staged: dy staged once, bf16 copies read as they lie, the single products' bits") {
   // linear_backward stages dy, x and W once and runs both products on them; the single
   // products (linear_param_grads, then gemm) stage dy twice. Same plans, same staged values:
   // the same bits, one staging pass fewer.
@@ -243,6 +243,23 @@ TEST_CASE("cuda linear_backward under bf16_staged: dy staged once, the single pr
         CHECK(download(nW) == download(rW));
         CHECK(download(nb) == download(rb));
         CHECK(download(nx) == download(rx));
+        // bf16 copies of dy and x (rounded to nearest even, as the stage rounds them), x itself
+        // not given: read where they lie when their rows are 16-byte aligned (else copied into
+        // the stage), so only W is staged; the same bits.
+        std::vector<std::uint16_t> dy16(dy.size()), x16(x.size());
+        for (std::size_t i = 0; i < dy.size(); ++i) dy16[i] = dino::cpu::bf16_bits(dy[i]);
+        for (std::size_t i = 0; i < x.size(); ++i) x16[i] = dino::cpu::bf16_bits(x[i]);
+        auto ddy16 = upload(dy16), dx16 = upload(x16);
+        auto kW = upload(dW0), kb = upload(db0), kx = upload(dx0);
+        prof.start();
+        dino::cuda::linear_backward(pol, ddy.data(), static_cast<const float*>(nullptr), dWt.data(), rows, out, in,
+                                    kW.data(), bias ? kb.data() : nullptr, kx.data(), beta,
+                                    dino::linear_bf16_copies{ddy16.data(), dx16.data()});
+        prof.stop();
+        CHECK(staging_passes(prof) == 1);
+        CHECK(download(kW) == download(rW));
+        CHECK(download(kb) == download(rb));
+        CHECK(download(kx) == download(rx));
         // and the CPU's products on the same RNE operands, up to the order of fp32 sums
         std::vector<float> cW = dW0, cx = dx0;
         const auto rne = [](float v) { return dino::cpu::bf16_round(v); };
@@ -261,6 +278,30 @@ TEST_CASE("cuda linear_backward under bf16_staged: dy staged once, the single pr
   dino::cuda::linear_backward(pol, ddy.data(), dxin.data(), static_cast<const float*>(nullptr), rows, out, in, nW.data(),
                               static_cast<float*>(nullptr), static_cast<float*>(nullptr), 0.0f);
   CHECK(download(nW) == download(rW));
+  // Without staging, a bf16 copy standing for x is widened (exactly) and the products run on
+  // fp32 operands: the bits of x given as those widened values.
+  const dino::cuda_policy fast = gpu().policy(false, true);
+  std::vector<std::uint16_t> x16(x.size());
+  std::vector<float> xw(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    x16[i] = dino::cpu::bf16_bits(x[i]);
+    xw[i] = dino::cpu::bf16_round(x[i]);
+  }
+  const auto W = random_vector<float>(std::size_t(out * in), 44);
+  auto dx16 = upload(x16);
+  auto dxw = upload(xw), dWt = upload(W), fW = upload(dW0), gW = upload(dW0);
+  dino::cuda::device_buffer<float> fx(std::size_t(rows * in)), gx(std::size_t(rows * in));
+  dino::cuda::linear_backward(fast, ddy.data(), dxw.data(), dWt.data(), rows, out, in, fW.data(),
+                              static_cast<float*>(nullptr), fx.data(), 0.0f);
+  dino::cuda::linear_backward(fast, ddy.data(), static_cast<const float*>(nullptr), dWt.data(), rows, out, in,
+                              gW.data(), static_cast<float*>(nullptr), gx.data(), 0.0f,
+                              dino::linear_bf16_copies{nullptr, dx16.data()});
+  CHECK(download(gW) == download(fW));
+  CHECK(download(gx) == download(fx));
+  // neither x nor a copy of it: refused
+  CHECK_THROWS_AS(dino::cuda::linear_backward(fast, ddy.data(), static_cast<const float*>(nullptr), dWt.data(), rows,
+                                              out, in, gW.data(), static_cast<float*>(nullptr), gx.data(), 0.0f),
+                  dino::config_error);
 }
 
 TEST_CASE("cuda bf16 operands in memory (cuda_policy::bf16_operands ops) match the CPU's") {
@@ -323,6 +364,36 @@ TEST_CASE("cuda bf16 operands in memory (cuda_policy::bf16_operands ops) match t
   DINO_CHECK_CLOSE(widen(dino::cuda::to_host(dy16.data(), y16.size())), widen(y16), 4e-3);
   DINO_CHECK_CLOSE(widen(dino::cuda::to_host(dg16.data(), g16.size())), widen(g16), 4e-3);
   DINO_CHECK_CLOSE(download(dst), st, 1e-5);
+  // The backward's producers with a bf16 copy (bf16_backward_operands): GELU's gradient is
+  // gelu_backward_apply's, in place, and the copy its rounding; the scaled branch gradient is
+  // the product src * scale of the token's crop, and the copy its rounding. n odd: the
+  // scalar tail after the float4 body.
+  const std::int64_t n = std::int64_t(x.size()) - 3;
+  const auto g = random_vector<float>(x.size(), 44);
+  auto dg_ref = upload(g), dg_in = upload(g);
+  dino::cuda::device_buffer<std::uint16_t> dh16(x.size());
+  dino::cuda::gelu_backward_apply(pol, dx.data(), dg_ref.data(), dg_ref.data(), n, false);
+  dino::cuda::gelu_backward_copy_bf16(pol, dx.data(), dg_in.data(), dg_in.data(), dh16.data(), n);
+  const auto dh_ref = download(dg_ref), dh = download(dg_in);
+  CHECK(dh == dh_ref);
+  const auto h16 = dino::cuda::to_host(dh16.data(), x.size());
+  for (std::int64_t i = 0; i < n; ++i) REQUIRE(h16[std::size_t(i)] == dino::cpu::bf16_bits(dh[std::size_t(i)]));
+  const std::int64_t tokens = 37, Dz = 12;
+  std::vector<std::int64_t> token_crop(static_cast<std::size_t>(tokens));
+  for (std::int64_t t = 0; t < tokens; ++t) token_crop[std::size_t(t)] = t % 3;
+  const std::vector<float> scale{0.0f, 1.25f, 0.8f};
+  const auto src = random_vector<float>(std::size_t(tokens * Dz), 45);
+  auto dtc = upload(token_crop);
+  auto dscale = upload(scale), dsrc = upload(src);
+  dino::cuda::device_buffer<float> dz(src.size());
+  dino::cuda::device_buffer<std::uint16_t> dz16(src.size());
+  dino::cuda::scaled_copy_bf16(pol, dtc.data(), dsrc.data(), dscale.data(), dz.data(), dz16.data(), tokens, Dz);
+  const auto z = download(dz);
+  const auto z16 = dino::cuda::to_host(dz16.data(), src.size());
+  for (std::size_t i = 0; i < src.size(); ++i) {
+    REQUIRE(z[i] == src[i] * scale[std::size_t(token_crop[i / std::size_t(Dz)])]);
+    REQUIRE(z16[i] == dino::cpu::bf16_bits(z[i]));
+  }
 }
 
 TEST_CASE("cuda gemm with beta = 0 never reads C") {

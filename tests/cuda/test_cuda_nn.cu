@@ -568,9 +568,11 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
       MESSAGE("ViT bf16 operands in memory, inference: from CPU bf16 " << dino_test::max_rel_error(giy, iy16)
                                                                        << " (CPU bf16 from fp32 " << e_cpu_i << ")");
       DINO_CHECK_CLOSE(giy, iy16, e_cpu_i);
-      // With bf16_staged as well (bench_cuda_dino's bf16_staged_operands): the products the
-      // operands leave on fp32 (proj, the backward's) are staged, so every product reads
-      // operands rounded to nearest even, the CPU's rounding; the same bound.
+      // With bf16_staged as well (bench_cuda_dino's bf16_staged_operands): the backward's
+      // producers write its products' operands in bf16 (bf16_backward_operands: a, c and g
+      // recomputed as bf16, the branch gradients and GELU's with a bf16 copy) and the rest is
+      // staged, so every product reads operands rounded to nearest even, the CPU's rounding;
+      // the same bound.
       {
         auto bpol = opol;
         bpol.bf16_staged = true;
@@ -579,9 +581,28 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
                    dv(bdsaved, {std::int64_t(bdsaved.size())}), seed, step);
         const auto y2 = download(bdy);
         auto bdG = upload(G0);
+        dc::op_profile prof(bpol.stream);
+        prof.start();
         vo.backward(bpol, dcv(dP, {len(P)}), odpk, dcv(bdsaved, {std::int64_t(bdsaved.size())}), dcv(ddt, {Tn, D}),
                     dv(bdG, {len(G)}), dv(odscr, {std::int64_t(odscr.size())}));
+        prof.stop();
         const auto G2 = download(bdG);
+        // the backward recomputed a, c and g as bf16 (bf16_backward_operands), not in fp32
+        // and wrote the branch gradients and GELU's with their bf16 copies
+        std::int64_t gelu16 = 0, ln16 = 0, gelu32 = 0, dz16 = 0, dh16 = 0;
+        for (const auto& r : prof.summary()) {
+          if (r.name.rfind("GELU (bf16 out", 0) == 0) gelu16 += r.count;
+          if (r.name.rfind("layer_norm_rows (bf16 out", 0) == 0) ln16 += r.count;
+          if (r.name == "GELU" || r.name == "GELU (float4)") gelu32 += r.count;
+          if (r.name.rfind("scaled branch gradient (bf16 copy", 0) == 0) dz16 += r.count;
+          if (r.name.rfind("GELU backward (bf16 copy", 0) == 0) dh16 += r.count;
+        }
+        CHECK(dc::bf16_backward_operands(bpol));
+        CHECK(gelu16 == oc.depth);
+        CHECK(ln16 == 2 * oc.depth);
+        CHECK(gelu32 == 0);
+        CHECK(dz16 == 2 * oc.depth);
+        CHECK(dh16 == oc.depth);
         MESSAGE("ViT bf16 operands and staging: forward from CPU bf16 " << dino_test::max_rel_error(y2, by)
                                                                         << ", gradients " << dino_test::max_rel_error(G2, bG));
         DINO_CHECK_CLOSE(y2, by, e_cpu_y);

@@ -388,6 +388,75 @@ TEST_CASE("bf16 operands: the same bits for any thread count; gemm_bias equals b
   }
 }
 
+TEST_CASE("linear_backward: the two single products; a bf16 copy stands for x (its widened values)") {
+  const std::int64_t rows = 53, out = 24, in = 40;
+  std::vector<float> dy(std::size_t(rows * out)), x(std::size_t(rows * in)), W(std::size_t(out * in)),
+      G0(std::size_t(out * in + out));
+  dino_test::fill_normal(dy.data(), dy.size(), 61);
+  dino_test::fill_normal(x.data(), x.size(), 62);
+  dino_test::fill_normal(W.data(), W.size(), 63);
+  dino_test::fill_normal(G0.data(), G0.size(), 64);
+  std::vector<std::uint16_t> x16(x.size());
+  std::vector<float> xw(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    x16[i] = cpu::bf16_bits(x[i]);
+    xw[i] = cpu::bf16_round(x[i]);
+  }
+  for (const bool bf16 : {false, true})
+    for (const float beta : {0.0f, 1.0f}) {
+      CAPTURE(bf16);
+      CAPTURE(beta);
+      const cpu_policy pol{2, bf16};
+      CHECK_FALSE(bf16_backward_operands(pol));
+      // the single products
+      auto G1 = G0;
+      std::vector<float> dx1(std::size_t(rows * in), 0.5f);
+      linear_param_grads(pol, dy.data(), xw.data(), rows, out, in, G1.data(), G1.data() + out * in);
+      gemm(pol, gemm_desc{false, false, rows, in, out}, 1.0f, dy.data(), W.data(), beta, dx1.data());
+      // linear_backward on the widened x, and on its bf16 copy with x null
+      auto G2 = G0, G3 = G0;
+      std::vector<float> dx2(dx1.size(), 0.5f), dx3(dx1.size(), 0.5f);
+      linear_backward(pol, dy.data(), xw.data(), W.data(), rows, out, in, G2.data(), G2.data() + out * in, dx2.data(),
+                      beta);
+      linear_backward(pol, dy.data(), static_cast<const float*>(nullptr), W.data(), rows, out, in, G3.data(),
+                      G3.data() + out * in, dx3.data(), beta, linear_bf16_copies{nullptr, x16.data()});
+      CHECK(G2 == G1);
+      CHECK(dx2 == dx1);
+      CHECK(G3 == G1);
+      CHECK(dx3 == dx1);
+    }
+  std::vector<float> G(G0), dx(std::size_t(rows * in));
+  CHECK_THROWS_AS(linear_backward(cpu_policy{1}, dy.data(), static_cast<const float*>(nullptr), W.data(), rows, out,
+                                  in, G.data(), static_cast<float*>(nullptr), dx.data(), 0.0f),
+                  config_error);
+}
+
+TEST_CASE("the backward's producers with a bf16 copy: GELU's gradient and the scaled branch gradient") {
+  const cpu_policy pol{2};
+  const std::int64_t n = 1001;
+  std::vector<float> a(static_cast<std::size_t>(n)), g(a.size());
+  dino_test::fill_normal(a.data(), a.size(), 71);
+  dino_test::fill_normal(g.data(), g.size(), 72);
+  std::vector<float> ref(g), got(g);
+  std::vector<std::uint16_t> got16(a.size());
+  gelu_backward_apply(pol, a.data(), ref.data(), ref.data(), n, false);
+  gelu_backward_copy_bf16(pol, a.data(), got.data(), got.data(), got16.data(), n);  // in place
+  CHECK(got == ref);
+  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(got16[i] == cpu::bf16_bits(got[i]));
+  const std::int64_t tokens = 29, D = 7;
+  std::vector<std::int64_t> token_crop(static_cast<std::size_t>(tokens));
+  for (std::int64_t t = 0; t < tokens; ++t) token_crop[std::size_t(t)] = t / 10;
+  const std::vector<float> scale{1.25f, 0.0f, 0.5f};
+  std::vector<float> src(std::size_t(tokens * D)), dst(src.size());
+  std::vector<std::uint16_t> dst16(src.size());
+  dino_test::fill_normal(src.data(), src.size(), 73);
+  scaled_copy_bf16(pol, token_crop.data(), src.data(), scale.data(), dst.data(), dst16.data(), tokens, D);
+  for (std::size_t i = 0; i < src.size(); ++i) {
+    REQUIRE(dst[i] == src[i] * scale[std::size_t(token_crop[i / std::size_t(D)])]);
+    REQUIRE(dst16[i] == cpu::bf16_bits(dst[i]));
+  }
+}
+
 TEST_CASE("every fp32 kernel: gemm_bias equals the bias rows followed by gemm with beta 1, bit for bit") {
   // The bias goes in the first depth block's store (alpha acc + bias): the same rounding as
   // C = bias rows, then C += op(A) op(B). Shapes split by rows and by columns over 2

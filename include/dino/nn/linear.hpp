@@ -98,9 +98,11 @@ class linear {
                         residual);
   }
 
+  /// copies: bf16 copies of dy and x that the products may read instead of rounding them
+  /// (linear_backward; x.data may then be null, its shape still given).
   template <class Policy, class T, class S>
   void backward(const Policy& pol, tensor_view<const T, S> P, tensor_view<const T, S> x, tensor_view<const T, S> dy,
-                tensor_view<T, S> dx, grad_mode mode, tensor_view<T, S> G) const {
+                tensor_view<T, S> dx, grad_mode mode, tensor_view<T, S> G, linear_bf16_copies copies = {}) const {
     DINO_CHECK_SPACE(Policy, S);
     check_matrix("linear backward", x, cfg_.in);
     check_shape("linear backward", dy, {x.rows(), cfg_.out});
@@ -109,7 +111,7 @@ class linear {
     // dW[out, in] += dy^T[out, N] x[N, in], db += sum over rows of dy, dx[N, in] = dy W (+ dx)
     linear_backward(pol, dy.data, x.data, P.data + w_, n, cfg_.out, cfg_.in, G.data + w_,
                     cfg_.bias ? G.data + b_ : nullptr, mode == grad_mode::skip ? nullptr : dx.data,
-                    mode == grad_mode::accumulate ? T(1) : T(0));
+                    mode == grad_mode::accumulate ? T(1) : T(0), copies);
   }
 
   // The network_module forms (ssl/concepts.hpp).

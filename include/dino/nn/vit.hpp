@@ -796,31 +796,65 @@ class vit {
     const T* x_last = s.x_last;
     norm_.backward(pol, P, cv(x_last, D, "tokens"), tensor_view<const T, S>{s.final_stats, {Tn, 2}, "stats"}, d_tokens,
                    hv(dx, D, "dx"), grad_mode::write, G, tensor_view<T, S>{});
+    // bf16 operands in the backward (bwd16): the pointwise outputs recomputed straight into the
+    // forward's bf16 operand area, and the branch gradients (dz) and GELU's (dh) written with a
+    // bf16 copy by their producers; the products read those (linear_bf16_copies) instead of
+    // rounding fp32 operands themselves: the same values. Where the products round operands as
+    // they read them (bf16_backward_operands: on the GPU under bf16_staged).
+    bool b16 = false;
+    op16_parts o16{};
+    if constexpr (std::is_same_v<T, float>) {
+      b16 = fwd16(pk) && bf16_backward_operands(pol);
+      if (b16) o16 = split_op16(s.pointwise, s.w16, pk);
+    }
     for (std::int64_t l = cfg_.depth - 1; l >= 0; --l) {
       const block& blk = blocks_[std::size_t(l)];
       const block_saved_parts<T> b = block_parts(s, pk, l);
       const bool checkpointed = l < cfg_.checkpoint_blocks;
+      const bool r16 = b16 && !checkpointed;  // this block's a, c and g as bf16 copies
       if (checkpointed)  // recompute: the same forward, the kept DropPath scales; x_out into b's spare rows
         block_forward(pol, P, pk, blk, static_cast<const T*>(b.x_in), b, s.recompute, 0, 0, l, false);
       else if (cfg_.recompute_pointwise) {  // LN2's output and GELU's, as the forward made them
-        blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
-        gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
+        if constexpr (std::is_same_v<T, float>) {
+          if (r16) {
+            blk.norm2.forward_bf16(pol, P, cv(b.x_mid, D, "x_mid"), o16.c, tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
+            gelu_apply_bf16(pol, static_cast<const T*>(b.h), o16.g, Tn * H);
+          }
+        }
+        if (!r16) {
+          blk.norm2.forward(pol, P, cv(b.x_mid, D, "x_mid"), hv(b.c, D, "ln2"), tensor_view<T, S>{b.ln2, {Tn, 2}, "stats"});
+          gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
+        }
       }
       // MLP branch: x_out = x_mid + dp2 * fc2(gelu(fc1(LN2(x_mid))))
-      copy_scaled(pol, pk, dx, b.dp + pk.crops, dz, D);
-      blk.fc2.backward(pol, P, cv(b.g, H, "gelu"), cv(dz, D, "dz"), hv(dh, H, "dg"), grad_mode::write, G);
-      gelu_grad_of_block<S>(pol, b, dh, Tn, H);
-      blk.fc1.backward(pol, P, cv(b.c, D, "ln2"), cv(dh, H, "dh"), hv(da, D, "dc"), grad_mode::write, G);
+      // bwd16: dz's and dh's bf16 copies in scratch that is free until the attention branch
+      // (d_o: T D floats for T D bf16; dqkv: 3 T D floats for T H bf16)
+      auto* dz16 = r16 ? reinterpret_cast<std::uint16_t*>(d_o) : nullptr;
+      auto* dh16 = r16 ? reinterpret_cast<std::uint16_t*>(dqkv) : nullptr;
+      copy_scaled(pol, pk, dx, b.dp + pk.crops, dz, D, dz16);
+      blk.fc2.backward(pol, P, cv(r16 ? nullptr : b.g, H, "gelu"), cv(dz, D, "dz"), hv(dh, H, "dg"), grad_mode::write, G,
+                       linear_bf16_copies{dz16, r16 ? o16.g : nullptr});
+      gelu_grad_of_block<S>(pol, b, dh, Tn, H, dh16);
+      blk.fc1.backward(pol, P, cv(r16 ? nullptr : b.c, D, "ln2"), cv(dh, H, "dh"), hv(da, D, "dc"), grad_mode::write, G,
+                       linear_bf16_copies{dh16, r16 ? o16.c : nullptr});
       // dx_mid = dx + LN2'(dc), in dx
       blk.norm2.backward(pol, P, cv(b.x_mid, D, "x_mid"), tensor_view<const T, S>{b.ln2, {Tn, 2}, "stats"}, cv(da, D, "dc"),
                          hv(dx, D, "dx_mid"), grad_mode::accumulate, G, tensor_view<T, S>{});
       // attention branch: x_mid = x + dp1 * proj(attn(qkv(LN1(x))))
-      copy_scaled(pol, pk, dx, b.dp, dz, D);
-      blk.proj.backward(pol, P, cv(b.o, D, "attn"), cv(dz, D, "dy"), hv(d_o, D, "do"), grad_mode::write, G);
+      auto* dy16 = r16 ? reinterpret_cast<std::uint16_t*>(dqkv) : nullptr;  // free until the attention's backward
+      copy_scaled(pol, pk, dx, b.dp, dz, D, dy16);
+      blk.proj.backward(pol, P, cv(b.o, D, "attn"), cv(dz, D, "dy"), hv(d_o, D, "do"), grad_mode::write, G,
+                        linear_bf16_copies{dy16, nullptr});
       attention_backward(pol, cfg_.heads, D, pk.segs, pk.probs_off, b.qkv, b.probs, d_o, dqkv, dP, b.o);
-      if (cfg_.recompute_pointwise && !checkpointed)  // LN1's output, as the forward made it
-        blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
-      blk.qkv.backward(pol, P, cv(b.a, D, "ln1"), cv(dqkv, 3 * D, "dqkv"), hv(da, D, "da"), grad_mode::write, G);
+      if (cfg_.recompute_pointwise && !checkpointed) {  // LN1's output, as the forward made it
+        if constexpr (std::is_same_v<T, float>) {
+          if (r16) blk.norm1.forward_bf16(pol, P, cv(b.x_in, D, "x"), o16.a, tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
+        }
+        if (!r16)
+          blk.norm1.forward(pol, P, cv(b.x_in, D, "x"), hv(b.a, D, "ln1"), tensor_view<T, S>{b.ln1, {Tn, 2}, "stats"});
+      }
+      blk.qkv.backward(pol, P, cv(r16 ? nullptr : b.a, D, "ln1"), cv(dqkv, 3 * D, "dqkv"), hv(da, D, "da"),
+                       grad_mode::write, G, linear_bf16_copies{nullptr, r16 ? o16.a : nullptr});
       blk.norm1.backward(pol, P, cv(b.x_in, D, "x"), tensor_view<const T, S>{b.ln1, {Tn, 2}, "stats"}, cv(da, D, "da"),
                          hv(dx, D, "dx"), grad_mode::accumulate, G, tensor_view<T, S>{});
     }
@@ -918,11 +952,19 @@ class vit {
       }
     gelu_forward(pol, tensor_view<const T, S>{b.h, {Tn, H}, "fc1"}, tensor_view<T, S>{b.g, {Tn, H}, "gelu"});
   }
-  // dh (=) dh * gelu'(fc1's output), from what gelu_of_block left in b.h.
+  // dh (=) dh * gelu'(fc1's output), from what gelu_of_block left in b.h; dh16 (float; bwd16):
+  // dh's bf16 copy too, in the same pass.
   template <class S, class Policy, class T>
-  void gelu_grad_of_block(const Policy& pol, const block_saved_parts<T>& b, T* dh, std::int64_t Tn, std::int64_t H) const {
+  void gelu_grad_of_block(const Policy& pol, const block_saved_parts<T>& b, T* dh, std::int64_t Tn, std::int64_t H,
+                          std::uint16_t* dh16 = nullptr) const {
     const tensor_view<const T, S> dg{dh, {Tn, H}, "dg"};
     const tensor_view<T, S> out{dh, {Tn, H}, "dh"};
+    if constexpr (std::is_same_v<T, float>) {
+      if (dh16) {  // recompute_pointwise (bwd16 needs it): b.h holds fc1's output
+        gelu_backward_copy_bf16(pol, static_cast<const T*>(b.h), static_cast<const T*>(dh), dh, dh16, Tn * H);
+        return;
+      }
+    }
     if constexpr (gelu_saves_grad<Policy, T>)
       if (!cfg_.recompute_pointwise) {  // b.h holds gelu'(fc1)
         gelu_backward_from_grad(pol, tensor_view<const T, S>{b.h, {Tn, H}, "gelu'"}, dg, out, false);
@@ -1076,14 +1118,24 @@ class vit {
     check_pack(pol, pk);
   }
 
-  // dst = src scaled per crop by scale[crop] (drop path).
+  // dst = src scaled per crop by scale[crop] (drop path); dst16 (float; bwd16): dst's bf16
+  // copy too, on the device in the same pass.
   template <class Policy, class T>
   static void copy_scaled(const Policy& pol, const vit_pack<T>& pk, const T* src, const T* scale, T* dst,
-                          std::int64_t D) {
-    if constexpr (policy_traits<Policy>::is_host)  // crops dealt in turn: large ones come first
+                          std::int64_t D, std::uint16_t* dst16 = nullptr) {
+    if constexpr (policy_traits<Policy>::is_host) {  // crops dealt in turn: large ones come first
       for_each_row_cyclic(pol, pk.crops, detail::scale_crop_fn<T>{pk.segs.data(), src, scale, dst, D});
-    else
+      if constexpr (std::is_same_v<T, float>)
+        if (dst16) round_bf16_apply(pol, static_cast<const T*>(dst), dst16, pk.tokens * D);
+    } else {
+      if constexpr (std::is_same_v<T, float>) {
+        if (dst16) {
+          scaled_copy_bf16(pol, pk.device.token_crop, src, scale, dst, dst16, pk.tokens, D);
+          return;
+        }
+      }
       for_each_chunk(pol, pk.tokens * D, detail::scale_elems_fn<T>{pk.device.token_crop, src, scale, dst, D});
+    }
   }
 
   template <class Policy, class T>

@@ -127,10 +127,34 @@ inline void gemm_bias_rows_bf16(const cpu_policy& pol, std::int64_t m, std::int6
   detail::add_residual_rows(pol, m, n, residual, C);
 }
 
+/// dst = src scaled per token by scale[token_crop[token]] over tokens x D values, and dst16
+/// its bf16 copy. Twin of the CUDA op, which the ViT's backward uses under bf16_staged
+/// (bf16_backward_operands; the CPU's ViT scales crop by crop and never asks for the copy).
+inline void scaled_copy_bf16(const cpu_policy& pol, const std::int64_t* token_crop, const float* src,
+                             const float* scale, float* dst, std::uint16_t* dst16, std::int64_t tokens,
+                             std::int64_t D) {
+  for_each_chunk(pol, tokens * D, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) {
+      dst[i] = src[i] * scale[token_crop[i / D]];
+      dst16[i] = bf16_bits(dst[i]);
+    }
+  });
+}
+
+/// da = dy * gelu'(a) over n elements (da may be dy; gelu_backward_apply's values) and da16
+/// its bf16 copy. Twin of the CUDA op (see scaled_copy_bf16).
+inline void gelu_backward_copy_bf16(const cpu_policy& pol, const float* a, const float* dy, float* da,
+                                    std::uint16_t* da16, std::int64_t n) {
+  gelu_backward_apply(pol, a, dy, da, n, false);
+  round_bf16_apply(pol, da, da16, n);
+}
+
 }  // namespace dino::cpu
 
 namespace dino {
 using cpu::gelu_apply_bf16;
+using cpu::gelu_backward_copy_bf16;
+using cpu::scaled_copy_bf16;
 using cpu::gemm_bias_rows_bf16;
 using cpu::layer_norm_rows_bf16;
 using cpu::round_bf16_apply;

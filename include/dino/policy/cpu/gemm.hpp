@@ -35,6 +35,15 @@ struct gemm_desc {
   std::int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;
 };
 
+/// bf16 copies (std::uint16_t bits, rounded to nearest even) of a linear layer's backward
+/// operands for linear_backward: dy's and x's, either null. Products on bf16 operands may
+/// read them instead of rounding dy and x themselves (the same values); x itself may then be
+/// null, and dy is still read in fp32 (the bias gradient sums it).
+struct linear_bf16_copies {
+  const std::uint16_t* dy = nullptr;
+  const std::uint16_t* x = nullptr;
+};
+
 namespace detail {
 template <class T>
 using row_major = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

@@ -18,8 +18,11 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "dino/math/layernorm.hpp"
 #include "dino/policy/cpu/gemm.hpp"
@@ -76,13 +79,31 @@ inline void linear_param_grads(const cpu_policy& pol, const T* dy, const T* x, s
 
 /// The backward products of a linear layer (nn::linear) with weight W [out, in]:
 /// linear_param_grads, then, with dx, dx[rows, in] = dy W + beta dx (beta 0: dx is not read).
-/// Twin of the CUDA form, which under bf16_staged rounds dy once for both products.
+/// Twin of the CUDA form, which under bf16_staged rounds dy once for both products. copies
+/// (float only): with x null, x is copies.x widened (a temporary of rows x in values; the ViT
+/// passes it on the GPU only, bf16_backward_operands); copies.dy is not needed here, since the
+/// bf16 products round dy to the same values.
 template <class T>
 inline void linear_backward(const cpu_policy& pol, const T* dy, const T* x, const T* W, std::int64_t rows,
-                            std::int64_t out, std::int64_t in, T* dW, T* db, T* dx, T beta) {
+                            std::int64_t out, std::int64_t in, T* dW, T* db, T* dx, T beta,
+                            linear_bf16_copies copies = {}) {
+  std::vector<T> widened;
+  if (!x) {
+    require<config_error>(std::is_same_v<T, float> && copies.x != nullptr,
+                          "linear_backward: no x, and no bf16 copy of it (float only)");
+    widened.resize(std::size_t(rows * in));
+    for (std::size_t i = 0; i < widened.size(); ++i)
+      widened[i] = T(std::bit_cast<float>(std::uint32_t(copies.x[i]) << 16));
+    x = widened.data();
+  }
   linear_param_grads(pol, dy, x, rows, out, in, dW, db);
   if (dx) gemm(pol, gemm_desc{false, false, rows, in, out}, T(1), dy, W, beta, dx);
 }
+
+/// Whether the ViT's backward should pass its recomputed operands as bf16 copies
+/// (linear_bf16_copies) instead of fp32: never on the CPU, whose bf16 products round fp32
+/// operands as they pack them. The CUDA form: under bf16_staged.
+constexpr bool bf16_backward_operands(const cpu_policy&) { return false; }
 
 template <class T>
 inline void copy_elements(const cpu_policy&, const T* src, T* dst, std::int64_t n) {
@@ -251,6 +272,7 @@ namespace dino {
 using cpu::broadcast_rows;
 using cpu::copy_elements;
 using cpu::gemm_bias_rows;
+using cpu::bf16_backward_operands;
 using cpu::linear_backward;
 using cpu::linear_param_grads;
 using cpu::layer_norm_param_grads;

@@ -163,4 +163,5 @@ using cpu::for_each_row;
 using cpu::for_each_row_cyclic;
 using cpu::gemm;
 using cpu::gemm_desc;
+using cpu::linear_bf16_copies;
 }  // namespace dino

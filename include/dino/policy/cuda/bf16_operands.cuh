@@ -5,6 +5,11 @@
 //   layer_norm_rows_bf16(pol, x, w, b, y16, stats, rows, D, eps)
 //                                           layer_norm_rows' kernel, y rounded as it is stored
 //   gelu_apply_bf16(pol, a, y16, n)         y16 = bf16(gelu(a))
+//   scaled_copy_bf16(pol, token_crop, src, scale, dst, dst16, tokens, D)
+//                                           the ViT's scaled branch gradient and its bf16 copy
+//   gelu_backward_copy_bf16(pol, a, dy, da, da16, n)
+//                                           GELU's backward and its bf16 copy (GPU only, both:
+//                                           the backward's products under bf16_staged)
 //   gemm_bias_rows_bf16(pol, m, n, k, X16, W16, bias, C[, R])
 //                                           C[m, n] = X16 W16^T + bias (+ R): cuBLASLt with bf16
 //                                           A and B (CUDA_R_16BF), fp32 C and output, COMPUTE_32F,
@@ -66,7 +71,82 @@ struct bf16_out_fn {
   }
 };
 
+// dst[i] = src[i] * scale[token_crop[i / D]] and dst16[i] = bf16(dst[i]): the ViT's scaled
+// branch gradient with its bf16 copy (the same fp32 value as vit's scale_elems_fn).
+struct scaled_copy_bf16_fn {
+  static constexpr const char* profile_name = "scaled branch gradient (bf16 copy)";
+  static constexpr const char* profile_name_vec4 = "scaled branch gradient (bf16 copy, float4)";
+  const std::int64_t* token_crop;
+  const float* src;
+  const float* scale;
+  float* dst;
+  __nv_bfloat16* dst16;
+  std::int64_t D;
+  __device__ void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) {
+      const float v = src[i] * scale[token_crop[i / D]];
+      dst[i] = v;
+      dst16[i] = __float2bfloat16_rn(v);
+    }
+  }
+  bool vec4_ok() const {
+    return D % 4 == 0 && ::dino::detail::aligned16(src) && ::dino::detail::aligned16(dst) && alignment_of(dst16) >= 8;
+  }
+  __device__ void vec4(std::int64_t q) const {
+    const float k = scale[token_crop[4 * q / D]];
+    const float4 s = reinterpret_cast<const float4*>(src)[q];
+    const float4 v{s.x * k, s.y * k, s.z * k, s.w * k};
+    reinterpret_cast<float4*>(dst)[q] = v;
+    reinterpret_cast<uint2*>(dst16)[q] = bf16x4(v.x, v.y, v.z, v.w);
+  }
+};
+
+// da[i] = dy[i] * gelu'(a[i]) and da16[i] = bf16(da[i]) (da may be dy: in place), the value
+// of nn_ops' gelu_backward_fn without accumulation.
+struct gelu_backward_copy_bf16_fn {
+  static constexpr const char* profile_name = "GELU backward (bf16 copy)";
+  static constexpr const char* profile_name_vec4 = "GELU backward (bf16 copy, float4)";
+  const float* a;
+  const float* dy;
+  float* da;
+  __nv_bfloat16* da16;
+  __device__ void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) {
+      const float v = dy[i] * math::gelu_grad(a[i]);
+      da[i] = v;
+      da16[i] = __float2bfloat16_rn(v);
+    }
+  }
+  bool vec4_ok() const {
+    return ::dino::detail::aligned16(a) && ::dino::detail::aligned16(dy) && ::dino::detail::aligned16(da) &&
+           alignment_of(da16) >= 8;
+  }
+  __device__ void vec4(std::int64_t q) const {
+    const float4 x = reinterpret_cast<const float4*>(a)[q], g = reinterpret_cast<const float4*>(dy)[q];
+    const float4 v{g.x * math::gelu_grad(x.x), g.y * math::gelu_grad(x.y), g.z * math::gelu_grad(x.z),
+                   g.w * math::gelu_grad(x.w)};
+    reinterpret_cast<float4*>(da)[q] = v;
+    reinterpret_cast<uint2*>(da16)[q] = bf16x4(v.x, v.y, v.z, v.w);
+  }
+};
+
 }  // namespace detail
+
+/// dst = src scaled per token by scale[token_crop[token]] over tokens x D values, and dst16 its
+/// bf16 copy (round to nearest even), in one pass: the ViT's branch gradients when its backward
+/// passes bf16 copies to the products (bf16_backward_operands).
+inline void scaled_copy_bf16(const cuda_policy& pol, const std::int64_t* token_crop, const float* src,
+                             const float* scale, float* dst, std::uint16_t* dst16, std::int64_t tokens,
+                             std::int64_t D) {
+  for_each_chunk(pol, tokens * D,
+                 detail::scaled_copy_bf16_fn{token_crop, src, scale, dst, reinterpret_cast<__nv_bfloat16*>(dst16), D});
+}
+
+/// da = dy * gelu'(a) over n elements (da may be dy) and da16 its bf16 copy, in one pass.
+inline void gelu_backward_copy_bf16(const cuda_policy& pol, const float* a, const float* dy, float* da,
+                                    std::uint16_t* da16, std::int64_t n) {
+  for_each_chunk(pol, n, detail::gelu_backward_copy_bf16_fn{a, dy, da, reinterpret_cast<__nv_bfloat16*>(da16)});
+}
 
 /// y16 = bf16(x) over n elements (round to nearest even).
 inline void round_bf16_apply(const cuda_policy& pol, const float* x, std::uint16_t* y, std::int64_t n) {
@@ -134,7 +214,9 @@ inline void gemm_bias_rows_bf16(const cuda_policy& pol, std::int64_t m, std::int
 
 namespace dino {
 using cuda::gelu_apply_bf16;
+using cuda::gelu_backward_copy_bf16;
 using cuda::gemm_bias_rows_bf16;
+using cuda::scaled_copy_bf16;
 using cuda::layer_norm_rows_bf16;
 using cuda::round_bf16_apply;
 }  // namespace dino

@@ -47,6 +47,7 @@
 namespace dino::cuda {
 
 using cpu::gemm_desc;
+using cpu::linear_bf16_copies;
 
 namespace detail {
 
@@ -414,35 +415,80 @@ inline void linear_param_grads(const cuda_policy& pol, const T* dy, const T* x, 
 }
 
 namespace detail {
-// linear_backward's staged path (use_stage): dy, x and W rounded into the stage by a pass
-// each, then dW += dy^T x, db by column_sums (the staged single products' order), and
-// dx = dy W + beta dx on the same staged dy. The plans are the ones the two single staged
-// products take (packed_desc of each), so the same bits as linear_param_grads then gemm
-// under bf16_staged, with one staging pass of dy fewer. False, with nothing queued, when
-// cuBLASLt has no algorithm for either: the caller takes the single products.
+// y[r, c] = x[r, c]: bf16 rows (packed, cols each) copied to leading dimension ldy, where a
+// caller's bf16 copy is not laid out as cuBLASLt's bf16 kernels need (16-byte rows).
+struct copy_bf16_fn {
+  const __nv_bfloat16* x;
+  __nv_bfloat16* y;
+  std::int64_t cols, ldy;
+  static constexpr const char* profile_name = "bf16 operand copy";
+  __device__ void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) y[(i / cols) * ldy + i % cols] = x[i];
+  }
+};
+// y[i] = float(x[i]) (exact).
+struct widen_bf16_fn {
+  const __nv_bfloat16* x;
+  float* y;
+  static constexpr const char* profile_name = "bf16 operand widening";
+  __device__ void operator()(std::int64_t b, std::int64_t e) const {
+    for (std::int64_t i = b; i < e; ++i) y[i] = __bfloat162float(x[i]);
+  }
+};
+
+// linear_backward's staged path (use_stage): dy, x and W in bf16, then dW += dy^T x, db by
+// column_sums (the staged single products' order) and, with dx, dx = dy W + beta dx, both
+// products on the same dy. Each operand is rounded into the stage by a pass of its own, except
+// a bf16 copy the caller gives (copies) whose rows are 16-byte aligned as they lie: that one is
+// read where it is (an unaligned one is copied into the stage). The plans are the single
+// staged products' (packed_desc of each; the operands' real alignments), so without copies the
+// same bits as linear_param_grads then gemm under bf16_staged, with one pass over dy fewer.
+// False, with nothing queued, when cuBLASLt has no algorithm for either product.
 inline bool staged_linear_backward(const cuda_policy& pol, const float* dy, const float* x, const float* W,
                                    std::int64_t rows, std::int64_t out, std::int64_t in, float* dW, float* db,
-                                   float* dx, float beta) {
+                                   float* dx, float beta, linear_bf16_copies copies) {
   const gemm_desc dw{true, false, out, in, rows}, dd{false, false, rows, in, out};
-  if (rows <= 0 || out <= 0 || in <= 0 || !use_stage(pol, dw) || !use_stage(pol, dd)) return false;
-  const gemm_desc sw = packed_desc(dw), sd = packed_desc(dd);
-  const lt_plan& pw = plan_for<float>(pol, sw, sw.lda, sw.ldb, in, {256, 256, alignment_of(dW), alignment_of(dW)},
-                                      epi_none, true);
-  const lt_plan& pd = plan_for<float>(pol, sd, sd.lda, sd.ldb, in, {256, 256, alignment_of(dx), alignment_of(dx)},
-                                      epi_none, true);
-  if (!pw.found || !pd.found) return false;
+  if (rows <= 0 || out <= 0 || in <= 0 || !use_stage(pol, dw)) return false;
   const std::int64_t ly = stage_ld(out), lx = stage_ld(in);  // dy [rows, out]; x [rows, in]; W [out, in]
-  const std::size_t ox = stage_span(rows * ly), ow = ox + stage_span(rows * lx);
-  auto* base = static_cast<unsigned char*>(stage_at_least(pol, ow + stage_span(out * lx)));
-  auto* sy = reinterpret_cast<__nv_bfloat16*>(base);
-  auto* sx = reinterpret_cast<__nv_bfloat16*>(base + ox);
-  auto* sW = reinterpret_cast<__nv_bfloat16*>(base + ow);
-  for_each_chunk(pol, rows * out, stage_bf16_fn{dy, sy, out, out, ly});
-  for_each_chunk(pol, rows * in, stage_bf16_fn{x, sx, in, in, lx});
-  for_each_chunk(pol, out * in, stage_bf16_fn{W, sW, in, in, lx});
+  const auto* cy = reinterpret_cast<const __nv_bfloat16*>(copies.dy);
+  const auto* cx = reinterpret_cast<const __nv_bfloat16*>(copies.x);
+  const bool y_as_is = cy && ly == out && alignment_of(cy) >= 16;
+  const bool x_as_is = cx && lx == in && alignment_of(cx) >= 16;
+  const std::uint32_t ay = y_as_is ? alignment_of(cy) : 256u, ax = x_as_is ? alignment_of(cx) : 256u;
+  const gemm_desc sw = packed_desc(dw), sd = packed_desc(dd);
+  const lt_plan& pw = plan_for<float>(pol, sw, sw.lda, sw.ldb, in, {ax, ay, alignment_of(dW), alignment_of(dW)},
+                                      epi_none, true);
+  if (!pw.found) return false;
+  const lt_plan* pd = nullptr;
+  if (dx) {
+    pd = &plan_for<float>(pol, sd, sd.lda, sd.ldb, in, {256, ay, alignment_of(dx), alignment_of(dx)}, epi_none, true);
+    if (!pd->found) return false;
+  }
+  // the stage: [dy][x][W], each part only when it is staged
+  const std::size_t oy = 0, ox = oy + (y_as_is ? 0 : stage_span(rows * ly));
+  const std::size_t ow = ox + (x_as_is ? 0 : stage_span(rows * lx)), end = ow + (dx ? stage_span(out * lx) : 0);
+  auto* base = end ? static_cast<unsigned char*>(stage_at_least(pol, end)) : nullptr;
+  const __nv_bfloat16* sy = cy;
+  const __nv_bfloat16* sx = cx;
+  if (!y_as_is) {
+    auto* t = reinterpret_cast<__nv_bfloat16*>(base + oy);
+    if (cy) for_each_chunk(pol, rows * out, copy_bf16_fn{cy, t, out, ly});
+    else for_each_chunk(pol, rows * out, stage_bf16_fn{dy, t, out, out, ly});
+    sy = t;
+  }
+  if (!x_as_is) {
+    auto* t = reinterpret_cast<__nv_bfloat16*>(base + ox);
+    if (cx) for_each_chunk(pol, rows * in, copy_bf16_fn{cx, t, in, lx});
+    else for_each_chunk(pol, rows * in, stage_bf16_fn{x, t, in, in, lx});
+    sx = t;
+  }
   lt_run(pol, pw, 1.0f, sy, sx, 1.0f, dW, dW, nullptr, "gemm (bf16 operands)");
   if (db) column_sums(pol, dy, rows, out, db, true);
-  lt_run(pol, pd, 1.0f, sy, sW, beta, dx, dx, nullptr, "gemm (bf16 operands)");
+  if (dx) {
+    auto* sW = reinterpret_cast<__nv_bfloat16*>(base + ow);
+    for_each_chunk(pol, out * in, stage_bf16_fn{W, sW, in, in, lx});
+    lt_run(pol, *pd, 1.0f, sy, sW, beta, dx, dx, nullptr, "gemm (bf16 operands)");
+  }
   return true;
 }
 }  // namespace detail
@@ -450,23 +496,44 @@ inline bool staged_linear_backward(const cuda_policy& pol, const float* dy, cons
 /// The backward products of a linear layer (nn::linear) with weight W [out, in]: dW += dy^T x
 /// and db += the column sums of dy (linear_param_grads), then, with dx, dx[rows, in] = dy W +
 /// beta dx (beta 0: dx is not read). Twin of the CPU form. Under bf16_staged (float) dy is
-/// rounded to bf16 once for both products instead of once for each: the same bits as the two
-/// single products, one pass over dy fewer.
+/// rounded to bf16 once for both products instead of once for each (the same bits as the two
+/// single products, one pass over dy fewer), and the bf16 copies in `copies` are read instead
+/// of rounding dy or x again (the same values when they are dy's and x's rounded to nearest
+/// even). x may be null when copies.x is given (float): elsewhere than the staged path,
+/// copies.x is then widened into the stage and the products run on fp32 operands.
 template <class T>
 inline void linear_backward(const cuda_policy& pol, const T* dy, const T* x, const T* W, std::int64_t rows,
-                            std::int64_t out, std::int64_t in, T* dW, T* db, T* dx, T beta) {
+                            std::int64_t out, std::int64_t in, T* dW, T* db, T* dx, T beta,
+                            linear_bf16_copies copies = {}) {
+  require<config_error>(x != nullptr || (std::is_same_v<T, float> && copies.x != nullptr),
+                        "linear_backward: no x, and no bf16 copy of it (float only)");
   if constexpr (std::is_same_v<T, float>) {
-    if (dx && detail::staged_linear_backward(pol, dy, x, W, rows, out, in, dW, db, dx, beta)) return;
+    if ((dx || !x) && detail::staged_linear_backward(pol, dy, x, W, rows, out, in, dW, db, dx, beta, copies)) return;
+    if (!x) {  // fp32 operands from the copy: widened into the stage, the products without it
+      auto* xw = static_cast<float*>(detail::stage_at_least(pol, std::size_t(rows * in) * sizeof(float)));
+      for_each_chunk(pol, rows * in, detail::widen_bf16_fn{reinterpret_cast<const __nv_bfloat16*>(copies.x), xw});
+      cuda_policy unstaged = pol;
+      unstaged.bf16_staged = false;
+      linear_param_grads(unstaged, dy, xw, rows, out, in, dW, db);
+      if (dx) gemm(unstaged, gemm_desc{false, false, rows, in, out}, T(1), dy, W, beta, dx);
+      return;
+    }
   }
   linear_param_grads(pol, dy, x, rows, out, in, dW, db);
   if (dx) gemm(pol, gemm_desc{false, false, rows, in, out}, T(1), dy, W, beta, dx);
 }
+
+/// Whether the ViT's backward passes its recomputed operands as bf16 copies
+/// (linear_bf16_copies) instead of fp32: under bf16_staged, where the products read bf16 from
+/// memory anyway. Twin of the CPU form (never there).
+inline bool bf16_backward_operands(const cuda_policy& pol) { return pol.bf16 && pol.bf16_staged && pol.stage; }
 
 }  // namespace dino::cuda
 
 namespace dino {
 using cuda::gemm;
 using cuda::gemm_bias_rows;
+using cuda::bf16_backward_operands;
 using cuda::linear_backward;
 using cuda::linear_param_grads;
 }  // namespace dino
