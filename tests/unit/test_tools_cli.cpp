@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <sstream>
 #include <vector>
 
 #include "shapes.hpp"
@@ -392,4 +393,25 @@ TEST_CASE("dino-train --accumulate: micro-batches per step, schedules in steps, 
   r = train("--help");
   CHECK(r.code == 0);
   CHECK(r.out.find("--accumulate") != std::string::npos);
+}
+
+TEST_CASE("every flag of dino-train's and dino-eval's --help is documented in docs/tools.md") {
+  const std::string doc = slurp(DINO_TOOLS_DOC);
+  REQUIRE(!doc.empty());
+  for (const auto& r : {train("--help"), eval("--help")}) {
+    REQUIRE(r.code == 0);
+    // the option lines of --help: "  --name   text"
+    std::istringstream lines_in(r.out);
+    std::string line;
+    int flags = 0;
+    while (std::getline(lines_in, line)) {
+      if (line.rfind("  --", 0) != 0) continue;
+      const std::string flag = line.substr(2, line.find(' ', 2) - 2);
+      CAPTURE(flag);
+      // a table row's first cell: `--name` or `--name ARG`
+      CHECK((doc.find("`" + flag + "`") != std::string::npos || doc.find("`" + flag + " ") != std::string::npos));
+      ++flags;
+    }
+    CHECK(flags > 10);
+  }
 }
