@@ -23,7 +23,6 @@
 #pragma once
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <vector>
 
@@ -31,9 +30,6 @@
 #include "dino/policy/cpu/nn_ops.hpp"
 
 namespace dino::cpu {
-
-/// The float a bf16 bit pattern stands for (exact).
-inline float bf16_value(std::uint16_t h) { return std::bit_cast<float>(std::uint32_t(h) << 16); }
 
 /// y16[i] = the bf16 bits of x[i], rounded to nearest even (bf16_bits), in parallel chunks.
 inline void round_bf16_apply(const cpu_policy& pol, const float* x, std::uint16_t* y, std::int64_t n) {

@@ -42,8 +42,10 @@ inline std::uint16_t bf16_bits(float x) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return std::uint16_t(u >> 16);
 }
+/// The float a bf16 bit pattern stands for (exact).
+inline float bf16_value(std::uint16_t h) { return std::bit_cast<float>(std::uint32_t(h) << 16); }
 /// x rounded to the nearest bfloat16, as a float.
-inline float bf16_round(float x) { return std::bit_cast<float>(std::uint32_t(bf16_bits(x)) << 16); }
+inline float bf16_round(float x) { return bf16_value(bf16_bits(x)); }
 
 /// Whether this CPU (and this compiler's build) runs the AVX512_BF16 kernel; bf16 products
 /// use it when this holds and the fp32 kernel in use is avx512 (gemm_kernels.hpp).

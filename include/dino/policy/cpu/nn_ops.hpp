@@ -18,7 +18,6 @@
 #pragma once
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -93,7 +92,7 @@ inline void linear_backward(const cpu_policy& pol, const T* dy, const T* x, cons
                           "linear_backward: no x, and no bf16 copy of it (float only)");
     widened.resize(std::size_t(rows * in));
     for (std::size_t i = 0; i < widened.size(); ++i)
-      widened[i] = T(std::bit_cast<float>(std::uint32_t(copies.x[i]) << 16));
+      widened[i] = T(bf16_value(copies.x[i]));
     x = widened.data();
   }
   linear_param_grads(pol, dy, x, rows, out, in, dW, db);
