@@ -34,15 +34,6 @@ namespace dino::cuda {
 
 namespace detail {
 
-// Two floats rounded to a bf16 pair and four to a uint2 (the low half the lower index).
-__device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
-  uint2 w;
-  std::memcpy(&w.x, &lo, 4);
-  std::memcpy(&w.y, &hi, 4);
-  return w;
-}
-
 struct rounded {  // y = bf16(x)
   static constexpr const char* name = "bf16 operand rounding";
   static constexpr const char* name_vec4 = "bf16 operand rounding (float4)";
@@ -101,35 +92,6 @@ struct scaled_copy_bf16_fn {
   }
 };
 
-// da[i] = dy[i] * gelu'(a[i]) and da16[i] = bf16(da[i]) (da may be dy: in place), the value
-// of nn_ops' gelu_backward_fn without accumulation.
-struct gelu_backward_copy_bf16_fn {
-  static constexpr const char* profile_name = "GELU backward (bf16 copy)";
-  static constexpr const char* profile_name_vec4 = "GELU backward (bf16 copy, float4)";
-  const float* a;
-  const float* dy;
-  float* da;
-  __nv_bfloat16* da16;
-  __device__ void operator()(std::int64_t b, std::int64_t e) const {
-    for (std::int64_t i = b; i < e; ++i) {
-      const float v = dy[i] * math::gelu_grad(a[i]);
-      da[i] = v;
-      da16[i] = __float2bfloat16_rn(v);
-    }
-  }
-  bool vec4_ok() const {
-    return ::dino::detail::aligned16(a) && ::dino::detail::aligned16(dy) && ::dino::detail::aligned16(da) &&
-           alignment_of(da16) >= 8;
-  }
-  __device__ void vec4(std::int64_t q) const {
-    const float4 x = reinterpret_cast<const float4*>(a)[q], g = reinterpret_cast<const float4*>(dy)[q];
-    const float4 v{g.x * math::gelu_grad(x.x), g.y * math::gelu_grad(x.y), g.z * math::gelu_grad(x.z),
-                   g.w * math::gelu_grad(x.w)};
-    reinterpret_cast<float4*>(da)[q] = v;
-    reinterpret_cast<uint2*>(da16)[q] = bf16x4(v.x, v.y, v.z, v.w);
-  }
-};
-
 }  // namespace detail
 
 /// dst = src scaled per token by scale[token_crop[token]] over tokens x D values, and dst16 its
@@ -145,7 +107,7 @@ inline void scaled_copy_bf16(const cuda_policy& pol, const std::int64_t* token_c
 /// da = dy * gelu'(a) over n elements (da may be dy) and da16 its bf16 copy, in one pass.
 inline void gelu_backward_copy_bf16(const cuda_policy& pol, const float* a, const float* dy, float* da,
                                     std::uint16_t* da16, std::int64_t n) {
-  for_each_chunk(pol, n, detail::gelu_backward_copy_bf16_fn{a, dy, da, reinterpret_cast<__nv_bfloat16*>(da16)});
+  for_each_chunk(pol, n, detail::gelu_backward_fn<float, true>{a, dy, da, false, reinterpret_cast<__nv_bfloat16*>(da16)});
 }
 
 /// y16 = bf16(x) over n elements (round to nearest even).

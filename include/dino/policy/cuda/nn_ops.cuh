@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 
@@ -66,24 +67,39 @@ struct gelu_fn {
   }
 };
 
-template <class T>
+// Four floats rounded to bf16 (to nearest even) as a uint2, the low half the lower index.
+__device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+  uint2 w;
+  std::memcpy(&w.x, &lo, 4);
+  std::memcpy(&w.y, &hi, 4);
+  return w;
+}
+
+// da (=/+=) dy * gelu'(a); Copy16 (float): da16 = bf16(da) as well, in the same pass.
+template <class T, bool Copy16 = false>
 struct gelu_backward_fn {
-  static constexpr const char* profile_name = "GELU backward";
-  static constexpr const char* profile_name_vec4 = "GELU backward (float4)";
+  static_assert(!Copy16 || std::is_same_v<T, float>, "gelu_backward_fn: a bf16 copy of float values only");
+  static constexpr const char* profile_name = Copy16 ? "GELU backward (bf16 copy)" : "GELU backward";
+  static constexpr const char* profile_name_vec4 =
+      Copy16 ? "GELU backward (bf16 copy, float4)" : "GELU backward (float4)";
   const T* a;
   const T* dy;
   T* da;
   bool accumulate;
+  __nv_bfloat16* da16 = nullptr;  // Copy16 only
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
     for (std::int64_t i = lo; i < hi; ++i) {
-      const T v = dy[i] * math::gelu_grad(a[i]);
-      da[i] = accumulate ? da[i] + v : v;
+      const T v = dy[i] * math::gelu_grad(a[i]), out = accumulate ? da[i] + v : v;
+      da[i] = out;
+      if constexpr (Copy16) da16[i] = __float2bfloat16_rn(out);
     }
   }
   bool vec4_ok() const
     requires std::is_same_v<T, float>
   {
-    return ::dino::detail::aligned16(a) && ::dino::detail::aligned16(dy) && ::dino::detail::aligned16(da);
+    return ::dino::detail::aligned16(a) && ::dino::detail::aligned16(dy) && ::dino::detail::aligned16(da) &&
+           (!Copy16 || (reinterpret_cast<std::uintptr_t>(da16) & 7u) == 0);
   }
   __device__ void vec4(std::int64_t q) const
     requires std::is_same_v<T, float>
@@ -96,6 +112,7 @@ struct gelu_backward_fn {
       v = float4{o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w};
     }
     reinterpret_cast<float4*>(da)[q] = v;
+    if constexpr (Copy16) reinterpret_cast<uint2*>(da16)[q] = bf16x4(v.x, v.y, v.z, v.w);
   }
 };
 
