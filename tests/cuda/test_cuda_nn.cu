@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if __has_include(<dino/policy/cuda/attention.cuh>)
@@ -489,20 +490,29 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
     CHECK(dino_test::max_rel_error(gys[1], gys[0]) > 0.0);  // the bf16 attention kernels ran
     CHECK(dino_test::max_rel_error(gGs[1], gGs[0]) > 0.0);
 
+    // The GPU's forward and backward of vv with pack on policy p (the images, parameters and
+    // d_tokens above; the gradients added to G0): the outputs and the gradients. prof, when
+    // given, profiles the backward.
+    const auto gpu_forward_backward = [&](const nn::vit& vv, const dino::cuda_policy& p, const auto& pack,
+                                          dc::op_profile* prof = nullptr) {
+      dc::device_buffer<float> gy(y.size()), gsaved(vv.saved_elems(pack)), gscratch(vv.scratch_elems(pack));
+      vv.forward(p, dcv(dP, {len(P)}), pack, std::span<const float* const>(dimgs, 2), dv(gy, {crops, D}),
+                 dv(gsaved, {std::int64_t(gsaved.size())}), seed, step);
+      auto gG = upload(G0);
+      if (prof) prof->start();
+      vv.backward(p, dcv(dP, {len(P)}), pack, dcv(gsaved, {std::int64_t(gsaved.size())}), dcv(ddt, {Tn, D}),
+                  dv(gG, {len(G)}), dv(gscratch, {std::int64_t(gscratch.size())}));
+      if (prof) prof->stop();
+      return std::pair{download(gy), download(gG)};
+    };
+
     // Staged bf16 operands (cuda_policy::bf16_staged) round as the CPU does (to nearest even):
     // with the TF32 attention the two bf16 paths differ only where fp32 sums in another order
     // tip a rounding, so the bound is the CPU's own bf16 error (not three times it).
     auto spol = gpu().policy(false, true);
     spol.bf16_attention = false;
     spol.bf16_staged = true;
-    dc::device_buffer<float> sdy(y.size()), sdsaved(dsaved.size());
-    v.forward(spol, dcv(dP, {len(P)}), dpk, std::span<const float* const>(dimgs, 2), dv(sdy, {crops, D}),
-              dv(sdsaved, {std::int64_t(sdsaved.size())}), seed, step);
-    const auto sy = download(sdy);
-    auto sdG = upload(G0);
-    v.backward(spol, dcv(dP, {len(P)}), dpk, dcv(sdsaved, {std::int64_t(sdsaved.size())}), dcv(ddt, {Tn, D}),
-               dv(sdG, {len(G)}), dv(dscratch, {std::int64_t(dscratch.size())}));
-    const auto sG = download(sdG);
+    const auto [sy, sG] = gpu_forward_backward(v, spol, dpk);
     MESSAGE("ViT staged bf16: forward from CPU bf16 " << dino_test::max_rel_error(sy, by) << " (FAST_16BF "
                                                       << dino_test::max_rel_error(gys[0], by) << "), gradients "
                                                       << dino_test::max_rel_error(sG, bG) << " (FAST_16BF "
@@ -576,17 +586,8 @@ TEST_CASE("cuda ViT over a packed two-resolution batch matches the CPU: forward,
       {
         auto bpol = opol;
         bpol.bf16_staged = true;
-        dc::device_buffer<float> bdy(y.size()), bdsaved(odsaved.size());
-        vo.forward(bpol, dcv(dP, {len(P)}), odpk, std::span<const float* const>(dimgs, 2), dv(bdy, {crops, D}),
-                   dv(bdsaved, {std::int64_t(bdsaved.size())}), seed, step);
-        const auto y2 = download(bdy);
-        auto bdG = upload(G0);
         dc::op_profile prof(bpol.stream);
-        prof.start();
-        vo.backward(bpol, dcv(dP, {len(P)}), odpk, dcv(bdsaved, {std::int64_t(bdsaved.size())}), dcv(ddt, {Tn, D}),
-                    dv(bdG, {len(G)}), dv(odscr, {std::int64_t(odscr.size())}));
-        prof.stop();
-        const auto G2 = download(bdG);
+        const auto [y2, G2] = gpu_forward_backward(vo, bpol, odpk, &prof);
         // the backward recomputed a, c and g as bf16 (bf16_backward_operands), not in fp32
         // and wrote the branch gradients and GELU's with their bf16 copies
         std::int64_t gelu16 = 0, ln16 = 0, gelu32 = 0, dz16 = 0, dh16 = 0;

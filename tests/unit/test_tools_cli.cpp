@@ -16,8 +16,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <string>
 #include <sstream>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "shapes.hpp"
@@ -113,18 +114,25 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   const std::string flags = " --data mnist --data-path " + data.string() +
                             " --arch vit_tiny28 --out-dim 64 --head-hidden 32 --head-bottleneck 16 --local-crops 2"
                             " --batch-size 16 --warmup-epochs 0 --epochs 1 --threads 2 --log-every 1 --output ";
-  const fs::path a = fs::path(kDir) / "run_ckpt", b = fs::path(kDir) / "run_ckpt_all";
-  fs::remove_all(b);
-  auto r0 = train(flags + a.string());
-  INFO(r0.err);
-  REQUIRE(r0.code == 0);
-  auto r1 = train(flags + b.string() + " --checkpoint-blocks 4");  // every block of vit_tiny28
-  INFO(r1.err);
-  REQUIRE(r1.code == 0);
-  const auto n0 = log_numbers((a / "log.jsonl").string()), n1 = log_numbers((b / "log.jsonl").string());
+  // a fresh run folder kDir/name trained with the flags and extra; it must succeed
+  const auto fresh_run = [&](const char* name, const std::string& extra) {
+    const fs::path p = fs::path(kDir) / name;
+    fs::remove_all(p);
+    auto r = train(flags + p.string() + extra);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    return std::pair{p, r};
+  };
+  // two runs wrote the same log numbers and the same checkpoint
+  const auto same_run = [](const fs::path& p, const fs::path& q) {
+    CHECK(log_numbers((p / "log.jsonl").string()) == log_numbers((q / "log.jsonl").string()));
+    CHECK(slurp((p / "checkpoint.safetensors").string()) == slurp((q / "checkpoint.safetensors").string()));
+  };
+  const auto [a, r0] = fresh_run("run_ckpt", "");
+  const auto [b, r1] = fresh_run("run_ckpt_all", " --checkpoint-blocks 4");  // every block of vit_tiny28
+  const auto n0 = log_numbers((a / "log.jsonl").string());
   CHECK(n0.size() == 3 * 2);
-  CHECK(n0 == n1);
-  CHECK(slurp((a / "checkpoint.safetensors").string()) == slurp((b / "checkpoint.safetensors").string()));
+  same_run(a, b);
   // the start-up line's "activations kept for the backward N" (MiB) shrinks
   const auto kept = [](const std::string& err) {
     const std::string key = "activations kept for the backward ";
@@ -135,13 +143,8 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   // --recompute-pointwise with one block checkpointed: the same log and checkpoint again
   // (the CPU's GELU derivative is then evaluated in the backward, not kept), and fewer kept
   // activations than checkpointing that block alone would leave
-  const fs::path d = fs::path(kDir) / "run_pointwise";
-  fs::remove_all(d);
-  auto rp = train(flags + d.string() + " --checkpoint-blocks 1 --recompute-pointwise");
-  INFO(rp.err);
-  REQUIRE(rp.code == 0);
-  CHECK(log_numbers((d / "log.jsonl").string()) == n0);
-  CHECK(slurp((a / "checkpoint.safetensors").string()) == slurp((d / "checkpoint.safetensors").string()));
+  const auto [d, rp] = fresh_run("run_pointwise", " --checkpoint-blocks 1 --recompute-pointwise");
+  same_run(d, a);
   CHECK(kept(rp.err) < kept(r0.err));
   CHECK(kept(rp.err) > kept(r1.err));
   auto r2 = train(flags + b.string() + " --checkpoint-blocks 5");
@@ -149,11 +152,7 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   CHECK(r2.err.find("--checkpoint-blocks 5 exceeds the ViT's depth 4") != std::string::npos);
   // --bf16: the same run on bf16 GEMM operands: it trains, its numbers differ a little, and
   // run.json says which precision ran
-  const fs::path c = fs::path(kDir) / "run_bf16";
-  fs::remove_all(c);
-  auto r3 = train(flags + c.string() + " --bf16");
-  INFO(r3.err);
-  REQUIRE(r3.code == 0);
+  const auto [c, r3] = fresh_run("run_bf16", " --bf16");
   const auto n3 = log_numbers((c / "log.jsonl").string());
   REQUIRE(n3.size() == n0.size());
   CHECK(n3 != n0);
@@ -163,30 +162,17 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   CHECK(r3.err.find("GEMMs bf16") != std::string::npos);
   // --bf16-operands (the bf16 products' operands stored as bf16 by their producers) with
   // --recompute-pointwise, against --bf16 with --recompute-pointwise: the same log and checkpoint
-  const fs::path e = fs::path(kDir) / "run_bf16_pw", g = fs::path(kDir) / "run_bf16_ops";
-  fs::remove_all(e);
-  fs::remove_all(g);
-  auto r4 = train(flags + e.string() + " --bf16 --recompute-pointwise");
-  INFO(r4.err);
-  REQUIRE(r4.code == 0);
-  auto r5 = train(flags + g.string() + " --bf16 --bf16-operands --recompute-pointwise");
-  INFO(r5.err);
-  REQUIRE(r5.code == 0);
-  CHECK(log_numbers((g / "log.jsonl").string()) == log_numbers((e / "log.jsonl").string()));
-  CHECK(slurp((e / "checkpoint.safetensors").string()) == slurp((g / "checkpoint.safetensors").string()));
+  const auto [e, r4] = fresh_run("run_bf16_pw", " --bf16 --recompute-pointwise");
+  const auto [g, r5] = fresh_run("run_bf16_ops", " --bf16 --bf16-operands --recompute-pointwise");
+  same_run(g, e);
   CHECK(log_numbers((g / "log.jsonl").string()) != n0);  // bf16, not fp32
   auto r6 = train(flags + g.string() + " --bf16-operands");
   CHECK(r6.code == 2);
   CHECK(r6.err.find("--bf16-operands needs --bf16") != std::string::npos);
   // --bf16-staged: on the CPU the bf16 products round their operands so already, so the same
   // log and checkpoint as --bf16; without --bf16 it is refused
-  const fs::path h = fs::path(kDir) / "run_bf16_staged";
-  fs::remove_all(h);
-  auto r7 = train(flags + h.string() + " --bf16 --bf16-staged");
-  INFO(r7.err);
-  REQUIRE(r7.code == 0);
-  CHECK(log_numbers((h / "log.jsonl").string()) == n3);
-  CHECK(slurp((h / "checkpoint.safetensors").string()) == slurp((c / "checkpoint.safetensors").string()));
+  const auto [h, r7] = fresh_run("run_bf16_staged", " --bf16 --bf16-staged");
+  same_run(h, c);
   auto r8 = train(flags + h.string() + " --bf16-staged");
   CHECK(r8.code == 2);
   CHECK(r8.err.find("--bf16-staged needs --bf16") != std::string::npos);
