@@ -484,6 +484,65 @@ TEST_CASE("cuda AdamW matches the CPU over steps: groups, per-tensor steps, froz
   check_adamw<double>(1e-12);
 }
 
+TEST_CASE("cuda per-step values read on the device (step_value::read_at) give what the values give") {
+  // What a step graph relies on (ssl::method::use_step_graphs): the same kernels, the value
+  // read when they run instead of passed at launch.
+  const auto pol = gpu().policy();
+  const std::int64_t n = 4099;
+  const auto s = random_vector<float>(std::size_t(n), 61), t = random_vector<float>(std::size_t(n), 62);
+  auto dt1 = upload(t), dt2 = upload(t), ds = upload(s);
+  auto dm = upload(std::vector<double>{0.9731});
+  dino::ssl::ema(pol, device_view<float>{dt1.data(), {n}}, device_view<const float>{ds.data(), {n}}, 0.9731);
+  dino::ssl::ema(pol, device_view<float>{dt2.data(), {n}}, device_view<const float>{ds.data(), {n}},
+                 dino::step_value<double>::read_at(dm.data()));
+  CHECK(download(dt1) == download(dt2));
+  // centering targets at a temperature read on the device
+  const std::int64_t rows = 5, K = 8192;
+  dino::ssl::centering<float, device_space> dc({K, 0.9});
+  const auto tl = random_vector<float>(std::size_t(rows * K), 63, -1, 1);
+  auto dl = upload(tl);
+  auto dtau = upload(std::vector<double>{0.0613});
+  dino::cuda::device_buffer<float> q1(tl.size()), q2(tl.size()), e1(rows), e2(rows);
+  auto h = upload(std::vector<double>{0.0, 0.0});
+  const device_view<const float> lv{dl.data(), {rows, K}, "t"};
+  dc.targets(pol, lv, 0.0613, device_view<float>{q1.data(), {rows, K}, "q"}, device_view<float>{e1.data(), {rows}, "H"},
+             dino::scalar_out{h.data(), 1.0, false});
+  dc.targets(pol, lv, dino::step_value<double>::read_at(dtau.data()), device_view<float>{q2.data(), {rows, K}, "q"},
+             device_view<float>{e2.data(), {rows}, "H"}, dino::scalar_out{h.data() + 1, 1.0, false});
+  CHECK(download(q1) == download(q2));
+  CHECK(download(e1) == download(e2));
+  const auto hh = download(h);
+  CHECK(hh[0] == hh[1]);
+  // AdamW: the learning rate and weight decay read on the device, the coefficients derived
+  // from them and the device's step counts; a frozen last layer for the first two steps
+  const dino::param_layout L = optimizer_layout();
+  dino::flat_params<float> P(L), G(L);
+  const auto p0 = random_vector<float>(L.size(), 64);
+  std::copy(p0.begin(), p0.end(), P.data());
+  dino::flat_params<float, device_space> dP1(L), dP2(L), dG(L);
+  dino::optim::adamw<float, device_space> o1(L), o2(L);
+  settle();
+  upload_into(dP1, P);
+  upload_into(dP2, P);
+  auto dlr = upload(std::vector<double>{0.0, 0.0});
+  for (int step = 0; step < 5; ++step) {
+    CAPTURE(step);
+    const auto g = random_vector<float>(L.size(), 65 + step, -2, 2);
+    std::copy(g.begin(), g.end(), G.data());
+    upload_into(dG, G);
+    const unsigned skip = step < 2 ? unsigned(dino::param_last_layer) : unsigned(dino::param_none);
+    const double lr = 1e-3 * (step + 1), wd = 0.04 + 0.01 * step;
+    const std::vector<double> lw{lr, wd};
+    dino::view_from_host(device_view<double>{dlr.data(), {2}, "lr, wd"}, lw.data());
+    o1.step(pol, dP1, dG, lr, wd, skip);
+    o2.step(pol, dP2, dG, dino::step_value<double>::read_at(dlr.data()),
+            dino::step_value<double>::read_at(dlr.data() + 1), skip);
+    DINO_CHECK_CLOSE(flat_host(dP2), flat_host(dP1), 1e-7);
+    DINO_CHECK_CLOSE(flat_host(o2.exp_avg_sq()), flat_host(o1.exp_avg_sq()), 1e-7);
+    CHECK(o2.steps() == o1.steps());
+  }
+}
+
 TEST_CASE("cuda per-tensor gradient clipping matches the CPU") {
   const auto pol = gpu().policy();
   const dino::param_layout L = optimizer_layout();

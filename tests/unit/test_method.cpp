@@ -334,3 +334,53 @@ TEST_CASE("a user's own part (docs/api.md) assembles and trains") {
     CHECK(std::isfinite(st.loss));
   }
 }
+
+TEST_CASE("per-step values read from memory (step_value::read_at) give what the values give") {
+  // What a GPU step graph relies on, through the host's forms of the same parts.
+  const cpu_policy pol{1};
+  // EMA teacher update
+  std::vector<float> s(37), t1(37), t2;
+  dino_test::fill_normal(s, 1);
+  dino_test::fill_normal(t1, 2);
+  t2 = t1;
+  const double m = 0.9731;
+  ssl::ema(pol, host_view<float>{t1.data(), {37}, "t"}, host_view<const float>{s.data(), {37}, "s"}, m);
+  ssl::ema(pol, host_view<float>{t2.data(), {37}, "t"}, host_view<const float>{s.data(), {37}, "s"},
+           step_value<double>::read_at(&m));
+  CHECK(t1 == t2);
+  // centering targets at a temperature
+  ssl::centering<float> cen({8, 0.9});
+  std::vector<float> logits(3 * 8), q1(24), q2(24), e1(3), e2(3);
+  dino_test::fill_normal(logits, 3);
+  const double tau = 0.0613;
+  const host_view<const float> tv{logits.data(), {3, 8}, "t"};
+  const double h1 = cen.targets(pol, tv, tau, host_view<float>{q1.data(), {3, 8}, "q"}, host_view<float>{e1.data(), {3}, "e"});
+  const double h2 = cen.targets(pol, tv, step_value<double>::read_at(&tau), host_view<float>{q2.data(), {3, 8}, "q"},
+                                host_view<float>{e2.data(), {3}, "e"});
+  CHECK(q1 == q2);
+  CHECK(h1 == h2);
+  // AdamW with the learning rate and weight decay read from memory (both or neither)
+  param_layout L;
+  L.add("w", {5, 3}, param_none, param_init::zeros);
+  L.add("b", {5}, param_no_weight_decay, param_init::zeros);
+  flat_params<float> p1(L), p2(L), g(L);
+  for (std::size_t i = 0; i < p1.size(); ++i) p1.data()[i] = p2.data()[i] = 0.1f * float(i % 7) - 0.3f, g.data()[i] = 0.05f * float(i % 5);
+  optim::adamw<float> o1(L), o2(L);
+  const double lr = 3e-3, wd = 0.07;
+  for (int k = 0; k < 3; ++k) {
+    o1.step(pol, p1, g, lr, wd);
+    o2.step(pol, p2, g, step_value<double>::read_at(&lr), step_value<double>::read_at(&wd));
+  }
+  CHECK(std::vector<float>(p1.data(), p1.data() + p1.size()) == std::vector<float>(p2.data(), p2.data() + p2.size()));
+  CHECK_THROWS_AS(o2.step(pol, p2, g, step_value<double>::read_at(&lr), wd), config_error);
+  // DropPath draws of a step
+  const std::uint64_t step = 41;
+  std::vector<float> d1(16), d2(16);
+  const nn::detail::drop_path_fn<float> f1{d1.data(), 8, 0.4, 7, step, 1};
+  const nn::detail::drop_path_fn<float> f2{d2.data(), 8, 0.4, 7, step_value<std::uint64_t>::read_at(&step), 1};
+  for (std::int64_t r = 0; r < 16; ++r) f1(r), f2(r);
+  CHECK(d1 == d2);
+  const nn::detail::drop_path_fn<float> f3{d2.data(), 8, 0.4, 7, step + 1, 1};
+  for (std::int64_t r = 0; r < 16; ++r) f3(r);
+  CHECK(d1 != d2);  // another step draws other masks (what a frozen step would repeat)
+}

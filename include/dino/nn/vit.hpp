@@ -54,7 +54,8 @@
 // output as before.
 //
 // Forms: forward() (training: keeps what backward needs in `saved`, draws DropPath masks
-// from Philox keyed by (seed, step, block, branch) and the crop index), infer() (no saved
+// from Philox keyed by (seed, step, block, branch) and the crop index; step may be read where
+// the masks are drawn, step_value::read_at, for a step replayed from a CUDA graph), infer() (no saved
 // state, no DropPath; optionally the last block's CLS attention row and the normalised
 // outputs of the last n blocks), backward() (parameter gradients accumulate; the input
 // images get no gradient).
@@ -394,7 +395,8 @@ struct drop_path_fn {  // dp[branch * crops + c]: 0 or 1 / keep (1 when off)
   T* dp;
   std::int64_t crops;
   double rate;
-  std::uint64_t seed, step;
+  std::uint64_t seed;
+  step_value<std::uint64_t> step;  // read where dp lives when step.at is set (a step graph's)
   std::int64_t layer;
   DINO_HD void operator()(std::int64_t row) const {
     constexpr std::uint32_t purpose = 2;
@@ -404,7 +406,7 @@ struct drop_path_fn {  // dp[branch * crops + c]: 0 or 1 / keep (1 when off)
     }
     const std::int64_t branch = row / crops, c = row % crops;
     const double keep = 1.0 - rate;
-    philox g(seed, rng_subsequence(purpose, std::uint32_t(step), std::uint32_t(layer * 2 + branch)),
+    philox g(seed, rng_subsequence(purpose, std::uint32_t(step.get()), std::uint32_t(layer * 2 + branch)),
              static_cast<std::uint64_t>(c) * 2);
     const double u = 1.0 - g.uniform_double();  // [0, 1)
     dp[row] = std::floor(keep + u) > 0 ? T(1.0 / keep) : T(0);
@@ -680,7 +682,8 @@ class vit {
   /// Training forward: y [crops, D] (=) normalised CLS features; `saved` keeps what backward needs.
   template <class Policy, class T, class S>
   void forward(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, std::span<const T* const> images,
-               tensor_view<T, S> y, tensor_view<T, S> saved, std::uint64_t seed = 0, std::uint64_t step = 0) const {
+               tensor_view<T, S> y, tensor_view<T, S> saved, std::uint64_t seed = 0,
+               step_value<std::uint64_t> step = {}) const {
     DINO_CHECK_SPACE(Policy, S);
     check_io(pol, pk, images, y);
     require<shape_error>(static_cast<std::size_t>(saved.numel()) >= saved_elems(pk), "vit forward: saved: needs ",
@@ -1247,7 +1250,8 @@ class vit {
 
   template <class Policy, class T, class S>
   void block_forward(const Policy& pol, tensor_view<const T, S> P, const vit_pack<T>& pk, const block& blk, const T* x,
-                     block_saved_parts<T> b, T* x_out, std::uint64_t seed, std::uint64_t step, std::int64_t l,
+                     block_saved_parts<T> b, T* x_out, std::uint64_t seed, step_value<std::uint64_t> step,
+                     std::int64_t l,
                      bool draw_dp, const op16_parts* o16 = nullptr) const {
     const std::int64_t D = cfg_.embed_dim, Tn = pk.tokens, H = cfg_.mlp_hidden();
     const auto hv = [&](T* p, std::int64_t cols, const char* n) { return tensor_view<T, S>{p, {Tn, cols}, n}; };
@@ -1310,7 +1314,7 @@ class vit {
   // where dp lives (the same Philox draws on the host and the device).
   template <class Policy, class T>
   static void draw_drop_path(const Policy& pol, const vit_pack<T>& pk, double rate, std::uint64_t seed,
-                             std::uint64_t step, std::int64_t l, T* dp) {
+                             step_value<std::uint64_t> step, std::int64_t l, T* dp) {
     const detail::drop_path_fn<T> f{dp, pk.crops, rate, seed, step, l};
     if constexpr (policy_traits<Policy>::is_host) {
       (void)pol;

@@ -57,16 +57,22 @@ class adamw {
   }
 
   /// One update of every trainable tensor not skipped. skip_flag: an int in Space; nonzero
-  /// makes the whole step a no-op (null: never; see the file comment).
+  /// makes the whole step a no-op (null: never; see the file comment). lr and wd may be read
+  /// from Space when the update runs (step_value::read_at, both or neither: a step replayed
+  /// from a CUDA graph; on the GPU the kernels then derive every coefficient themselves).
   template <class Policy>
-  void step(const Policy& pol, flat_params<T, Space>& params, const flat_params<T, Space>& grads, double lr,
-            double wd, unsigned skip = param_none, const int* skip_flag = nullptr) {
+  void step(const Policy& pol, flat_params<T, Space>& params, const flat_params<T, Space>& grads,
+            step_value<double> lr_in, step_value<double> wd_in, unsigned skip = param_none,
+            const int* skip_flag = nullptr) {
     DINO_CHECK_SPACE(Policy, Space);
+    require<config_error>(!lr_in.at == !wd_in.at, "adamw::step: the learning rate and the weight decay are read "
+                          "from memory together or not at all");
+    // On the host .get() (host memory); on the GPU the value passed (unused when read there).
+    const double lr = on_host ? lr_in.get() : lr_in.value, wd = on_host ? wd_in.get() : wd_in.value;
     if constexpr (on_host) {
       if (skip_flag && *skip_flag) return;
-    } else if (steps_dirty_) {  // steps() was handed out: the host's counts are the truth again
-      if (!steps_.empty()) upload(pol, dev_steps_.data(), steps_.data(), steps_.size());
-      steps_dirty_ = false;
+    } else {
+      sync_steps(pol);
     }
     require<shape_error>(params.size() == m_.size() && grads.size() == m_.size(), "adamw::step: parameters (",
                          params.size(), ") and gradients (", grads.size(), ") do not match the optimizer's layout (",
@@ -107,7 +113,21 @@ class adamw {
     } else {
       for (std::size_t j = 0; j < entries.size(); ++j) t_expected_[j] = steps_[j];
       adamw_tensors(pol, entries, coeffs_, p, g, m, v, dev_steps_.data(), skip_flag, lr, cfg_.beta1, cfg_.beta2,
-                    t_expected_.data());
+                    t_expected_.data(), lr_in.at, wd_in.at);
+    }
+  }
+
+  /// GPU: uploads the step counts written through steps() since the last step, on the
+  /// policy's stream (step() does it first; a step replayed from a CUDA graph, which does not
+  /// run step(), needs it before the replay). Nothing to do on the host.
+  template <class Policy>
+  void sync_steps(const Policy& pol) {
+    if constexpr (!on_host) {
+      if (!steps_dirty_) return;  // steps() was handed out: the host's counts are the truth again
+      if (!steps_.empty()) upload(pol, dev_steps_.data(), steps_.data(), steps_.size());
+      steps_dirty_ = false;
+    } else {
+      (void)pol;
     }
   }
 

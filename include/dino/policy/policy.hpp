@@ -9,6 +9,7 @@
 
 #include <type_traits>
 
+#include "dino/config.hpp"
 #include "dino/core/tensor.hpp"
 
 namespace dino {
@@ -30,6 +31,9 @@ struct cpu_policy {
 
 template <class P>
 struct policy_traits;
+
+/// Whether an operation profile is active (the CPU has none; policy/cuda/policy.cuh says for the GPU).
+inline bool profiling(const cpu_policy&) { return false; }
 
 template <>
 struct policy_traits<cpu_policy> {
@@ -53,6 +57,25 @@ P without_bf16(const P& pol) {
   if constexpr (requires { q.bf16 = false; }) q.bf16 = false;
   return q;
 }
+
+/// A per-step scalar (a learning rate, a momentum, a temperature, a DropPath step) that an
+/// operation takes by value, or reads from the policy's memory when it runs: `at` points
+/// there (device memory for cuda_policy). The second form is what a step replayed from a CUDA
+/// graph needs (ssl::method's step graphs): a graph freezes what its launches were passed,
+/// not what they read. A plain value converts implicitly.
+template <class V>
+struct step_value {
+  V value{};
+  const V* at = nullptr;  ///< non-null: read *at when the operation runs (value is ignored)
+  constexpr step_value() = default;
+  constexpr step_value(V v) : value(v) {}  // NOLINT: implicit, a plain value
+  static constexpr step_value read_at(const V* p) {
+    step_value s;
+    s.at = p;
+    return s;
+  }
+  DINO_HD V get() const { return at ? *at : value; }
+};
 
 /// How an operation writes an input gradient (tiny-cuda-nn's GradientMode).
 enum class grad_mode {

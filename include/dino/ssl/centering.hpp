@@ -84,9 +84,10 @@ class centering {
   std::int64_t out_dim() const { return cfg_.out_dim; }
   const centering_config& config() const { return cfg_; }
 
-  /// q = softmax((t - c) / tau); returns the mean entropy of the rows of q (nats).
+  /// q = softmax((t - c) / tau); returns the mean entropy of the rows of q (nats). tau may be
+  /// read from the policy's memory when the pass runs (step_value::read_at; unchecked then).
   template <class Policy, class S>
-  double targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+  double targets(const Policy& pol, tensor_view<const T, S> t, step_value<double> tau, tensor_view<T, S> q,
                  tensor_view<T, S> row_entropy) const {
     run_targets(pol, t, tau, q, row_entropy);
     if constexpr (policy_traits<Policy>::is_host) {
@@ -101,7 +102,7 @@ class centering {
   /// The same, leaving the mean entropy in the policy's memory: *mean_entropy.value (=|+=)
   /// weight * mean entropy. Reads nothing back.
   template <class Policy, class S>
-  void targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+  void targets(const Policy& pol, tensor_view<const T, S> t, step_value<double> tau, tensor_view<T, S> q,
                tensor_view<T, S> row_entropy, scalar_out mean_entropy) const {
     run_targets(pol, t, tau, q, row_entropy);
     sum_to(pol, static_cast<const T*>(row_entropy.data), t.rows(), double(t.rows()), mean_entropy);
@@ -189,16 +190,24 @@ class centering {
 
  private:
   template <class Policy, class S>
-  void run_targets(const Policy& pol, tensor_view<const T, S> t, double tau, tensor_view<T, S> q,
+  void run_targets(const Policy& pol, tensor_view<const T, S> t, step_value<double> tau, tensor_view<T, S> q,
                    tensor_view<T, S> row_entropy) const {
     DINO_CHECK_SPACE(Policy, S);
     static_assert(std::is_same_v<S, Space>, "centering::targets: the logits are not in the center's memory space");
     check_matrix("centering targets", t, cfg_.out_dim);
     check_shape("centering targets", q, t.shape);
     check_shape("centering targets", row_entropy, {t.rows()});
-    require<config_error>(tau > 0, "centering targets: teacher temperature must be positive, got ", tau);
+    if constexpr (!policy_traits<Policy>::is_host) {
+      if (tau.at) {  // read on the device, as 1 / tau in double rounded to T (the host's rounding)
+        softmax_targets(pol, t.data, static_cast<const T*>(center_.data()), q.data, row_entropy.data, t.rows(),
+                        cfg_.out_dim, tau.at);
+        return;
+      }
+    }
+    const double tv = tau.get();
+    require<config_error>(tv > 0, "centering targets: teacher temperature must be positive, got ", tv);
     softmax_targets(pol, t.data, static_cast<const T*>(center_.data()), q.data, row_entropy.data, t.rows(),
-                    cfg_.out_dim, T(1.0 / tau));
+                    cfg_.out_dim, T(1.0 / tv));
   }
 
   centering_config cfg_{};

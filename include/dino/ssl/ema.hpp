@@ -32,12 +32,14 @@ struct ema_chunk {
   const T* s;
   T a, b;
   const int* skip = nullptr;  ///< nonzero: leave t as it is
+  const double* m_at = nullptr;  ///< non-null: a = m, b = 1 - m from *m_at (a step graph's momentum)
   DINO_HD void operator()(std::int64_t lo, std::int64_t hi) const {
     if (skip && *skip) return;
+    const T a2 = m_at ? T(*m_at) : a, b2 = m_at ? T(1.0 - *m_at) : b;
 #if !defined(__CUDA_ARCH__)
 #pragma omp simd
 #endif
-    for (std::int64_t i = lo; i < hi; ++i) t[i] = t[i] * a + b * s[i];
+    for (std::int64_t i = lo; i < hi; ++i) t[i] = t[i] * a2 + b2 * s[i];
   }
 };
 /// dst = src over [lo, hi).
@@ -54,17 +56,19 @@ struct copy_chunk {
 }  // namespace kernels
 
 /// t = m t + (1 - m) s over n elements, rounded as PyTorch: t * m, then + (1 - m) * s in T.
+/// m may be read from the policy's memory when the pass runs (step_value::read_at).
 template <class Policy, class T, class S>
-inline void ema(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double m,
+inline void ema(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, step_value<double> m,
                 const int* skip_flag = nullptr) {
   DINO_CHECK_SPACE(Policy, S);
   check_shape("ema", student, teacher.shape);
   if constexpr (policy_traits<Policy>::is_host) {
     if (skip_flag && *skip_flag) return;
-    for_each_chunk(pol, teacher.numel(), kernels::ema_chunk<T>{teacher.data, student.data, T(m), T(1.0 - m)});
+    const double mv = m.get();
+    for_each_chunk(pol, teacher.numel(), kernels::ema_chunk<T>{teacher.data, student.data, T(mv), T(1.0 - mv)});
   } else {
     for_each_chunk(pol, teacher.numel(),
-                   kernels::ema_chunk<T>{teacher.data, student.data, T(m), T(1.0 - m), skip_flag});
+                   kernels::ema_chunk<T>{teacher.data, student.data, T(m.value), T(1.0 - m.value), skip_flag, m.at});
   }
 }
 
@@ -73,12 +77,12 @@ struct ema_update {
   static constexpr const char* name = "ema";
   template <class Policy, class T, class Space>
   void operator()(const Policy& pol, flat_params<T, Space>& teacher, const flat_params<T, Space>& student,
-                  double momentum, const int* skip_flag = nullptr) const {
+                  step_value<double> momentum, const int* skip_flag = nullptr) const {
     ema(pol, teacher.all("teacher parameters"), student.all("student parameters"), momentum, skip_flag);
   }
   template <class Policy, class T, class S>
-  void operator()(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double momentum,
-                  const int* skip_flag = nullptr) const {
+  void operator()(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student,
+                  step_value<double> momentum, const int* skip_flag = nullptr) const {
     ema(pol, teacher, student, momentum, skip_flag);
   }
 };
@@ -88,7 +92,7 @@ struct copy_update {
   static constexpr const char* name = "copy";
   template <class Policy, class T, class Space>
   void operator()(const Policy& pol, flat_params<T, Space>& teacher, const flat_params<T, Space>& student,
-                  double, const int* skip_flag = nullptr) const {
+                  step_value<double>, const int* skip_flag = nullptr) const {
     DINO_CHECK_SPACE(Policy, Space);
     if constexpr (policy_traits<Policy>::is_host) {
       if (skip_flag && *skip_flag) return;
@@ -101,7 +105,7 @@ struct copy_update {
     }
   }
   template <class Policy, class T, class S>
-  void operator()(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, double,
+  void operator()(const Policy& pol, tensor_view<T, S> teacher, tensor_view<const T, S> student, step_value<double>,
                   const int* skip_flag = nullptr) const {
     DINO_CHECK_SPACE(Policy, S);
     check_shape("copy_update", student, teacher.shape);

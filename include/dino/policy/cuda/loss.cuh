@@ -79,8 +79,10 @@ struct row_reduce_storage {
 
 template <class T, int Threads>
 __global__ void __launch_bounds__(Threads)
-    softmax_targets_kernel(const T* t, const T* c, T* q, T* entropy, std::int64_t K, T inv_tau) {
+    softmax_targets_kernel(const T* t, const T* c, T* q, T* entropy, std::int64_t K, T inv_tau,
+                           const double* tau_at = nullptr) {
   __shared__ row_reduce_storage<T, Threads> sm;
+  if (tau_at) inv_tau = T(1.0 / *tau_at);  // a step graph's temperature, rounded as the host rounds it
   const std::int64_t r = blockIdx.x;
   const T* tr = t + r * K;
   T* qr = q + r * K;
@@ -297,16 +299,25 @@ inline double read_double_slot(const cuda_policy& pol) {
 }  // namespace loss_kernels
 
 /// Teacher targets over rows: q[r] = softmax((t[r] - c) * inv_tau) (c may be null), entropy[r].
+/// tau_at (device memory, or null): the kernels take inv_tau = 1 / *tau_at instead.
 template <class T>
 inline void softmax_targets(const cuda_policy& pol, const T* t, const T* c, T* q, T* entropy, std::int64_t rows,
-                            std::int64_t K, T inv_tau) {
+                            std::int64_t K, T inv_tau, const double* tau_at = nullptr) {
   if (rows <= 0) return;
   require<shape_error>(rows <= INT_MAX && K > 0, "softmax_targets: unsupported shape [", rows, ", ", K, "]");
   if (K >= 8192)
-    loss_kernels::softmax_targets_kernel<T, 1024><<<unsigned(rows), 1024, 0, pol.stream>>>(t, c, q, entropy, K, inv_tau);
+    loss_kernels::softmax_targets_kernel<T, 1024>
+        <<<unsigned(rows), 1024, 0, pol.stream>>>(t, c, q, entropy, K, inv_tau, tau_at);
   else
-    loss_kernels::softmax_targets_kernel<T, 256><<<unsigned(rows), 256, 0, pol.stream>>>(t, c, q, entropy, K, inv_tau);
+    loss_kernels::softmax_targets_kernel<T, 256>
+        <<<unsigned(rows), 256, 0, pol.stream>>>(t, c, q, entropy, K, inv_tau, tau_at);
   DINO_CUDA_LAUNCHED("softmax_targets");
+}
+/// The same with the temperature read on the device (*tau_at, a step graph's).
+template <class T>
+inline void softmax_targets(const cuda_policy& pol, const T* t, const T* c, T* q, T* entropy, std::int64_t rows,
+                            std::int64_t K, const double* tau_at) {
+  softmax_targets(pol, t, c, q, entropy, rows, K, T(1), tau_at);
 }
 
 /// The fused distillation loss over crop-major rows (see distillation_desc in

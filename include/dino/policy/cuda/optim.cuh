@@ -16,7 +16,9 @@
 //       device count + 1 is the step the host assumed (every step but those after a skip
 //       the host has not read yet), and else recomputes the two bias corrections from the
 //       device count (lr / (1 - b1^t), sqrt(1 - b2^t), in double as on the host); a small
-//       kernel then advances the counts.
+//       kernel then advances the counts. With lr_at and wd_at (device doubles: a step replayed
+//       from a CUDA graph) every coefficient that depends on lr, wd or the count is computed
+//       in the kernel from those and the device count, the host's coefficients ignored.
 //   clip_tensors(pol, entries, g, clip, skip[, clipped])
 //       utils.clip_gradients per tensor: a block per tensor (128 per launch) sums the squares
 //       of its gradient in double (CUB, fixed order), computes clip / (norm + 1e-6) and scales
@@ -69,6 +71,7 @@ struct adamw_batch {
   std::int64_t first_block[capacity + 1];  // [count] = blocks of the launch
   std::int64_t t_expected[capacity];       // the step count the host's coefficients are for
   int entry[capacity];                     // the tensor's index in the layout
+  unsigned char decays[capacity];          // 1: weight decay applies (read with adamw_device_steps::lr_at)
   cpu::adamw_coeffs<T> k[capacity];
   int count;
 };
@@ -77,6 +80,10 @@ struct adamw_device_steps {
   std::int64_t* steps = nullptr;  ///< per-tensor step counts, device memory (null: host counts only)
   const int* skip = nullptr;      ///< device int: nonzero skips the update (null: never)
   double lr = 0, beta1 = 0.9, beta2 = 0.999;
+  /// Device doubles (null: the host's coefficients): the learning rate and weight decay read
+  /// when the kernel runs, which then computes every coefficient that depends on them or on
+  /// the step count (a step replayed from a CUDA graph; needs steps).
+  const double *lr_at = nullptr, *wd_at = nullptr;
 };
 static_assert(sizeof(adamw_batch<double>) <= 4000, "adamw_batch must fit the 4 KiB of kernel parameters");
 
@@ -90,7 +97,13 @@ __global__ void __launch_bounds__(adamw_threads)
   const std::int64_t base = bt.begin[j] + (blk - bt.first_block[j]) * adamw_block_elems;
   const std::int64_t end = bt.end[j];
   cpu::adamw_coeffs<T> k = bt.k[j];
-  if (ds.steps) {
+  if (ds.lr_at) {  // as optim::adamw computes them on the host, in double, then rounded to T
+    const double lr = *ds.lr_at, w = bt.decays[j] ? *ds.wd_at : 0.0;
+    const std::int64_t t = ds.steps[bt.entry[j]] + 1;
+    k.decay = T(__dsub_rn(1.0, __dmul_rn(lr, w)));  // no contraction into an FMA: 1 - lr w as the host rounds it
+    k.step_size = T(lr / (1.0 - ::pow(ds.beta1, double(t))));
+    k.bc2_sqrt = T(::sqrt(1.0 - ::pow(ds.beta2, double(t))));
+  } else if (ds.steps) {
     const std::int64_t t = ds.steps[bt.entry[j]] + 1;
     if (t != bt.t_expected[j]) {  // the host's count ran ahead (a skip it has not read)
       k.step_size = T(ds.lr / (1.0 - ::pow(ds.beta1, double(t))));
@@ -210,6 +223,8 @@ inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>
                           optim_kernels::adamw_device_steps ds, const std::int64_t* t_expected) {
   require<shape_error>(coeffs.size() == entries.size(), "adamw_tensors: ", coeffs.size(), " coefficient sets for ",
                        entries.size(), " tensors");
+  require<config_error>(!ds.lr_at || (ds.wd_at && ds.steps), "adamw_tensors: a learning rate read on the device needs "
+                        "the weight decay there too and the device step counts");
   optim_kernels::adamw_batch<T> bt{};
   std::int64_t blocks = 0;
   auto flush = [&] {
@@ -237,6 +252,7 @@ inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>
     bt.first_block[c] = blocks;
     bt.t_expected[c] = t_expected ? t_expected[j] : 0;
     bt.entry[c] = int(j);
+    bt.decays[c] = (entries[j].flags & param_no_weight_decay) ? 0 : 1;
     bt.k[c] = coeffs[j];
     blocks += (std::int64_t(entries[j].numel()) + optim_kernels::adamw_block_elems - 1) / optim_kernels::adamw_block_elems;
     if (++bt.count == optim_kernels::adamw_batch<T>::capacity) flush();
@@ -245,14 +261,16 @@ inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>
 }
 
 /// The form optim::adamw calls with device step counts (see the file comment): device_steps
-/// [entries] and skip in device memory; t_expected[j] the count the host assumed for tensor j.
+/// [entries] and skip in device memory; t_expected[j] the count the host assumed for tensor j;
+/// lr_at and wd_at (device doubles, both or neither): lr and wd read when the kernels run.
 template <class T>
 inline void adamw_tensors(const cuda_policy& pol, const std::vector<param_entry>& entries,
                           const std::vector<cpu::adamw_coeffs<T>>& coeffs, T* p, const T* g, T* m, T* v,
                           std::int64_t* device_steps, const int* skip, double lr, double beta1, double beta2,
-                          const std::int64_t* t_expected) {
+                          const std::int64_t* t_expected, const double* lr_at = nullptr,
+                          const double* wd_at = nullptr) {
   adamw_tensors(pol, entries, coeffs, p, g, m, v,
-                optim_kernels::adamw_device_steps{device_steps, skip, lr, beta1, beta2}, t_expected);
+                optim_kernels::adamw_device_steps{device_steps, skip, lr, beta1, beta2, lr_at, wd_at}, t_expected);
 }
 
 /// The same with the step counts on the host only and no skip flag.
