@@ -12,6 +12,7 @@
 #include "dino/policy/cuda/bf16_operands.cuh"
 #include "dino/policy/cuda/context.cuh"
 #include "dino/policy/cuda/gemm.cuh"
+#include "dino/policy/cuda/graph.cuh"
 #include "dino/policy/cuda/loss.cuh"
 #include "dino/policy/cuda/memory.cuh"
 #include "dino/policy/cuda/nn_ops.cuh"

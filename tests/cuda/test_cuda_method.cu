@@ -574,3 +574,138 @@ TEST_CASE("GPU: a ViT DINO method planned for the bf16 attention (plan_for) keep
   CHECK(pk.store == dino::nn::attention_store::rows);
   CHECK(v.make_pack<float>(gpu().policy(true), {{2, 16, 16}}).store == dino::nn::attention_store::matrix);
 }
+
+namespace {
+// Schedules whose every value moves each step (a graph that froze one would drift), with
+// three iterations per epoch: the last layer is frozen for steps 0 to 2 (freeze_last_layer 1).
+dino::ssl::dino_schedules moving_schedules(int steps) {
+  dino::ssl::dino_schedules s;
+  for (int i = 0; i < steps; ++i) {
+    s.lr.push_back(1e-3 * (1.0 + 0.5 * i));
+    s.wd.push_back(0.04 + 0.03 * i);
+    s.momentum.push_back(0.9 + 0.01 * i);
+    s.teacher_temp.push_back(0.04 + 0.005 * i);
+  }
+  s.iters_per_epoch = 3;
+  return s;
+}
+}  // namespace
+
+TEST_CASE("GPU: DINO steps replayed from a CUDA graph follow plain steps (schedules, DropPath, freeze, a skip)") {
+  dino::nn::vit_config vc;
+  vc.img_size = 16, vc.patch = 4, vc.in_chans = 1, vc.embed_dim = 64, vc.depth = 2, vc.heads = 2;
+  vc.drop_path_rate = 0.3;  // the DropPath draws move with the step: a frozen step repeats them
+  dino::ssl::dino_config c;
+  c.head.out_dim = 64, c.head.hidden_dim = 32, c.head.bottleneck_dim = 16;
+  c.local_crops = 2;
+  const std::int64_t B = 4;
+  const int steps = 9, nan_step = 6;
+  c.train.max_batch = B;
+  c.train.crops = {16, 8};
+  c.train.schedule.epochs = 3;
+  c.train.schedule.iters_per_epoch = 3;
+  c.train.freeze_last_layer = 1;
+  c.train.seed = 5;
+  std::vector<std::vector<float>> gs, ls;
+  for (int s = 0; s < steps; ++s) {
+    gs.push_back(random_vector<float>(std::size_t(2 * B * 16 * 16), 900 + s));
+    ls.push_back(random_vector<float>(std::size_t(2 * B * 8 * 8), 950 + s));
+  }
+  gs[std::size_t(nan_step)][5] = std::nanf("");  // a global crop: the loss is not finite, the step is skipped
+  for (const bool bf16 : {false, true}) {
+    CAPTURE(bf16);
+    const cuda_policy pol = gpu().policy(false, bf16);
+    auto plain = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
+    auto graph = dino::ssl::make_dino<dino::nn::vit, float, cuda_policy>(vc, vc.embed_dim, c);
+    static_assert(decltype(graph)::step_graphs_supported);
+    plain.set_schedules(moving_schedules(steps));
+    graph.set_schedules(moving_schedules(steps));
+    if (bf16) {
+      plain.plan_for(pol);
+      graph.plan_for(pol);
+    }
+    graph.use_step_graphs(true);
+    std::vector<dino::ssl::step_stats> a, b;
+    work_counts before, after;
+    for (int s = 0; s < steps; ++s) {
+      CAPTURE(s);
+      const dino::ssl::image_crops<float> x{gs[std::size_t(s)].data(), ls[std::size_t(s)].data()};
+      if (s == 4) before = work_counts{};
+      a.push_back(plain.step(pol, x));
+      b.push_back(graph.step(pol, x));
+      if (s == steps - 1) after = work_counts{};
+      INFO("refusal: ", graph.step_graph_refusal(), "; error: ", graph.step_graph_error());
+      REQUIRE(graph.step_graph_error().empty());
+      if (s == 0) CHECK(std::string(graph.step_graph_refusal()).find("first GPU step") != std::string::npos);
+      else CHECK(std::string(graph.step_graph_refusal()).empty());
+      // captured at step 1, again at step 3 when the last layer thaws, replayed since
+      CHECK(graph.graph_counts().captures == (s == 0 ? 0u : s < 3 ? 1u : 2u));
+      CHECK(graph.graph_counts().replays == std::uint64_t(s));
+    }
+    INFO("the last host wait: ", dino::cuda::last_host_wait());
+    CHECK(after.allocations == before.allocations);  // replays allocate nothing and wait for nothing
+    CHECK(after.host_waits == before.host_waits);
+    CHECK(graph.graph_counts().nodes > 20);
+    for (int s = 0; s < steps; ++s) {
+      CAPTURE(s);
+      plain.read_stats(pol, a[std::size_t(s)]);
+      graph.read_stats(pol, b[std::size_t(s)]);
+      const auto &x = a[std::size_t(s)], &y = b[std::size_t(s)];
+      CHECK(y.skipped == (s == nan_step));
+      CHECK(x.skipped == y.skipped);
+      CHECK(std::string(x.skip_reason) == y.skip_reason);
+      CHECK(x.iteration == y.iteration);
+      if (!x.skipped) {
+        CHECK(std::abs(x.loss - y.loss) <= 1e-6 * std::abs(x.loss));
+        CHECK(std::abs(x.teacher_entropy - y.teacher_entropy) <= 1e-6 * std::abs(x.teacher_entropy) + 1e-9);
+        CHECK(x.clipped_tensors == y.clipped_tensors);
+      }
+    }
+    CHECK(graph.optimizer().steps() == plain.optimizer().steps());
+    const auto sa = state_of(plain), sb = state_of(graph);
+    const char* names[] = {"student", "teacher", "exp_avg", "exp_avg_sq", "center"};
+    for (std::size_t i = 0; i < sa.size(); ++i) {
+      CAPTURE(names[i]);
+      DINO_CHECK_CLOSE(sb[i], sa[i], 1e-6);
+    }
+    // Back to plain steps: the same method goes on from where the graph left it.
+    graph.use_step_graphs(false);
+    CHECK(graph.iteration() == plain.iteration());
+  }
+}
+
+// The presets whose parts read their per-step values on the device (dino-train --cuda-graphs).
+static_assert(dino::ssl::dino_method<dino::nn::vit, float, cuda_policy>::step_graphs_supported);
+static_assert(dino::ssl::dino_no_momentum_method<dino::nn::vit, float, cuda_policy>::step_graphs_supported);
+static_assert(dino::ssl::dino_two_crops_method<dino::nn::vit, float, cuda_policy>::step_graphs_supported);
+static_assert(!dino::ssl::dino_sinkhorn_method<dino::nn::vit, float, cuda_policy>::step_graphs_supported);  // tau by value
+static_assert(!dino::ssl::byol_method<dino::nn::vit, float, cuda_policy>::step_graphs_supported);  // a predictor
+
+TEST_CASE("GPU: row-backbone DINO steps replayed from a CUDA graph follow plain ones; a short batch runs plain") {
+  const auto c = row_config();
+  const dino::nn::mlp_config bb{{12, 32, 24}};
+  auto plain = dino::ssl::make_dino<dino::nn::mlp, float, cuda_policy>(bb, 24, c);
+  auto graph = dino::ssl::make_dino<dino::nn::mlp, float, cuda_policy>(bb, 24, c);
+  static_assert(decltype(graph)::step_graphs_supported);
+  graph.use_step_graphs(true);
+  const cuda_policy pol = gpu().policy();
+  const std::int64_t rows = 4 * c.train.max_batch;
+  std::vector<std::vector<float>> xs;
+  for (int s = 0; s < 6; ++s) xs.push_back(random_vector<float>(std::size_t(rows * 12), 400 + s));
+  for (int s = 0; s < 6; ++s) {
+    CAPTURE(s);
+    const std::int64_t r = s == 4 ? rows / 2 : rows;  // step 4: half a batch, which the graph does not hold
+    const dino::host_view<const float> x{xs[std::size_t(s)].data(), {r, 12}, "crops"};
+    auto st_a = plain.step(pol, x);
+    auto st_b = graph.step(pol, x);
+    plain.read_stats(pol, st_a);
+    graph.read_stats(pol, st_b);
+    CHECK(std::abs(st_a.loss - st_b.loss) <= 1e-6 * std::abs(st_a.loss));
+    const std::string why = graph.step_graph_refusal();
+    if (s == 4) CHECK(why.find("fewer images") != std::string::npos);
+    else if (s > 0) CHECK(why.empty());
+  }
+  CHECK(graph.graph_counts().replays == 4);
+  const auto sa = state_of(plain), sb = state_of(graph);
+  for (std::size_t i = 0; i < sa.size(); ++i) DINO_CHECK_CLOSE(sb[i], sa[i], 1e-6);
+}

@@ -126,6 +126,12 @@ TEST_CASE("a method whose parts do not fit together") {
   CHECK(m == "method::step: crops has 3 rows, not a multiple of the crop count 2");
   m = message_of<shape_error>([&] { good.step(cpu_policy{1}, host_view<const float>{x.data(), {6, 4}, "crops"}); });
   CHECK(contains(m, "crops has 6 rows, more than planned (4 = 2 crops x max_batch 2)"));
+  // Step graphs are CUDA graphs: a CPU method refuses them, and turning them off is always fine.
+  static_assert(!decltype(good)::step_graphs_supported);
+  m = message_of<config_error>([&] { good.use_step_graphs(true); });
+  CHECK(m == "method::use_step_graphs: step graphs are CUDA graphs: the CPU policy has none");
+  good.use_step_graphs(false);
+  CHECK_FALSE(good.step_graphs());
 }
 
 TEST_CASE("attention: a probs layout of rows (the GPU's bf16 path) is refused where P is kept") {

@@ -42,6 +42,18 @@
 // exact (optim/adamw.hpp). A step skipped for a non-finite loss reports loss and teacher
 // entropy 0 on the GPU (the CPU reports the micro-batches summed before the failing one).
 //
+// Step graphs (GPU, use_step_graphs(true); off by default): a step of one full micro-batch
+// replays a CUDA graph of it (policy/cuda/graph.cuh), one launch instead of hundreds. What
+// changes each step is read by the kernels from device memory (step_scalars, written by one
+// small kernel before the replay: lr, wd, teacher momentum and temperature, the DropPath
+// step; the parts take them as step_value), the input is uploaded before the replay and the
+// graph's result slot is copied to the ring's after it. The graph is captured on the first
+// such step after a plain one and again when the policy or the freeze of the last layer
+// changes; a replayed step computes what a plain one computes. Parts that decide on the
+// host or take a per-step value by value only make graph_capable false (use_step_graphs
+// then throws); a step the graph cannot hold runs plain (step_graph_refusal()); a capture
+// that fails is undone on the host and leaves graphs off (step_graph_error()).
+//
 // Optional parts and traits (each costs nothing when absent; the GPU step of DINO is unchanged):
 // - a stateful loss (concept stateful_loss: InfoNCE's queue) is observed, committed and
 //   discarded where the target is;
@@ -131,6 +143,13 @@ struct step_stats {
   bool ready() const { return !pending; }
 };
 
+/// The per-step values a GPU step graph reads (method::use_step_graphs): written to device
+/// memory before each replay, read by the kernels that take them as step_value.
+struct step_scalars {
+  double lr = 0, wd = 0, momentum = 0, teacher_temp = 0;
+  std::uint64_t micro_index = 0;  ///< the DropPath step
+};
+
 template <class Backbone, class Head, class Target, class Loss, class TeacherUpdate, class T = float,
           class Policy = cpu_policy, class Predictor = no_predictor, class StudentMask = no_student_mask>
 class method {
@@ -207,6 +226,26 @@ class method {
   static constexpr bool commit_flagged = requires(Target& x, const Policy& pol, const int* f) { x.commit(pol, f); };
   static constexpr bool loss_commit_flagged =
       !stateful_loss<Loss, T, Policy> || requires(Loss& l, const Policy& pol, const int* f) { l.commit(pol, f); };
+  // What a step replayed from a CUDA graph needs of the parts (use_step_graphs): the values
+  // that change each step taken as step_value, read on the device when the kernels run.
+  static constexpr bool target_reads_tau =
+      requires(const Target& x, const Policy& pol, cview t, view q, view e, scalar_out o) {
+        x.targets(pol, t, step_value<double>{}, q, e, o);
+      };
+  static constexpr bool update_reads_momentum =
+      requires(const TeacherUpdate& u, const Policy& pol, flat_params<T, space>& t, const flat_params<T, space>& s,
+               const int* f) { u(pol, t, s, step_value<double>{}, f); };
+  static constexpr bool backbone_reads_step =
+      !images || requires(const Backbone& b, const Policy& pol, cview P, const nn::vit_pack<T>& pk,
+                          std::span<const T* const> sets, view y) {
+        b.forward(pol, P, pk, sets, y, y, std::uint64_t(0), step_value<std::uint64_t>{});
+      };
+  /// Whether GPU steps can replay a CUDA graph (use_step_graphs): every part decides on the
+  /// device and reads its per-step values there; no predictor, StudentMask or stateful loss.
+  static constexpr bool graph_capable = !on_host && with_teacher && !has_predictor && !has_mask && !loss_state &&
+                                        target_in_place && loss_in_place && update_flagged && commit_flagged &&
+                                        target_reads_tau && update_reads_momentum && backbone_reads_step;
+
   /// One step's results in device memory (GPU).
   struct step_slot {
     double loss = 0, teacher_entropy = 0;  // summed over micro-batches, each weighted 1 / micro-batches
@@ -324,6 +363,38 @@ class method {
       return st;
     }
   }
+
+  /// Whether this method's GPU steps can replay a CUDA graph (use_step_graphs).
+  static constexpr bool step_graphs_supported = graph_capable;
+  /// GPU: runs each step (one micro-batch of max_batch images or rows) by replaying a CUDA
+  /// graph of it: one launch instead of hundreds (see the file comment). The graph is captured
+  /// on the first such step after a plain one, and again when the policy or the last layer's
+  /// freeze changes; the steps compute what plain steps compute, bit for bit. A step the
+  /// graph cannot hold runs plain (step_graph_refusal() says why). Off by default. Throws
+  /// config_error on the CPU or for parts that do not read their per-step values on the device.
+  void use_step_graphs(bool on) {
+    require<config_error>(!on || !on_host, "method::use_step_graphs: step graphs are CUDA graphs: the CPU policy has none");
+    require<config_error>(!on || graph_capable, "method::use_step_graphs: a part of this method decides on the host or "
+                          "takes a per-step value only by value (step graphs need DINO's parts: centering, the "
+                          "distillation loss, ema_update; no predictor, StudentMask or stateful loss)");
+    graphs_.on = on;
+    graphs_.refusal = "";
+  }
+  bool step_graphs() const { return graphs_.on; }
+  /// Step graph counts: captures, replays (steps run from a graph) and the captured graph's nodes.
+  struct step_graph_counts {
+    std::uint64_t captures = 0, replays = 0;
+    std::size_t nodes = 0;
+  };
+  step_graph_counts graph_counts() const {
+    step_graph_counts c{graphs_.captures, graphs_.replays, 0};
+    if constexpr (!on_host) c.nodes = graphs_.graph.nodes();
+    return c;
+  }
+  /// With step graphs on: why the latest step ran plain ("" when it replayed the graph).
+  const char* step_graph_refusal() const { return graphs_.refusal; }
+  /// The error of a failed capture ("" when none): the steps since have run plain.
+  const std::string& step_graph_error() const { return graphs_.error; }
 
   /// Fills the device-dependent fields of a GPU step's stats (see step_stats): waits for that
   /// step (one counted host wait). Nothing to do when st.ready() (always on the CPU). Throws
@@ -498,7 +569,8 @@ class method {
         r_.input_n = n(ns * backbone_.in_dim());
       }
       p.add_bytes(r_.input_n * sizeof(T));
-      p.add_bytes(step_result_slots * sizeof(step_slot));  // the steps' results (GPU)
+      p.add_bytes((step_result_slots + 1) * sizeof(step_slot));  // the steps' results and a step graph's (GPU)
+      p.add_bytes(sizeof(step_scalars));                          // a step graph's per-step values
     }
     ws_ = decltype(ws_)();  // a plan again (plan_for): the old buffers go first
     ws_ = decltype(ws_)(p);
@@ -522,7 +594,8 @@ class method {
       if (r_.cls_attn_n) r_.cls_attn = ws_.template take<T>(r_.cls_attn_n, "teacher CLS attention");
     if constexpr (!on_host) {
       r_.input = ws_.template take<T>(r_.input_n, "input crops");
-      r_.slots = ws_.template take<step_slot>(step_result_slots, "step results");
+      r_.slots = ws_.template take<step_slot>(step_result_slots + 1, "step results");
+      r_.scalars = ws_.template take<step_scalars>(1, "step graph values");
       readback_ = typename readback_ring_for<space>::type(step_result_slots, sizeof(step_slot));
     }
     max_rows_ = ns;
@@ -538,17 +611,20 @@ class method {
     else return cview{teacher_.data(), {std::int64_t(teacher_.size())}, "teacher parameters"};
   }
   // The teacher update after an optimizer step (none when the loss ignores the teacher).
-  void update_teacher(const Policy& pol, double momentum, const int* skip_flag = nullptr) {
+  // momentum.at is set only for a step graph, whose update reads it (update_reads_momentum).
+  void update_teacher(const Policy& pol, step_value<double> momentum, const int* skip_flag = nullptr) {
     if constexpr (!with_teacher) {
       (void)pol, (void)momentum, (void)skip_flag;
     } else if constexpr (has_predictor) {
       const auto n = std::int64_t(teacher_elems_);
       update_(pol, view{teacher_.data(), {n}, "teacher parameters"}, cview{student_.data(), {n}, "student parameters"},
-              momentum, skip_flag);
-    } else if constexpr (update_flagged) {
+              momentum.value, skip_flag);
+    } else if constexpr (update_flagged && update_reads_momentum) {
       update_(pol, teacher_, student_, momentum, skip_flag);
+    } else if constexpr (update_flagged) {
+      update_(pol, teacher_, student_, momentum.value, skip_flag);
     } else {
-      update_(pol, teacher_, student_, momentum);
+      update_(pol, teacher_, student_, momentum.value);
     }
   }
   void commit_loss(const Policy& pol, const int* skip_flag = nullptr) {
@@ -640,18 +716,29 @@ class method {
     if constexpr (on_host) {
       return x;
     } else if constexpr (images) {
-      const auto& cp = tc_.crops;
-      const std::int64_t C = backbone_.config().in_chans, b = tc_.max_batch;
-      const std::size_t ng = std::size_t(globals() * b * C * cp.global_size * cp.global_size);
-      const std::size_t nl = std::size_t((crops() - globals()) * b * C * cp.local_size * cp.local_size);
+      const std::size_t ng = global_input_elems(), nl = r_.input_n - ng;
       upload(pol, r_.input, x.global, ng);
       if (nl) upload(pol, r_.input + ng, x.local, nl);
-      return image_crops<T>{r_.input, nl ? r_.input + ng : nullptr};
+      return staged(rows);
     } else {
-      const std::size_t n = std::size_t(rows * backbone_.in_dim());
-      upload(pol, r_.input, x.data, n);
+      upload(pol, r_.input, x.data, std::size_t(rows * backbone_.in_dim()));
+      return staged(rows);
+    }
+  }
+  // The planned input region as stage() leaves it (GPU): the input of a step graph, which
+  // is uploaded before each replay (its host address changes) and read where it lies.
+  input_type staged(std::int64_t rows) const {
+    if constexpr (images) {
+      const std::size_t ng = global_input_elems();
+      return image_crops<T>{r_.input, r_.input_n > ng ? r_.input + ng : nullptr};
+    } else {
       return host_view<const T>{r_.input, {rows, backbone_.in_dim()}, "input (device)"};
     }
+  }
+  std::size_t global_input_elems() const {
+    const auto& cp = tc_.crops;
+    const std::int64_t C = backbone_.config().in_chans;
+    return std::size_t(globals() * tc_.max_batch * C * cp.global_size * cp.global_size);
   }
   cview stage_rows(const Policy& pol, host_view<const T> x, std::int64_t rows)
     requires(!images)
@@ -663,11 +750,15 @@ class method {
   // One micro-batch: returns the loss and sets ent to the mean teacher entropy; on the GPU,
   // with parts that have the in-place forms, both go to slot R instead (+= scale * value
   // when accumulate, = otherwise) and the function returns 0 and sets ent to 0.
-  double micro_step(const Policy& pol, const input_type& x, double tau, double scale, bool freeze, double& ent,
-                    std::uint64_t micro_index, step_slot* R = nullptr, bool accumulate = false) {
+  // tau and micro_index (the DropPath step) are read on the device when a step graph sets
+  // their `at`; upload = false: the input was staged before (a step graph's capture).
+  double micro_step(const Policy& pol, const input_type& x, step_value<double> tau, double scale, bool freeze,
+                    double& ent, step_value<std::uint64_t> micro_index, step_slot* R = nullptr,
+                    bool accumulate = false, bool upload = true) {
     const std::int64_t b = batch_of(x), ns = crops() * b, nt = globals() * b;
     const std::int64_t D = backbone_.out_dim(), K = head_.out_dim();
-    const input_type dx = stage(pol, x, ns);  // the input in the policy's memory (on the CPU: x itself)
+    input_type dx = x;  // the input in the policy's memory (on the CPU: x itself)
+    if constexpr (!on_host) dx = upload ? stage(pol, x, ns) : staged(ns);
     // Teacher on the global crops (unless the loss ignores it).
     if constexpr (with_teacher) {
       if constexpr (images) run_teacher(pol, dx);
@@ -684,8 +775,9 @@ class method {
     view logits{r_.s_logits, {ns, K}, "student logits"};
     if constexpr (images) {
       const T* sets[2] = {dx.global, dx.local};
-      backbone_.forward(pol, P, student_pack_, std::span<const T* const>(sets, student_pack_.sets.size()), feat, sb,
-                        tc_.seed, micro_index);
+      const std::span<const T* const> in(sets, student_pack_.sets.size());
+      if constexpr (backbone_reads_step) backbone_.forward(pol, P, student_pack_, in, feat, sb, tc_.seed, micro_index);
+      else backbone_.forward(pol, P, student_pack_, in, feat, sb, tc_.seed, micro_index.value);
     } else {
       backbone_.forward(pol, P, as_space(dx), feat, sb);
     }
@@ -702,11 +794,12 @@ class method {
     if constexpr (!with_teacher) {
       ent = 0;  // no teacher: no targets (the loss does not read q)
     } else if constexpr (!on_host && target_in_place) {
-      target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"},
-                      scalar_out{&R->teacher_entropy, scale, accumulate});
+      const scalar_out out{&R->teacher_entropy, scale, accumulate};
+      if constexpr (target_reads_tau) target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"}, out);
+      else target_.targets(pol, t, tau.value, q, view{r_.ent, {nt}, "teacher entropy"}, out);
       ent = 0;
     } else {
-      ent = target_.targets(pol, t, tau, q, view{r_.ent, {nt}, "teacher entropy"});
+      ent = target_.targets(pol, t, tau.value, q, view{r_.ent, {nt}, "teacher entropy"});
     }
     view ds{r_.ds, {ns, K}, "d student logits"};
     double l = 0;
@@ -763,6 +856,15 @@ class method {
   // waits only for a part that lacks a device form.
   step_stats device_step(const Policy& pol, std::span<const input_type> micro, step_stats st, double scale,
                          bool freeze) {
+    if constexpr (graph_capable) {
+      if (graphs_.on) {
+        graphs_.refusal = graph_refusal(pol, micro);
+        if (!*graphs_.refusal) {
+          if (graph_step(pol, micro[0], st, freeze)) return st;
+          graphs_.refusal = "the capture failed (see step_graph_error())";
+        }
+      }
+    }
     const std::size_t slot = std::size_t(ticket_ % step_result_slots);
     step_slot* R = r_.slots + slot;
     slot_host& H = slots_host_[slot];
@@ -781,12 +883,7 @@ class method {
       H.loss += scale * l;
       H.teacher_entropy += scale * ent;
     }
-    // The skip flag: a non-finite loss (checked here when it stayed on the device) or gradient.
-    if constexpr (loss_in_place) {
-      flag_non_finite(pol, static_cast<const double*>(&R->loss), 1, &R->loss_non_finite);
-      flag_non_finite(pol, static_cast<const double*>(&R->loss), 1, &R->skip);
-    }
-    flag_non_finite(pol, static_cast<const T*>(grads_.data()), static_cast<std::int64_t>(grads_.size()), &R->skip);
+    flag_skip(pol, R);
     if constexpr (!(update_flagged && commit_flagged && loss_commit_flagged)) {
       // A part that cannot read the flag on the device: the host decides (one wait).
       step_slot h;
@@ -800,18 +897,38 @@ class method {
         return st;
       }
     }
+    flagged_updates(pol, R, st.lr, st.weight_decay, st.momentum, freeze);
+    readback_.queue(pol, slot, R);  // the slot to its host mirror once the step has run (no wait)
+    graphs_.plain_steps += 1;
+    return queued(st, H);
+  }
+
+  // The skip flag of slot R: a non-finite loss (checked here when it stayed on the device) or gradient.
+  void flag_skip(const Policy& pol, step_slot* R) {
+    if constexpr (loss_in_place) {
+      flag_non_finite(pol, static_cast<const double*>(&R->loss), 1, &R->loss_non_finite);
+      flag_non_finite(pol, static_cast<const double*>(&R->loss), 1, &R->skip);
+    }
+    flag_non_finite(pol, static_cast<const T*>(grads_.data()), static_cast<std::int64_t>(grads_.size()), &R->skip);
+  }
+  // After the micro-batches (GPU): clipping, AdamW, the teacher update and the target's
+  // commit, each reading slot R's skip flag in its kernels.
+  void flagged_updates(const Policy& pol, step_slot* R, step_value<double> lr, step_value<double> wd,
+                       step_value<double> momentum, bool freeze) {
     const int* skip_flag = &R->skip;
     const unsigned skip_tensors = freeze ? unsigned(param_last_layer) : unsigned(param_none);
     if (tc_.clip_grad > 0) optim::clip_gradients(pol, grads_, tc_.clip_grad, param_none, &R->clipped);
-    opt_.step(pol, student_, grads_, st.lr, st.weight_decay, skip_tensors, skip_flag);
-    update_teacher(pol, st.momentum, skip_flag);
+    opt_.step(pol, student_, grads_, lr, wd, skip_tensors, skip_flag);
+    update_teacher(pol, momentum, skip_flag);
     if constexpr (commit_flagged) {
       target_.commit(pol, skip_flag);
       commit_loss(pol, skip_flag);
     } else {
       commit_target(pol);
     }
-    readback_.queue(pol, slot, R);  // the slot to its host mirror once the step has run (no wait)
+  }
+  // A queued GPU step's stats and host bookkeeping (slot H's ticket, the counters).
+  step_stats queued(step_stats st, slot_host& H) {
     H.ticket = ticket_;
     st.ticket = ticket_++;
     st.pending = true;
@@ -820,6 +937,76 @@ class method {
     st.clipped_tensors = -1;
     ++iteration_;
     return st;
+  }
+
+  // Why this step cannot replay a graph ("" when it can).
+  const char* graph_refusal(const Policy& pol, std::span<const input_type> micro) const {
+    if (micro.size() != 1) return "several micro-batches (a graph holds one)";
+    if constexpr (!images) {
+      if (micro[0].rows() != max_rows_) return "a micro-batch of fewer images than planned (max_batch)";
+    }
+    if (profiling(pol)) return "an op_profile is active (it times each operation)";
+    if (graphs_.plain_steps == 0) return "the first GPU step runs plain (buffers that grow on first use take their size)";
+    if (!graphs_.error.empty()) return "the capture failed (see step_graph_error())";
+    return "";
+  }
+
+  // A step replayed from the CUDA graph (captured first when there is none for this policy
+  // and freeze). Returns false, with nothing changed, when the capture failed: the step then
+  // runs plain and graphs stay off (step_graph_error() says why).
+  bool graph_step(const Policy& pol, const input_type& x, step_stats& st, bool freeze) {
+    if constexpr (graph_capable) {
+      const std::size_t slot = std::size_t(ticket_ % step_result_slots);
+      step_slot* G = r_.slots + step_result_slots;  // the graph's own slot, copied to the ring's after it
+      // What changes each step, where the graph reads it; the input where the graph reads it.
+      put_value(pol, r_.scalars,
+                step_scalars{st.lr, st.weight_decay, st.momentum, st.teacher_temp, std::uint64_t(iteration_)});
+      (void)stage(pol, x, max_rows_);
+      opt_.sync_steps(pol);  // step counts written through steps() since the capture
+      if (!graphs_.graph.ready() || !(graphs_.pol == pol) || graphs_.freeze != freeze) {
+        try {
+          const Policy cap = graphs_.graph.begin(pol);
+          capture_body(cap, x, freeze);
+          graphs_.graph.end();
+        } catch (const std::exception& e) {
+          graphs_.graph.abort();
+          graphs_.error = e.what();
+          // The host's side of the captured step is undone (nothing ran on the device).
+          if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
+          else target_.discard();
+          discard_loss(pol);
+          (void)opt_.steps();  // the device's step counts are the truth (the next step uploads them)
+          return false;
+        }
+        graphs_.pol = pol;
+        graphs_.freeze = freeze;
+        graphs_.captures += 1;
+      }
+      graphs_.graph.launch(pol);
+      readback_.queue(pol, slot, G);
+      graphs_.replays += 1;
+      slot_host& H = slots_host_[slot];
+      H = slot_host{};
+      st = queued(st, H);
+      return true;
+    } else {
+      (void)pol, (void)x, (void)st, (void)freeze;
+      return false;
+    }
+  }
+  // What a step graph holds: one micro-batch into the graph's slot, every per-step value read
+  // from r_.scalars, then the flagged updates.
+  void capture_body(const Policy& cap, const input_type& x, bool freeze) {
+    step_slot* G = r_.slots + step_result_slots;
+    const step_scalars* S = r_.scalars;
+    fill_zero(cap, G, 1);
+    fill_zero(cap, grads_.data(), grads_.size());
+    double ent = 0;
+    (void)micro_step(cap, x, step_value<double>::read_at(&S->teacher_temp), 1.0, freeze, ent,
+                     step_value<std::uint64_t>::read_at(&S->micro_index), G, false, false);
+    flag_skip(cap, G);
+    flagged_updates(cap, G, step_value<double>::read_at(&S->lr), step_value<double>::read_at(&S->wd),
+                    step_value<double>::read_at(&S->momentum), freeze);
   }
 
   // The device-dependent fields of st from its slot h and the host's part of it.
@@ -864,7 +1051,8 @@ class method {
     T *t_feat = nullptr, *t_logits = nullptr, *q = nullptr, *row = nullptr, *ent = nullptr;
     T* dtok = nullptr;
     T* input = nullptr;  // device copy of the host input (GPU only)
-    step_slot* slots = nullptr;  // the steps' results, a ring of step_result_slots (GPU only)
+    step_slot* slots = nullptr;  // the steps' results, a ring of step_result_slots, then a step graph's (GPU only)
+    step_scalars* scalars = nullptr;  // the per-step values a step graph reads (GPU only)
     T *p_out = nullptr, *d_logits = nullptr;  // the predictor's output, d head output (with a predictor)
     T* cls_attn = nullptr;  // the teacher's last-block CLS attention (with a StudentMask that masks)
     std::size_t saved_n = 0, scratch_n = 0, dtok_n = 0, input_n = 0, pred_saved_n = 0, cls_attn_n = 0;
@@ -880,6 +1068,16 @@ class method {
   std::uint64_t ticket_ = 0;                           // GPU steps so far (the slot ring's position)
   std::array<slot_host, step_result_slots> slots_host_{};  // GPU only
   typename readback_ring_for<space>::type readback_{};      // GPU: the slots' host mirrors and events
+  // GPU step graphs (use_step_graphs): the graph, what it was captured for, and counts.
+  struct graph_state {
+    bool on = false, freeze = false;
+    const char* refusal = "";
+    std::string error;
+    typename stream_graph_for<space>::type graph{};
+    Policy pol{};
+    std::uint64_t captures = 0, replays = 0, plain_steps = 0;
+  };
+  graph_state graphs_;
 };
 
 }  // namespace dino::ssl

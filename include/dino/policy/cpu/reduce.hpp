@@ -38,6 +38,13 @@ struct readback_ring_for {
   struct type {};
 };
 
+/// A captured sequence of a memory space's work replayed as one launch (ssl::method's step
+/// graphs): nothing on the host. policy/cuda/graph.cuh specialises it for device memory.
+template <class Space>
+struct stream_graph_for {
+  struct type {};
+};
+
 }  // namespace dino
 
 namespace dino::cpu {

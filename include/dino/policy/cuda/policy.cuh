@@ -128,6 +128,8 @@ struct cuda_policy {
   bool bf16_operands = false;
   /// Whether attention may use its TF32 tensor-core kernels (tf32 or bf16 asked for).
   bool tensor_core_attention() const { return tf32 || bf16; }
+  /// Field by field (a captured step graph is replayed only for the policy it was captured with).
+  bool operator==(const cuda_policy&) const = default;
 };
 
 template <>
@@ -177,6 +179,10 @@ inline void host_copy_wait(void* dst, const void* src, std::size_t bytes, const 
   DINO_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
 }  // namespace cuda
+
+/// Whether a cuda::op_profile is active on this thread (it marks each operation as it is
+/// queued, which a captured CUDA graph would not do).
+inline bool profiling(const cuda_policy&) { return cuda::detail::active_profile().mark != nullptr; }
 
 /// Whether a CUDA device is present and usable (tests skip visibly without one).
 inline bool cuda_device_available() {
