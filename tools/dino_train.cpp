@@ -110,6 +110,10 @@ dino_cli::flags make_flags() {
            "with --bf16: on the GPU every product on fp32 operands first rounds them to bf16 (to nearest even) by a pass "
            "of its own, then runs on bf16 in memory (the fastest training mode measured, docs/benchmarks.md); the CPU's "
            "bf16 products already round this way, so on the CPU it changes nothing")
+      .add("cuda-graphs", "false",
+           "with --device cuda: each step (one micro-batch of --batch-size) replays a CUDA graph of it, one launch "
+           "instead of hundreds: the same numbers; for the presets whose parts read their per-step values on the device "
+           "(dino, dino_no_momentum, dino_two_crops); others are refused")
       .add("loader-threads", "1", "data loading threads")
       .add("prefetch", "2", "batches loaded ahead")
       .add("save-every", "0", "steps between checkpoints (0: at the end only)")
@@ -139,6 +143,14 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
   const auto& s = c.train.schedule;
   auto model = make();
   model.plan_for(pol);  // the step's buffers for this policy (the bf16 attention keeps rows, not P)
+  if (f.boolean("cuda-graphs")) {
+    if constexpr (decltype(model)::step_graphs_supported)
+      model.use_step_graphs(true);
+    else
+      throw dino_cli::usage_error("--cuda-graphs: --method " + f.str("method") +
+                                  " has a part that decides on the host or takes its per-step values by value only "
+                                  "(step graphs need DINO's centering, distillation loss and EMA teacher)");
+  }
   const std::string out = f.str("output"), ckpt = out + "/checkpoint.safetensors";
   std::uint64_t run_seed = seed;
   if (f.boolean("resume")) {
@@ -220,6 +232,14 @@ int train_on(const Policy& pol, const dino_cli::flags& f, const Dataset& ds, con
                : sum.stopped ? "stopped by a signal before the end of the schedule (--resume continues)"
                              : "stopped before the end of the schedule (--resume continues)",
                sum.checkpoint.c_str());
+  if (model.step_graphs()) {
+    const auto gc = model.graph_counts();
+    std::fprintf(stderr, "dino-train: CUDA step graphs: %llu captured (%zu nodes), %llu steps replayed%s%s\n",
+                 (unsigned long long)gc.captures, gc.nodes, (unsigned long long)gc.replays,
+                 *model.step_graph_refusal() ? "; the last step ran plain: " : "", model.step_graph_refusal());
+    if (!model.step_graph_error().empty())
+      std::fprintf(stderr, "dino-train: the graph capture failed, steps ran plain: %s\n", model.step_graph_error().c_str());
+  }
   write_run_json(&sum);
   if (sum.stopped) return 128 + int(g_signal);  // the shell's code for a process ended by that signal
   return 0;
@@ -359,6 +379,8 @@ int train(const dino_cli::flags& f, const Dataset& ds) {
     throw dino_cli::usage_error("--bf16-operands needs --bf16 (it stores the bf16 products' operands)");
   if (f.boolean("bf16-staged") && !f.boolean("bf16"))
     throw dino_cli::usage_error("--bf16-staged needs --bf16 (it rounds the bf16 products' operands by a pass)");
+  if (f.boolean("cuda-graphs") && device != "cuda")
+    throw dino_cli::usage_error("--cuda-graphs needs --device cuda (a step graph is a CUDA graph)");
   if (device == "cpu") {
     dino::cpu_policy pol{int(f.integer("threads", 1)), f.boolean("bf16")};
     pol.bf16_operands = f.boolean("bf16-operands");

@@ -176,6 +176,10 @@ TEST_CASE("dino-train --checkpoint-blocks: the same log and checkpoint, fewer ac
   auto r8 = train(flags + h.string() + " --bf16-staged");
   CHECK(r8.code == 2);
   CHECK(r8.err.find("--bf16-staged needs --bf16") != std::string::npos);
+  // --cuda-graphs: CUDA graphs only; on the CPU refused before anything runs
+  auto r9 = train(flags + h.string() + " --cuda-graphs");
+  CHECK(r9.code == 2);
+  CHECK(r9.err.find("--cuda-graphs needs --device cuda") != std::string::npos);
 }
 
 TEST_CASE("dino-train stops on SIGTERM with its state saved, and says so in its exit code") {
