@@ -46,7 +46,7 @@
 // not counted). It counts whole cudaMalloc allocations, driver granularity included; PyTorch's
 // max_memory_allocated counts the tensors of its caching allocator.
 //
-// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|train_small_pointwise|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_staged_operands|bf16_tf32attn]
+// Usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_vits16_pointwise_graph|train_small|train_small_pointwise|train_small_graph|infer_vits16|parts_vits16] [--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_staged_operands|bf16_tf32attn]
 //                        [--batch N] [--reps R] [--warmup W] [--profile N]
 // --profile N: after timing, N more calls under a cuda::op_profile (policy/cuda/profile.cuh)
 // and the GPU time per operation, largest first ("profile ..." lines).
@@ -228,6 +228,7 @@ struct train_spec {
   std::int64_t batch, global, local;
   int n_local;
   std::int64_t K, hidden, bottleneck;
+  bool graphs = false;  // steps replayed from a CUDA graph (method::use_step_graphs)
 };
 
 train_spec vits16_spec() {
@@ -255,6 +256,13 @@ train_spec small_spec() {
   v.drop_path_rate = 0.1;
   return {"train_small", v, 64, 28, 12, 6, 4096, 512, 128};
 }
+// The same steps replayed from a CUDA graph (method::use_step_graphs): one launch per step
+// instead of hundreds; SMALL is bound by launches, the ViT-S/16 step mostly by the GPU.
+train_spec graph_spec(train_spec s, const char* name) {
+  s.name = name;
+  s.graphs = true;
+  return s;
+}
 train_spec small_pointwise_spec() {
   train_spec s = small_spec();
   s.name = "train_small_pointwise";
@@ -279,6 +287,7 @@ void bench_train(const dino::cuda::context& ctx, train_spec s, precision pr, con
   c.train.schedule.batch_size = s.batch;
   auto m = dino::ssl::make_dino<dino::nn::vit, float, dino::cuda_policy>(s.vit, s.vit.embed_dim, c);
   m.plan_for(pol);  // the bf16 attention keeps rows, not P
+  if (s.graphs) m.use_step_graphs(true);
   const std::int64_t C = s.vit.in_chans;
   const std::size_t ng = std::size_t(2 * s.batch * C * s.global * s.global);
   const std::size_t nl = std::size_t(s.n_local * s.batch * C * s.local * s.local);
@@ -301,7 +310,11 @@ void bench_train(const dino::cuda::context& ctx, train_spec s, precision pr, con
   emit(s.name, pr, s.batch, t, mem, o,
        " loss=" + fmt("%.4f", last.loss) + " skipped=" + std::to_string(last.skipped ? 1 : 0) +
            " workspace_MiB=" + fmt("%.1f", double(m.workspace_bytes()) / double(1 << 20)) +
-           " activations_MiB=" + fmt("%.1f", double(m.memory().activations) / double(1 << 20)));
+           " activations_MiB=" + fmt("%.1f", double(m.memory().activations) / double(1 << 20)) +
+           (s.graphs ? " graph_replays=" + std::to_string(m.graph_counts().replays) +
+                           " graph_nodes=" + std::to_string(m.graph_counts().nodes) + " graph_refusal=\"" +
+                           m.step_graph_refusal() + "\" graph_error=\"" + m.step_graph_error() + "\""
+                     : std::string()));
   profile_calls(ctx, s.name, pr, o, step);
 }
 
@@ -389,7 +402,8 @@ void bench_parts(const dino::cuda::context& ctx, precision pr, const options& o)
 int main(int argc, char** argv) {
   options o;
   const char* usage =
-      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|train_small|train_small_pointwise|infer_vits16|parts_vits16] "
+      "usage: bench_cuda_dino [--only train_vits16|train_vits16_ckpt|train_vits16_ckpt5|train_vits16_pointwise|"
+      "train_vits16_pointwise_graph|train_small|train_small_pointwise|train_small_graph|infer_vits16|parts_vits16] "
       "[--precision fp32|tf32|bf16|bf16_staged|bf16_operands|bf16_staged_operands|bf16_tf32attn] "
       "[--batch N] [--reps R] [--warmup W] [--profile N]\n";
   for (int i = 1; i < argc; ++i) {
@@ -411,8 +425,11 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (!o.only.empty() && o.only != "train_vits16" && o.only != "train_vits16_ckpt" && o.only != "train_vits16_ckpt5" &&
-      o.only != "train_vits16_pointwise" && o.only != "train_small" && o.only != "train_small_pointwise" && o.only != "infer_vits16" && o.only != "parts_vits16") {
+  static const char* const workloads[] = {"train_vits16",           "train_vits16_ckpt",     "train_vits16_ckpt5",
+                                          "train_vits16_pointwise", "train_vits16_pointwise_graph",
+                                          "train_small",            "train_small_pointwise", "train_small_graph",
+                                          "infer_vits16",           "parts_vits16"};
+  if (!o.only.empty() && std::none_of(std::begin(workloads), std::end(workloads), [&](const char* w) { return o.only == w; })) {
     std::fprintf(stderr, "bench_cuda_dino: unknown workload '%s'\n%s", o.only.c_str(), usage);
     return 2;
   }
@@ -459,6 +476,12 @@ int main(int argc, char** argv) {
       if (!pr.operands()) run("train_small", pr, [&] { bench_train(ctx, small_spec(), pr, o); });
       if (pr.mode == 2 || pr.operands())
         run("train_small_pointwise", pr, [&] { bench_train(ctx, small_pointwise_spec(), pr, o); });
+      if (pr.mode == 1 || pr.mode == 2)
+        run("train_small_graph", pr, [&] { bench_train(ctx, graph_spec(small_spec(), "train_small_graph"), pr, o); });
+      if (pr.mode == 6)
+        run("train_vits16_pointwise_graph", pr, [&] {
+          bench_train(ctx, graph_spec(vits16_pointwise_spec(), "train_vits16_pointwise_graph"), pr, o);
+        });
       run("infer_vits16", pr, [&] { bench_infer(ctx, pr, o); });
       if (!pr.operands()) run("parts_vits16", pr, [&] { bench_parts(ctx, pr, o); });  // its GEMMs read fp32
     }
