@@ -47,9 +47,10 @@
 // changes each step is read by the kernels from device memory (step_scalars, written by one
 // small kernel before the replay: lr, wd, teacher momentum and temperature, the DropPath
 // step; the parts take them as step_value), the input is uploaded before the replay and the
-// graph's result slot is copied to the ring's after it. The graph is captured on the first
-// such step after a plain one and again when the policy or the freeze of the last layer
-// changes; a replayed step computes what a plain one computes. Parts that decide on the
+// graph's own result slot is read back after it into the step's host mirror. The graph is captured on a step that
+// follows a plain step of the same policy and freeze of the last layer (the first step, and
+// the first after either changes, run plain); a replayed step computes what a plain one
+// computes. Parts that decide on the
 // host or take a per-step value by value only make graph_capable false (use_step_graphs
 // then throws); a step the graph cannot hold runs plain (step_graph_refusal()); a capture
 // that fails is undone on the host and leaves graphs off (step_graph_error()).
@@ -368,8 +369,9 @@ class method {
   static constexpr bool step_graphs_supported = graph_capable;
   /// GPU: runs each step (one micro-batch of max_batch images or rows) by replaying a CUDA
   /// graph of it: one launch instead of hundreds (see the file comment). The graph is captured
-  /// on the first such step after a plain one, and again when the policy or the last layer's
-  /// freeze changes; the steps compute what plain steps compute, bit for bit. A step the
+  /// on the step after a plain step of the same policy and freeze of the last layer (the first
+  /// step, and the first after either changes, run plain); the steps compute what plain steps
+  /// compute (the same kernels in the same order). A step the
   /// graph cannot hold runs plain (step_graph_refusal() says why). Off by default. Throws
   /// config_error on the CPU or for parts that do not read their per-step values on the device.
   void use_step_graphs(bool on) {
@@ -858,7 +860,7 @@ class method {
                          bool freeze) {
     if constexpr (graph_capable) {
       if (graphs_.on) {
-        graphs_.refusal = graph_refusal(pol, micro);
+        graphs_.refusal = graph_refusal(pol, micro, freeze);
         if (!*graphs_.refusal) {
           if (graph_step(pol, micro[0], st, freeze)) return st;
           graphs_.refusal = "the capture failed (see step_graph_error())";
@@ -899,7 +901,11 @@ class method {
     }
     flagged_updates(pol, R, st.lr, st.weight_decay, st.momentum, freeze);
     readback_.queue(pol, slot, R);  // the slot to its host mirror once the step has run (no wait)
-    graphs_.plain_steps += 1;
+    if constexpr (graph_capable) {  // what a capture may follow: a plain step of its policy and freeze
+      graphs_.plain_seen = true;
+      graphs_.plain_pol = pol;
+      graphs_.plain_freeze = freeze;
+    }
     return queued(st, H);
   }
 
@@ -940,14 +946,19 @@ class method {
   }
 
   // Why this step cannot replay a graph ("" when it can).
-  const char* graph_refusal(const Policy& pol, std::span<const input_type> micro) const {
+  const char* graph_refusal(const Policy& pol, std::span<const input_type> micro, bool freeze) const {
     if (micro.size() != 1) return "several micro-batches (a graph holds one)";
     if constexpr (!images) {
       if (micro[0].rows() != max_rows_) return "a micro-batch of fewer images than planned (max_batch)";
     }
     if (profiling(pol)) return "an op_profile is active (it times each operation)";
-    if (graphs_.plain_steps == 0) return "the first GPU step runs plain (buffers that grow on first use take their size)";
     if (!graphs_.error.empty()) return "the capture failed (see step_graph_error())";
+    if (graphs_.graph.ready() && graphs_.pol == pol && graphs_.freeze == freeze) return "";  // a replay
+    // A capture follows a plain step of the same policy and freeze: buffers that grow on first
+    // use (the bf16 stage) have their size then, and a capture must not allocate.
+    if (!(graphs_.plain_seen && graphs_.plain_pol == pol && graphs_.plain_freeze == freeze))
+      return "the first step of a policy and freeze of the last layer runs plain (buffers that grow on first use take "
+             "their size)";
     return "";
   }
 
@@ -957,7 +968,7 @@ class method {
   bool graph_step(const Policy& pol, const input_type& x, step_stats& st, bool freeze) {
     if constexpr (graph_capable) {
       const std::size_t slot = std::size_t(ticket_ % step_result_slots);
-      step_slot* G = r_.slots + step_result_slots;  // the graph's own slot, copied to the ring's after it
+      step_slot* G = r_.slots + step_result_slots;  // the graph's own slot, read back into the step's mirror
       // What changes each step, where the graph reads it; the input where the graph reads it.
       put_value(pol, r_.scalars,
                 step_scalars{st.lr, st.weight_decay, st.momentum, st.teacher_temp, std::uint64_t(iteration_)});
@@ -1070,12 +1081,14 @@ class method {
   typename readback_ring_for<space>::type readback_{};      // GPU: the slots' host mirrors and events
   // GPU step graphs (use_step_graphs): the graph, what it was captured for, and counts.
   struct graph_state {
-    bool on = false, freeze = false;
+    bool on = false, freeze = false;  // freeze (and pol): what the graph was captured for
     const char* refusal = "";
     std::string error;
     typename stream_graph_for<space>::type graph{};
     Policy pol{};
-    std::uint64_t captures = 0, replays = 0, plain_steps = 0;
+    bool plain_seen = false, plain_freeze = false;  // the latest plain step's freeze and policy
+    Policy plain_pol{};
+    std::uint64_t captures = 0, replays = 0;
   };
   graph_state graphs_;
 };
