@@ -47,13 +47,13 @@
 // changes each step is read by the kernels from device memory (step_scalars, written by one
 // small kernel before the replay: lr, wd, teacher momentum and temperature, the DropPath
 // step; the parts take them as step_value), the input is uploaded before the replay and the
-// graph's own result slot is read back after it into the step's host mirror. The graph is captured on a step that
-// follows a plain step of the same policy and freeze of the last layer (the first step, and
-// the first after either changes, run plain); a replayed step computes what a plain one
-// computes. Parts that decide on the
-// host or take a per-step value by value only make graph_capable false (use_step_graphs
-// then throws); a step the graph cannot hold runs plain (step_graph_refusal()); a capture
-// that fails is undone on the host and leaves graphs off (step_graph_error()).
+// graph's own result slot is read back after it into the step's host mirror. The graph is
+// captured on a step that follows a plain step of the same policy and freeze of the last
+// layer (the first step, and the first after either changes, run plain); a replayed step
+// computes what a plain one computes. Parts that decide on the host or take a per-step value
+// by value only make graph_capable false (use_step_graphs then throws); a step the graph
+// cannot hold runs plain (step_graph_refusal()); a capture that fails is undone on the host
+// and leaves graphs off (step_graph_error()).
 //
 // Optional parts and traits (each costs nothing when absent; the GPU step of DINO is unchanged):
 // - a stateful loss (concept stateful_loss: InfoNCE's queue) is observed, committed and
@@ -371,9 +371,9 @@ class method {
   /// graph of it: one launch instead of hundreds (see the file comment). The graph is captured
   /// on the step after a plain step of the same policy and freeze of the last layer (the first
   /// step, and the first after either changes, run plain); the steps compute what plain steps
-  /// compute (the same kernels in the same order). A step the
-  /// graph cannot hold runs plain (step_graph_refusal() says why). Off by default. Throws
-  /// config_error on the CPU or for parts that do not read their per-step values on the device.
+  /// compute (the same kernels in the same order). A step the graph cannot hold runs plain
+  /// (step_graph_refusal() says why). Off by default. Throws config_error on the CPU or for
+  /// parts that do not read their per-step values on the device.
   void use_step_graphs(bool on) {
     require<config_error>(!on || !on_host, "method::use_step_graphs: step graphs are CUDA graphs: the CPU policy has none");
     require<config_error>(!on || graph_capable, "method::use_step_graphs: a part of this method decides on the host or "
@@ -863,7 +863,7 @@ class method {
         graphs_.refusal = graph_refusal(pol, micro, freeze);
         if (!*graphs_.refusal) {
           if (graph_step(pol, micro[0], st, freeze)) return st;
-          graphs_.refusal = "the capture failed (see step_graph_error())";
+          graphs_.refusal = capture_failed;
         }
       }
     }
@@ -945,6 +945,11 @@ class method {
     return st;
   }
 
+  static constexpr const char* capture_failed = "the capture failed (see step_graph_error())";
+  // Whether the graph held was captured for this policy and freeze (a step replays it as it is).
+  bool graph_fits(const Policy& pol, bool freeze) const {
+    return graphs_.graph.ready() && graphs_.pol == pol && graphs_.freeze == freeze;
+  }
   // Why this step cannot replay a graph ("" when it can).
   const char* graph_refusal(const Policy& pol, std::span<const input_type> micro, bool freeze) const {
     if (micro.size() != 1) return "several micro-batches (a graph holds one)";
@@ -952,8 +957,8 @@ class method {
       if (micro[0].rows() != max_rows_) return "a micro-batch of fewer images than planned (max_batch)";
     }
     if (profiling(pol)) return "an op_profile is active (it times each operation)";
-    if (!graphs_.error.empty()) return "the capture failed (see step_graph_error())";
-    if (graphs_.graph.ready() && graphs_.pol == pol && graphs_.freeze == freeze) return "";  // a replay
+    if (!graphs_.error.empty()) return capture_failed;
+    if (graph_fits(pol, freeze)) return "";  // a replay
     // A capture follows a plain step of the same policy and freeze: buffers that grow on first
     // use (the bf16 stage) have their size then, and a capture must not allocate.
     if (!(graphs_.plain_seen && graphs_.plain_pol == pol && graphs_.plain_freeze == freeze))
@@ -974,7 +979,7 @@ class method {
                 step_scalars{st.lr, st.weight_decay, st.momentum, st.teacher_temp, std::uint64_t(iteration_)});
       (void)stage(pol, x, max_rows_);
       opt_.sync_steps(pol);  // step counts written through steps() since the capture
-      if (!graphs_.graph.ready() || !(graphs_.pol == pol) || graphs_.freeze != freeze) {
+      if (!graph_fits(pol, freeze)) {
         try {
           const Policy cap = graphs_.graph.begin(pol);
           capture_body(cap, x, freeze);
