@@ -72,7 +72,7 @@ dino::ssl::dino_config demo_config(std::int64_t batch, std::uint64_t seed, int l
 dino::ssl::dino_schedules demo_schedules(std::int64_t total, std::int64_t batch) {
   dino::ssl::dino_schedules s;
   const std::int64_t warm = std::max<std::int64_t>(1, total / 10);
-  const double peak = 1e-3 * double(batch) / 256.0 * 4.0;  // 4x the reference's 5e-4: a short run
+  const double peak = 4e-3 * double(batch) / 256.0;  // 8x the reference's 5e-4 per 256 images: a short run
   s.lr = dino::ssl::linspace(0.0, peak, warm);
   auto cos = dino::ssl::cosine_schedule(peak, 1e-5, 1, total - warm);
   s.lr.insert(s.lr.end(), cos.begin(), cos.end());
