@@ -141,13 +141,14 @@ __device__ __forceinline__ void bf_store_rows(float* dst, std::int64_t ld, const
 
 /// The warp's products of one staged chunk: s[jt] (keys 8 jt .. 8 jt + 7 of the chunk) = A B^T
 /// for the A rows of `a` (fragments) and the chunk's rows of sB (row-major [kc][ld(HD)]);
-/// tiles past the kn valid keys are 0 (their staged rows are zero too).
-template <int HD>
-__device__ __forceinline__ void bf_products(float (&s)[bf::kc / 8][4], const std::uint32_t (&a)[HD / 16][4],
+/// tiles past the kn valid keys are 0 (their staged rows are zero too). NJ < kc / 8 takes
+/// the first 8 NJ rows of sB (a part of the chunk: sB and kn moved to its first row).
+template <int HD, int NJ = bf::kc / 8>
+__device__ __forceinline__ void bf_products(float (&s)[NJ][4], const std::uint32_t (&a)[HD / 16][4],
                                             const __nv_bfloat16* sB, int kn, int gq, int tq) {
   constexpr int LK = bf::ld(HD);
 #pragma unroll
-  for (int jt = 0; jt < bf::kc / 8; ++jt) {
+  for (int jt = 0; jt < NJ; ++jt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[jt][e] = 0.0f;
     if (8 * jt < kn) {  // warp-uniform
@@ -164,13 +165,13 @@ __device__ __forceinline__ void bf_products(float (&s)[bf::kc / 8][4], const std
 }
 
 /// The warp's scores of one staged chunk, in log2 units: s[jt] (keys 8 jt .. 8 jt + 7 of the
-/// chunk) = (Q K^T) * c for the kn valid keys, -inf for the others.
-template <int HD>
-__device__ __forceinline__ void bf_scores(float (&s)[bf::kc / 8][4], const std::uint32_t (&qa)[HD / 16][4],
+/// chunk) = (Q K^T) * c for the kn valid keys, -inf for the others (NJ: as bf_products).
+template <int HD, int NJ = bf::kc / 8>
+__device__ __forceinline__ void bf_scores(float (&s)[NJ][4], const std::uint32_t (&qa)[HD / 16][4],
                                           const __nv_bfloat16* sK, int kn, float c, int gq, int tq) {
-  bf_products<HD>(s, qa, sK, kn, gq, tq);
+  bf_products<HD, NJ>(s, qa, sK, kn, gq, tq);
 #pragma unroll
-  for (int jt = 0; jt < bf::kc / 8; ++jt)
+  for (int jt = 0; jt < NJ; ++jt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[jt][e] = 8 * jt + 2 * tq + (e & 1) < kn ? s[jt][e] * c : -INFINITY;
 }
@@ -196,14 +197,15 @@ __device__ __forceinline__ void bf_row_fragments(std::uint32_t (&a)[HD / 16][4],
 
 /// acc[dt] += S B over one staged chunk: S the warp's [16 x kc] C fragments s (rounded to
 /// bf16 as A fragments, 16 keys at a time, up to kn), B the chunk's rows of sB ([kc][ld(HD)],
-/// read transposed by ldmatrix).
-template <int HD>
-__device__ __forceinline__ void bf_accumulate(float (&acc)[HD / 8][4], const float (&s)[bf::kc / 8][4],
+/// read transposed by ldmatrix). NJ: as bf_products (S is then [16 x 8 NJ]).
+template <int HD, int NJ = bf::kc / 8>
+__device__ __forceinline__ void bf_accumulate(float (&acc)[HD / 8][4], const float (&s)[NJ][4],
                                               const __nv_bfloat16* sB, int kn, int lane) {
+  static_assert(NJ % 2 == 0, "S is rounded 16 keys at a time");
   constexpr int LK = bf::ld(HD);
   const int mi = lane >> 3, ri = lane & 7;  // this lane addresses row ri of matrix mi
 #pragma unroll
-  for (int t = 0; t < bf::kc / 16; ++t) {
+  for (int t = 0; t < NJ / 2; ++t) {
     if (16 * t >= kn) break;  // warp-uniform: the rest of the chunk is padding
     const std::uint32_t pa[4] = {bf_pack(s[2 * t][0], s[2 * t][1]), bf_pack(s[2 * t][2], s[2 * t][3]),
                                  bf_pack(s[2 * t + 1][0], s[2 * t + 1][1]), bf_pack(s[2 * t + 1][2], s[2 * t + 1][3])};
@@ -345,6 +347,9 @@ __global__ void __launch_bounds__(threads, HD <= 64 ? 4 : 2) forward_bf16_kernel
 //            lse2 and D as floats): S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
 //            dS^T = P^T o (dP^T - D), dK += dS^T Q. It runs after the rows kernel (the same
 //            stream), which wrote D.
+// Both take a chunk in two halves of 32 rows, which keeps half the score and dP fragments
+// live: at HD <= 64 that is 166 and 168 registers (ptxas, sm_90), so three blocks fit on an
+// SM where two did. The products, roundings and order of the sums are the whole chunk's.
 namespace bf {
 constexpr std::size_t rows_smem_bytes(int hd) { return smem_bytes(hd); }
 constexpr std::size_t cols_smem_bytes(int hd) { return smem_bytes(hd) + 2 * std::size_t(kc) * sizeof(float); }
@@ -366,8 +371,8 @@ __device__ __forceinline__ void bf_row_dots(float (&D)[2], const float* dO, cons
 }
 
 template <int HD>
-__global__ void __launch_bounds__(threads, 2) backward_rows_bf16_kernel(group<float> g, bool vec) {
-  constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, JT = bf::kc / 8;
+__global__ void __launch_bounds__(threads, HD <= 64 ? 3 : 2) backward_rows_bf16_kernel(group<float> g, bool vec) {
+  constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, HJ = bf::kc / 16;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] key chunk
   __nv_bfloat16* sV = sK + bf::kc * LK;                              // [kc][LK] value chunk
@@ -402,19 +407,27 @@ __global__ void __launch_bounds__(threads, 2) backward_rows_bf16_kernel(group<fl
     __syncthreads();
     if (!active) continue;
     const int kn = n - k0 < bf::kc ? int(n - k0) : bf::kc;
-    float s[JT][4], dp[JT][4];
-    bf_scores<HD>(s, qa, sK, kn, c, gq, tq);   // -inf past kn
-    bf_products<HD>(dp, oa, sV, kn, gq, tq);  // dP = dO V^T
+    // The chunk in two halves of HJ tiles (32 keys): half the live score and dP registers,
+    // and the same products, roundings and order of dQ's sums as the whole chunk at once.
 #pragma unroll
-    for (int jt = 0; jt < JT; ++jt)
+    for (int half = 0; half < 2; ++half) {
+      const int j0 = half * 8 * HJ, hn = kn - j0;  // the half's first key and its valid keys
+      if (hn <= 0) break;                           // warp-uniform
+      const __nv_bfloat16 *hK = sK + j0 * LK, *hV = sV + j0 * LK;
+      float s[HJ][4], dp[HJ][4];
+      bf_scores<HD, HJ>(s, qa, hK, hn, c, gq, tq);   // -inf past the valid keys
+      bf_products<HD, HJ>(dp, oa, hV, hn, gq, tq);  // dP = dO V^T
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const bool row_ok = (r ? rb : ra) < n;
-        const float p = row_ok ? exp2f(s[jt][e] - lse[r]) : 0.0f;  // 0 past kn
-        s[jt][e] = p * (dp[jt][e] - Dr[r]);                          // dS
-      }
-    bf_accumulate<HD>(dq, s, sK, kn, lane);
+      for (int jt = 0; jt < HJ; ++jt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const bool row_ok = (r ? rb : ra) < n;
+          const float p = row_ok ? exp2f(s[jt][e] - lse[r]) : 0.0f;  // 0 past the valid keys
+          s[jt][e] = p * (dp[jt][e] - Dr[r]);                          // dS
+        }
+      bf_accumulate<HD, HJ>(dq, s, hK, hn, lane);
+    }
   }
   if (!active) return;
   const float mul[2] = {g.scale, g.scale};
@@ -422,8 +435,8 @@ __global__ void __launch_bounds__(threads, 2) backward_rows_bf16_kernel(group<fl
 }
 
 template <int HD>
-__global__ void __launch_bounds__(threads, 2) backward_cols_bf16_kernel(group<float> g, bool vec) {
-  constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, JT = bf::kc / 8;
+__global__ void __launch_bounds__(threads, HD <= 64 ? 3 : 2) backward_cols_bf16_kernel(group<float> g, bool vec) {
+  constexpr int LK = bf::ld(HD), KD = HD / 16, ND = HD / 8, HJ = bf::kc / 16;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kc][LK] query chunk
   __nv_bfloat16* sO = sQ + bf::kc * LK;                              // [kc][LK] its dO
@@ -455,26 +468,35 @@ __global__ void __launch_bounds__(threads, 2) backward_cols_bf16_kernel(group<fl
     __syncthreads();
     if (!active) continue;
     const int qn = n - i0 < bf::kc ? int(n - i0) : bf::kc;
-    float st[JT][4], dpt[JT][4];
-    bf_products<HD>(st, ka, sQ, qn, gq, tq);  // S^T = K Q^T (rows: keys, columns: queries)
+    // The chunk in two halves of HJ tiles (32 queries), as in the rows kernel: each of dV's
+    // and dK's sums still takes the chunk's 16-query groups in order, so the bits are the same.
 #pragma unroll
-    for (int jt = 0; jt < JT; ++jt)
+    for (int half = 0; half < 2; ++half) {
+      const int j0 = half * 8 * HJ, hn = qn - j0;  // the half's first query and its valid queries
+      if (hn <= 0) break;                           // warp-uniform
+      const __nv_bfloat16 *hQ = sQ + j0 * LK, *hO = sO + j0 * LK;
+      const float *hL = sL + j0, *hD = sD + j0;
+      float st[HJ][4], dpt[HJ][4];
+      bf_products<HD, HJ>(st, ka, hQ, hn, gq, tq);  // S^T = K Q^T (rows: keys, columns: queries)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qq = 8 * jt + 2 * tq + (e & 1);
-        const bool ok = qq < qn && (e < 2 ? ja : jb) < n;
-        st[jt][e] = ok ? exp2f(st[jt][e] * c - sL[qq]) : 0.0f;  // P^T
-      }
-    bf_accumulate<HD>(dv, st, sO, qn, lane);   // dV += P^T dO
-    bf_products<HD>(dpt, va, sO, qn, gq, tq);  // dP^T = V dO^T
+      for (int jt = 0; jt < HJ; ++jt)
 #pragma unroll
-    for (int jt = 0; jt < JT; ++jt)
+        for (int e = 0; e < 4; ++e) {
+          const int qq = 8 * jt + 2 * tq + (e & 1);
+          const bool ok = qq < hn && (e < 2 ? ja : jb) < n;
+          st[jt][e] = ok ? exp2f(st[jt][e] * c - hL[qq]) : 0.0f;  // P^T
+        }
+      bf_accumulate<HD, HJ>(dv, st, hO, hn, lane);   // dV += P^T dO
+      bf_products<HD, HJ>(dpt, va, hO, hn, gq, tq);  // dP^T = V dO^T
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qq = 8 * jt + 2 * tq + (e & 1);
-        st[jt][e] = qq < qn ? st[jt][e] * (dpt[jt][e] - sD[qq]) : 0.0f;  // dS^T
-      }
-    bf_accumulate<HD>(dk, st, sQ, qn, lane);  // dK += dS^T Q
+      for (int jt = 0; jt < HJ; ++jt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qq = 8 * jt + 2 * tq + (e & 1);
+          st[jt][e] = qq < hn ? st[jt][e] * (dpt[jt][e] - hD[qq]) : 0.0f;  // dS^T
+        }
+      bf_accumulate<HD, HJ>(dk, st, hQ, hn, lane);  // dK += dS^T Q
+    }
   }
   if (!active) return;
   const float mul_k[2] = {g.scale, g.scale}, mul_v[2] = {1.0f, 1.0f};
