@@ -4,7 +4,7 @@
 //
 //   dino-eval knn       --run DIR [--data fashion-mnist ...]   weighted k-NN of the CLS features
 //   dino-eval linear    --run DIR                              linear probe on frozen CLS features
-//   dino-eval attention --run DIR [--images 16]                CLS attention maps, 60 % masks, Jaccard
+//   dino-eval attention --run DIR [--images 16] [--pictures 16]  attention maps, 60 % masks, Jaccard
 //   dino-eval curves    --run DIR                              loss.png (and knn.png) from the logs
 //
 // The model comes from --run DIR (DIR/run.json for the architecture, DIR/checkpoint.safetensors)
@@ -99,6 +99,7 @@ dino_cli::flags make_flags() {
       .add("seed", "0", "linear: seed of the classifier's initialisation and batch order")
       // attention
       .add("images", "16", "attention: the first N test images")
+      .add("pictures", "16", "attention: PNGs of the first N of those images (0: none); the Jaccard covers all of them")
       .add("out-dir", "", "attention: folder of the PNGs and attention.json [default: <run or .>/attention, attention-random-init]; curves: [default: <run>]")
       .add("mass", "0.6", "attention: the attention mass the masks keep")
       .add("threshold", "10", "attention: foreground = gray pixel > threshold (the Fashion-MNIST mask)")
@@ -797,6 +798,7 @@ int mode_attention(const dino_cli::flags& f) {
   model_device dev(f);
   if (f.boolean("raw-pixels")) throw usage_error("attention needs a model: --raw-pixels does not apply");
   const std::int64_t want = f.integer("images", 1);
+  const std::int64_t pictures = f.integer("pictures", 0);
   const double mass = f.num("mass");
   if (!(mass > 0 && mass <= 1)) throw usage_error("--mass must lie in (0, 1]");
   const int threshold = int(f.integer("threshold"));
@@ -839,15 +841,16 @@ int mode_attention(const dino_cli::flags& f) {
     ov.scale = int(f.integer("scale"));
     ov.mass = mass;
     std::vector<std::string> files;
-    for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t np = std::min(n, pictures);  // images drawn (the Jaccard takes all n)
+    for (std::int64_t i = 0; i < np; ++i) {
       char name[32];
       std::snprintf(name, sizeof name, "img%03lld", (long long)i);
       dino::eval::write_attention_pngs(in_dir(dir, name), gray.data() + i * H * W, H, W, att.data() + i * per, heads, gh, gw,
                                        p, ov);
       files.push_back(in_dir(dir, std::string(name) + "-heads.png"));
     }
-    const std::string grid = in_dir(dir, "grid.png");
-    dino::eval::write_attention_grid(grid, gray.data(), int(n), H, W, att.data(), heads, gh, gw, p, ov);
+    const std::string grid = np > 0 ? in_dir(dir, "grid.png") : std::string();
+    if (np > 0) dino::eval::write_attention_grid(grid, gray.data(), int(np), H, W, att.data(), heads, gh, gw, p, ov);
     // The Jaccard index of the mass masks against the foreground (gray pixel > threshold).
     dino::eval::attention_jaccard_result jr, jm;
     std::vector<double> per_image(static_cast<std::size_t>(n));
@@ -881,7 +884,10 @@ int mode_attention(const dino_cli::flags& f) {
     } else {
       j.key("jaccard").null().key("jaccard_note").str("no foreground masks for RGB data (only gray images: pixel > threshold)");
     }
-    j.key("files").open('{').key("grid").str(grid).key("per_image").open('[');
+    j.key("files").open('{').key("pictures").integer(np).key("grid");
+    if (np > 0) j.str(grid);
+    else j.null();
+    j.key("per_image").open('[');
     for (const auto& s : files) j.str(s);
     j.close(']').key("per_head_pattern").str(in_dir(dir, "img<i>-head<h>.png")).close('}');
     j.key("seconds").open('{').key("features").num(feat_s).close('}').close('}');
@@ -895,7 +901,11 @@ int mode_attention(const dino_cli::flags& f) {
       for (double v : jr.per_head) std::printf(" %.3f", v);
       std::printf("; head-mean map %.3f\n", jm.mean);
     }
-    std::printf("  wrote %s, %s and %lld x (1 + %d) PNGs in %s\n", out.c_str(), grid.c_str(), (long long)n, heads, dir.c_str());
+    if (np > 0)
+      std::printf("  wrote %s, %s and %lld x (1 + %d) PNGs in %s\n", out.c_str(), grid.c_str(), (long long)np, heads,
+                  dir.c_str());
+    else
+      std::printf("  wrote %s (no PNGs: --pictures 0)\n", out.c_str());
     return 0;
   });
 }

@@ -288,6 +288,24 @@ TEST_CASE("dino-train and dino-eval end to end on a synthetic IDX data set") {
   CHECK(png_size(att + "/grid.png").first > 0);
   CHECK(png_size(att + "/img000-heads.png").first > 0);
   CHECK(png_size(att + "/img002-head2.png") == std::pair<int, int>{112, 112});  // 28 px at scale 4
+  // --pictures: the PNGs of the first images only (the grid one row), the Jaccard of all of them
+  const std::string att1 = (runp / "att1").string();
+  r = eval("attention --run " + run_dir + data_flags + " --images 3 --pictures 1 --out-dir " + att1);
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const std::string js1 = slurp(att1 + "/attention.json");
+  CHECK(json_num(js1, "images") == 3);
+  CHECK(json_num(js1, "pictures") == 1);
+  CHECK(json_num(js1, "mean", js1.find("\"jaccard\"")) == doctest::Approx(jac));
+  CHECK(fs::exists(att1 + "/img000-heads.png"));
+  CHECK_FALSE(fs::exists(att1 + "/img001-heads.png"));
+  CHECK(png_size(att1 + "/grid.png").first == png_size(att + "/grid.png").first);
+  CHECK(png_size(att1 + "/grid.png").second < png_size(att + "/grid.png").second);
+  r = eval("attention --run " + run_dir + data_flags + " --images 3 --pictures 0 --out-dir " + att1 + "0");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(slurp(att1 + "0/attention.json").find("\"grid\": null") != std::string::npos);
+  CHECK_FALSE(fs::exists(att1 + "0/grid.png"));
 
   // curves: loss.png from log.jsonl, knn.png from knn_curve.jsonl
   r = eval("curves --run " + run_dir);
