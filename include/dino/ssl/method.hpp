@@ -839,14 +839,18 @@ class method {
   }
 
   step_stats skip(const Policy& pol, step_stats st, const char* why) {
-    if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
-    else target_.discard();
-    discard_loss(pol);
+    discard_target(pol);
     fill_zero(pol, grads_.data(), grads_.size());
     st.skipped = true;
     st.skip_reason = why;
     ++iteration_;
     return st;
+  }
+  // A step's pending target (and stateful loss) state dropped: the twin of commit_target.
+  void discard_target(const Policy& pol) {
+    if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
+    else target_.discard();
+    discard_loss(pol);
   }
   void commit_target(const Policy& pol) {
     if constexpr (requires { target_.commit(pol); }) target_.commit(pol);
@@ -892,9 +896,7 @@ class method {
       read_to_host(pol, &h, static_cast<const step_slot*>(R), 1, "method::step (a part without a skip-flag form)");
       if (h.skip) {
         fill_stats(st, h, H);
-        if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
-        else target_.discard();
-        discard_loss(pol);
+        discard_target(pol);
         ++iteration_;
         return st;
       }
@@ -988,9 +990,7 @@ class method {
           graphs_.graph.abort();
           graphs_.error = e.what();
           // The host's side of the captured step is undone (nothing ran on the device).
-          if constexpr (requires { target_.discard(pol); }) target_.discard(pol);
-          else target_.discard();
-          discard_loss(pol);
+          discard_target(pol);
           (void)opt_.steps();  // the device's step counts are the truth (the next step uploads them)
           return false;
         }

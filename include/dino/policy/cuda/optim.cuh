@@ -97,16 +97,17 @@ __global__ void __launch_bounds__(adamw_threads)
   const std::int64_t base = bt.begin[j] + (blk - bt.first_block[j]) * adamw_block_elems;
   const std::int64_t end = bt.end[j];
   cpu::adamw_coeffs<T> k = bt.k[j];
-  if (ds.lr_at) {  // as optim::adamw computes them on the host, in double, then rounded to T
-    const double lr = *ds.lr_at, w = bt.decays[j] ? *ds.wd_at : 0.0;
+  if (ds.steps) {  // (lr_at needs steps: adamw_tensors checks it)
     const std::int64_t t = ds.steps[bt.entry[j]] + 1;
-    k.decay = T(__dsub_rn(1.0, __dmul_rn(lr, w)));  // no contraction into an FMA: 1 - lr w as the host rounds it
-    k.step_size = T(lr / (1.0 - ::pow(ds.beta1, double(t))));
-    k.bc2_sqrt = T(::sqrt(1.0 - ::pow(ds.beta2, double(t))));
-  } else if (ds.steps) {
-    const std::int64_t t = ds.steps[bt.entry[j]] + 1;
-    if (t != bt.t_expected[j]) {  // the host's count ran ahead (a skip it has not read)
-      k.step_size = T(ds.lr / (1.0 - ::pow(ds.beta1, double(t))));
+    const double lr = ds.lr_at ? *ds.lr_at : ds.lr;
+    if (ds.lr_at) {  // as optim::adamw computes it on the host, in double, then rounded to T
+      const double w = bt.decays[j] ? *ds.wd_at : 0.0;
+      k.decay = T(__dsub_rn(1.0, __dmul_rn(lr, w)));  // no contraction into an FMA: 1 - lr w as the host rounds it
+    }
+    // The bias corrections from the device's count: always with lr_at, else when the host's
+    // count ran ahead (a skip it has not read).
+    if (ds.lr_at || t != bt.t_expected[j]) {
+      k.step_size = T(lr / (1.0 - ::pow(ds.beta1, double(t))));
       k.bc2_sqrt = T(::sqrt(1.0 - ::pow(ds.beta2, double(t))));
     }
   }
