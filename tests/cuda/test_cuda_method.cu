@@ -50,7 +50,7 @@ void golden_start(M& m, const dino_golden::file& g) {
 }  // namespace
 
 TEST_CASE("GPU: 10 DINO iterations of the golden ViT run (vit_e2e.bin) within 1e-4") {
-  const dino_golden::file g(std::string(DINO_GOLDEN_DIR) + "/vit_e2e.bin");
+  const dino_golden::file g(dino_golden::data_path("vit_e2e.bin"));
   const cuda_policy pol = gpu().policy(false);
   const dino_golden::e2e_run run = dino_golden::e2e_setup(g);
   const dino::nn::vit_config& vc = run.vc;
@@ -403,7 +403,7 @@ TEST_CASE("GPU: row-backbone steps neither allocate nor wait; their stats, read 
 }
 
 TEST_CASE("GPU: 10 golden ViT steps neither allocate nor wait; stats read afterwards match the golden losses") {
-  const dino_golden::file g(std::string(DINO_GOLDEN_DIR) + "/vit_e2e.bin");
+  const dino_golden::file g(dino_golden::data_path("vit_e2e.bin"));
   const cuda_policy pol = gpu().policy(false);
   const dino::nn::vit_config vc = vit_config_of(g["config"]);
   const auto c = golden_dino_config(g, vc);
@@ -604,6 +604,7 @@ TEST_CASE("GPU: DINO steps replayed from a CUDA graph follow plain steps (schedu
   c.train.crops = {16, 8};
   c.train.schedule.epochs = 3;
   c.train.schedule.iters_per_epoch = 3;
+  c.train.schedule.warmup_epochs = 1;  // the default 10 exceeds the 3 epochs (set_schedules replaces them below)
   c.train.freeze_last_layer = 1;
   c.train.seed = 5;
   std::vector<std::vector<float>> gs, ls;

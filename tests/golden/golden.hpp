@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -31,6 +32,14 @@
 #include <doctest/doctest.h>
 
 namespace dino_golden {
+
+/// The path of a file of tests/golden/data. The build names the folder (DINO_GOLDEN_DIR, an
+/// absolute path in the source tree); the environment variable of the same name overrides it,
+/// for test binaries run from another copy of the tree (scripts/gpu-check on a lent machine).
+inline std::string data_path(const std::string& file) {
+  const char* env = std::getenv("DINO_GOLDEN_DIR");
+  return std::string(env && *env ? env : DINO_GOLDEN_DIR) + "/" + file;
+}
 
 struct tensor {
   std::string name;

@@ -35,7 +35,7 @@ constexpr double kTol32 = 1e-5;
 constexpr double kTol64 = 1e-12;
 constexpr double kAbsFloor = 1e-7;  // relative to the tensor's max |b|: 1e-12 absolute for a zero tensor
 
-std::string golden_path(const char* file) { return std::string(DINO_GOLDEN_DIR) + "/" + file; }
+std::string golden_path(const char* file) { return dino_golden::data_path(file); }
 
 /// Worst errors of one test case, printed when it ends.
 struct worst {

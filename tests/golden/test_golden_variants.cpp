@@ -28,7 +28,7 @@ using dino::host_view;
 constexpr double kTol32 = 1e-5;
 constexpr double kAbsFloor = 1e-7;
 
-std::string golden_path(const char* file) { return std::string(DINO_GOLDEN_DIR) + "/" + file; }
+std::string golden_path(const char* file) { return dino_golden::data_path(file); }
 
 struct worst {
   std::string label;

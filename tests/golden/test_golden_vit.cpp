@@ -71,7 +71,7 @@ constexpr double kTolRun = 5e-5;    // the run after step 0
 constexpr double kKeyBiasAbs = 3e-3;
 constexpr double kAbsFloor = 1e-7;  // relative to the tensor's max |b|
 
-std::string golden_path(const char* file) { return std::string(DINO_GOLDEN_DIR) + "/" + file; }
+std::string golden_path(const char* file) { return dino_golden::data_path(file); }
 
 /// Worst errors of one test case, printed when it ends.
 struct worst {

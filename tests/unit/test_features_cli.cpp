@@ -60,7 +60,7 @@ double max_rel(const std::vector<float>& a, const std::vector<double>& b) {
 }  // namespace
 
 TEST_CASE("dino-features matches the PyTorch reference on the golden model") {
-  dino_golden::file g(std::string(DINO_GOLDEN_DIR) + "/vit_small_model.bin");
+  dino_golden::file g(dino_golden::data_path("vit_small_model.bin"));
   const std::string ckpt = write_checkpoint(g);
   for (const char* c : {"a/", "c/"}) {
     CAPTURE(c);
@@ -93,7 +93,7 @@ TEST_CASE("dino-features matches the PyTorch reference on the golden model") {
 }
 
 TEST_CASE("dino-features: bad files and inputs fail with a message and a non-zero exit") {
-  dino_golden::file g(std::string(DINO_GOLDEN_DIR) + "/vit_small_model.bin");
+  dino_golden::file g(dino_golden::data_path("vit_small_model.bin"));
   const std::string ckpt = write_checkpoint(g), in = kDir + "/x.npy", out = kDir + "/f.npy";
   std::vector<float> x(2 * 3 * 16 * 16, 0.5f);
   io::write_npy(in, {2, 3, 16, 16}, x.data());
