@@ -35,8 +35,6 @@ constexpr double kTol32 = 1e-5;
 constexpr double kTol64 = 1e-12;
 constexpr double kAbsFloor = 1e-7;  // relative to the tensor's max |b|: 1e-12 absolute for a zero tensor
 
-std::string golden_path(const char* file) { return dino_golden::data_path(file); }
-
 /// Worst errors of one test case, printed when it ends.
 struct worst {
   std::string label;
@@ -93,7 +91,7 @@ host_view<const T> cview(const T* p, dino::shape s, const char* name) {
 }  // namespace
 
 TEST_CASE("golden: DINO head forward and backward (weight norm)") {
-  const dino_golden::file g(golden_path("head.bin"));
+  const dino_golden::file g(dino_golden::data_path("head.bin"));
   const cpu_policy pol{2};
   for (const std::string prefix : {"nll1/", "nll0/", "nl1/"}) {
     CAPTURE(prefix);
@@ -155,7 +153,7 @@ TEST_CASE("golden: DINO head forward and backward (weight norm)") {
 }
 
 TEST_CASE("golden: DINO loss with centering") {
-  const dino_golden::file g(golden_path("loss.bin"));
+  const dino_golden::file g(dino_golden::data_path("loss.bin"));
   const cpu_policy pol{2};
   for (const std::string prefix : {"mc/", "g2/"}) {
     CAPTURE(prefix);
@@ -198,7 +196,7 @@ TEST_CASE("golden: DINO loss with centering") {
 }
 
 TEST_CASE("golden: teacher EMA") {
-  const dino_golden::file g(golden_path("ema.bin"));
+  const dino_golden::file g(dino_golden::data_path("ema.bin"));
   const cpu_policy pol{2};
   worst w("ema");
   for (const std::string prefix : {"vec_a/", "vec_b/"}) {
@@ -227,7 +225,7 @@ TEST_CASE("golden: teacher EMA") {
 }
 
 TEST_CASE("golden: schedules") {
-  const dino_golden::file g(golden_path("schedules.bin"));
+  const dino_golden::file g(dino_golden::data_path("schedules.bin"));
   for (const std::string p : {"a/", "b/", "c/"}) {
     CAPTURE(p);
     worst w("schedules " + p);
@@ -284,7 +282,7 @@ TEST_CASE("golden: schedules") {
 }
 
 TEST_CASE("golden: AdamW with parameter groups, clipping and a frozen last layer") {
-  const dino_golden::file g(golden_path("adamw.bin"));
+  const dino_golden::file g(dino_golden::data_path("adamw.bin"));
   const cpu_policy pol{2};
   const auto& lrs = g["lr"].values;
   const auto& wds = g["wd"].values;

@@ -28,8 +28,6 @@ using dino::host_view;
 constexpr double kTol32 = 1e-5;
 constexpr double kAbsFloor = 1e-7;
 
-std::string golden_path(const char* file) { return dino_golden::data_path(file); }
-
 struct worst {
   std::string label;
   double rel_norm = 0, elem = 0;
@@ -74,7 +72,7 @@ double run_loss(const L& loss, host_view<const float> s, host_view<const float> 
 }  // namespace
 
 TEST_CASE("golden: Sinkhorn-Knopp targets (DINOv2, 3 iterations)") {
-  const dino_golden::file g(golden_path("variants.bin"));
+  const dino_golden::file g(dino_golden::data_path("variants.bin"));
   worst w("sinkhorn-knopp");
   for (const std::string prefix : {"sk/", "sk_b/"}) {
     CAPTURE(prefix);
@@ -90,7 +88,7 @@ TEST_CASE("golden: Sinkhorn-Knopp targets (DINOv2, 3 iterations)") {
 }
 
 TEST_CASE("golden: MSE distillation (BYOL's 2 - 2 cos) on 2 + 2 crops") {
-  const dino_golden::file g(golden_path("variants.bin"));
+  const dino_golden::file g(dino_golden::data_path("variants.bin"));
   worst w("mse");
   const auto& hp = g["mse/hyper"].values;
   const dino::ssl::mse_distillation loss({int(hp[0]), int(hp[1])});
@@ -101,7 +99,7 @@ TEST_CASE("golden: MSE distillation (BYOL's 2 - 2 cos) on 2 + 2 crops") {
 }
 
 TEST_CASE("golden: InfoNCE (MoCo v2) against a full queue, and the queue update") {
-  const dino_golden::file g(golden_path("variants.bin"));
+  const dino_golden::file g(dino_golden::data_path("variants.bin"));
   worst w("info_nce");
   const auto& hp = g["infonce/hyper"].values;
   const auto queue = cview(g["infonce/queue"], "queue");
@@ -127,7 +125,7 @@ TEST_CASE("golden: InfoNCE (MoCo v2) against a full queue, and the queue update"
 }
 
 TEST_CASE("golden: NT-Xent (SimCLR with 2 views; 2 + 2 crops)") {
-  const dino_golden::file g(golden_path("variants.bin"));
+  const dino_golden::file g(dino_golden::data_path("variants.bin"));
   for (const std::string prefix : {"ntx2/", "ntx4/"}) {
     CAPTURE(prefix);
     worst w("nt_xent " + prefix);

@@ -71,8 +71,6 @@ constexpr double kTolRun = 5e-5;    // the run after step 0
 constexpr double kKeyBiasAbs = 3e-3;
 constexpr double kAbsFloor = 1e-7;  // relative to the tensor's max |b|
 
-std::string golden_path(const char* file) { return dino_golden::data_path(file); }
-
 /// Worst errors of one test case, printed when it ends.
 struct worst {
   std::string label;
@@ -162,7 +160,7 @@ void force_resize(dino::nn::vit_pack<T>& pk, std::int64_t g, std::int64_t h0, st
 }  // namespace
 
 TEST_CASE("golden ViT: forward, inference, optional outputs and gradients (vit_small_model.bin)") {
-  const dino_golden::file g(golden_path("vit_small_model.bin"));
+  const dino_golden::file g(dino_golden::data_path("vit_small_model.bin"));
   const cpu_policy pol{2};
   const dino::nn::vit_config vc = vit_config_of(g["config"]);
   param_layout layout;
@@ -331,14 +329,14 @@ TEST_CASE("golden ViT: forward, inference, optional outputs and gradients (vit_s
 }
 
 TEST_CASE("golden ViT: a two-resolution multi-crop pack (vit_pack.bin)") {
-  const dino_golden::file g(golden_path("vit_pack.bin"));
+  const dino_golden::file g(dino_golden::data_path("vit_pack.bin"));
   const cpu_policy pol{2};
   const dino::nn::vit_config vc = vit_config_of(g["config"]);
   param_layout layout;
   const dino::nn::vit v(vc, layout);
   flat_params<float> P(layout), G(layout);
   // The parameters are vit_small_model.bin's (README: all three files use the same values).
-  const dino_golden::file gm(golden_path("vit_small_model.bin"));
+  const dino_golden::file gm(dino_golden::data_path("vit_small_model.bin"));
   load_params(gm, "param/", P);
   const host_view<const float> Pv{P.data(), {std::int64_t(P.size())}, "parameters"};
   worst w("vit pack");
@@ -384,7 +382,7 @@ TEST_CASE("golden ViT: a two-resolution multi-crop pack (vit_pack.bin)") {
 }
 
 TEST_CASE("golden ViT: 10 DINO iterations (vit_e2e.bin)") {
-  const dino_golden::file g(golden_path("vit_e2e.bin"));
+  const dino_golden::file g(dino_golden::data_path("vit_e2e.bin"));
   const cpu_policy pol{2};
   const dino_golden::e2e_run run = dino_golden::e2e_setup(g);
   const dino::nn::vit_config& vc = run.vc;
@@ -582,7 +580,7 @@ TEST_CASE("golden ViT: 10 DINO iterations (vit_e2e.bin)") {
 }
 
 TEST_CASE("golden: attention-conditioned masking: the selection and the ViT on the kept patches (attention_mask.bin)") {
-  const dino_golden::file g(golden_path("attention_mask.bin"));
+  const dino_golden::file g(dino_golden::data_path("attention_mask.bin"));
   const cpu_policy pol{2};
   // the selection on the reference's rows (ties: the lower patch index wins): exact
   {
